@@ -1,0 +1,36 @@
+"""otel-taskctx: task identity as OpenTelemetry baggage for nested async work in Django.
+
+Importing this package needs only ``opentelemetry-api``; the helpers that talk to powercrud
+import Django and powercrud when they are called.
+"""
+
+from otel_taskctx.context import (
+    allow_nested_async,
+    current_task,
+    skip_nested_async,
+    task_context,
+)
+from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict, TaskContextError
+from otel_taskctx.helpers import Registration, register_descendants, report_progress
+from otel_taskctx.identity import TaskIdentity, configure_signing
+from otel_taskctx.propagation import extract, inject, install_propagator_filter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConflictStoreUnavailable",
+    "DescendantConflict",
+    "Registration",
+    "TaskContextError",
+    "TaskIdentity",
+    "allow_nested_async",
+    "configure_signing",
+    "current_task",
+    "extract",
+    "inject",
+    "install_propagator_filter",
+    "register_descendants",
+    "report_progress",
+    "skip_nested_async",
+    "task_context",
+]

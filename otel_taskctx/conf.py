@@ -1,0 +1,71 @@
+"""Settings: one dict, ``settings.OTEL_TASKCTX``. Every key is optional.
+
+==========================  =========================================================
+key                         meaning (default)
+==========================  =========================================================
+SIGNING_KEY                 secret that signs task identities (None: ``SECRET_KEY``)
+SIGNING_KEY_FALLBACKS       older secrets that still verify, for rotation
+                            (None: ``SECRET_KEY_FALLBACKS``)
+IDENTITY_TTL                seconds a signed identity stays valid (86400)
+AUTO_INSTRUMENT             instrument django-q2 and powercrud in ``ready()`` (True)
+FILTER_GLOBAL_PROPAGATOR    keep the identity off the global propagator (True)
+ENQUEUE_NESTED              dotted function paths that are still enqueued when launched
+                            inside a task, e.g. e-mail sending (``[]``)
+SPAN_PROCESSOR              add ``TaskContextSpanProcessor`` to the tracer provider (True)
+SPAN_STORE                  store finished spans in the database for the viewer (True)
+SPAN_RETENTION_DAYS         age after which ``taskctx_prune`` deletes stored spans (7)
+MAX_ATTRIBUTE_LENGTH        longest stored span attribute value, in characters (4096)
+PROGRESS_MIN_INTERVAL       seconds between two progress writes of one task (0.25)
+LOCK_TTL                    seconds a descendant lock lives without refresh
+                            (None: powercrud's ``CONFLICT_TTL``)
+LOCK_REFRESH_INTERVAL       seconds between lock TTL refreshes while a job runs (60)
+VIEWER_PERMISSION           "staff", "superuser" or a permission codename ("staff")
+==========================  =========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "SIGNING_KEY": None,
+    "SIGNING_KEY_FALLBACKS": None,
+    "IDENTITY_TTL": 24 * 3600,
+    "AUTO_INSTRUMENT": True,
+    "FILTER_GLOBAL_PROPAGATOR": True,
+    "ENQUEUE_NESTED": [],
+    "SPAN_PROCESSOR": True,
+    "SPAN_STORE": True,
+    "SPAN_RETENTION_DAYS": 7,
+    "MAX_ATTRIBUTE_LENGTH": 4096,
+    "PROGRESS_MIN_INTERVAL": 0.25,
+    "LOCK_TTL": None,
+    "LOCK_REFRESH_INTERVAL": 60,
+    "VIEWER_PERMISSION": "staff",
+}
+
+
+def user_settings() -> dict[str, Any]:
+    from django.conf import settings
+
+    value = getattr(settings, "OTEL_TASKCTX", None) or {}
+    if not isinstance(value, dict):
+        return {}
+    return value
+
+
+def get_setting(name: str) -> Any:
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown otel_taskctx setting {name!r}")
+    return user_settings().get(name, DEFAULTS[name])
+
+
+def signing_settings() -> tuple[str, list[str], int]:
+    """``(secret, fallbacks, ttl)`` for :mod:`otel_taskctx.identity`."""
+    from django.conf import settings
+
+    secret = get_setting("SIGNING_KEY") or getattr(settings, "SECRET_KEY", None)
+    fallbacks = get_setting("SIGNING_KEY_FALLBACKS")
+    if fallbacks is None:
+        fallbacks = list(getattr(settings, "SECRET_KEY_FALLBACKS", []) or [])
+    return secret, list(fallbacks), int(get_setting("IDENTITY_TTL"))

@@ -1,0 +1,1 @@
+"""Database models of the otel_taskctx app (span store, descendant lock table)."""

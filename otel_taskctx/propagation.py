@@ -1,0 +1,143 @@
+"""Carrying the context across processes, and keeping the identity off everything else.
+
+:func:`inject` / :func:`extract` are the private channel for task packages: they always use
+W3C trace context + W3C baggage, whatever the global propagator is, and verify the identity
+on the way in.
+
+The global propagator (what HTTP client and server instrumentations use) must neither accept
+an identity from an inbound request nor leak one to an outbound call:
+:func:`install_propagator_filter` wraps it in :class:`IdentityFilteringPropagator`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from typing import Any
+
+from opentelemetry import baggage, propagate
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context, get_current
+from opentelemetry.propagators import textmap
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from otel_taskctx.context import remember_verified
+from otel_taskctx.identity import BAGGAGE_ENTRY
+
+log = logging.getLogger("otel_taskctx.propagation")
+
+_trace_propagator = TraceContextTextMapPropagator()
+_baggage_propagator = W3CBaggagePropagator()
+#: Carrier fields written by :func:`inject`.
+CARRIER_FIELDS = ("traceparent", "tracestate", "baggage")
+MAX_CARRIER_VALUE = 8192
+
+
+def inject(carrier: MutableMapping[str, str], context: Context | None = None) -> None:
+    """Write ``traceparent``/``tracestate``/``baggage`` of ``context`` into ``carrier``.
+
+    The identity entry is written first, so the W3C limits (64 entries, 8 KB) that may cut a
+    user's large baggage never cut the identity.
+    """
+    ctx = context if context is not None else get_current()
+    _trace_propagator.inject(carrier, context=ctx)
+    entries = dict(baggage.get_all(ctx))
+    token = entries.pop(BAGGAGE_ENTRY, None)
+    if token is not None:
+        ordered = {BAGGAGE_ENTRY: token, **entries}
+        ctx = baggage.clear(ctx)
+        for name, value in ordered.items():
+            ctx = baggage.set_baggage(name, value, ctx)
+    _baggage_propagator.inject(carrier, context=ctx)
+
+
+def _clean_carrier(carrier: object) -> dict[str, str]:
+    """Only string values of known fields, of sane size; anything else is dropped."""
+    if not isinstance(carrier, dict):
+        if carrier is not None:
+            log.warning("ignoring trace carrier of type %s", type(carrier).__name__)
+        return {}
+    clean: dict[str, str] = {}
+    for field in CARRIER_FIELDS:
+        value = carrier.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > MAX_CARRIER_VALUE:
+            log.warning("ignoring malformed %r entry in trace carrier", field)
+            continue
+        clean[field] = value
+    return clean
+
+
+def extract(carrier: Any, context: Context | None = None) -> Context:
+    """Read trace context and baggage from ``carrier`` onto ``context``; verify the identity.
+
+    Malformed carriers are ignored (with a warning); an identity that this deployment did not
+    issue is removed from the baggage of the returned context.
+    """
+    if context is None:
+        context = Context()
+    clean = _clean_carrier(carrier)
+    try:
+        ctx = _trace_propagator.extract(clean, context=context)
+        ctx = _baggage_propagator.extract(clean, context=ctx)
+    except Exception as exc:  # defensive: a propagator must never fail the job
+        log.warning("could not extract trace context from carrier: %s", exc)
+        return context
+    return remember_verified(ctx)
+
+
+class IdentityFilteringPropagator(textmap.TextMapPropagator):
+    """Wraps a propagator so the task identity neither comes in nor goes out through it."""
+
+    def __init__(self, inner: textmap.TextMapPropagator) -> None:
+        self.inner = inner
+
+    def extract(
+        self,
+        carrier: textmap.CarrierT,
+        context: Context | None = None,
+        getter: textmap.Getter[textmap.CarrierT] = textmap.default_getter,
+    ) -> Context:
+        base = context if context is not None else get_current()
+        ctx = self.inner.extract(carrier, context=base, getter=getter)
+        before = baggage.get_baggage(BAGGAGE_ENTRY, base)
+        after = baggage.get_baggage(BAGGAGE_ENTRY, ctx)
+        if after is not None and after is not before:
+            log.debug("dropping task identity received through the global propagator")
+            if before is None:
+                ctx = baggage.remove_baggage(BAGGAGE_ENTRY, ctx)
+            else:
+                ctx = baggage.set_baggage(BAGGAGE_ENTRY, before, ctx)
+        return ctx
+
+    def inject(
+        self,
+        carrier: textmap.CarrierT,
+        context: Context | None = None,
+        setter: textmap.Setter[textmap.CarrierT] = textmap.default_setter,
+    ) -> None:
+        ctx = context if context is not None else get_current()
+        if baggage.get_baggage(BAGGAGE_ENTRY, ctx) is not None:
+            ctx = baggage.remove_baggage(BAGGAGE_ENTRY, ctx)
+        self.inner.inject(carrier, context=ctx, setter=setter)
+
+    @property
+    def fields(self) -> set[str]:
+        return set(self.inner.fields)
+
+
+def install_propagator_filter() -> IdentityFilteringPropagator:
+    """Wrap the global propagator (idempotent). Returns the installed wrapper."""
+    current = propagate.get_global_textmap()
+    if isinstance(current, IdentityFilteringPropagator):
+        return current
+    wrapper = IdentityFilteringPropagator(current)
+    propagate.set_global_textmap(wrapper)
+    return wrapper
+
+
+def uninstall_propagator_filter() -> None:
+    current = propagate.get_global_textmap()
+    if isinstance(current, IdentityFilteringPropagator):
+        propagate.set_global_textmap(current.inner)

@@ -1,0 +1,61 @@
+"""Finding (or creating) the SDK tracer provider that our processors attach to.
+
+We never replace a provider, exporter or sampler the application configured: processors are
+added to an existing SDK ``TracerProvider``; only when no provider was set at all do we create
+one (honouring the standard ``OTEL_*`` environment variables for resource and sampler).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import trace
+
+log = logging.getLogger("otel_taskctx.tracing")
+_lock = threading.Lock()
+_MARK = "_otel_taskctx_processors"
+
+
+def sdk_tracer_provider(create: bool = True) -> Any | None:
+    """The global SDK ``TracerProvider``; set up a new one if none was configured.
+
+    Returns None when the SDK is not installed or another (non-SDK) provider is in use.
+    """
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:  # pragma: no cover - the SDK is an optional runtime piece
+        return None
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        return provider
+    if not create or not isinstance(provider, trace.ProxyTracerProvider):
+        return None
+    with _lock:
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider):
+            trace.set_tracer_provider(TracerProvider())
+            log.debug("no tracer provider was configured: created an SDK TracerProvider")
+        provider = trace.get_tracer_provider()
+    return provider if isinstance(provider, TracerProvider) else None
+
+
+def add_span_processor_once(name: str, factory: Callable[[], Any], create: bool = True) -> Any | None:
+    """Add ``factory()`` to the SDK provider unless a processor named ``name`` was added.
+
+    Returns the processor on the provider, or None when there is no SDK provider.
+    """
+    provider = sdk_tracer_provider(create=create)
+    if provider is None:
+        return None
+    with _lock:
+        added: dict[str, Any] = getattr(provider, _MARK, None) or {}
+        if name in added:
+            return added[name]
+        processor = factory()
+        provider.add_span_processor(processor)
+        added[name] = processor
+        setattr(provider, _MARK, added)
+        return processor

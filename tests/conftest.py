@@ -1,0 +1,43 @@
+import os
+
+import pytest
+from django.core.management import call_command
+
+from otel_taskctx import identity
+
+STACK = os.environ.get("TASKCTX_STACK", "embedded")
+
+
+def pytest_collection_modifyitems(config, items):
+    """On the production stack, only the tests marked ``stack`` run (the rest ran embedded)."""
+    if STACK == "embedded":
+        return
+    skip = pytest.mark.skip(reason=f"runs on the embedded stack; TASKCTX_STACK={STACK}")
+    for item in items:
+        if "stack" not in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    with django_db_blocker.unblock():
+        call_command("createcachetable", verbosity=0)
+
+
+@pytest.fixture(autouse=True)
+def _signing_from_settings():
+    """Every test starts with the signing secret of the test settings."""
+    identity.reset_signing()
+    identity.set_key_provider(None)
+    yield
+    identity.reset_signing()
+    identity.set_key_provider(None)
+
+
+@pytest.fixture
+def clear_cache(db):
+    from django.core.cache import cache
+
+    cache.clear()
+    yield cache
+    cache.clear()

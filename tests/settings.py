@@ -1,0 +1,130 @@
+"""Django settings for the test suite.
+
+Embedded default (no servers): SQLite file database, DatabaseCache, django-q2 ORM broker.
+``TASKCTX_STACK=redis-postgres`` selects the production path: PostgreSQL
+(``TASKCTX_PG_*``, default 127.0.0.1:5432 db ``test`` user ``postgres``), django-redis cache
+and the Redis broker (``TASKCTX_REDIS_URL``, default redis://127.0.0.1:6379).
+``TASKCTX_DB_NAME`` points a qcluster subprocess at the test database.
+``TASKCTX_INSTANCE`` (default ``main``) keeps concurrent test runs on one machine apart: it
+names the run directory, the PostgreSQL test database and the django-q2 cluster;
+``TASKCTX_REDIS_DB`` picks the Redis database of the cache (the broker uses the next one).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent
+STACK = os.environ.get("TASKCTX_STACK", "embedded")
+SECRET_KEY = os.environ.get("TASKCTX_TEST_SECRET", "tests-secret-key-not-for-production")
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+USE_TZ = True
+ROOT_URLCONF = "tests.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_q",
+    "powercrud",
+    "otel_taskctx",
+    "tests.testapp",
+]
+
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+STATIC_URL = "/static/"
+
+INSTANCE = os.environ.get("TASKCTX_INSTANCE", "main")
+_run_dir = Path(os.environ.get("TASKCTX_RUN_DIR", tempfile.gettempdir())) / f"otel-taskctx-{INSTANCE}"
+_run_dir.mkdir(parents=True, exist_ok=True)
+REDIS_URL = os.environ.get("TASKCTX_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("TASKCTX_REDIS_DB", "1"))
+
+if STACK == "redis-postgres":
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("TASKCTX_DB_NAME", os.environ.get("TASKCTX_PG_DB", "test")),
+            "USER": os.environ.get("TASKCTX_PG_USER", "postgres"),
+            "HOST": os.environ.get("TASKCTX_PG_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("TASKCTX_PG_PORT", "5432"),
+            "TEST": {"NAME": f"taskctx_test_{INSTANCE}"},
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": f"{REDIS_URL}/{REDIS_DB}",
+            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+        }
+    }
+    Q_CLUSTER = {
+        "name": f"taskctx-{INSTANCE}",
+        "workers": 2,
+        "timeout": 60,
+        "retry": 120,
+        "redis": f"{REDIS_URL}/{REDIS_DB + 1}",
+        "catch_up": False,
+    }
+elif STACK == "embedded":
+    _db = str(_run_dir / "test.sqlite3")
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("TASKCTX_DB_NAME", _db),
+            "OPTIONS": {"timeout": 30, "transaction_mode": "IMMEDIATE"},
+            "TEST": {"NAME": _db},
+        }
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "taskctx_cache",
+        }
+    }
+    Q_CLUSTER = {
+        "name": f"taskctx-{INSTANCE}",
+        "workers": 2,
+        "timeout": 60,
+        "retry": 120,
+        "orm": "default",
+        "poll": 0.1,
+        "catch_up": False,
+    }
+else:  # pragma: no cover - configuration error
+    raise RuntimeError(f"unknown TASKCTX_STACK {STACK!r}: use 'embedded' or 'redis-postgres'")
+
+POWERCRUD_SETTINGS = {"ASYNC_ENABLED": True, "CACHE_NAME": "default"}
+OTEL_TASKCTX = {}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {"otel_taskctx": {"handlers": ["console"], "level": "WARNING"}},
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.checks import Error, Tags, Warning, register
 
 from otel_taskctx.conf import DEFAULTS, user_settings
@@ -26,7 +27,10 @@ def check_settings(app_configs=None, **kwargs):
                 id="otel_taskctx.W001",
             )
         )
-    secret = user_settings().get("SIGNING_KEY") or getattr(settings, "SECRET_KEY", None)
+    try:
+        secret = user_settings().get("SIGNING_KEY") or settings.SECRET_KEY
+    except ImproperlyConfigured:  # Django refuses to hand out an empty SECRET_KEY
+        secret = None
     if not secret:
         problems.append(
             Error(

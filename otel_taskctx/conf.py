@@ -64,7 +64,12 @@ def signing_settings() -> tuple[str, list[str], int]:
     """``(secret, fallbacks, ttl)`` for :mod:`otel_taskctx.identity`."""
     from django.conf import settings
 
-    secret = get_setting("SIGNING_KEY") or getattr(settings, "SECRET_KEY", None)
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        secret = get_setting("SIGNING_KEY") or settings.SECRET_KEY
+    except ImproperlyConfigured:
+        secret = None
     fallbacks = get_setting("SIGNING_KEY_FALLBACKS")
     if fallbacks is None:
         fallbacks = list(getattr(settings, "SECRET_KEY_FALLBACKS", []) or [])

@@ -23,6 +23,7 @@ from opentelemetry import baggage, context
 from otel_taskctx.identity import (
     BAGGAGE_ENTRY,
     TaskIdentity,
+    key_change_listeners,
     sign,
     validate_class_path,
     validate_task_key,
@@ -42,7 +43,10 @@ try:  # fast path: the baggage mapping's context key and the runtime context's g
     from opentelemetry.baggage import _BAGGAGE_KEY  # type: ignore[attr-defined]
     from opentelemetry.context import _RUNTIME_CONTEXT  # type: ignore[attr-defined]
 
-    _get_current = _RUNTIME_CONTEXT.get_current
+    # the runtime context's ContextVar getter (a C function) when it is the default runtime
+    _get_current = getattr(
+        getattr(_RUNTIME_CONTEXT, "_current_context", None), "get", _RUNTIME_CONTEXT.get_current
+    )
 except ImportError:  # pragma: no cover - other API versions: use the public API
     _BAGGAGE_KEY = None
     _get_current = context.get_current
@@ -68,21 +72,53 @@ def identity_from_context(ctx: context.Context | None = None) -> TaskIdentity | 
     return verify_cached(token)
 
 
+# The last context looked at and its identity. Contexts are immutable, and holding a strong
+# reference keeps the object alive, so ``is`` on it can never match a different context.
+_last: tuple[object, TaskIdentity | None] = (None, None)
+
+
+def _lookup(ctx: context.Context) -> TaskIdentity | None:
+    global _last
+    token = _token_in(ctx)
+    if token is None:
+        identity = None
+    else:
+        cached = ctx.get(_VERIFIED_KEY)
+        if cached is not None and cached[0] is token:
+            identity = cached[1]
+        else:
+            identity = verify_cached(token)
+            if identity is not None and identity.expires_at is not None:
+                # an expiring identity is not memoised: it is checked again on every call
+                return identity
+    _last = (ctx, identity)
+    return identity
+
+
+def _forget() -> None:
+    global _last
+    _last = (None, None)
+
+
+key_change_listeners.append(_forget)
+
+
 def current_task() -> TaskIdentity | None:
     """The task this code runs in, or None. Never raises, whatever the baggage holds."""
     ctx = _get_current()
-    token = _token_in(ctx)
-    if token is None:
-        return None
-    cached = ctx.get(_VERIFIED_KEY)
-    if cached is not None and cached[0] is token:
-        return cached[1]
-    return verify_cached(token)
+    last = _last
+    if last[0] is ctx:
+        return last[1]
+    return _lookup(ctx)
 
 
 def skip_nested_async() -> bool:
     """True inside a task: nested work should run inline instead of launching a job."""
-    return current_task() is not None
+    ctx = _get_current()
+    last = _last
+    if last[0] is ctx:
+        return last[1] is not None
+    return _lookup(ctx) is not None
 
 
 def context_with_identity(

@@ -119,6 +119,14 @@ class _Keys:
 
 
 _keys = _Keys()
+#: called (without arguments) whenever the keys change, to drop memoised verifications
+key_change_listeners: list[Callable[[], None]] = []
+
+
+def _keys_changed() -> None:
+    _verified_cache.clear()
+    for listener in key_change_listeners:
+        listener()
 
 
 def _derive(secret: str | bytes) -> bytes:
@@ -141,7 +149,7 @@ def configure_signing(
         _keys.all = (derived, *(_derive(f) for f in fallbacks if f))
         _keys.ttl = int(ttl_seconds)
         _keys.generation += 1
-    _verified_cache.clear()
+    _keys_changed()
 
 
 def set_key_provider(
@@ -157,7 +165,7 @@ def reset_signing() -> None:
         _keys.current = None
         _keys.all = ()
         _keys.generation += 1
-    _verified_cache.clear()
+    _keys_changed()
 
 
 def _django_provider() -> tuple[str | bytes, Iterable[str | bytes], int]:

@@ -10,6 +10,7 @@ names the run directory, the PostgreSQL test database and the django-q2 cluster;
 ``TASKCTX_REDIS_DB`` picks the Redis database of the cache (the broker uses the next one).
 """
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -120,7 +121,8 @@ else:  # pragma: no cover - configuration error
     raise RuntimeError(f"unknown TASKCTX_STACK {STACK!r}: use 'embedded' or 'redis-postgres'")
 
 POWERCRUD_SETTINGS = {"ASYNC_ENABLED": True, "CACHE_NAME": "default"}
-OTEL_TASKCTX = {}
+# tests that need other library settings in a subprocess pass them as JSON
+OTEL_TASKCTX = json.loads(os.environ.get("TASKCTX_TEST_OTEL_TASKCTX", "{}"))
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,44 @@
+"""System checks flag configurations that break identities or locks."""
+
+from otel_taskctx.checks import check_powercrud_cache, check_settings
+
+
+def ids(messages):
+    return [m.id for m in messages]
+
+
+def test_default_test_settings_pass():
+    assert check_settings() == []
+    assert check_powercrud_cache() == []
+
+
+def test_unknown_keys_warn(settings):
+    settings.OTEL_TASKCTX = {"AUTO_INSTRUMNT": False}
+    msgs = check_settings()
+    assert ids(msgs) == ["otel_taskctx.W001"]
+    assert "AUTO_INSTRUMNT" in msgs[0].msg
+
+
+def test_not_a_dict_is_an_error(settings):
+    settings.OTEL_TASKCTX = ["SIGNING_KEY"]
+    assert ids(check_settings()) == ["otel_taskctx.E001"]
+
+
+def test_no_secret_is_an_error(settings):
+    settings.SECRET_KEY = ""
+    settings.OTEL_TASKCTX = {}
+    assert "otel_taskctx.E002" in ids(check_settings())
+    settings.OTEL_TASKCTX = {"SIGNING_KEY": "x" * 50}
+    assert "otel_taskctx.E002" not in ids(check_settings())
+
+
+def test_process_local_cache_is_an_error(settings):
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    msgs = check_powercrud_cache()
+    assert ids(msgs) == ["otel_taskctx.E004"]
+    assert "process-local" in msgs[0].msg
+
+
+def test_missing_cache_alias_is_an_error(settings):
+    settings.POWERCRUD_SETTINGS = {"CACHE_NAME": "locks"}
+    assert ids(check_powercrud_cache()) == ["otel_taskctx.E003"]

@@ -1,0 +1,173 @@
+"""inject/extract carry the identity; the global propagator neither accepts nor emits it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from opentelemetry import baggage, context, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from otel_taskctx import current_task, extract, inject, task_context
+from otel_taskctx.context import attached, identity_from_context
+from otel_taskctx.identity import BAGGAGE_ENTRY
+from otel_taskctx.propagation import (
+    IdentityFilteringPropagator,
+    install_propagator_filter,
+    uninstall_propagator_filter,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+tracer = TracerProvider().get_tracer("tests")
+
+
+def test_roundtrip_into_a_fresh_context():
+    with task_context("job-rt", "powercrud.async_manager.AsyncManager"):
+        with tracer.start_as_current_span("enqueue") as span:
+            carrier = {}
+            inject(carrier)
+            trace_id = span.get_span_context().trace_id
+    assert set(carrier) >= {"traceparent", "baggage"}
+    assert current_task() is None
+    ctx = extract(carrier)
+    ident = identity_from_context(ctx)
+    assert ident.task_key == "job-rt"
+    assert trace.get_current_span(ctx).get_span_context().trace_id == trace_id
+    with attached(ctx):
+        assert current_task().task_key == "job-rt"
+    assert current_task() is None
+
+
+def test_user_baggage_travels_with_identity():
+    with attached(baggage.set_baggage("tenant", "acme")):
+        with task_context("job-b"):
+            carrier = {}
+            inject(carrier)
+    assert carrier["baggage"].startswith(f"{BAGGAGE_ENTRY}=")
+    ctx = extract(carrier)
+    assert baggage.get_baggage("tenant", ctx) == "acme"
+    assert identity_from_context(ctx).task_key == "job-b"
+
+
+def test_identity_survives_a_large_user_baggage():
+    big = {f"k{i}": "v" * 100 for i in range(120)}
+    ctx = context.Context()
+    for k, v in big.items():
+        ctx = baggage.set_baggage(k, v, ctx)
+    with attached(ctx):
+        with task_context("job-big"):
+            carrier = {}
+            inject(carrier)
+    assert len(carrier["baggage"]) <= 8192
+    assert identity_from_context(extract(carrier)).task_key == "job-big"
+
+
+def test_forged_identity_is_removed_on_extract():
+    carrier = {"baggage": f"{BAGGAGE_ENTRY}=v1.e30.AAAAAAAAAAAAAAAAAAAAAA,tenant=acme"}
+    ctx = extract(carrier)
+    assert identity_from_context(ctx) is None
+    assert baggage.get_baggage(BAGGAGE_ENTRY, ctx) is None
+    assert baggage.get_baggage("tenant", ctx) == "acme"
+
+
+@pytest.mark.parametrize(
+    "carrier",
+    [None, "baggage=x", 42, ["a"], {"baggage": 5}, {"baggage": "x" * 100000}, {"traceparent": b"00"}],
+)
+def test_malformed_carriers_give_a_plain_context(carrier, caplog):
+    ctx = extract(carrier)
+    assert identity_from_context(ctx) is None
+
+
+def _run_child(carrier, secret):
+    code = (
+        "import json, sys, django; django.setup();"
+        "from otel_taskctx import extract; from otel_taskctx.context import identity_from_context;"
+        "i = identity_from_context(extract(json.loads(sys.argv[1])));"
+        "print(json.dumps(None if i is None else [i.task_key, i.root_task_key, i.depth]))"
+    )
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", TASKCTX_TEST_SECRET=secret)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(carrier)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_identity_survives_into_another_process_with_the_same_secret(settings):
+    with task_context("outer"):
+        with task_context("job-proc"):
+            carrier = {}
+            inject(carrier)
+    assert _run_child(carrier, settings.SECRET_KEY) == ["job-proc", "outer", 1]
+
+
+def test_identity_is_rejected_by_a_process_with_another_secret():
+    with task_context("job-proc"):
+        carrier = {}
+        inject(carrier)
+    assert _run_child(carrier, "some-other-deployment") is None
+
+
+@pytest.fixture
+def global_propagator():
+    original = propagate.get_global_textmap()
+    propagate.set_global_textmap(
+        CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+    )
+    yield install_propagator_filter()
+    uninstall_propagator_filter()
+    propagate.set_global_textmap(original)
+
+
+def test_global_propagator_does_not_accept_identity(global_propagator):
+    with task_context("real-job"):
+        good = {}
+        inject(good)  # a genuine token: still not accepted over HTTP
+    headers = {
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "baggage": good["baggage"] + ",tenant=acme",
+    }
+    ctx = propagate.extract(headers)
+    assert baggage.get_baggage(BAGGAGE_ENTRY, ctx) is None
+    assert identity_from_context(ctx) is None
+    assert baggage.get_baggage("tenant", ctx) == "acme"
+    assert trace.get_current_span(ctx).get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+
+
+def test_global_extract_keeps_a_local_identity(global_propagator):
+    with task_context("local-job"):
+        ctx = propagate.extract({"baggage": "tenant=acme"})
+        assert identity_from_context(ctx).task_key == "local-job"
+
+
+def test_global_propagator_does_not_emit_identity(global_propagator):
+    with attached(baggage.set_baggage("tenant", "acme")):
+        with task_context("job-out"):
+            with tracer.start_as_current_span("call"):
+                headers = {}
+                propagate.inject(headers)
+    assert "traceparent" in headers
+    assert BAGGAGE_ENTRY not in headers.get("baggage", "")
+    assert "tenant=acme" in headers["baggage"]
+
+
+def test_filter_install_is_idempotent(global_propagator):
+    assert install_propagator_filter() is global_propagator
+    assert isinstance(propagate.get_global_textmap(), IdentityFilteringPropagator)
+    assert not isinstance(global_propagator.inner, IdentityFilteringPropagator)
+
+
+def test_django_app_installs_the_filter():
+    # tests.settings has otel_taskctx in INSTALLED_APPS with default settings
+    assert isinstance(propagate.get_global_textmap(), IdentityFilteringPropagator)

@@ -1,0 +1,254 @@
+"""Consumer side: django-q2's ``pre_execute`` / ``post_execute_in_worker`` receivers.
+
+``pre_execute`` extracts the carrier into a fresh context (verifying the identity), starts
+the CONSUMER span, attaches both for the run and, inside a verified task, enters powercrud's
+own ``task_context`` so ``powercrud.async_context.get_current_task()`` answers too.
+``post_execute_in_worker`` (sent after success, failure and timeout, and in sync mode before
+the exception is re-raised) ends the span with the outcome and restores the worker's
+context, so the next task in the same process starts clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import baggage, context, trace
+from opentelemetry.context import Context
+from opentelemetry.instrumentation.taskctx import utils
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_taskctx.context import (
+    context_with_identity,
+    context_without_identity,
+    identity_from_context,
+)
+from otel_taskctx.identity import BAGGAGE_ENTRY, InvalidIdentity, TaskIdentity, verify
+from otel_taskctx.propagation import extract
+
+log = logging.getLogger("otel_taskctx.instrumentation")
+
+
+@dataclass
+class _Run:
+    span: trace.Span
+    token: object
+    identity: TaskIdentity | None
+    powercrud_cm: Any
+    sync: bool
+
+
+#: Runs in progress, by ``id()`` of the task dict that both signals receive.
+_runs: dict[int, _Run] = {}
+
+
+def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        utils.MESSAGING_SYSTEM: utils.MESSAGING_SYSTEM_VALUE,
+        utils.MESSAGING_OPERATION_TYPE: "process",
+        utils.MESSAGING_OPERATION_NAME: "process",
+        utils.MESSAGING_MESSAGE_ID: str(task.get("id")),
+        utils.TASK_NAME: str(task.get("name")),
+        utils.TASK_FUNC: label,
+    }
+    cluster = task.get("cluster")
+    if cluster:
+        attrs[utils.MESSAGING_DESTINATION_NAME] = str(cluster)
+    if task.get("group"):
+        attrs[utils.TASK_GROUP] = str(task["group"])
+    if task.get("sync"):
+        attrs[utils.TASK_SYNC] = True
+    return attrs
+
+
+def _enter_powercrud_context(identity: TaskIdentity) -> Any:
+    try:
+        from powercrud.async_context import task_context
+    except Exception:  # powercrud is optional
+        return None
+    cm = task_context(identity.task_key, identity.manager_class_path)
+    cm.__enter__()
+    return cm
+
+
+def _end(run: _Run) -> None:
+    """Leave the run's contexts (powercrud's first, then ours) and end its span."""
+    try:
+        if run.powercrud_cm is not None:
+            run.powercrud_cm.__exit__(None, None, None)
+    except Exception:  # pragma: no cover - a reset of a foreign ContextVar
+        log.debug("could not leave powercrud's task context", exc_info=True)
+    try:
+        context.detach(run.token)
+    finally:
+        run.span.end()
+        if run.identity is not None:
+            utils.nested_counters.forget(run.identity.task_key)
+
+
+def _drop_stale_runs() -> None:
+    """A worker runs one task at a time: a run still open here never got its end signal."""
+    for key, run in list(_runs.items()):
+        if run.sync:
+            continue
+        _runs.pop(key, None)
+        if run.span.is_recording():
+            run.span.set_status(Status(StatusCode.ERROR, "the worker never reported the end"))
+        try:
+            _end(run)
+        except Exception:
+            log.debug("could not close a stale run", exc_info=True)
+
+
+def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
+    """The identity of a job whose token expired while the job waited in the queue.
+
+    The carrier travels inside django-q2's signed package, so an authentic token naming this
+    very task is still the job's own identity however long the queue was; it is re-issued
+    for the run. Anything else (forged, tampered, another task's) stays ignored.
+    """
+    if not isinstance(carrier, dict) or not isinstance(carrier.get("baggage"), str):
+        return None
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+
+    try:
+        raw = W3CBaggagePropagator().extract({"baggage": carrier["baggage"]}, Context())
+        token = baggage.get_baggage(BAGGAGE_ENTRY, raw)
+        if token is None:
+            return None
+        old = verify(token, now=0)  # signature and shape, not the expiry
+    except (InvalidIdentity, ValueError, TypeError):
+        return None
+    if old.task_key != task_name:
+        return None
+    log.info("task %s waited longer than its identity's TTL: identity renewed", task_name)
+    return TaskIdentity(
+        old.task_key, old.manager_class_path, old.root_task_key, old.depth, old.parent_task_key
+    )
+
+
+def on_pre_execute(
+    sender: Any = None, func: Any = None, task: dict[str, Any] | None = None, **kwargs: Any
+) -> None:
+    if not utils.STATE.active or not isinstance(task, dict):
+        return
+    sync = bool(task.get("sync"))
+    if not sync and _runs:
+        _drop_stale_runs()
+    try:
+        carrier = task.get(utils.CARRIER_KEY)
+        ctx = extract(carrier) if carrier is not None else Context()
+        identity = identity_from_context(ctx)
+        if identity is None and carrier is not None:
+            identity = _renewed_identity(carrier, str(task.get("name")))
+            if identity is not None:
+                ctx = context_with_identity(identity, ctx=ctx)
+        if identity is not None and identity.task_key != str(task.get("name")):
+            log.warning(
+                "ignoring the identity of task %s: it names task %s",
+                task.get("name"),
+                identity.task_key,
+            )
+            ctx = context_without_identity(ctx)
+            identity = None
+        label = utils.func_path(task.get("func") if task.get("func") is not None else func)
+        attributes = _attributes(task, label)
+        if identity is not None:
+            attributes.update(identity.lineage_attributes())
+        span = utils.STATE.tracer.start_span(
+            f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+    except Exception:
+        log.exception("could not start the consumer span of task %s", task.get("name"))
+        # still isolate the run from whatever context the process had
+        ctx, identity, span = Context(), None, trace.INVALID_SPAN
+    token = context.attach(trace.set_span_in_context(span, ctx))
+    powercrud_cm = None
+    if identity is not None:
+        try:
+            powercrud_cm = _enter_powercrud_context(identity)
+        except Exception:
+            log.exception("could not enter powercrud's task context")
+    _runs[id(task)] = _Run(span, token, identity, powercrud_cm, sync)
+
+
+def _powercrud_reported_errors(run: _Run, task: dict[str, Any]) -> str:
+    """What powercrud's bulk worker reported (its last progress message)."""
+    try:
+        from powercrud.async_manager import AsyncManager
+
+        kwargs = task.get("kwargs") if isinstance(task.get("kwargs"), dict) else {}
+        key = run.identity.task_key if run.identity else kwargs.get("task_key") or task.get("name")
+        manager = AsyncManager.resolve_manager(
+            run.identity.manager_class_path if run.identity else kwargs.get("manager_class")
+        )
+        progress = manager.get_progress(str(key))
+    except Exception as exc:
+        return f"powercrud reported a failure (progress unavailable: {exc})"
+    return str(progress) if progress else "powercrud reported a failure"
+
+
+def _record_outcome(run: _Run, func: Any, task: dict[str, Any]) -> bool:
+    """Set the span status from the run's outcome; True when the run timed out."""
+    span = run.span
+    success = task.get("success")
+    if success is None:  # sync mode: django-q2 re-raises after this signal
+        exc = sys.exc_info()[1]
+        if span.is_recording():
+            if exc is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
+                span.set_attribute(utils.ERROR_TYPE, type(exc).__qualname__)
+            else:
+                span.set_status(Status(StatusCode.ERROR, "task failed"))
+        return exc is not None and type(exc).__name__ == "TimeoutException"
+    if not success:
+        message, error_type = utils.describe_failure(task.get("result"))
+        if span.is_recording():
+            span.add_event(
+                "exception",
+                {
+                    "exception.type": error_type,
+                    "exception.message": message,
+                    "exception.stacktrace": str(task.get("result"))[:8000],
+                },
+            )
+            span.set_status(Status(StatusCode.ERROR, message))
+            span.set_attribute(utils.ERROR_TYPE, error_type)
+        return error_type == "TimeoutException"
+    label = utils.func_path(task.get("func") if task.get("func") is not None else func)
+    if label in utils.POWERCRUD_BULK_TASKS and task.get("result") is False:
+        errors = _powercrud_reported_errors(run, task)
+        if span.is_recording():
+            span.set_status(Status(StatusCode.ERROR, errors[:1000]))
+            span.set_attribute(utils.ERROR_TYPE, "powercrud_reported_failure")
+            span.set_attribute(utils.REPORTED_ERRORS, errors[:4000])
+    return False
+
+
+def on_post_execute(
+    sender: Any = None, func: Any = None, task: dict[str, Any] | None = None, **kwargs: Any
+) -> None:
+    if not isinstance(task, dict):
+        return
+    run = _runs.pop(id(task), None)
+    if run is None:
+        return
+    timed_out = False
+    try:
+        timed_out = _record_outcome(run, func, task)
+    except Exception:
+        log.exception("could not record the outcome of task %s", task.get("name"))
+    finally:
+        _end(run)
+    if timed_out:
+        # the sentinel terminates a timed-out worker right after this signal
+        utils.flush_spans(2000)
+
+
+def on_post_spawn(sender: Any = None, **kwargs: Any) -> None:
+    """A worker process started: flush its spans when it exits (recycle, stop, timeout)."""
+    if utils.STATE.active:
+        utils.exit_flush.register()

@@ -1,0 +1,139 @@
+"""Nested launch suppression: inside a verified task, a launch runs inline under the parent.
+
+A nested step keeps the lock-holding task key of the job it runs in (its identity is
+``parent.child(parent.task_key)``: same task key and manager, depth + 1, same root), so
+locks it registers and progress it reports land under the key whose completion hook
+releases them. Its INTERNAL span carries the lineage plus the id the launch returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any
+
+from opentelemetry import context, trace
+from opentelemetry.instrumentation.taskctx import utils
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_taskctx import semconv
+from otel_taskctx.context import context_with_identity, nested_async_allowed
+from otel_taskctx.identity import TaskIdentity
+
+
+def should_run_inline(identity: TaskIdentity | None, func: Any) -> bool:
+    """Suppress this launch? Only inside a verified task, unless the policy says enqueue."""
+    if identity is None:
+        return False
+    if nested_async_allowed():
+        return False
+    return not utils.enqueued_when_nested(func)
+
+
+def reserve_descendants(
+    identity: TaskIdentity, conflict_ids: Mapping[Any, Iterable[Hashable]]
+) -> dict[str, list[Hashable]]:
+    """Lock ``conflict_ids`` under the job's task key: all-or-nothing, else DescendantConflict."""
+    from otel_taskctx.conflicts import get_conflict_store, normalise_ids
+    from otel_taskctx.helpers import model_label, resolve_manager
+
+    if not isinstance(conflict_ids, Mapping):
+        raise TypeError(
+            f"conflict_ids must map 'app_label.modelname' to ids, got {type(conflict_ids).__name__}"
+        )
+    wanted: dict[str, list[Hashable]] = {}
+    for model, ids in conflict_ids.items():
+        id_list = normalise_ids(ids or ())
+        if id_list:
+            wanted.setdefault(model_label(model), []).extend(id_list)
+    if not wanted:
+        return {}
+    store = get_conflict_store(resolve_manager(identity))
+    store.reserve(identity.task_key, wanted)
+    span = trace.get_current_span()
+    if span.is_recording():
+        for label, ids in wanted.items():
+            span.add_event(
+                semconv.DESCENDANTS_EVENT,
+                {
+                    semconv.DESCENDANTS_MODEL: label,
+                    semconv.DESCENDANTS_IDS: [str(i) for i in ids[:1000]],
+                    semconv.DESCENDANTS_COUNT: len(ids),
+                    semconv.FORWARDED: True,
+                },
+            )
+    return wanted
+
+
+def run_inline(
+    identity: TaskIdentity,
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    conflict_ids: Mapping[Any, Iterable[Hashable]] | None = None,
+) -> str:
+    """Run a suppressed launch now, in the caller's context; return its nested id.
+
+    Order: the function is located, the span starts, descendants are reserved (a conflict
+    raises before anything runs), then the function runs. Exceptions propagate.
+    """
+    label = utils.func_path(func)
+    target = utils.resolve_callable(func)
+    step_id = utils.nested_id(identity.task_key, label)
+    child = identity.child(identity.task_key, identity.manager_class_path)
+    ctx = context_with_identity(child)
+    attributes: dict[str, Any] = dict(child.lineage_attributes())
+    attributes[utils.NESTED_ID] = step_id
+    attributes[utils.NESTED_MODE] = "inline"
+    attributes[utils.CODE_FUNCTION_NAME] = label
+    span = utils.STATE.tracer.start_span(
+        label, context=ctx, kind=SpanKind.INTERNAL, attributes=attributes
+    )
+    token = context.attach(trace.set_span_in_context(span, ctx))
+    try:
+        if conflict_ids:
+            reserve_descendants(child, conflict_ids)
+        target(*args, **kwargs)
+    except BaseException as exc:
+        if span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
+            span.set_attribute(utils.ERROR_TYPE, type(exc).__qualname__)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
+    return step_id
+
+
+def run_suppressed_async_task(
+    identity: TaskIdentity, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    """``async_task(func, *args, **kwargs)`` inside a task: django-q2 options are dropped.
+
+    A ``task_key`` kwarg, if the caller passed one, is replaced by the job's task key.
+    Hooks and chains of the suppressed launch do not run: the parent's own hook runs when
+    the parent ends.
+    """
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in utils.Q_OPTION_KEYS}
+    if "task_key" in call_kwargs:
+        call_kwargs["task_key"] = identity.task_key
+    return run_inline(identity, func, tuple(args), call_kwargs)
+
+
+def run_suppressed_launch(
+    identity: TaskIdentity, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> str:
+    """``AsyncManager.launch_async_task(...)`` inside a task.
+
+    Like powercrud, a trailing UUID positional argument is the requested task key and is
+    not passed on; the function receives the job's own task key as ``task_key``.
+    """
+    call_args = list(args)
+    requested = kwargs.get("task_key")
+    if requested is None and call_args and utils.is_uuid_text(call_args[-1]):
+        call_args.pop()
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in utils.LAUNCH_OPTION_KEYS}
+    call_kwargs["task_key"] = identity.task_key
+    return run_inline(
+        identity, func, tuple(call_args), call_kwargs, conflict_ids=kwargs.get("conflict_ids")
+    )

@@ -1,0 +1,196 @@
+"""Producer side: ``async_task`` and ``AsyncManager.launch_async_task`` wrappers, and the
+``pre_enqueue`` receiver that writes the carrier into the task package.
+
+Every enqueue goes through django-q2's ``pre_enqueue`` signal, so the carrier is written
+there, whatever way ``async_task`` was reached. The wrappers add what a signal cannot: the
+PRODUCER span around the whole enqueue, the job's own identity for powercrud launches, and
+the suppression of nested launches (which must not reach the broker at all).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context, trace
+from opentelemetry.instrumentation.taskctx import _nested, utils
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_taskctx.context import (
+    context_with_identity,
+    context_without_identity,
+    current_task,
+    identity_from_context,
+)
+from otel_taskctx.identity import TaskIdentity, validate_class_path, validate_task_key
+from otel_taskctx.propagation import inject
+
+log = logging.getLogger("otel_taskctx.instrumentation")
+
+#: Set by the ``launch_async_task`` wrapper: the launching manager's class path.
+_LAUNCH_KEY = context.create_key("otel_taskctx.launch")
+#: Set by the ``async_task`` wrapper for the ``pre_enqueue`` receiver.
+_PLAN_KEY = context.create_key("otel_taskctx.enqueue-plan")
+
+ORIGINAL_ATTR = "__taskctx_original__"
+
+
+@dataclass
+class _Launch:
+    """One ``launch_async_task`` call; its first enqueue is the job it launches."""
+
+    manager_class_path: str
+    used: bool = False
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the ``async_task`` wrapper decided for the package being enqueued."""
+
+    launch: _Launch | None = None
+    span: trace.Span | None = field(default=None, compare=False)
+
+
+def _own_identity(task: dict[str, Any], launch: _Launch) -> TaskIdentity | None:
+    """The identity of a job launched by powercrud: its task key and manager class."""
+    kwargs = task.get("kwargs") or {}
+    manager = kwargs.get("manager_class") if isinstance(kwargs, dict) else None
+    try:
+        manager = validate_class_path(manager) if manager else None
+    except ValueError:
+        log.warning("ignoring invalid manager_class %r of task %s", manager, task.get("name"))
+        manager = None
+    try:
+        key = validate_task_key(str(task.get("name")))
+    except ValueError as exc:
+        log.warning("launched job has no usable task key (%s): it runs without identity", exc)
+        return None
+    return TaskIdentity(key, manager or launch.manager_class_path)
+
+
+def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Write the carrier into the package: trace context, the user's baggage, no parent
+    identity; a job launched by powercrud gets its own signed identity."""
+    if not utils.STATE.active or not isinstance(task, dict):
+        return
+    try:
+        ctx = context.get_current()
+        plan: _Plan | None = context.get_value(_PLAN_KEY, ctx)
+        carrier_ctx = context_without_identity(ctx)
+        own: TaskIdentity | None = None
+        if plan is None:
+            parent = identity_from_context(ctx)
+            if parent is not None:
+                log.warning(
+                    "a job (%s) was enqueued inside task %s without passing through the "
+                    "instrumented async_task; it runs as a separate job without the "
+                    "parent's identity",
+                    utils.func_path(task.get("func")),
+                    parent.task_key,
+                )
+        elif plan.launch is not None:
+            own = _own_identity(task, plan.launch)
+            if own is not None:
+                carrier_ctx = context_with_identity(own, ctx=carrier_ctx)
+        carrier: dict[str, str] = {}
+        inject(carrier, carrier_ctx)
+        task[utils.CARRIER_KEY] = carrier
+        span = plan.span if plan is not None else None
+        if span is not None and span.is_recording():
+            span.set_attribute(utils.MESSAGING_MESSAGE_ID, str(task.get("id")))
+            span.set_attribute(utils.TASK_NAME, str(task.get("name")))
+            span.set_attribute(utils.MESSAGING_DESTINATION_NAME, _destination(task))
+            if own is not None:
+                span.set_attribute(utils.LAUNCHED_TASK_KEY, own.task_key)
+            if task.get("sync"):
+                span.set_attribute(utils.TASK_SYNC, True)
+    except Exception:  # the enqueue must go on whatever happens here
+        log.exception("could not attach the trace context to task %s", task.get("name"))
+
+
+def _destination(task: dict[str, Any]) -> str:
+    cluster = task.get("cluster")
+    if cluster:
+        return str(cluster)
+    try:
+        from django_q.conf import Conf
+
+        return str(Conf.CLUSTER_NAME or Conf.PREFIX)
+    except Exception:  # pragma: no cover - django-q2 not configured
+        return "default"
+
+
+def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    label = utils.func_path(func)
+    launch: _Launch | None = context.get_value(_LAUNCH_KEY)
+    if launch is not None and launch.used:
+        launch = None
+    if launch is not None:
+        launch.used = True
+    attributes = {
+        utils.MESSAGING_SYSTEM: utils.MESSAGING_SYSTEM_VALUE,
+        utils.MESSAGING_OPERATION_TYPE: "send",
+        utils.MESSAGING_OPERATION_NAME: "send",
+        utils.TASK_FUNC: label,
+    }
+    group = kwargs.get("group") or (kwargs.get("q_options") or {}).get("group")
+    if group:
+        attributes[utils.TASK_GROUP] = str(group)
+    span = utils.STATE.tracer.start_span(
+        f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes
+    )
+    ctx = trace.set_span_in_context(span)
+    ctx = context.set_value(_LAUNCH_KEY, None, ctx)
+    ctx = context.set_value(_PLAN_KEY, _Plan(launch=launch, span=span), ctx)
+    token = context.attach(ctx)
+    try:
+        return original(func, *args, **kwargs)
+    except BaseException as exc:
+        if span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
+            span.set_attribute(utils.ERROR_TYPE, type(exc).__qualname__)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
+
+
+def wrap_async_task(original: Any) -> Any:
+    """The replacement for ``django_q.tasks.async_task`` (a pass-through when inactive)."""
+
+    @functools.wraps(original)
+    def async_task(func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not utils.STATE.active:
+            return original(func, *args, **kwargs)
+        identity = current_task()
+        if _nested.should_run_inline(identity, func):
+            return _nested.run_suppressed_async_task(identity, func, args, kwargs)
+        return _enqueue(original, func, args, kwargs)
+
+    setattr(async_task, ORIGINAL_ATTR, original)
+    return async_task
+
+
+def wrap_launch_async_task(original: Any) -> Any:
+    """The replacement for ``AsyncManager.launch_async_task`` (pass-through when inactive)."""
+
+    @functools.wraps(original)
+    def launch_async_task(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if not utils.STATE.active:
+            return original(self, func, *args, **kwargs)
+        identity = current_task()
+        if _nested.should_run_inline(identity, func):
+            return _nested.run_suppressed_launch(identity, func, args, kwargs)
+        token = context.attach(
+            context.set_value(_LAUNCH_KEY, _Launch(utils.class_path(type(self))))
+        )
+        try:
+            return original(self, func, *args, **kwargs)
+        finally:
+            context.detach(token)
+
+    setattr(launch_async_task, ORIGINAL_ATTR, original)
+    return launch_async_task

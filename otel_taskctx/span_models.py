@@ -1,0 +1,58 @@
+"""The span store: one row per span, written by :mod:`otel_taskctx.spans`.
+
+A row is inserted when a long-running span starts (``end_ns`` NULL: "running") and completed
+(upserted on ``(trace_id, span_id)``) when the span ends. Times are nanoseconds since the epoch
+as the OpenTelemetry SDK reports them; ``started_at`` repeats the start as a datetime for
+retention and listing.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class TaskSpan(models.Model):
+    STATUS_UNSET = "unset"
+    STATUS_OK = "ok"
+    STATUS_ERROR = "error"
+    STATUS_CHOICES = [(STATUS_UNSET, "unset"), (STATUS_OK, "ok"), (STATUS_ERROR, "error")]
+
+    trace_id = models.CharField(max_length=32)
+    span_id = models.CharField(max_length=16)
+    parent_span_id = models.CharField(max_length=16, blank=True, default="")
+    name = models.CharField(max_length=255)
+    kind = models.CharField(max_length=16, default="INTERNAL")
+    start_ns = models.BigIntegerField()
+    end_ns = models.BigIntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(db_index=True)
+    status = models.CharField(max_length=8, choices=STATUS_CHOICES, default=STATUS_UNSET)
+    status_message = models.TextField(blank=True, default="")
+    attributes = models.JSONField(default=dict, blank=True)
+    events = models.JSONField(default=list, blank=True)
+    links = models.JSONField(default=list, blank=True)
+    task_key = models.CharField(max_length=200, null=True, blank=True, db_index=True)
+    root_task_key = models.CharField(max_length=200, null=True, blank=True)
+    user_id = models.CharField(max_length=150, null=True, blank=True, db_index=True)
+    user_label = models.CharField(max_length=255, blank=True, default="")
+    descendants_count = models.IntegerField(default=0)
+    manager = models.CharField(max_length=255, blank=True, default="")
+    service = models.CharField(max_length=255, blank=True, default="")
+    process = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        app_label = "otel_taskctx"
+        db_table = "otel_taskctx_span"
+        verbose_name = "task span"
+        constraints = [
+            models.UniqueConstraint(fields=["trace_id", "span_id"], name="otel_taskctx_span_uniq"),
+        ]
+        indexes = [
+            models.Index(fields=["root_task_key", "start_ns"], name="otel_taskctx_span_root"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.trace_id}/{self.span_id})"
+
+    @property
+    def running(self) -> bool:
+        return self.end_ns is None

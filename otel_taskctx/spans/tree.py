@@ -1,0 +1,600 @@
+"""Building a job's tree from stored spans (pure Python: no database, no recursion).
+
+Spans may arrive in any order, from several processes, and some may be missing (a parent
+still running in another process, or dropped). :func:`build_tree` links what it has:
+
+* a span whose parent was not recorded hangs under a placeholder node for that parent
+  (siblings stay together); the placeholder is attached by task lineage to a recorded span
+  of the same task (or of the parent task) when one exists, else it is a root;
+* every walk is iterative, so trees thousands of levels deep or wide are fine;
+* the critical path is the chain of spans that determined when the tree finished (each
+  span's "end" counts its descendants, so work that outlives its parent, like a worker run
+  after the enqueue span ended, stays on the path);
+* the target is where to look first: the deepest failed span, else the deepest span still
+  running, and ``expand`` lists the nodes to open to reach it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from otel_taskctx import semconv
+
+STATE_OK = "ok"
+STATE_UNSET = "unset"
+STATE_ERROR = "error"
+STATE_RUNNING = "running"
+STATE_MISSING = "missing"
+
+_FIELDS = (
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "name",
+    "kind",
+    "start_ns",
+    "end_ns",
+    "status",
+    "status_message",
+    "attributes",
+    "events",
+    "links",
+    "task_key",
+    "root_task_key",
+    "user_id",
+    "user_label",
+    "descendants_count",
+    "service",
+    "process",
+    "manager",
+)
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    kind: str = "INTERNAL"
+    start_ns: int = 0
+    end_ns: int | None = None
+    status: str = STATE_UNSET
+    status_message: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    links: list[dict[str, Any]] = field(default_factory=list)
+    task_key: str | None = None
+    root_task_key: str | None = None
+    user_id: str | None = None
+    user_label: str = ""
+    descendants_count: int = 0
+    service: str = ""
+    process: str = ""
+    manager: str = ""
+    placeholder: bool = False
+    context: bool = False  # an ancestor outside the job (e.g. the launching request)
+    id: str = ""
+    parent: Node | None = None
+    children: list[Node] = field(default_factory=list)
+    depth: int = 0
+    effective_end: int = 0
+    critical: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.trace_id, self.span_id)
+
+    @property
+    def running(self) -> bool:
+        return self.end_ns is None and not self.placeholder
+
+    @property
+    def state(self) -> str:
+        if self.placeholder:
+            return STATE_MISSING
+        if self.status == STATE_ERROR:
+            return STATE_ERROR
+        if self.end_ns is None:
+            return STATE_RUNNING
+        return STATE_OK if self.status in (STATE_OK, STATE_UNSET) else self.status
+
+    def errors(self) -> list[dict[str, str]]:
+        out = []
+        for event in self.events:
+            if event.get("name") == "exception":
+                attrs = event.get("attributes") or {}
+                out.append(
+                    {
+                        "type": str(attrs.get("exception.type", "")),
+                        "message": str(attrs.get("exception.message", "")),
+                        "stacktrace": str(attrs.get("exception.stacktrace", "")),
+                    }
+                )
+        if self.status == STATE_ERROR and not out:
+            out.append({"type": "", "message": self.status_message, "stacktrace": ""})
+        elif self.status == STATE_ERROR and self.status_message:
+            if not any(self.status_message.endswith(e["message"]) for e in out if e["message"]):
+                out.insert(0, {"type": "", "message": self.status_message, "stacktrace": ""})
+        return out
+
+    def descendants(self) -> list[dict[str, Any]]:
+        out = []
+        for event in self.events:
+            if event.get("name") == semconv.DESCENDANTS_EVENT:
+                attrs = event.get("attributes") or {}
+                ids = attrs.get(semconv.DESCENDANTS_IDS) or []
+                count = attrs.get(semconv.DESCENDANTS_COUNT)
+                out.append(
+                    {
+                        "model": str(attrs.get(semconv.DESCENDANTS_MODEL, "")),
+                        "count": count if isinstance(count, int) else len(ids),
+                        "ids": list(ids)[:50] if isinstance(ids, list) else [],
+                        "time_ns": event.get("time_ns"),
+                    }
+                )
+        if not out and self.attributes.get(semconv.DESCENDANTS_MODEL):
+            ids = self.attributes.get(semconv.DESCENDANTS_IDS) or []
+            out.append(
+                {
+                    "model": str(self.attributes.get(semconv.DESCENDANTS_MODEL)),
+                    "count": self.descendants_count or (len(ids) if isinstance(ids, list) else 0),
+                    "ids": list(ids)[:50] if isinstance(ids, list) else [],
+                    "time_ns": self.start_ns,
+                }
+            )
+        return out
+
+    def progress(self) -> list[dict[str, Any]]:
+        out = []
+        for event in self.events:
+            if event.get("name") == semconv.PROGRESS_EVENT:
+                attrs = event.get("attributes") or {}
+                out.append(
+                    {
+                        "time_ns": event.get("time_ns") or self.start_ns,
+                        "message": str(attrs.get(semconv.PROGRESS_MESSAGE, "")),
+                    }
+                )
+        if not out and isinstance(self.attributes.get(semconv.PROGRESS_MESSAGE), str):
+            out.append(
+                {
+                    "time_ns": self.end_ns or self.start_ns,
+                    "message": self.attributes[semconv.PROGRESS_MESSAGE],
+                }
+            )
+        return out
+
+
+def _node_from(row: Mapping[str, Any] | Any) -> Node:
+    get = row.get if isinstance(row, Mapping) else (lambda k, d=None: getattr(row, k, d))
+    kwargs = {}
+    for name in _FIELDS:
+        value = get(name, None)
+        if value is not None:
+            kwargs[name] = value
+    kwargs.setdefault("parent_span_id", "")
+    kwargs["end_ns"] = get("end_ns", None)
+    kwargs.setdefault("name", "")
+    kwargs["attributes"] = dict(kwargs.get("attributes") or {})
+    kwargs["events"] = list(kwargs.get("events") or [])
+    return Node(**kwargs)
+
+
+@dataclass
+class SpanTree:
+    """A forest of spans with its critical path and where to look first."""
+
+    nodes: list[Node]  # depth-first pre-order
+    roots: list[Node]
+    now_ns: int
+    root_task_key: str | None = None
+    target: Node | None = None
+    target_reason: str = ""
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def job_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if not n.context]
+
+    @property
+    def start_ns(self) -> int:
+        nodes = self.job_nodes or self.nodes
+        return min((n.start_ns for n in nodes), default=0)
+
+    @property
+    def axis_start_ns(self) -> int:
+        return min((n.start_ns for n in self.nodes), default=0)
+
+    @property
+    def end_ns(self) -> int | None:
+        """When the job ended (None while some span still runs)."""
+        nodes = self.job_nodes or self.nodes
+        if any(n.running for n in nodes):
+            return None
+        return max((n.effective_end for n in nodes), default=None)
+
+    @property
+    def axis_end_ns(self) -> int:
+        return max((n.effective_end for n in self.nodes), default=0)
+
+    @property
+    def status(self) -> str:
+        nodes = self.job_nodes or self.nodes
+        if any(n.status == STATE_ERROR for n in nodes):
+            return STATE_ERROR
+        if any(n.running for n in nodes):
+            return STATE_RUNNING
+        return STATE_OK
+
+    @property
+    def duration_ns(self) -> int:
+        nodes = self.job_nodes or self.nodes
+        end = max((n.effective_end for n in nodes), default=self.start_ns)
+        return max(0, end - self.start_ns)
+
+    @property
+    def critical_path(self) -> list[Node]:
+        return [n for n in self.nodes if n.critical]
+
+    @property
+    def expand(self) -> list[Node]:
+        """Ancestors of the target, root first."""
+        path = []
+        node = self.target.parent if self.target is not None else None
+        while node is not None:
+            path.append(node)
+            node = node.parent
+        path.reverse()
+        return path
+
+    def find(self, span_id: str) -> Node | None:
+        for node in self.nodes:
+            if node.span_id == span_id or node.id == span_id:
+                return node
+        return None
+
+    def progress(self) -> list[dict[str, Any]]:
+        out = []
+        for node in self.nodes:
+            for item in node.progress():
+                out.append({**item, "node": node.id, "span": node.name, "task_key": node.task_key})
+        out.sort(key=lambda p: p["time_ns"] or 0)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        nodes = self.job_nodes or self.nodes
+        user_id = next((n.user_id for n in nodes if n.user_id), None)
+        user_label = next((n.user_label for n in nodes if n.user_label), "")
+        request = None
+        for node in self.nodes:
+            if node.context and node.kind == "SERVER":
+                request = request_label(node)
+                break
+        return {
+            "root_task_key": self.root_task_key,
+            "status": self.status,
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "duration_ms": round(self.duration_ns / 1e6, 3),
+            "spans": len(nodes),
+            "nested_steps": sum(1 for n in nodes if n.kind == "INTERNAL" and not n.placeholder),
+            "descendants_locked": sum(n.descendants_count for n in nodes),
+            "tasks": len({n.task_key for n in nodes if n.task_key}),
+            "processes": sorted({n.process for n in nodes if n.process}),
+            "trace_ids": sorted({n.trace_id for n in self.nodes}),
+            "user_id": user_id,
+            "user_label": user_label,
+            "request": request,
+            "missing_spans": sum(1 for n in self.nodes if n.placeholder),
+        }
+
+    def to_dict(self, include_details: bool = True) -> dict[str, Any]:
+        axis_start = self.axis_start_ns
+        out_nodes = []
+        for node in self.nodes:
+            end = node.end_ns
+            item: dict[str, Any] = {
+                "id": node.id,
+                "span_id": node.span_id,
+                "trace_id": node.trace_id,
+                "parent": node.parent.id if node.parent is not None else None,
+                "children": [c.id for c in node.children],
+                "depth": node.depth,
+                "name": node.name,
+                "kind": node.kind,
+                "state": node.state,
+                "start_ns": node.start_ns,
+                "end_ns": end,
+                "offset_ms": round((node.start_ns - axis_start) / 1e6, 3),
+                "duration_ms": round(
+                    ((end if end is not None else self.now_ns) - node.start_ns) / 1e6, 3
+                ),
+                "subtree_end_ms": round((node.effective_end - axis_start) / 1e6, 3),
+                "critical": node.critical,
+                "placeholder": node.placeholder,
+                "context": node.context,
+                "task_key": node.task_key,
+                "process": node.process,
+                "service": node.service,
+                "status_message": node.status_message,
+                "errors": node.errors(),
+                "descendants": node.descendants(),
+                "descendants_count": node.descendants_count,
+                "progress": node.progress(),
+            }
+            if include_details:
+                item["attributes"] = node.attributes
+                item["events"] = node.events
+                item["links"] = node.links
+            out_nodes.append(item)
+        return {
+            **self.summary(),
+            "now_ns": self.now_ns,
+            "axis_start_ns": axis_start,
+            "axis_ms": round(max(0, self.axis_end_ns - axis_start) / 1e6, 3),
+            "roots": [r.id for r in self.roots],
+            "target": self.target.id if self.target is not None else None,
+            "target_reason": self.target_reason,
+            "expand": [n.id for n in self.expand],
+            "critical_path": [n.id for n in self.critical_path],
+            "progress": self.progress(),
+            "truncated": self.truncated,
+            "nodes": out_nodes,
+        }
+
+
+def request_label(node: Node) -> str:
+    attrs = node.attributes
+    method = attrs.get("http.request.method") or attrs.get("http.method")
+    target = (
+        attrs.get("http.route")
+        or attrs.get("url.path")
+        or attrs.get("http.target")
+        or attrs.get("http.url")
+    )
+    if method and target and str(target) not in node.name:
+        return f"{method} {target}"
+    return node.name
+
+
+def _placeholder_parent(ph: Node, by_task: dict[str, list[Node]]) -> Node | None:
+    """A recorded span to hang a placeholder under, found by task lineage (or None)."""
+    keys = []
+    for child in ph.children:
+        for key in (child.task_key, child.attributes.get(semconv.PARENT_TASK_KEY)):
+            if key and key not in keys:
+                keys.append(key)
+    for key in keys:
+        best = None
+        for candidate in by_task.get(key, ()):
+            if candidate.start_ns > ph.start_ns or candidate.trace_id != ph.trace_id:
+                continue
+            # prefer the worker run of the task, then the latest-starting span
+            rank = (candidate.kind == "CONSUMER", candidate.start_ns)
+            if best is None or rank > best[0]:
+                # no cycles: the candidate must not sit inside the placeholder's subtree
+                node = candidate
+                inside = False
+                while node is not None:
+                    if node is ph:
+                        inside = True
+                        break
+                    node = node.parent
+                if not inside:
+                    best = (rank, candidate)
+        if best is not None:
+            return best[1]
+    return None
+
+
+def build_tree(
+    rows: Iterable[Mapping[str, Any] | Any],
+    now_ns: int | None = None,
+    root_task_key: str | None = None,
+    truncated: bool = False,
+) -> SpanTree:
+    """Link ``rows`` (dicts or objects with the span store's fields) into a :class:`SpanTree`.
+
+    With ``root_task_key``, spans of other tasks are marked as context (e.g. the launching
+    request) unless they are descendants of the job's spans (detached jobs it started).
+    """
+    if now_ns is None:
+        now_ns = time.time_ns()
+    by_key: dict[tuple[str, str], Node] = {}
+    for row in rows:
+        node = _node_from(row)
+        if not node.span_id or not node.trace_id:
+            continue
+        seen = by_key.get(node.key)
+        # duplicates (a running row and a finished one): the finished one wins
+        if seen is None or (seen.end_ns is None and node.end_ns is not None):
+            by_key[node.key] = node
+    placeholders: dict[tuple[str, str], Node] = {}
+    for node in by_key.values():
+        pid = node.parent_span_id
+        if not pid:
+            continue
+        parent = by_key.get((node.trace_id, pid))
+        if parent is None:
+            parent = placeholders.get((node.trace_id, pid))
+            if parent is None:
+                parent = Node(
+                    trace_id=node.trace_id,
+                    span_id=pid,
+                    parent_span_id="",
+                    name="(span not recorded)",
+                    start_ns=node.start_ns,
+                    placeholder=True,
+                )
+                placeholders[(node.trace_id, pid)] = parent
+            parent.start_ns = min(parent.start_ns, node.start_ns)
+        node.parent = parent
+        parent.children.append(node)
+    if placeholders:
+        by_task: dict[str, list[Node]] = {}
+        for node in by_key.values():
+            if node.task_key:
+                by_task.setdefault(node.task_key, []).append(node)
+        for ph in sorted(placeholders.values(), key=lambda n: n.start_ns):
+            for child in ph.children:
+                if child.task_key and not ph.task_key:
+                    ph.task_key, ph.root_task_key = child.task_key, child.root_task_key
+            host = _placeholder_parent(ph, by_task)
+            if host is not None:
+                ph.parent = host
+                host.children.append(ph)
+    all_nodes = list(by_key.values()) + list(placeholders.values())
+    roots = sorted(
+        (n for n in all_nodes if n.parent is None), key=lambda n: (n.start_ns, n.span_id)
+    )
+
+    # pre-order walk: depth, ids, child order
+    ordered: list[Node] = []
+    used_ids: set[str] = set()
+    stack = list(reversed(roots))
+    while stack:
+        node = stack.pop()
+        node.children.sort(key=lambda n: (n.start_ns, n.span_id))
+        node.depth = node.parent.depth + 1 if node.parent is not None else 0
+        base = ("missing-" if node.placeholder else "") + node.span_id
+        node_id = base
+        if node_id in used_ids:
+            node_id = f"{base}-{node.trace_id[:8]}"
+            n = 2
+            while node_id in used_ids:
+                node_id, n = f"{base}-{node.trace_id[:8]}-{n}", n + 1
+        used_ids.add(node_id)
+        node.id = node_id
+        ordered.append(node)
+        stack.extend(reversed(node.children))
+
+    # effective end = own end (now while running) or the latest end below it (post-order)
+    for node in reversed(ordered):
+        end = (
+            node.end_ns
+            if node.end_ns is not None
+            else (now_ns if not node.placeholder else node.start_ns)
+        )
+        for child in node.children:
+            if child.effective_end > end:
+                end = child.effective_end
+        node.effective_end = end
+
+    # job membership: spans of other tasks above the job are context
+    if root_task_key is not None:
+        in_job: set[int] = set()
+        for node in ordered:  # pre-order: parents first
+            if node.root_task_key == root_task_key or (
+                node.parent is not None and id(node.parent) in in_job
+            ):
+                in_job.add(id(node))
+            elif node.placeholder and any(c.root_task_key == root_task_key for c in node.children):
+                in_job.add(id(node))
+        for node in ordered:
+            node.context = id(node) not in in_job
+
+    _mark_critical_path(roots)
+    tree = SpanTree(
+        nodes=ordered, roots=roots, now_ns=now_ns, root_task_key=root_task_key, truncated=truncated
+    )
+    _choose_target(tree)
+    return tree
+
+
+def _mark_critical_path(roots: list[Node]) -> None:
+    if not roots:
+        return
+    top = max(roots, key=lambda n: n.effective_end)
+    stack: list[tuple[Node, int]] = [(top, top.effective_end)]
+    while stack:
+        node, limit = stack.pop()
+        node.critical = True
+        cursor = min(node.effective_end, limit)
+        for child in sorted(node.children, key=lambda c: c.effective_end, reverse=True):
+            if cursor <= node.start_ns:
+                break
+            if child.start_ns >= cursor:
+                continue
+            stack.append((child, cursor))
+            cursor = child.start_ns
+
+
+def _choose_target(tree: SpanTree) -> None:
+    nodes = tree.job_nodes or tree.nodes
+    failed = [
+        n
+        for n in nodes
+        if n.status == STATE_ERROR and not any(c.status == STATE_ERROR for c in n.children)
+    ]
+    if failed:
+        tree.target = min(failed, key=lambda n: (n.start_ns, -n.depth))
+        tree.target_reason = "failed"
+        return
+    running = [n for n in nodes if n.running and not any(c.running for c in n.children)]
+    if running:
+        tree.target = max(running, key=lambda n: (n.start_ns, n.depth))
+        tree.target_reason = "running"
+
+
+def format_duration(ns: int | None) -> str:
+    if ns is None:
+        return "?"
+    ms = ns / 1e6
+    if ms < 1:
+        return f"{ns / 1e3:.0f}µs"
+    if ms < 1000:
+        return f"{ms:.1f}ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.2f}s"
+    minutes, seconds = divmod(ms / 1000, 60)
+    if minutes < 60:
+        return f"{int(minutes)}m{seconds:02.0f}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{int(hours)}h{int(minutes):02d}m"
+
+
+def render_text(tree: SpanTree, show_events: bool = False, max_indent: int = 40) -> list[str]:
+    """One line per span: indented by depth, with duration, status and task key."""
+    lines = []
+    for node in tree.nodes:
+        depth = node.depth
+        if depth <= max_indent:
+            indent = "  " * depth
+        else:
+            indent = "  " * max_indent + f"[{depth}] "
+        end = node.end_ns if node.end_ns is not None else tree.now_ns
+        duration = "" if node.placeholder else format_duration(end - node.start_ns)
+        state = node.state.upper()
+        marks = []
+        if node.critical:
+            marks.append("*")
+        parts = [
+            f"{indent}{node.name}",
+            f"[{node.kind.lower()}]" if not node.placeholder else "",
+            duration,
+            state,
+        ]
+        if node.task_key and (node.parent is None or node.parent.task_key != node.task_key):
+            parts.append(f"task={node.task_key}")
+        if node.descendants_count:
+            parts.append(f"locked={node.descendants_count}")
+        if node.process and (node.parent is None or node.parent.process != node.process):
+            parts.append(f"process={node.process}")
+        line = " ".join(p for p in parts if p) + (" " + "".join(marks) if marks else "")
+        if node.status == STATE_ERROR and node.status_message:
+            line += f" -- {node.status_message.splitlines()[0][:200]}"
+        lines.append(line)
+        if show_events:
+            pad = "  " * min(depth, max_indent) + "    "
+            for item in node.progress():
+                lines.append(f"{pad}> progress: {item['message']}")
+            for item in node.descendants():
+                lines.append(f"{pad}> locked {item['count']} {item['model']}")
+    return lines

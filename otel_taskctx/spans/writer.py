@@ -1,0 +1,380 @@
+"""One background thread per process that writes span rows to the database.
+
+Why a thread of its own: the rows must never join the caller's transaction (a job inside
+``transaction.atomic`` that calls ``force_flush`` must not have its transaction broken by, or
+rolled back with, our INSERT), and the writes need their own connection that we can close
+after each batch (so a test database can be dropped and PostgreSQL keeps no idle connection).
+
+Writes are batched: everything queued when the thread wakes up goes into one transaction.
+A failing write ("database is locked", disk full, table missing before ``migrate``) is retried
+a few times for lock errors, then logged and dropped; it never reaches the code that made the
+span.
+
+Start rows (spans still running) are written only for spans that are still running
+``running_delay`` seconds after they started, so short spans cost one write, not two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("otel_taskctx.spans")
+
+#: seconds between two warnings about failed writes
+WARN_INTERVAL = 60.0
+LOCK_RETRIES = 3
+#: seconds SQLite waits for another writer before a try fails
+SQLITE_BUSY_TIMEOUT = 5.0
+
+
+@dataclass
+class _Request:
+    rows: list[dict[str, Any]]
+    finished: bool  # True: upsert complete rows; False: insert running rows if absent
+    force_running: bool = False  # also write every tracked running span now
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+
+
+class SpanWriter:
+    """Writes span rows from a queue, in its own thread and database connection."""
+
+    def __init__(
+        self,
+        max_len_getter: Callable[[], int] | None = None,
+        running_delay: float = 1.0,
+        interval: float = 0.5,
+        using: str | None = None,
+    ) -> None:
+        self.running_delay = running_delay
+        self.interval = interval
+        self.using = using
+        self._max_len_getter = max_len_getter
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Condition(self._lock)
+        self._requests: deque[_Request] = deque()
+        self._running: deque[tuple[float, Any]] = deque()  # (due time, live span)
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._last_warning = 0.0
+        self.dropped = 0
+        self.written = 0
+        self.max_running_queue = 100_000
+
+    # ------------------------------------------------------------------ producer side
+    def max_len(self) -> int:
+        if self._max_len_getter is not None:
+            try:
+                return int(self._max_len_getter())
+            except Exception:  # settings unavailable: use the default
+                pass
+        return 4096
+
+    def _ensure_thread(self) -> None:
+        pid = os.getpid()
+        if pid != self._pid:  # forked: the parent's thread and queue do not exist here
+            self._lock = threading.Lock()
+            self._idle = threading.Condition(self._lock)
+            self._wake = threading.Event()
+            self._requests = deque()
+            self._running = deque()
+            self._busy = False
+            self._thread = None
+            self._pid = pid
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._run, name="otel-taskctx-span-writer", daemon=True
+                    )
+                    self._thread.start()
+
+    def submit(self, rows: list[dict[str, Any]], finished: bool = True) -> _Request:
+        self._ensure_thread()
+        request = _Request(rows, finished)
+        with self._lock:
+            self._requests.append(request)
+        self._wake.set()
+        return request
+
+    def track_running(self, span: Any) -> None:
+        """Write a "running" row for ``span`` if it has not ended after ``running_delay``."""
+        if len(self._running) >= self.max_running_queue:
+            return
+        self._ensure_thread()
+        self._running.append((time.monotonic() + self.running_delay, span))
+
+    def flush(self, timeout: float | None = 5.0, running: bool = True) -> bool:
+        """Write everything queued now (running rows too, with ``running``); wait for it."""
+        self._ensure_thread()
+        marker = _Request([], True, force_running=running)
+        with self._lock:
+            self._requests.append(marker)
+        self._wake.set()
+        return marker.done.wait(timeout)
+
+    # ------------------------------------------------------------------ writer side
+    def _run(self) -> None:
+        from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                with suppress_instrumentation():
+                    self._cycle()
+            except Exception:  # pragma: no cover - never let the thread die
+                log.exception("otel_taskctx span writer failed")
+
+    def _take_running(self, force: bool) -> list[Any]:
+        now = time.monotonic()
+        due: list[Any] = []
+        queue = self._running
+        while queue:
+            when, span = queue[0]
+            if not force and when > now:
+                break
+            queue.popleft()
+            if span.end_time is None:
+                due.append(span)
+        return due
+
+    def _cycle(self) -> None:
+        with self._lock:
+            requests = list(self._requests)
+            self._requests.clear()
+        force = any(r.force_running for r in requests)
+        running_spans = self._take_running(force)
+        if not requests and not running_spans:
+            return
+        from otel_taskctx.spans.rows import span_row
+
+        max_len = self.max_len()
+        running_rows = []
+        for span in running_spans:
+            try:
+                row = span_row(span, max_len, running=span.end_time is None)
+            except Exception:  # a span we cannot read: skip it
+                log.debug("could not snapshot a running span", exc_info=True)
+                continue
+            if row is not None:
+                running_rows.append(row)
+        finished_rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for request in requests:
+            if not request.finished:
+                running_rows.extend(request.rows)
+                continue
+            for row in request.rows:
+                finished_rows[(row["trace_id"], row["span_id"])] = row
+        ok = self._write(list(finished_rows.values()), running_rows)
+        for request in requests:
+            request.ok = ok
+            request.done.set()
+
+    def _write(self, finished: list[dict[str, Any]], running: list[dict[str, Any]]) -> bool:
+        if not finished and not running:
+            return True
+        from django.db import OperationalError
+
+        delay = 0.1
+        for attempt in range(LOCK_RETRIES + 1):
+            try:
+                self._write_once(finished, running)
+                self.written += len(finished) + len(running)
+                return True
+            except OperationalError as exc:
+                if "locked" in str(exc).lower() and attempt < LOCK_RETRIES:
+                    time.sleep(delay)
+                    delay *= 3
+                    continue
+                self._drop(len(finished) + len(running), exc)
+                return False
+            except Exception as exc:
+                self._drop(len(finished) + len(running), exc)
+                self._close_connection()
+                return False
+            finally:
+                if not self._keep_connection():
+                    self._close_connection()
+        return False  # pragma: no cover
+
+    def _drop(self, count: int, exc: BaseException) -> None:
+        self.dropped += count
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_INTERVAL:
+            self._last_warning = now
+            text = str(exc).lower()
+            hint = ""
+            if "no such table" in text or "does not exist" in text:
+                hint = " (run 'manage.py migrate' to create the span table)"
+            log.warning(
+                "otel_taskctx: could not store %d span(s), dropped them: %s: %s%s",
+                count,
+                type(exc).__name__,
+                exc,
+                hint,
+            )
+        else:
+            log.debug("could not store %d span(s): %s", count, exc)
+
+    def _alias(self) -> str:
+        if self.using:
+            return self.using
+        from django.db import router
+
+        from otel_taskctx.span_models import TaskSpan
+
+        return router.db_for_write(TaskSpan)
+
+    def _write_once(self, finished: list[dict[str, Any]], running: list[dict[str, Any]]) -> None:
+        from django.db import connections, transaction
+
+        from otel_taskctx.span_models import TaskSpan
+
+        alias = self._alias()
+        connection = connections[alias]
+        connection.ensure_connection()
+        if connection.vendor == "sqlite":
+            _prepare_sqlite(connection)
+        with transaction.atomic(using=alias):
+            if connection.vendor in ("sqlite", "postgresql"):
+                if running:
+                    _upsert(connection, running, update=False)
+                if finished:
+                    _upsert(connection, finished, update=True)
+                return
+            if running:  # other databases: the ORM's (slower) portable upsert
+                TaskSpan.objects.using(alias).bulk_create(
+                    [TaskSpan(**row) for row in running], ignore_conflicts=True
+                )
+            if finished:
+                fields = [k for k in finished[0] if k not in ("trace_id", "span_id")]
+                TaskSpan.objects.using(alias).bulk_create(
+                    [TaskSpan(**row) for row in finished],
+                    update_conflicts=True,
+                    unique_fields=["trace_id", "span_id"],
+                    update_fields=fields,
+                )
+
+    def _keep_connection(self) -> bool:
+        """SQLite: keep the file open (closing a WAL database checkpoints it every time).
+
+        Server databases: close after each batch, so no idle connection stays behind (and a
+        test database can be dropped).
+        """
+        try:
+            from django.db import connections
+
+            return connections[self._alias()].vendor == "sqlite"
+        except Exception:  # pragma: no cover
+            return False
+
+    def _close_connection(self) -> None:
+        try:
+            from django.db import connections
+
+            connections[self._alias()].close()
+        except Exception:  # pragma: no cover
+            pass
+
+
+_prepared: set[str] = set()
+#: rows per INSERT statement of the raw upsert
+UPSERT_CHUNK = 500
+
+
+def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
+    """``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL): a row per span, keyed by ids.
+
+    ``update``: a finished span replaces whatever row is there; otherwise (a running span)
+    the row is only inserted when absent, so it never overwrites a finished one.
+    """
+    from otel_taskctx.span_models import TaskSpan
+
+    qn = connection.ops.quote_name
+    fields = [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
+    columns = ", ".join(qn(f.column) for f in fields)
+    conflict = f"{qn('trace_id')}, {qn('span_id')}"
+    if update:
+        sets = ", ".join(
+            f"{qn(f.column)} = EXCLUDED.{qn(f.column)}"
+            for f in fields
+            if f.column not in ("trace_id", "span_id")
+        )
+        action = f"DO UPDATE SET {sets}"
+    else:
+        action = "DO NOTHING"
+    # values that need the backend's adaptation (JSON, datetimes); the rest go as they are
+    prepared = {f.name for f in fields if f.get_internal_type() in ("JSONField", "DateTimeField")}
+    one = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    size = UPSERT_CHUNK
+    max_params = getattr(connection.features, "max_query_params", None)
+    if max_params:
+        size = max(1, min(size, max_params // len(fields)))
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            params: list[Any] = []
+            for row in chunk:
+                for f in fields:
+                    value = row.get(f.name, f.get_default())
+                    if f.name in prepared:
+                        value = f.get_db_prep_save(value, connection=connection)
+                    params.append(value)
+            values = ", ".join([one] * len(chunk))
+            cursor.execute(
+                f"INSERT INTO {qn(TaskSpan._meta.db_table)} ({columns}) VALUES {values} "
+                f"ON CONFLICT ({conflict}) {action}",
+                params,
+            )
+
+
+def _prepare_sqlite(connection: Any) -> None:
+    """WAL journal (readers never block the writer) and a generous busy timeout."""
+    with connection.cursor() as cursor:
+        name = str(connection.settings_dict.get("NAME"))
+        if name not in _prepared and name != ":memory:" and "mode=memory" not in name:
+            cursor.execute("PRAGMA busy_timeout = 0")  # never wait for the journal switch
+            try:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                _prepared.add(name)
+            except Exception:  # another connection holds a lock: try again next batch
+                pass
+        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
+        # this connection only: in WAL mode NORMAL is safe and skips an fsync per batch
+        cursor.execute("PRAGMA synchronous = NORMAL")
+
+
+_writer: SpanWriter | None = None
+_writer_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _writer_lock
+    _writer_lock = threading.Lock()  # it may have been held by another thread at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def get_writer() -> SpanWriter:
+    """The process-wide writer."""
+    global _writer
+    if _writer is None:
+        with _writer_lock:
+            if _writer is None:
+                from otel_taskctx.conf import get_setting
+
+                _writer = SpanWriter(lambda: get_setting("MAX_ATTRIBUTE_LENGTH"))
+    return _writer

@@ -1,0 +1,416 @@
+"""The span store: rows, the exporter behind the SDK's BatchSpanProcessor, running spans,
+failure handling, concurrent writers, retention and ``taskctx_tree``."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.utils import timezone
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from otel_taskctx import semconv, task_context
+from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.spans import writer as writer_module
+from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
+from otel_taskctx.spans.install import RUNNING, STORE
+from otel_taskctx.spans.rows import span_row
+from otel_taskctx.spans.writer import SpanWriter
+from otel_taskctx.tracing import _MARK, sdk_tracer_provider
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def store():
+    """A private provider with the store's processors and a private writer."""
+    writer = SpanWriter(lambda: 256, running_delay=0.05, interval=0.05)
+    exporter = DatabaseSpanExporter(writer)
+    batch = BatchSpanProcessor(exporter, schedule_delay_millis=50)
+    running = RunningSpanProcessor(writer)
+    provider = TracerProvider()
+    provider.add_span_processor(batch)
+    provider.add_span_processor(running)
+
+    class Store:
+        pass
+
+    s = Store()
+    s.writer, s.exporter, s.batch, s.running, s.provider = (
+        writer,
+        exporter,
+        batch,
+        running,
+        provider,
+    )
+    s.tracer = provider.get_tracer("tests")
+
+    def flush():
+        assert batch.force_flush()
+        assert writer.flush(10)
+
+    s.flush = flush
+    yield s
+    provider.shutdown()
+
+
+def lineage(task="T1", root="T1", depth=0, parent=None):
+    attrs = {semconv.TASK_KEY: task, semconv.ROOT_TASK_KEY: root, semconv.DEPTH: depth}
+    if parent:
+        attrs[semconv.PARENT_TASK_KEY] = parent
+    return attrs
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def test_row_bounds_huge_attributes_and_event_floods():
+    provider = TracerProvider()
+    tracer = provider.get_tracer("t")
+    span = tracer.start_span(
+        "s",
+        attributes={
+            "big": "x" * 100_000,
+            "ids": [str(i) for i in range(10_000)],
+            "n": 3,
+            "f": float("nan"),
+            "ok": True,
+        },
+    )
+    for i in range(128):
+        span.add_event("e", {"payload": "y" * 5000, "i": i})
+    span.end()
+    row = span_row(span, max_len=100)
+    assert len(row["attributes"]["big"]) == 100 and row["attributes"]["big"].endswith("…")
+    ids = row["attributes"]["ids"]
+    assert sum(len(i) for i in ids) < 200 and ids[-1].startswith("… ") and "more" in ids[-1]
+    assert row["attributes"]["n"] == 3 and row["attributes"]["f"] == "nan"
+    assert len(json.dumps(row["attributes"])) + len(json.dumps(row["events"])) < 100 * 64 * 1.2
+    assert row["attributes"]["taskctx.store.dropped_events"] > 0
+    assert all(len(e["attributes"]["payload"]) <= 100 for e in row["events"])
+
+
+def test_row_columns_from_lineage_descendants_and_user():
+    provider = TracerProvider()
+    span = provider.get_tracer("t").start_span(
+        "process job",
+        kind=SpanKind.CONSUMER,
+        attributes={
+            **lineage("child", "root", 1, "root"),
+            "enduser.id": 42,
+            semconv.MANAGER_CLASS_PATH: "app.Manager",
+        },
+    )
+    span.add_event(
+        semconv.DESCENDANTS_EVENT,
+        {
+            semconv.DESCENDANTS_MODEL: "testapp.child",
+            semconv.DESCENDANTS_IDS: ["1", "2", "3"],
+            semconv.DESCENDANTS_COUNT: 3,
+            semconv.FORWARDED: True,
+        },
+    )
+    span.set_status(Status(StatusCode.ERROR, "ValueError: no"))
+    span.end()
+    row = span_row(span, 4096)
+    assert (row["task_key"], row["root_task_key"], row["kind"]) == ("child", "root", "CONSUMER")
+    assert row["user_id"] == "42" and row["manager"] == "app.Manager"
+    assert row["descendants_count"] == 3
+    assert row["status"] == "error" and row["status_message"] == "ValueError: no"
+    assert semconv.FORWARDED not in row["events"][0]["attributes"]
+    assert row["process"].endswith(f":{os.getpid()}")
+    running = span_row(span, 4096, running=True)
+    assert running["end_ns"] is None and running["status"] == "unset"
+
+
+# --------------------------------------------------------------------------- exporter
+
+
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_exporter_stores_a_nested_tree_behind_the_batch_processor(store):
+    tracer = store.tracer
+    with tracer.start_as_current_span(
+        "send job", kind=SpanKind.PRODUCER, attributes=lineage()
+    ) as send:
+        pass
+    ctx = trace.set_span_in_context(send)
+    with tracer.start_as_current_span(
+        "process job", context=ctx, kind=SpanKind.CONSUMER, attributes=lineage()
+    ) as run:
+        with tracer.start_as_current_span("Parent.save", attributes=lineage()) as save:
+            save.add_event(semconv.PROGRESS_EVENT, {semconv.PROGRESS_MESSAGE: "1/2"})
+            with tracer.start_as_current_span("recompute", attributes=lineage()):
+                pass
+    store.flush()
+    rows = {r.name: r for r in TaskSpan.objects.filter(root_task_key="T1")}
+    assert set(rows) == {"send job", "process job", "Parent.save", "recompute"}
+    assert rows["process job"].parent_span_id == rows["send job"].span_id
+    assert rows["Parent.save"].parent_span_id == rows["process job"].span_id
+    assert rows["recompute"].parent_span_id == rows["Parent.save"].span_id
+    assert rows["process job"].trace_id == rows["send job"].trace_id
+    assert rows["process job"].kind == "CONSUMER"
+    assert rows["Parent.save"].events[0]["attributes"] == {semconv.PROGRESS_MESSAGE: "1/2"}
+    assert rows["recompute"].end_ns >= rows["recompute"].start_ns
+    assert run.end_time is not None
+
+
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_running_span_is_recorded_when_it_starts_and_completed_when_it_ends(store):
+    span = store.tracer.start_span(
+        "long job", kind=SpanKind.CONSUMER, attributes=lineage("R1", "R1")
+    )
+    short = store.tracer.start_span("short", attributes=lineage("R1", "R1"))
+    short.end()  # ends before the running delay: gets no running row
+    time.sleep(0.2)
+    assert store.writer.flush(10)
+    row = TaskSpan.objects.get(name="long job")
+    assert row.end_ns is None and row.running and row.status == "unset"
+    assert not TaskSpan.objects.filter(name="short", end_ns=None).exists()
+    span.set_status(Status(StatusCode.OK))
+    span.end()
+    store.flush()
+    row.refresh_from_db()
+    assert row.end_ns is not None and row.status == "ok"
+    assert TaskSpan.objects.filter(name="short").count() == 1
+
+
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_a_late_running_row_never_overwrites_the_finished_one(store):
+    span = store.tracer.start_span("job", attributes=lineage("L1", "L1"))
+    span.end()
+    finished = span_row(span, 4096)
+    running = span_row(span, 4096, running=True)
+    store.writer.submit([finished]).done.wait(10)
+    store.writer.submit([running], finished=False).done.wait(10)
+    row = TaskSpan.objects.get(span_id=finished["span_id"])
+    assert row.end_ns == finished["end_ns"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        from django.db import DatabaseError
+
+        raise DatabaseError("disk I/O error")
+
+    monkeypatch.setattr(store.writer, "_write_once", broken)
+    monkeypatch.setattr(writer_module, "WARN_INTERVAL", 0.0)
+    with caplog.at_level(logging.WARNING, logger="otel_taskctx.spans"):
+        with store.tracer.start_as_current_span("job", attributes=lineage("F1", "F1")):
+            pass  # the job itself
+        assert store.batch.force_flush()
+        span = store.tracer.start_span("direct")
+        span.end()
+        assert store.exporter.export([span]) is SpanExportResult.FAILURE
+    assert store.writer.dropped >= 2
+    assert "could not store" in caplog.text and "disk I/O error" in caplog.text
+    assert not TaskSpan.objects.exists()
+
+
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite lock")
+@pytest.mark.django_db(transaction=True)
+def test_database_locked_is_retried_then_dropped_and_the_next_batch_is_written(store, monkeypatch):
+    monkeypatch.setattr(writer_module, "SQLITE_BUSY_TIMEOUT", 0.05)
+    monkeypatch.setattr(writer_module, "LOCK_RETRIES", 1)
+    plain = TracerProvider().get_tracer("no store")  # spans handed to the exporter directly
+    blocker = sqlite3.connect(connection.settings_dict["NAME"], timeout=5)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        span = plain.start_span("locked out", attributes=lineage("K1", "K1"))
+        span.end()  # the job carries on at once
+        started = time.monotonic()
+        assert store.exporter.export([span]) is SpanExportResult.FAILURE
+        assert time.monotonic() - started < 5
+    finally:
+        blocker.rollback()
+        blocker.close()
+    span = plain.start_span("after the lock", attributes=lineage("K1", "K1"))
+    span.end()
+    assert store.exporter.export([span]) is SpanExportResult.SUCCESS
+    assert list(TaskSpan.objects.values_list("name", flat=True)) == ["after the lock"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_flush_inside_a_transaction_does_not_wait_for_the_callers_own_lock(store):
+    from django.db import transaction
+
+    from tests.testapp.models import Parent
+
+    with transaction.atomic():
+        Parent.objects.create(name="holds the write lock on SQLite")
+        with store.tracer.start_as_current_span("job in atomic", attributes=lineage("A1", "A1")):
+            pass
+        started = time.monotonic()
+        store.batch.force_flush()
+        store.running.force_flush()
+        assert time.monotonic() - started < 3
+    assert store.writer.flush(10)
+    assert TaskSpan.objects.filter(name="job in atomic").exists()
+
+
+# --------------------------------------------------------------------------- installation
+
+
+def test_ready_installs_the_store_next_to_user_processors():
+    provider = sdk_tracer_provider(create=False)
+    assert provider is not None
+    marks = getattr(provider, _MARK)
+    assert STORE in marks and RUNNING in marks
+    assert isinstance(marks[STORE], BatchSpanProcessor)
+    assert isinstance(marks[STORE].span_exporter, DatabaseSpanExporter)
+    from otel_taskctx.spans import install_span_store
+
+    before = list(provider._active_span_processor._span_processors)
+    assert install_span_store()  # idempotent
+    assert list(provider._active_span_processor._span_processors) == before
+
+
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_global_store_and_taskctx_tree_command():
+    tracer = trace.get_tracer("tests.store")
+    with task_context("CMD-1"):
+        with tracer.start_as_current_span(
+            "process job", kind=SpanKind.CONSUMER, attributes=lineage("CMD-1", "CMD-1")
+        ):
+            with tracer.start_as_current_span(
+                "Parent.save", attributes=lineage("CMD-1", "CMD-1")
+            ) as s:
+                s.add_event(semconv.PROGRESS_EVENT, {semconv.PROGRESS_MESSAGE: "half way"})
+                with tracer.start_as_current_span(
+                    "recompute", attributes=lineage("CMD-1", "CMD-1")
+                ):
+                    pass
+    out = io.StringIO()
+    call_command("taskctx_tree", "CMD-1", "--events", stdout=out)  # flushes this process first
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("job CMD-1: OK")
+    assert lines[1].startswith("process job [consumer] ")
+    assert lines[2].startswith("  Parent.save [internal] ")
+    assert "> progress: half way" in lines[3]
+    assert lines[4].startswith("    recompute [internal] ")
+    out = io.StringIO()
+    call_command("taskctx_tree", "CMD-1", "--json", stdout=out)
+    data = json.loads(out.getvalue())
+    assert [n["name"] for n in data["nodes"]] == ["process job", "Parent.save", "recompute"]
+    with pytest.raises(Exception, match="no stored spans"):
+        call_command("taskctx_tree", "nope", stdout=io.StringIO())
+
+
+# --------------------------------------------------------------------------- retention
+
+
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_prune_deletes_spans_older_than_the_retention(settings):
+    settings.OTEL_TASKCTX = {"SPAN_RETENTION_DAYS": 2}
+    now = timezone.now()
+    for i, age in enumerate([0, 1, 3, 10]):
+        TaskSpan.objects.create(
+            trace_id=f"{i:032x}",
+            span_id=f"{i:016x}",
+            name=f"age{age}",
+            start_ns=0,
+            started_at=now - timedelta(days=age, minutes=1),
+        )
+    out = io.StringIO()
+    call_command("taskctx_prune", "--dry-run", stdout=out)
+    assert "2 span(s) would be deleted" in out.getvalue()
+    call_command("taskctx_prune", stdout=io.StringIO())
+    assert sorted(TaskSpan.objects.values_list("name", flat=True)) == ["age0", "age1"]
+    call_command("taskctx_prune", "--days", "0.5", stdout=io.StringIO())
+    assert list(TaskSpan.objects.values_list("name", flat=True)) == ["age0"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prune_schedule_is_a_django_q2_schedule():
+    from django_q.models import Schedule
+
+    call_command("taskctx_prune", "--schedule", stdout=io.StringIO())
+    call_command("taskctx_prune", "--schedule", "--every-hours", "6", stdout=io.StringIO())
+    schedule = Schedule.objects.get(name="otel_taskctx: prune stored spans")
+    assert schedule.func == "otel_taskctx.spans.retention.prune_spans"
+    assert schedule.minutes == 360 and schedule.repeats == -1
+    call_command("taskctx_prune", "--unschedule", stdout=io.StringIO())
+    assert not Schedule.objects.exists()
+
+
+# --------------------------------------------------------------------------- concurrency
+
+WRITER_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import django
+    django.setup()
+    from opentelemetry import trace
+    from otel_taskctx.spans import flush_span_store
+    from tests.testapp.models import Parent
+
+    n, tag = int(sys.argv[1]), sys.argv[2]
+    tracer = trace.get_tracer("writer")
+    errors = 0
+    for i in range(n):
+        attrs = {"taskctx.task_key": tag, "taskctx.root_task_key": tag}
+        with tracer.start_as_current_span(f"job {i}", attributes=attrs):
+            try:  # the job's own write, racing the span writers of every process
+                Parent.objects.create(name=f"{tag}-{i}")
+            except Exception as exc:
+                errors += 1
+                print("JOB ERROR", type(exc).__name__, exc, flush=True)
+        if i % 10 == 9:
+            flush_span_store(running=False)
+    flush_span_store()
+    print("DONE", errors, flush=True)
+    """
+)
+
+
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_several_processes_write_spans_while_jobs_write_without_database_locked():
+    from tests.testapp.models import Parent
+
+    procs, count, nproc = [], 60, 3
+    env = {
+        **os.environ,
+        "TASKCTX_DB_NAME": connection.settings_dict["NAME"],
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(REPO),
+    }
+    for p in range(nproc):
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WRITER_SCRIPT, str(count), f"P{p}"],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    for out, proc in zip(outputs, procs, strict=True):
+        assert proc.returncode == 0, out
+        assert "DONE 0" in out, out
+        assert "database is locked" not in out, out
+    assert Parent.objects.count() == count * nproc
+    for p in range(nproc):
+        assert TaskSpan.objects.filter(root_task_key=f"P{p}").count() == count

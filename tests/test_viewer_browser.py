@@ -1,0 +1,186 @@
+"""Headless Chromium against a live server, after real nested jobs ran in a real qcluster.
+
+Screenshots go to ``artifacts/`` (and the job page to ``docs/img/viewer.png``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.cache import caches
+from django.test import Client
+from powercrud.async_manager import AsyncManager
+
+from otel_taskctx.span_models import TaskSpan
+from tests.test_viewer_cluster import APPROVE, NESTED, run_job
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.cluster,
+    pytest.mark.django_db(transaction=True),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+SETTINGS_MODULE = os.environ.get("DJANGO_SETTINGS_MODULE") or "tests.settings"
+
+
+@pytest.fixture
+def cache():
+    cache = caches["default"]
+    cache.clear()
+    yield cache
+    cache.clear()
+
+
+@contextmanager
+def chromium():
+    """Headless Chromium (Playwright's sync API runs an event loop: do ORM work before)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def session_cookie(live_server):
+    user = User.objects.create_superuser("admin", "admin@example.com", None)
+    client = Client()
+    client.force_login(user)
+    value = client.cookies[settings.SESSION_COOKIE_NAME].value
+    return [{"name": settings.SESSION_COOKIE_NAME, "value": value, "url": live_server.url}]
+
+
+def bar_box(row):
+    box = row.locator(".tc-bar").bounding_box()
+    assert box is not None and box["width"] > 0 and box["height"] > 0
+    return box
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no /usr/bin/chromium (make browser)")
+def test_job_tree_in_the_browser(cluster_factory, cache, live_server):
+    # live_server wraps the settings (settings.SETTINGS_MODULE is then None): name the module
+    cluster = cluster_factory(env={"DJANGO_SETTINGS_MODULE": SETTINGS_MODULE})
+    ok_key, ok_task = run_job(cluster, count=3, lines=4)
+    failed_key, failed_task = run_job(cluster, count=2, lines=3, fail_first=True)
+    assert ok_task.success and not failed_task.success
+    # a job that is still running when the browser opens its page
+    slow_key = AsyncManager().launch_async_task("tests.test_viewer_cluster.slow_job", 4.0)
+    cluster.wait_for(
+        lambda: TaskSpan.objects.filter(root_task_key=slow_key, name="slow step").exists(),
+        what="the running job's rows",
+    )
+    cookies = session_cookie(live_server)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with chromium() as browser:
+        check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key)
+
+
+def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    context.add_cookies(cookies)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    # a running job: shown where it is now, and the page refreshes itself until it ends
+    page.goto(f"{live_server.url}/taskctx/job/{slow_key}/")
+    page.wait_for_selector('#taskctx-job[data-ready="1"]')
+    assert page.locator("#tc-status").inner_text() == "running"
+    assert page.locator("#tc-live").is_visible()
+    target = page.locator(".tc-row.tc-target")
+    assert target.locator(".tc-name").inner_text() == "slow step"
+    assert target.get_attribute("data-state") == "running"
+    page.screenshot(path=str(ARTIFACTS / "viewer-running.png"), full_page=True)
+    page.wait_for_function(
+        "document.getElementById('tc-status').textContent === 'ok'", timeout=30_000
+    )
+    assert not page.locator("#tc-live").is_visible()
+    step = page.locator(".tc-row", has=page.locator('.tc-name:text-is("slow step")'))
+    assert step.get_attribute("data-state") == "ok"
+
+    # the list shows the jobs with their status; the link leads to the job page
+    page.goto(f"{live_server.url}/taskctx/")
+    rows = page.locator("tr.tc-tree-row")
+    assert rows.count() == 3
+    assert page.locator(f'tr[data-status="error"] a:text("{failed_key}")').count() == 1
+    page.screenshot(path=str(ARTIFACTS / "viewer-list.png"), full_page=True)
+    page.click(f'a:text("{ok_key}")')
+    page.wait_for_selector('#taskctx-job[data-ready="1"]')
+    assert page.url.endswith(f"/taskctx/job/{ok_key}/")
+
+    # opened one level: the enqueue span and, under it, the worker run (collapsed)
+    send = page.locator(".tc-row", has=page.locator(f'.tc-name:text-is("send {APPROVE}")'))
+    run = page.locator(".tc-row", has=page.locator(f'.tc-name:text-is("process {APPROVE}")'))
+    assert send.get_attribute("data-depth") == "0" and run.get_attribute("data-depth") == "1"
+    assert run.get_attribute("aria-expanded") == "false"
+    assert page.locator(".tc-row").count() == 2
+
+    # expanding the worker run shows the nested steps under it, one level deeper
+    run.locator(".tc-toggle").click()
+    assert run.get_attribute("aria-expanded") == "true"
+    steps = page.locator(".tc-row", has=page.locator(f'.tc-name:text-is("{NESTED}")'))
+    assert steps.count() == 3
+    for i in range(3):
+        assert steps.nth(i).get_attribute("data-depth") == "2"
+        assert "3" not in (steps.nth(i).get_attribute("data-state") or "")
+    # document order: the steps come right after their parent row
+    order = page.locator(".tc-row").evaluate_all("rows => rows.map(r => r.dataset.depth)")
+    assert order == ["0", "1", "2", "2", "2"]
+
+    # the waterfall: bars on a shared axis, each step inside the run, steps one after another
+    run_box = bar_box(run)
+    step_boxes = [bar_box(steps.nth(i)) for i in range(3)]
+    for box in step_boxes:
+        assert box["x"] >= run_box["x"] - 1
+        assert box["x"] + box["width"] <= run_box["x"] + run_box["width"] + 1
+    assert step_boxes[0]["x"] < step_boxes[1]["x"] < step_boxes[2]["x"]
+    assert page.locator(".tc-bar.tc-critical").count() >= 2
+    assert page.locator("#tc-axis span").count() == 5
+
+    # a step's details: the descendants it locked
+    steps.nth(0).locator(".tc-name").click()
+    details = page.locator(".tc-details")
+    assert "Descendants locked" in details.inner_text()
+    assert "4 × testapp.invoiceline" in details.inner_text()
+
+    # collapsing hides the steps again
+    run.locator(".tc-toggle").click()
+    assert page.locator(".tc-row").count() == 2
+    run.locator(".tc-toggle").click()
+    steps.nth(0).locator(".tc-name").click()  # close the details for the picture
+    steps.nth(1).locator(".tc-name").click()
+    page.screenshot(path=str(ARTIFACTS / "viewer-job.png"), full_page=True)
+    (REPO / "docs" / "img").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ARTIFACTS / "viewer-job.png", REPO / "docs" / "img" / "viewer.png")
+
+    # a failed job opens at the failure, with its error
+    page.goto(f"{live_server.url}/taskctx/job/{failed_key}/")
+    page.wait_for_selector('#taskctx-job[data-ready="1"]')
+    target = page.locator(".tc-row.tc-target")
+    assert target.count() == 1
+    assert target.locator(".tc-name").inner_text() == NESTED
+    assert target.get_attribute("data-state") == "error"
+    assert "ValueError" in target.inner_text()
+    error_box = page.locator(".tc-details .tc-errorbox")
+    assert "refused" in error_box.first.inner_text()
+    assert page.locator("#tc-status").inner_text() == "error"
+    page.screenshot(path=str(ARTIFACTS / "viewer-failed.png"), full_page=True)
+
+    # the JSON endpoint answers the same tree for the logged-in browser
+    response = page.request.get(f"{live_server.url}/taskctx/api/job/{ok_key}")
+    assert response.ok and response.json()["nested_steps"] == 3
+    assert errors == []
+    context.close()

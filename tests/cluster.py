@@ -190,7 +190,9 @@ def run_cluster(
     child_env = dict(os.environ)
     child_env.update(
         {
-            "DJANGO_SETTINGS_MODULE": django_settings.SETTINGS_MODULE,
+            # settings.SETTINGS_MODULE is None under pytest-django's live_server: fall back
+            "DJANGO_SETTINGS_MODULE": django_settings.SETTINGS_MODULE
+            or os.environ.get("DJANGO_SETTINGS_MODULE", "tests.settings"),
             "TASKCTX_DB_NAME": _test_database_name(db_alias),
             SETTINGS_ENV: json.dumps(overrides),
             SPAN_PROCESSOR_ENV: span_processor,

@@ -154,6 +154,21 @@ def test_launch_async_task_gives_the_job_its_own_identity(cache, spans):
     assert current_task() is None
 
 
+def test_launch_records_the_launching_user_on_the_producer_span(cache, spans, django_user_model):
+    user = django_user_model.objects.create_user("alice", password="x")
+    key = AsyncManager().launch_async_task("tests.testapp.tasks.noop", 1, user=user)
+    AsyncManager().launch_async_task("tests.testapp.tasks.noop", 2)  # no user: no attribute
+    producers = {
+        s.attributes["taskctx.launched_task_key"]: s
+        for s in spans.get_finished_spans()
+        if s.kind == SpanKind.PRODUCER
+    }
+    assert producers[key].attributes["enduser.id"] == str(user.pk)
+    assert producers[key].attributes["taskctx.user"] == "alice"
+    others = [s for k, s in producers.items() if k != key]
+    assert others and all("enduser.id" not in s.attributes for s in others)
+
+
 def current_task_in(ctx):
     token = context.attach(ctx)
     try:

@@ -43,6 +43,19 @@ class _Launch:
 
     manager_class_path: str
     used: bool = False
+    user_id: str | None = None
+    user_label: str | None = None
+
+
+def _user_of(user: Any) -> tuple[str | None, str | None]:
+    """``(id, label)`` of the ``user=`` passed to ``launch_async_task`` (a user or an id)."""
+    if user is None or getattr(user, "is_anonymous", False):
+        return None, None
+    pk = getattr(user, "pk", user)
+    if pk is None or not isinstance(pk, (int, str)):
+        return None, None
+    label = user.get_username() if hasattr(user, "get_username") else None
+    return str(pk)[:200], (str(label)[:200] if label else None)
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,11 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
             span.set_attribute(utils.MESSAGING_DESTINATION_NAME, _destination(task))
             if own is not None:
                 span.set_attribute(utils.LAUNCHED_TASK_KEY, own.task_key)
+            if plan.launch is not None and plan.launch.user_id is not None:
+                # who launched the job: the viewer scopes job trees by it
+                span.set_attribute("enduser.id", plan.launch.user_id)
+                if plan.launch.user_label:
+                    span.set_attribute("taskctx.user", plan.launch.user_label)
             if task.get("sync"):
                 span.set_attribute(utils.TASK_SYNC, True)
     except Exception:  # the enqueue must go on whatever happens here
@@ -184,9 +202,9 @@ def wrap_launch_async_task(original: Any) -> Any:
         identity = current_task()
         if _nested.should_run_inline(identity, func):
             return _nested.run_suppressed_launch(identity, func, args, kwargs)
-        token = context.attach(
-            context.set_value(_LAUNCH_KEY, _Launch(utils.class_path(type(self))))
-        )
+        user_id, user_label = _user_of(kwargs.get("user"))
+        launch = _Launch(utils.class_path(type(self)), user_id=user_id, user_label=user_label)
+        token = context.attach(context.set_value(_LAUNCH_KEY, launch))
         try:
             return original(self, func, *args, **kwargs)
         finally:

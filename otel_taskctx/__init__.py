@@ -4,6 +4,7 @@ Importing this package needs only ``opentelemetry-api``; the helpers that talk t
 import Django and powercrud when they are called.
 """
 
+from otel_taskctx.conflicts import get_conflict_store, keep_locks_alive
 from otel_taskctx.context import (
     allow_nested_async,
     current_task,
@@ -11,8 +12,14 @@ from otel_taskctx.context import (
     task_context,
 )
 from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict, TaskContextError
-from otel_taskctx.helpers import Registration, register_descendants, report_progress
+from otel_taskctx.helpers import (
+    Registration,
+    flush_progress,
+    register_descendants,
+    report_progress,
+)
 from otel_taskctx.identity import TaskIdentity, configure_signing
+from otel_taskctx.processor import TaskContextSpanProcessor, install_span_processor
 from otel_taskctx.propagation import extract, inject, install_propagator_filter
 
 __version__ = "0.1.0"
@@ -22,13 +29,18 @@ __all__ = [
     "DescendantConflict",
     "Registration",
     "TaskContextError",
+    "TaskContextSpanProcessor",
     "TaskIdentity",
     "allow_nested_async",
     "configure_signing",
     "current_task",
     "extract",
+    "flush_progress",
+    "get_conflict_store",
     "inject",
     "install_propagator_filter",
+    "install_span_processor",
+    "keep_locks_alive",
     "register_descendants",
     "report_progress",
     "skip_nested_async",

@@ -24,3 +24,23 @@ class OtelTaskCtxConfig(AppConfig):
             configure_signing(secret, fallbacks, ttl)
         if get_setting("FILTER_GLOBAL_PROPAGATOR"):
             install_propagator_filter()
+        if get_setting("AUTO_INSTRUMENT"):
+            from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor
+
+            instrumentor = TaskContextInstrumentor()
+            if instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.apply_deferred()  # e.g. loaded by opentelemetry-instrument
+            else:
+                instrumentor.instrument()
+        if get_setting("SPAN_PROCESSOR"):
+            from otel_taskctx.processor import install_span_processor
+
+            install_span_processor()
+        if get_setting("SPAN_STORE"):
+            from otel_taskctx.spans import install_span_store
+
+            install_span_store()
+        if get_setting("EXPORT_FROM_ENV"):
+            from otel_taskctx.spans import install_env_exporters
+
+            install_env_exporters()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.core.checks import Error, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 
 from otel_taskctx.conf import DEFAULTS, user_settings
 
@@ -65,6 +65,128 @@ def check_powercrud_cache(app_configs=None, **kwargs):
                 "worker would be invisible to the web process.",
                 hint="Use django.core.cache.backends.db.DatabaseCache or django_redis.",
                 id="otel_taskctx.E004",
+            )
+        ]
+    return []
+
+
+# --- lock eviction: storage that can drop live locks (culling, LRU, maxmemory-policy) -------
+_CULLING_BACKENDS = (
+    "django.core.cache.backends.db.DatabaseCache",
+    "django.core.cache.backends.filebased.FileBasedCache",
+)
+_NON_EVICTING_REDIS_POLICIES = ("noeviction",)
+
+
+def _redis_memory_policy(cache) -> tuple[str, int]:
+    """``(maxmemory-policy, maxmemory)`` of the Redis server behind ``cache``.
+
+    Asks with short timeouts on a connection of its own; raises when it cannot tell.
+    """
+    import redis
+
+    client = getattr(cache, "client", None)  # django-redis
+    if client is not None and hasattr(client, "get_client"):
+        server = client.get_client(write=True)
+    else:  # Django's own RedisCache
+        server = cache._cache.get_client(None, write=True)
+    pool = server.connection_pool
+    kwargs = dict(pool.connection_kwargs, socket_timeout=2, socket_connect_timeout=2)
+    probe = redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
+    try:
+        values = probe.config_get("maxmemory*")
+    finally:
+        probe.close()
+        probe.connection_pool.disconnect()
+
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    values = {text(k): text(v) for k, v in values.items()}
+    if "maxmemory-policy" not in values:
+        raise RuntimeError("CONFIG GET returned no maxmemory-policy")
+    return values["maxmemory-policy"], int(values.get("maxmemory", "0") or 0)
+
+
+@register(Tags.caches)
+def check_lock_eviction(app_configs=None, **kwargs):
+    """Flag cache configurations that can evict powercrud's (and our descendant) locks."""
+    try:
+        from powercrud.conf import get_powercrud_setting
+    except Exception:  # powercrud not installed: nothing to check
+        return []
+    from django.utils.module_loading import import_string
+
+    alias = get_powercrud_setting("CACHE_NAME", "default")
+    config = getattr(settings, "CACHES", {}).get(alias)
+    if not config:
+        return []  # otel_taskctx.E003
+    path = str(config.get("BACKEND", ""))
+    try:
+        backend = import_string(path)
+    except Exception:
+        return []
+    from otel_taskctx.cache import DatabaseCache as LockSafeDatabaseCache
+
+    if issubclass(backend, LockSafeDatabaseCache):
+        return []
+    culling = tuple(import_string(p) for p in _CULLING_BACKENDS)
+    if issubclass(backend, culling):
+        max_entries = (config.get("OPTIONS") or {}).get("MAX_ENTRIES", 300)
+        return [
+            Warning(
+                f"Cache {alias!r} ({path}) culls entries once it holds MAX_ENTRIES "
+                f"({max_entries}) and deletes live conflict locks with them: another job can "
+                "then edit objects a running job has locked.",
+                hint="Use BACKEND 'otel_taskctx.cache.DatabaseCache' (keeps locks in a table "
+                "that is never culled; run migrate) or a Redis cache with "
+                "maxmemory-policy noeviction.",
+                id="otel_taskctx.W030",
+                obj=alias,
+            )
+        ]
+    if "memcache" in path.lower():
+        return [
+            Warning(
+                f"Cache {alias!r} ({path}) is Memcached, which evicts least recently used items "
+                "when it is full, live conflict locks included.",
+                hint="Use a Redis cache with maxmemory-policy noeviction, or "
+                "'otel_taskctx.cache.DatabaseCache'.",
+                id="otel_taskctx.W031",
+                obj=alias,
+            )
+        ]
+    if "redis" not in path.lower():
+        return []
+    from django.core.cache import caches
+
+    try:
+        policy, maxmemory = _redis_memory_policy(caches[alias])
+    except Exception as exc:
+        return [
+            Warning(
+                f"Could not read the maxmemory-policy of the Redis server behind cache "
+                f"{alias!r} ({type(exc).__name__}: {exc}); if it evicts keys, live conflict "
+                "locks can disappear.",
+                hint="Make sure the server runs with maxmemory-policy noeviction (or no "
+                "maxmemory limit); silence this with SILENCED_SYSTEM_CHECKS once checked.",
+                id="otel_taskctx.W033",
+                obj=alias,
+            )
+        ]
+    if policy not in _NON_EVICTING_REDIS_POLICIES and maxmemory:
+        scope = "any key" if policy.startswith("allkeys") else "keys with a TTL (locks have one)"
+        return [
+            Warning(
+                f"The Redis server behind cache {alias!r} has maxmemory {maxmemory} with "
+                f"maxmemory-policy {policy!r}: when full it evicts {scope}, live conflict locks "
+                "included.",
+                hint="Set maxmemory-policy noeviction on the server holding locks (a separate "
+                "Redis database or instance for powercrud's cache if others need eviction).",
+                id="otel_taskctx.W032",
+                obj=alias,
             )
         ]
     return []

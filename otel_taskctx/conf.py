@@ -20,6 +20,11 @@ LOCK_TTL                    seconds a descendant lock lives without refresh
                             (None: powercrud's ``CONFLICT_TTL``)
 LOCK_REFRESH_INTERVAL       seconds between lock TTL refreshes while a job runs (60)
 VIEWER_PERMISSION           "staff", "superuser" or a permission codename ("staff")
+VIEWER_TASK_FILTER          dotted path of ``f(request, spans) -> spans`` scoping the trees
+                            a non-superuser may see (None: the jobs they launched)
+VIEWER_BASE_TEMPLATE        template the viewer pages extend ("otel_taskctx/base.html")
+EXPORT_FROM_ENV             honour ``OTEL_TRACES_EXPORTER``/``OTEL_EXPORTER_OTLP_*`` on a
+                            tracer provider otel_taskctx created (True)
 ==========================  =========================================================
 """
 
@@ -42,6 +47,9 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_TTL": None,
     "LOCK_REFRESH_INTERVAL": 60,
     "VIEWER_PERMISSION": "staff",
+    "VIEWER_TASK_FILTER": None,
+    "VIEWER_BASE_TEMPLATE": "otel_taskctx/base.html",
+    "EXPORT_FROM_ENV": True,
 }
 
 
@@ -63,7 +71,6 @@ def get_setting(name: str) -> Any:
 def signing_settings() -> tuple[str, list[str], int]:
     """``(secret, fallbacks, ttl)`` for :mod:`otel_taskctx.identity`."""
     from django.conf import settings
-
     from django.core.exceptions import ImproperlyConfigured
 
     try:

@@ -7,7 +7,9 @@ the OpenTelemetry API.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +41,9 @@ def model_label(model: Any) -> str:
         except LookupError:
             app_label, name = model.split(".")
             return f"{app_label}.{name.lower()}"
-    raise TypeError(f"model must be a model class, instance or 'app_label.ModelName', got {model!r}")
+    raise TypeError(
+        f"model must be a model class, instance or 'app_label.ModelName', got {model!r}"
+    )
 
 
 def resolve_manager(identity: TaskIdentity) -> Any:
@@ -56,7 +60,9 @@ def resolve_manager(identity: TaskIdentity) -> Any:
     if path:
         cls = import_string(path)
         if not (isinstance(cls, type) and issubclass(cls, AsyncManager)):
-            raise TypeError(f"manager class {path} of task {identity.task_key} is not an AsyncManager")
+            raise TypeError(
+                f"manager class {path} of task {identity.task_key} is not an AsyncManager"
+            )
         manager = AsyncManager.resolve_manager(path)
     else:
         manager = AsyncManager()
@@ -122,12 +128,19 @@ def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
 
 
 def report_progress(message: str) -> bool:
-    """Store ``message`` as the current task's progress; False (no-op) outside a task."""
+    """Store ``message`` as the current task's progress; False (no-op) outside a task.
+
+    Throttled per task to one write every ``OTEL_TASKCTX["PROGRESS_MIN_INTERVAL"]`` seconds
+    (0.25): a message arriving sooner is held and written when the interval is up (by a
+    background thread if nothing else is reported meanwhile), replaced by any newer one. So
+    the newest message always lands, and :func:`flush_progress` (called by the worker
+    instrumentation when the job ends) writes a held message at once.
+    """
     identity = current_task()
     if identity is None:
         return False
     text = str(message)
-    resolve_manager(identity).update_progress(identity.task_key, text)
+    forward_progress(identity, text)
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(
@@ -135,3 +148,190 @@ def report_progress(message: str) -> bool:
             {semconv.PROGRESS_MESSAGE: text, semconv.FORWARDED: True},
         )
     return True
+
+
+def forward_descendants(identity: TaskIdentity, model: Any, ids: Iterable[Hashable]) -> Any:
+    """Reserve ``ids`` of ``model`` for ``identity``'s task (no span event; the processor's
+    path). Returns the :class:`~otel_taskctx.conflicts.Reservation`."""
+    from otel_taskctx.conflicts import get_conflict_store, normalise_ids
+
+    label = model_label(model)
+    store = get_conflict_store(resolve_manager(identity))
+    return store.reserve(identity.task_key, {label: normalise_ids(ids)})
+
+
+def forward_progress(identity: TaskIdentity, message: str) -> None:
+    """Report ``message`` for ``identity``'s task through the throttle (no span event)."""
+    from otel_taskctx.conf import get_setting
+
+    interval = float(get_setting("PROGRESS_MIN_INTERVAL") or 0)
+    _throttle.submit(identity, str(message), interval)
+
+
+def flush_progress(task_key: str) -> bool:
+    """Write the task's held-back progress message now; forget the task's throttle state.
+
+    The worker instrumentation calls this when a job ends (before powercrud's completion
+    hook), so the last message before the end is never lost. True if a message was written.
+    """
+    return _throttle.flush(task_key)
+
+
+def flush_all_progress() -> int:
+    """Write every held-back progress message now (e.g. at shutdown). Returns the count."""
+    return _throttle.flush_all()
+
+
+class _TaskProgress:
+    __slots__ = ("identity", "interval", "next_write", "pending", "seq", "written", "write_lock")
+
+    def __init__(self, identity: TaskIdentity, interval: float) -> None:
+        self.identity = identity
+        self.interval = interval
+        self.next_write = 0.0  # monotonic time from which a write may happen
+        self.pending: tuple[int, str, TaskIdentity] | None = None
+        self.seq = 0
+        self.written = 0
+        self.write_lock = threading.Lock()
+
+
+class _ProgressThrottle:
+    """Per-task progress throttle with one daemon thread for held-back messages."""
+
+    #: forget a task's state this long after its last write (no flush ever came)
+    idle_ttl = 600.0
+
+    def __init__(self) -> None:
+        self._init()
+
+    def _init(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._tasks: dict[str, _TaskProgress] = {}
+        self._thread: threading.Thread | None = None
+
+    def submit(self, identity: TaskIdentity, message: str, interval: float) -> None:
+        key = identity.task_key
+        if interval <= 0:
+            with self._cond:
+                known = key in self._tasks
+            if not known:  # unthrottled: write through
+                resolve_manager(identity).update_progress(key, message)
+                return
+        now = time.monotonic()
+        with self._cond:
+            state = self._tasks.get(key)
+            if state is None:
+                state = self._tasks[key] = _TaskProgress(identity, interval)
+            state.interval = interval
+            state.seq += 1
+            seq = state.seq
+            if now >= state.next_write:
+                state.next_write = now + interval
+                state.pending = None
+                write_now = True
+            else:
+                state.pending = (seq, message, identity)
+                write_now = False
+                self._ensure_thread()
+                self._cond.notify()
+        if write_now:
+            self._write(state, seq, message, identity, raise_errors=True)
+
+    def _write(
+        self,
+        state: _TaskProgress,
+        seq: int,
+        message: str,
+        identity: TaskIdentity,
+        raise_errors: bool = False,
+    ) -> bool:
+        with state.write_lock:
+            if seq <= state.written:
+                return False  # a newer message already landed
+            state.written = seq
+            try:
+                manager = resolve_manager(identity)
+                if not raise_errors and not _progress_key_exists(manager, identity.task_key):
+                    # a held message after the job ended (the completion hook deleted the
+                    # key): writing it would leave a stale key behind
+                    return False
+                manager.update_progress(identity.task_key, message)
+            except Exception:
+                if raise_errors:
+                    raise
+                log.warning("could not write progress of task %s", identity.task_key, exc_info=True)
+                return False
+            return True
+
+    def flush(self, task_key: str) -> bool:
+        """Write the held message now (unless the task's progress key is gone already)."""
+        with self._cond:
+            state = self._tasks.pop(task_key, None)
+            pending = state.pending if state is not None else None
+            if state is not None:
+                state.pending = None
+        if state is None:
+            return False
+        if pending is None:
+            with state.write_lock:  # a write the background thread has started ends first
+                return False
+        return self._write(state, *pending)
+
+    def flush_all(self) -> int:
+        with self._cond:
+            keys = [k for k, s in self._tasks.items() if s.pending is not None]
+        return sum(1 for k in keys if self.flush(k))
+
+    def _ensure_thread(self) -> None:  # called with the condition held
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name="otel-taskctx-progress", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self) -> None:
+        idle = True
+        while True:
+            due: list[tuple[_TaskProgress, tuple[int, str, TaskIdentity]]] = []
+            with self._cond:
+                now = time.monotonic()
+                wait: float | None = None
+                for key, state in list(self._tasks.items()):
+                    if state.pending is None:
+                        if now - state.next_write > self.idle_ttl:
+                            del self._tasks[key]
+                        continue
+                    if now >= state.next_write:
+                        due.append((state, state.pending))
+                        state.pending = None
+                        state.next_write = now + state.interval
+                    else:
+                        left = state.next_write - now
+                        wait = left if wait is None else min(wait, left)
+                if not due and (wait is not None or idle):
+                    self._cond.wait(timeout=wait if wait is not None else 60.0)
+                    continue
+            for state, pending in due:
+                self._write(state, *pending)
+            idle = not due
+            if idle:  # nothing held any more: give back this thread's database connections
+                _close_thread_connections()
+
+
+def _progress_key_exists(manager: Any, task_key: str) -> bool:
+    prefix = getattr(manager, "progress_prefix", "powercrud:async:progress:")
+    return bool(manager.cache.has_key(f"{prefix}{task_key}"))
+
+
+def _close_thread_connections() -> None:
+    try:
+        from django.db import connections
+
+        connections.close_all()
+    except Exception:  # pragma: no cover - Django not configured
+        pass
+
+
+_throttle = _ProgressThrottle()
+if hasattr(os, "register_at_fork"):  # a forked worker starts with a fresh throttle
+    os.register_at_fork(after_in_child=_throttle._init)

@@ -34,6 +34,12 @@ INSTALLED_APPS = [
     "powercrud",
     "otel_taskctx",
     "tests.testapp",
+    "tests.viewerapp",
+    # the sample project's app (tests/test_sample*.py), with what its powercrud views need
+    "django_htmx",
+    "crispy_forms",
+    "neapolitan",
+    "sample.library",
 ]
 
 MIDDLEWARE = [
@@ -42,6 +48,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",  # powercrud's views read request.htmx
 ]
 
 TEMPLATES = [
@@ -104,7 +111,9 @@ elif STACK == "embedded":
     }
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            # Django's DatabaseCache, except that powercrud's locks live in a table that is
+            # never culled (otel_taskctx.cache; Django's own backend drops locks at MAX_ENTRIES)
+            "BACKEND": "otel_taskctx.cache.DatabaseCache",
             "LOCATION": "taskctx_cache",
         }
     }

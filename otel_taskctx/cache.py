@@ -1,0 +1,119 @@
+"""A Django ``DatabaseCache`` that never evicts powercrud's locks.
+
+Django's ``DatabaseCache`` culls a third of its rows whenever it holds more than
+``MAX_ENTRIES`` (300 by default), oldest key names first, and powercrud's conflict locks go
+with them: a second job could then take objects the first one still edits. This backend keeps
+every key that starts with one of ``LOCK_KEY_PREFIXES`` (powercrud's lock keys, tracking sets,
+progress and active-task keys) in a table of their own, ``otel_taskctx_lock`` (created by
+``migrate``), where only *expired* rows are ever deleted. Every other key behaves exactly as
+in Django's backend, culling included. powercrud reads and writes its keys through the normal
+cache API, so it sees the same locks as before::
+
+    CACHES = {
+        "default": {
+            "BACKEND": "otel_taskctx.cache.DatabaseCache",
+            "LOCATION": "my_cache_table",          # python manage.py createcachetable
+            # optional:
+            # "OPTIONS": {"LOCK_TABLE": "otel_taskctx_lock",
+            #             "LOCK_KEY_PREFIXES": ["powercrud:conflict:", "powercrud:async:"]},
+        }
+    }
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
+from django.db import connections
+
+DEFAULT_LOCK_TABLE = "otel_taskctx_lock"
+DEFAULT_LOCK_KEY_PREFIXES = ("powercrud:conflict:", "powercrud:async:")
+#: rows in the lock table above which a write first deletes the expired ones
+LOCK_PURGE_THRESHOLD = 1000
+
+
+class LockTable(DjangoDatabaseCache):
+    """The lock table: a cache table whose ``_cull`` deletes expired rows only."""
+
+    def _cull(self, db: str, cursor: Any, now: Any, num: int) -> None:
+        connection = connections[db]
+        table = connection.ops.quote_name(self._table)
+        expires = connection.ops.quote_name("expires")
+        cursor.execute(
+            f"DELETE FROM {table} WHERE {expires} < %s",
+            [connection.ops.adapt_datetimefield_value(now)],
+        )
+
+
+class DatabaseCache(DjangoDatabaseCache):
+    """``DatabaseCache`` that stores lock keys in a lock table that is never culled."""
+
+    def __init__(self, table: str, params: dict[str, Any]) -> None:
+        params = dict(params)
+        options = dict(params.get("OPTIONS") or {})
+        self.lock_table = options.pop("LOCK_TABLE", DEFAULT_LOCK_TABLE)
+        prefixes = options.pop("LOCK_KEY_PREFIXES", DEFAULT_LOCK_KEY_PREFIXES)
+        if isinstance(prefixes, str):
+            prefixes = [prefixes]
+        self.lock_key_prefixes: tuple[str, ...] = tuple(prefixes)
+        params["OPTIONS"] = options
+        super().__init__(table, params)
+        lock_options = dict(options, MAX_ENTRIES=LOCK_PURGE_THRESHOLD)
+        self.locks = LockTable(self.lock_table, dict(params, OPTIONS=lock_options))
+
+    def is_lock_key(self, key: Any) -> bool:
+        return isinstance(key, str) and key.startswith(self.lock_key_prefixes)
+
+    def storage_for(self, key: str) -> DjangoDatabaseCache:
+        """The table (as a DatabaseCache) that holds ``key``: the lock table or this one."""
+        return self.locks if self.is_lock_key(key) else self
+
+    # routing: lock keys to the lock table, everything else to Django's implementation -------
+    def get_many(self, keys, version=None):  # type: ignore[no-untyped-def]
+        keys = list(keys)
+        locks = [k for k in keys if self.is_lock_key(k)]
+        others = [k for k in keys if not self.is_lock_key(k)]
+        result = super().get_many(others, version) if others else {}
+        if locks:
+            result.update(self.locks.get_many(locks, version))
+        return result
+
+    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
+        if self.is_lock_key(key):
+            return self.locks.set(key, value, timeout, version)
+        return super().set(key, value, timeout, version)
+
+    def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
+        if self.is_lock_key(key):
+            return self.locks.add(key, value, timeout, version)
+        return super().add(key, value, timeout, version)
+
+    def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
+        if self.is_lock_key(key):
+            return self.locks.touch(key, timeout, version)
+        return super().touch(key, timeout, version)
+
+    def delete(self, key, version=None):  # type: ignore[no-untyped-def]
+        if self.is_lock_key(key):
+            return self.locks.delete(key, version)
+        return super().delete(key, version)
+
+    def has_key(self, key, version=None):  # type: ignore[no-untyped-def]
+        if self.is_lock_key(key):
+            return self.locks.has_key(key, version)
+        return super().has_key(key, version)
+
+    def delete_many(self, keys, version=None):  # type: ignore[no-untyped-def]
+        keys = list(keys)
+        locks = [k for k in keys if self.is_lock_key(k)]
+        others = [k for k in keys if not self.is_lock_key(k)]
+        if others:
+            super().delete_many(others, version)
+        if locks:
+            self.locks.delete_many(locks, version)
+
+    def clear(self) -> None:
+        super().clear()
+        self.locks.clear()

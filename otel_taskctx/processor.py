@@ -1,0 +1,198 @@
+"""``TaskContextSpanProcessor``: task lineage on every span, span-borne locks and progress.
+
+For every span that starts inside a task (a verified identity in the span's parent context)
+the processor
+
+* stamps the lineage attributes ``taskctx.task_key``, ``taskctx.root_task_key``,
+  ``taskctx.depth`` (and ``taskctx.parent_task_key``, ``taskctx.manager_class_path``), so a
+  trace backend finds a whole job tree by task key;
+* when the span ends, forwards what the span carries under the convention of
+  :mod:`otel_taskctx.semconv` to the task that was current when the span started:
+
+  - descendants: an event ``taskctx.descendants`` (or span attributes) with
+    ``taskctx.descendants.model`` (``"app_label.ModelName"``) and ``taskctx.descendants.ids``
+    (a list of ids) are reserved in the conflict store under the task key;
+  - progress: an event ``taskctx.progress`` with attribute ``taskctx.progress`` (or the span
+    attribute ``taskctx.progress``) becomes the task's progress (throttled, see
+    :func:`otel_taskctx.helpers.report_progress`).
+
+  Items marked ``taskctx.forwarded = True`` (on the event, or on the span for span
+  attributes) were already forwarded by :func:`otel_taskctx.register_descendants` /
+  :func:`otel_taskctx.report_progress` and are skipped.
+
+The processor is a convenience for code that only speaks the OpenTelemetry API; it cannot be
+the lock path. Processors only see *recording* spans: a span dropped by the sampler never
+reaches ``on_start``/``on_end``, and ``on_end`` runs after the work the span describes. The
+helpers therefore lock and report directly, whatever the tracing configuration.
+
+This module imports only the OpenTelemetry API and SDK; Django and powercrud are imported
+when something has to be forwarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from otel_taskctx import semconv
+from otel_taskctx.context import identity_from_context
+from otel_taskctx.identity import TaskIdentity
+
+log = logging.getLogger("otel_taskctx.processor")
+
+#: the name under which :func:`install_span_processor` adds the processor (once)
+PROCESSOR_NAME = "otel_taskctx.task_context"
+#: spans started in a task and not ended yet that the processor remembers at most
+MAX_OPEN_SPANS = 65536
+
+
+def _truthy(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
+    """What ``span`` asks to forward, in order: ``("descendants", (model, ids))`` and
+    ``("progress", message)`` items, skipping those marked ``taskctx.forwarded``."""
+    items: list[tuple[str, Any]] = []
+    attrs: Mapping[str, Any] = span.attributes or {}
+    if not _truthy(attrs.get(semconv.FORWARDED)):
+        model = attrs.get(semconv.DESCENDANTS_MODEL)
+        ids = attrs.get(semconv.DESCENDANTS_IDS)
+        if model and ids:
+            items.append(("descendants", (str(model), _id_list(ids))))
+    for event in span.events or ():
+        ev: Mapping[str, Any] = event.attributes or {}
+        if _truthy(ev.get(semconv.FORWARDED)):
+            continue
+        if event.name == semconv.DESCENDANTS_EVENT:
+            model = ev.get(semconv.DESCENDANTS_MODEL)
+            ids = ev.get(semconv.DESCENDANTS_IDS)
+            if model and ids:
+                items.append(("descendants", (str(model), _id_list(ids))))
+        elif event.name == semconv.PROGRESS_EVENT:
+            message = ev.get(semconv.PROGRESS_MESSAGE)
+            if message is not None:
+                items.append(("progress", str(message)))
+    if not _truthy(attrs.get(semconv.FORWARDED)):
+        message = attrs.get(semconv.PROGRESS_MESSAGE)
+        if message is not None:
+            items.append(("progress", str(message)))  # the span's final word comes last
+    return items
+
+
+def _id_list(ids: Any) -> list[Any]:
+    if isinstance(ids, (str, int)):
+        return [ids]
+    return list(ids)
+
+
+class TaskContextSpanProcessor(SpanProcessor):
+    """Stamps task lineage on spans and forwards span-borne descendants and progress.
+
+    ``stamp=False`` turns off the lineage attributes, ``forward=False`` the forwarding.
+    ``on_conflict(identity, exc)`` is called when span-borne descendants are held by another
+    task (default: logged as an error; the span has ended, there is nothing to undo).
+    """
+
+    def __init__(
+        self,
+        stamp: bool = True,
+        forward: bool = True,
+        on_conflict: Any = None,
+    ) -> None:
+        self.stamp = stamp
+        self.forward = forward
+        self.on_conflict = on_conflict
+        # (trace id, span id) -> identity of spans started in a task and not ended yet. on_end
+        # receives a read-only copy of the span, so the span context is the key.
+        self._started: dict[tuple[int, int], TaskIdentity] = {}
+        self._lock = threading.Lock()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        try:
+            identity = identity_from_context(parent_context)
+        except Exception:  # pragma: no cover - never break span creation
+            log.debug("could not read the task identity", exc_info=True)
+            return
+        if identity is None:
+            return
+        if self.stamp:
+            span.set_attributes(identity.lineage_attributes())
+        if self.forward:
+            ctx = span.get_span_context()
+            with self._lock:
+                if len(self._started) >= MAX_OPEN_SPANS:  # spans that never end: drop oldest
+                    for key in list(self._started)[: MAX_OPEN_SPANS // 10]:
+                        del self._started[key]
+                self._started[(ctx.trace_id, ctx.span_id)] = identity
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not self.forward:
+            return
+        ctx = span.context
+        if ctx is None:  # pragma: no cover - not an SDK span
+            return
+        with self._lock:
+            identity = self._started.pop((ctx.trace_id, ctx.span_id), None)
+        if identity is None:
+            return
+        try:
+            items = span_items(span)
+        except Exception:  # pragma: no cover - malformed attributes
+            log.warning("could not read taskctx items of span %s", span.name, exc_info=True)
+            return
+        for kind, payload in items:
+            self._forward(identity, kind, payload, span)
+
+    def _forward(self, identity: TaskIdentity, kind: str, payload: Any, span: ReadableSpan) -> None:
+        from otel_taskctx import helpers
+        from otel_taskctx.errors import DescendantConflict
+
+        try:
+            if kind == "descendants":
+                model, ids = payload
+                helpers.forward_descendants(identity, model, ids)
+            else:
+                helpers.forward_progress(identity, payload)
+        except DescendantConflict as exc:
+            if self.on_conflict is not None:
+                self.on_conflict(identity, exc)
+            else:
+                log.error("span %r of task %s: %s", span.name, identity.task_key, exc)
+        except Exception:
+            log.exception(
+                "span %r of task %s: could not forward %s", span.name, identity.task_key, kind
+            )
+
+    def shutdown(self) -> None:
+        self.force_flush()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Write progress messages still waiting for their throttle interval."""
+        try:
+            from otel_taskctx.helpers import flush_all_progress
+
+            flush_all_progress()
+        except Exception:  # pragma: no cover - Django not configured
+            log.debug("could not flush progress", exc_info=True)
+        return True
+
+
+def install_span_processor(create_provider: bool = True, **kwargs: Any) -> Any | None:
+    """Add a :class:`TaskContextSpanProcessor` to the SDK tracer provider (once).
+
+    Uses the provider the application configured, or sets one up if there is none
+    (``create_provider=False``: only an existing one). Never replaces exporters, processors or
+    the sampler. Returns the processor, or None when there is no SDK provider (another
+    provider implementation is in use).
+    """
+    from otel_taskctx.tracing import add_span_processor_once
+
+    return add_span_processor_once(
+        PROCESSOR_NAME, lambda: TaskContextSpanProcessor(**kwargs), create=create_provider
+    )

@@ -1,0 +1,102 @@
+"""Cache aliases for conflict-store tests and benchmarks (and their subprocesses).
+
+``cache_config(kind, prefix)`` returns a ``CACHES`` entry:
+
+* ``"db"``: :class:`otel_taskctx.cache.DatabaseCache` on the default database, Django's default
+  ``MAX_ENTRIES`` (300), the test cache table;
+* ``"plain-db"``: Django's own ``DatabaseCache`` (culls locks: the configuration the system
+  check warns about);
+* ``"redis"``: django-redis on this run's Redis database (``TASKCTX_REDIS_DB``).
+
+Each alias gets its own ``KEY_PREFIX`` so runs and tests do not see each other's keys.
+``use_locks_cache(kind, prefix)`` is an ``override_settings`` that makes powercrud use it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from django.test.utils import override_settings
+
+ALIAS = "locks"
+REDIS_URL = os.environ.get("TASKCTX_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("TASKCTX_REDIS_DB", "1"))
+
+
+def cache_config(kind: str, prefix: str) -> dict[str, Any]:
+    if kind == "db":
+        return {
+            "BACKEND": "otel_taskctx.cache.DatabaseCache",
+            "LOCATION": "taskctx_cache",
+            "KEY_PREFIX": prefix,
+        }
+    if kind == "plain-db":
+        return {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "taskctx_cache",
+            "KEY_PREFIX": prefix,
+        }
+    if kind == "redis":
+        return {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": f"{REDIS_URL}/{REDIS_DB}",
+            "KEY_PREFIX": prefix,
+            "OPTIONS": {"CLIENT_CLASS": "django_redis.client.DefaultClient"},
+        }
+    raise ValueError(kind)
+
+
+def use_locks_cache(kind: str, prefix: str) -> override_settings:
+    from django.conf import settings
+
+    return override_settings(
+        CACHES={**settings.CACHES, ALIAS: cache_config(kind, prefix)},
+        POWERCRUD_SETTINGS={**settings.POWERCRUD_SETTINGS, "CACHE_NAME": ALIAS},
+    )
+
+
+def wipe(kind: str) -> None:
+    """Delete every key of the ``locks`` alias (its prefix only on Redis)."""
+    from django.core.cache import caches
+
+    cache = caches[ALIAS]
+    if kind == "redis":
+        cache.delete_pattern("*")
+    else:
+        from django.core.management import call_command
+        from django.db import connections, router
+
+        call_command("createcachetable", verbosity=0)  # the PostgreSQL run has none yet
+        prefix = cache.make_key("")
+        for target in {cache, getattr(cache, "locks", cache)}:
+            db = router.db_for_write(target.cache_model_class)
+            with connections[db].cursor() as cursor:
+                table = connections[db].ops.quote_name(target._table)
+                cursor.execute(f"DELETE FROM {table} WHERE cache_key LIKE %s", [prefix + "%"])
+
+
+def lock_keys_left(kind: str, model: str) -> int:
+    """How many lock keys of ``model`` exist in the ``locks`` alias (expired or not)."""
+    from django.core.cache import caches
+
+    cache = caches[ALIAS]
+    pattern = f"powercrud:conflict:model:{model}:"
+    if kind == "redis":
+        return len(cache.keys(pattern + "*"))
+    from django.db import connections, router
+
+    target = cache.storage_for(pattern) if hasattr(cache, "storage_for") else cache
+    db = router.db_for_write(target.cache_model_class)
+    with connections[db].cursor() as cursor:
+        table = connections[db].ops.quote_name(target._table)
+        cursor.execute(
+            f"SELECT COUNT(*) FROM {table} WHERE cache_key LIKE %s",
+            [cache.make_key(pattern) + "%"],
+        )
+        return cursor.fetchone()[0]
+
+
+def suffix_key(key: str, key_prefix: str, version: int) -> str:
+    """A KEY_FUNCTION that does not start with the prefix: no key built by concatenation."""
+    return f"{key}|{version}|{key_prefix}"

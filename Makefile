@@ -1,13 +1,15 @@
-# Two commands do all set-up on a fresh machine:
+# Commands that do all set-up on a fresh machine:
 #   make demo   - run the nested bulk-edit demo
+#   make serve  - the sample project in the browser (runserver + qcluster)
 #   make test   - run the whole test suite
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
-UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+# a uv on PATH only if it runs (a pyenv shim may name a uv of another Python version)
+UV := $(shell uv --version >/dev/null 2>&1 && echo uv || echo .tools/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: env browser demo test lint bench clean
+.PHONY: env browser demo serve test lint bench clean
 
 $(UV):
 	@# uv is missing: install it into a private tool venv (python 3.12 via .python-version)
@@ -22,7 +24,11 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 demo: env
-	$(UV) run --frozen python -m otel_taskctx.demo $(DEMO_ARGS)
+	$(UV) run --frozen python sample/manage.py taskctx_demo $(DEMO_ARGS)
+
+# the sample in the browser: runserver + qcluster (http://127.0.0.1:8000/, Ctrl-C stops both)
+serve: env
+	$(UV) run --frozen python sample/manage.py taskctx_demo --serve $(DEMO_ARGS)
 
 test: env browser
 	$(UV) run --frozen ruff check .

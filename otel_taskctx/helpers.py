@@ -234,8 +234,14 @@ class _ProgressThrottle:
                 write_now = False
                 self._ensure_thread()
                 self._cond.notify()
-        if write_now:
-            self._write(state, seq, message, identity, raise_errors=True)
+        if write_now and not self._write(
+            state, seq, message, identity, raise_errors=True, blocking=False
+        ):
+            with self._cond:  # the background thread is writing: it takes this one next
+                if state.written < seq and (state.pending is None or state.pending[0] < seq):
+                    state.pending = (seq, message, identity)
+                    self._ensure_thread()
+                    self._cond.notify()
 
     def _write(
         self,
@@ -244,24 +250,41 @@ class _ProgressThrottle:
         message: str,
         identity: TaskIdentity,
         raise_errors: bool = False,
+        blocking: bool = True,
     ) -> bool:
-        with state.write_lock:
-            if seq <= state.written:
-                return False  # a newer message already landed
-            state.written = seq
-            try:
-                manager = resolve_manager(identity)
-                if not raise_errors and not _progress_key_exists(manager, identity.task_key):
-                    # a held message after the job ended (the completion hook deleted the
-                    # key): writing it would leave a stale key behind
-                    return False
-                manager.update_progress(identity.task_key, message)
-            except Exception:
-                if raise_errors:
-                    raise
-                log.warning("could not write progress of task %s", identity.task_key, exc_info=True)
+        # The job's own thread never waits for the background writer: that writer may be
+        # blocked on a row or database lock the job holds in its transaction (deadlock).
+        if not state.write_lock.acquire(blocking=blocking):
+            return False
+        try:
+            return self._write_locked(state, seq, message, identity, raise_errors)
+        finally:
+            state.write_lock.release()
+
+    def _write_locked(
+        self,
+        state: _TaskProgress,
+        seq: int,
+        message: str,
+        identity: TaskIdentity,
+        raise_errors: bool,
+    ) -> bool:
+        if seq <= state.written:
+            return False  # a newer message already landed
+        state.written = seq
+        try:
+            manager = resolve_manager(identity)
+            if not raise_errors and not _progress_key_exists(manager, identity.task_key):
+                # a held message after the job ended (the completion hook deleted the
+                # key): writing it would leave a stale key behind
                 return False
-            return True
+            manager.update_progress(identity.task_key, message)
+        except Exception:
+            if raise_errors:
+                raise
+            log.warning("could not write progress of task %s", identity.task_key, exc_info=True)
+            return False
+        return True
 
     def flush(self, task_key: str) -> bool:
         """Write the held message now (unless the task's progress key is gone already)."""

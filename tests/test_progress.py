@@ -115,3 +115,45 @@ def test_a_held_message_does_not_outlive_the_job(manager, settings):
     assert manager.get_progress("burst-7") is None
     assert manager.cache.has_key("powercrud:async:progress:burst-7") is False
     assert flush_progress("burst-7") is False
+
+
+class BlockingManager(AsyncManager):
+    """A manager whose progress writes wait, like a write blocked on a row the job locked."""
+
+    release = threading.Event()
+    entered = threading.Event()
+
+    def update_progress(self, task_name, progress_data):
+        if threading.current_thread().name == "otel-taskctx-progress":
+            self.entered.set()
+            self.release.wait(10)
+        super().update_progress(task_name, progress_data)
+
+
+def test_the_job_never_waits_for_a_blocked_background_write(manager, settings):
+    """Regression: the background writer held the throttle lock while its write waited on
+    a lock the job's transaction held, and the job then waited on the throttle lock."""
+    settings.OTEL_TASKCTX = {"PROGRESS_MIN_INTERVAL": 0.05}
+    BlockingManager.release.clear()
+    BlockingManager.entered.clear()
+    done = threading.Event()
+
+    def job():
+        with task_context("blocked-1", "tests.test_progress.BlockingManager"):
+            report_progress("first")  # written now, by the job's thread
+            report_progress("held")  # held: the background thread writes it and blocks
+            assert BlockingManager.entered.wait(5)
+            for i in range(20):  # the job goes on reporting while the writer is stuck
+                report_progress(f"more {i}")
+                time.sleep(0.01)
+        done.set()
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    try:
+        assert done.wait(5), "the job blocked behind the background progress writer"
+    finally:
+        BlockingManager.release.set()
+        thread.join(10)
+    assert flush_progress("blocked-1") in (True, False)
+    assert wait_for(lambda: manager.get_progress("blocked-1") == "more 19")

@@ -1,0 +1,38 @@
+"""URLs of the sample project."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from django.contrib.auth.views import LogoutView
+from django.urls import include, path
+from powercrud.async_manager import AsyncManager
+
+from sample.library import views
+
+#: the sample's own pages (the test suite mounts these under /sample/)
+site_patterns = [
+    path("", views.home, name="home"),
+    path("accounts/login/", views.SampleLoginView.as_view(), name="login"),
+    path("accounts/demo-login/", views.demo_login, name="demo-login"),
+    path("accounts/logout/", LogoutView.as_view(), name="logout"),
+    path("library/", include("sample.library.urls")),
+]
+
+urlpatterns = [
+    *site_patterns,
+    # powercrud's progress endpoint, polled by its bulk-edit modal (namespace "powercrud")
+    AsyncManager.get_urlpatterns(),
+]
+
+
+def _viewer_spec():
+    try:
+        return importlib.util.find_spec("otel_taskctx.viewer.urls")
+    except ModuleNotFoundError:  # no otel_taskctx.viewer package
+        return None
+
+
+# otel_taskctx's job-tree viewer (namespace "otel_taskctx"), when installed
+if _viewer_spec() is not None:
+    urlpatterns.append(path("taskctx/", include("otel_taskctx.viewer.urls")))

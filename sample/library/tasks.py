@@ -1,0 +1,39 @@
+"""Functions the sample's models run as django-q2 jobs (or inline, inside a parent job)."""
+
+from __future__ import annotations
+
+import time
+
+from django.utils import timezone
+from powercrud.async_manager import AsyncManager
+
+from sample.library.models import Album, Book, save_delay
+
+
+def sync_book_chapters(book_id: int, **kwargs) -> int:
+    """The job ``Book.save()`` launches outside a job: copy the book's state to its chapters."""
+    return Book.objects.get(pk=book_id).sync_chapters()
+
+
+def reprice_album_tracks(album_id: int, task_key: str | None = None, **kwargs) -> int:
+    """powercrud-style worker: reprice every track of an album, reporting progress.
+
+    powercrud passes the job's ``task_key``; run inline inside a parent job, otel_taskctx
+    passes the parent's key, so this progress shows in the parent's progress bar.
+    """
+    album = Album.objects.get(pk=album_id)
+    price = Album.TRACK_PRICES[album.price_tier]
+    tracks = list(album.tracks.order_by("number"))
+    manager = AsyncManager()
+    delay = save_delay()
+    for done, track in enumerate(tracks, 1):
+        track.price = price
+        track.repriced_at = timezone.now()
+        track.save(update_fields=["price", "repriced_at"])
+        if task_key:
+            manager.update_progress(
+                task_key, f"Album #{album.pk} {album.title!r}: track {done}/{len(tracks)} repriced"
+            )
+        if delay:
+            time.sleep(delay)
+    return len(tracks)

@@ -1,0 +1,170 @@
+"""The README's demo command, run as a user runs it: a subprocess on the sample's own settings.
+
+Each run starts from an empty folder (and, on the production stack, a dropped PostgreSQL
+database), so the demo creates its database, seeds, starts a real qcluster and stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STACK = os.environ.get("TASKCTX_STACK", "embedded")
+INSTANCE = os.environ.get("TASKCTX_INSTANCE", "main")
+
+
+def sample_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a sample process: its own settings and folder, this run's stack."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    env.update(
+        SAMPLE_VAR_DIR=str(tmp_path / "var"),
+        SAMPLE_CLUSTER_NAME=f"taskctx-sample-{INSTANCE}",
+        COLUMNS="160",
+        PYTHONUNBUFFERED="1",
+    )
+    for name in ("SAMPLE_DATABASE_URL", "SAMPLE_REDIS_URL", "SAMPLE_INSTRUMENT"):
+        env.pop(name, None)
+    if STACK == "redis-postgres":
+        host = os.environ.get("TASKCTX_PG_HOST", "127.0.0.1")
+        port = os.environ.get("TASKCTX_PG_PORT", "5432")
+        user = os.environ.get("TASKCTX_PG_USER", "postgres")
+        env["SAMPLE_DATABASE_URL"] = f"postgres://{user}@{host}:{port}/{sample_pg_database()}"
+        redis_url = os.environ.get("TASKCTX_REDIS_URL", "redis://127.0.0.1:6379")
+        env["SAMPLE_REDIS_URL"] = f"{redis_url}/{os.environ.get('TASKCTX_REDIS_DB', '1')}"
+    env.update(extra)
+    return env
+
+
+def sample_pg_database() -> str:
+    return f"taskctx_sample_{INSTANCE}".replace("-", "_")
+
+
+def drop_sample_pg_database() -> None:
+    import psycopg
+
+    conninfo = (
+        f"host={os.environ.get('TASKCTX_PG_HOST', '127.0.0.1')} "
+        f"port={os.environ.get('TASKCTX_PG_PORT', '5432')} "
+        f"user={os.environ.get('TASKCTX_PG_USER', 'postgres')} dbname=postgres"
+    )
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{sample_pg_database()}" WITH (FORCE)')
+
+
+def run_demo(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 240):
+    if STACK == "redis-postgres":
+        drop_sample_pg_database()  # a fresh machine: the demo creates the database
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "sample/manage.py", "taskctx_demo", "--report", str(report), *args],
+        cwd=REPO_ROOT,
+        env=env or sample_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    data = json.loads(report.read_text()) if report.exists() else None
+    return proc, proc.stdout + proc.stderr, data
+
+
+def fact(output: str, name: str) -> str:
+    match = re.search(rf"^\s*{re.escape(name)}\s+(.*)$", output, re.M)
+    assert match, f"no {name!r} line in the demo's output:\n{output[-3000:]}"
+    return match.group(1).strip()
+
+
+@pytest.mark.cluster
+@pytest.mark.stack
+def test_demo_runs_the_whole_story_from_nothing(tmp_path):
+    proc, out, report = run_demo(
+        tmp_path,
+        *("--books", "4", "--chapters", "3", "--albums", "3", "--tracks", "2"),
+        *("--delay", "0.15", "--timeout", "90"),
+    )
+    assert proc.returncode == 0, out[-5000:]
+    assert "demo passed" in out
+    assert "created the cache table" in out or STACK == "redis-postgres"
+    assert re.search(r"qcluster running \(pid \d+", out)
+    assert "qcluster stopped (exit code 0)" in out
+
+    # the facts, as printed
+    assert fact(out, "status").startswith("✓ success")
+    assert fact(out, "descendants updated inline").startswith("✓ 12/12")
+    assert fact(out, "nested jobs escaped to the queue").startswith("✓ 0 ")
+    assert fact(out, "locks held while running").startswith(
+        "✓ 16 (4 library.book, 12 library.chapter), all under the job's key"
+    )
+    assert fact(out, "locks after completion") == "✓ 0 (all released)"
+    flat = re.sub(r"\s+", " ", out)  # table cells wrap
+    assert "Another bulk operation is already running on books" in flat
+    assert "Another bulk operation is already running on chapters" in flat
+    assert "Book.save internal" in out and "sync chapters internal" in out
+    assert "sample.library.tasks.reprice_album_tracks internal" in out
+
+    # and the same facts from the JSON report
+    assert report["ok"] and report["error"] is None
+    books, albums = report["jobs"]
+    for job, parents, descendants in ((books, 4, 12), (albums, 3, 6)):
+        assert job["ok"], job["failures"]
+        assert job["status"] == "success"
+        assert (job["parents_updated"], job["parents"]) == (parents, parents)
+        assert job["descendants_inline"] == job["descendants"] == descendants
+        assert job["escaped_queued"] == job["escaped_tasks"] == 0
+        assert job["locks_peak"] == parents + descendants
+        assert job["locks_left"] == 0 and job["locks_foreign"] == 0
+        assert job["progress_left"] is None
+        assert job["nested_progress_seen"] >= 1
+        assert job["dashboard_status"] == "success" and job["dashboard_user"] == "demo"
+    refused = [r for r in books["refusals"] if r["ids"]]
+    assert len(refused) == 2 and all(r["refused"] for r in refused)
+    assert {model for r in refused for model in r["holders"]} == {"library.book", "library.chapter"}
+    assert all(
+        set(r["holders"][m].values()) == {books["task_key"]} for r in refused for m in r["holders"]
+    )
+
+    # the job tree: producer -> consumer -> one Book.save per book -> its nested chapter sync
+    tree = "\n".join(books["tree_text"])
+    assert "process powercrud.tasks.bulk_update_task consumer" in tree
+    assert books["tree_summary"]["status"] == "ok"
+    assert tree.count("sync chapters internal") >= 3  # long runs of siblings are shortened
+    assert re.search(r"Book\.save internal [\d.]+(ms|s) ok", tree)
+    assert books["tree_summary"]["descendants_locked"] == 12
+
+
+@pytest.mark.cluster
+def test_demo_fails_and_says_why_without_the_instrumentation(tmp_path):
+    """powercrud on its own: the nested jobs escape, and the demo exits non-zero."""
+    proc, out, report = run_demo(
+        tmp_path,
+        *("--books", "2", "--chapters", "2", "--albums", "0", "--delay", "0", "--timeout", "60"),
+        env=sample_env(tmp_path, SAMPLE_INSTRUMENT="0"),
+    )
+    assert proc.returncode != 0, out[-3000:]
+    assert "worker instrumentation: OFF" in out
+    assert "the demo failed" in out
+    flat = re.sub(r"\s+", " ", out)
+    assert "nested jobs escaped to the queue: 0 queued, 2 run separately" in flat
+    assert "sample.library.tasks.sync_book_chapters" in flat
+    assert "only 0/4 descendants were updated inside the job" in flat
+    assert report is not None and report["ok"] is False
+    assert "qcluster stopped (exit code 0)" in out
+
+
+def test_demo_rejects_bad_options(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "sample/manage.py", "taskctx_demo", "--books", "-1"],
+        cwd=REPO_ROOT,
+        env=sample_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "--books must be positive" in proc.stderr

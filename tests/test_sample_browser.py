@@ -1,0 +1,211 @@
+"""A person's bulk edit in powercrud's own UI, in headless Chromium, on a live server + qcluster.
+
+``taskctx_demo --serve`` starts runserver and a real qcluster on a fresh sample database; the
+browser signs in, ticks several books, runs an async bulk edit, watches powercrud's progress
+modal (fed by the nested saves) reach completion, and the chapters are checked afterwards.
+Screenshots go to ``artifacts/``; ``TASKCTX_DOCS_SCREENSHOTS=1`` also refreshes
+``docs/img/sample.png`` (the one in the docs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.test_demo import REPO_ROOT, sample_env
+
+ARTIFACTS = REPO_ROOT / "artifacts"
+DOCS_IMAGE = REPO_ROOT / "docs" / "img" / "sample.png"
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.cluster,
+    pytest.mark.skipif(
+        os.environ.get("TASKCTX_STACK", "embedded") != "embedded",
+        reason="the browser test runs on the embedded stack",
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"--serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def htmx_idle(page, quiet: float = 0.4) -> None:
+    """Wait until no HTMX request has been in flight for ``quiet`` seconds."""
+    deadline = time.monotonic() + 20
+    calm_since = None
+    while time.monotonic() < deadline:
+        busy = page.evaluate("() => document.querySelectorAll('.htmx-request').length > 0")
+        if busy:
+            calm_since = None
+        elif calm_since is None:
+            calm_since = time.monotonic()
+        elif time.monotonic() - calm_since >= quiet:
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def live_sample(tmp_path):
+    """``taskctx_demo --serve`` on a free port; yields (base url, sqlite path); stops it."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = sample_env(tmp_path)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "sample/manage.py", "taskctx_demo", "--serve",
+                "--port", str(port), "--books", "6", "--chapters", "3",
+                "--albums", "2", "--tracks", "2", "--delay", "0.4",
+            ],
+            cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}/accounts/login/", proc, log)
+        yield base, Path(env["SAMPLE_VAR_DIR"]) / "sample.sqlite3"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # --serve stops runserver and the cluster
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+    text = log.read_text(errors="replace")
+    assert "stopping" in text, text[-3000:]
+    assert "Traceback" not in text, text[-5000:]
+
+
+def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (make browser)")
+    from playwright.sync_api import expect, sync_playwright
+
+    base, database = live_sample
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect.set_options(timeout=15_000)  # a busy 2-core CI machine
+    picked = [2, 3, 4]  # book ids of a fresh database
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 820})
+            page.set_default_timeout(20_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+            page.goto(f"{base}/")
+            assert "/accounts/login/" in page.url
+            page.get_by_test_id("demo-login").click()
+            expect(
+                page.get_by_role("heading", name="Nested bulk edits, safe and visible")
+            ).to_be_visible()
+
+            page.goto(f"{base}/library/book/")
+            page.wait_for_function("() => window.htmx !== undefined")
+            page.wait_for_load_state("networkidle")
+            for count, pk in enumerate(picked, 1):
+                row = page.locator("tbody tr").filter(
+                    has=page.locator(f'a[href="/library/book/{pk}/"]')
+                )
+                htmx_idle(page)  # powercrud refreshes the table after a toggle: let it land
+                with page.expect_response(lambda r: "/toggle-selection/" in r.url):
+                    row.locator("input[type=checkbox]").check()
+                htmx_idle(page)
+                expect(
+                    page.get_by_role("link", name=re.compile(rf"Bulk Edit\s+{count}"))
+                ).to_be_visible()
+
+            page.get_by_role("link", name=re.compile(r"Bulk Edit")).click()
+            form = page.locator("#bulk-edit-form")
+            expect(form).to_be_visible()
+            form.locator("input[name=fields_to_update][value=status]").check()
+            form.locator(".ts-wrapper").first.click()  # powercrud's searchable select
+            page.locator(".ts-dropdown .option", has_text="Published").first.click()
+            assert form.locator("select[name=status]").input_value() == "published"
+            form.get_by_role("button", name="Apply Changes").click()
+
+            modal = page.locator("#powercrudModalContent")
+            expect(modal.get_by_text("Bulk Operation Queued")).to_be_visible()
+            # progress from the nested saves, shown by powercrud's own modal
+            progress = page.locator("#progress-display")
+            expect(progress).to_contain_text(re.compile(r"Book #\d+ .*chapter \d/3 synced"))
+            page.screenshot(path=str(ARTIFACTS / "sample-bulk-edit-progress.png"))
+            if os.environ.get("TASKCTX_DOCS_SCREENSHOTS") == "1" or not DOCS_IMAGE.exists():
+                DOCS_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(DOCS_IMAGE))
+            expect(page.locator("#async-status-heading")).to_have_text(
+                "Bulk Operation Completed", timeout=60_000
+            )
+            expect(progress).to_contain_text("Completed successfully")
+            page.screenshot(path=str(ARTIFACTS / "sample-bulk-edit-done.png"))
+
+            # the list shows the new status; powercrud's dashboard shows the finished job
+            page.goto(f"{base}/library/book/")
+            for pk in picked:
+                row = page.locator("tbody tr").filter(
+                    has=page.locator(f'a[href="/library/book/{pk}/"]')
+                )
+                expect(row).to_contain_text("published")
+            page.goto(f"{base}/library/jobs/")
+            expect(page.locator("tbody tr").first).to_contain_text("success")
+            page.screenshot(path=str(ARTIFACTS / "sample-dashboard.png"))
+            # the task name opens the job's tree in otel_taskctx's viewer
+            page.locator("tbody tr").first.locator("a[href*='/trace/']").click()
+            # (3 chapters of each of the 3 books, locked under the job's key)
+            expect(page.locator("body")).to_contain_text(re.compile(r"Descendants locked\s*9"))
+            expect(page.locator("body")).to_contain_text("bulk_update_task")
+            page.screenshot(path=str(ARTIFACTS / "sample-job-tree.png"), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+    # the descendants changed, inside the job
+    with sqlite3.connect(database) as db:
+        rows = db.execute(
+            "SELECT book_id, status, synced_at FROM library_chapter WHERE book_id IN (?, ?, ?)",
+            picked,
+        ).fetchall()
+        untouched = db.execute(
+            "SELECT count(*) FROM library_chapter WHERE book_id NOT IN (?, ?, ?) AND status = 'published'",
+            picked,
+        ).fetchone()[0]
+    assert len(rows) == 9
+    assert {status for _, status, _ in rows} == {"published"}
+    assert all(synced for _, _, synced in rows)
+    assert untouched == 0

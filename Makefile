@@ -11,12 +11,10 @@ PYTEST_ARGS ?=
 
 .PHONY: env browser demo serve test lint bench clean
 
-$(UV):
-	@# uv is missing: install it into a private tool venv (python 3.12 via .python-version)
-	python3 -m venv .tools
-	.tools/bin/pip install --quiet uv
-
-env: $(UV)
+env:
+	@# uv missing: install it into a private tool venv (python 3.12, picked by .python-version)
+	@if [ "$(UV)" = ".tools/bin/uv" ] && [ ! -x .tools/bin/uv ]; then \
+		python3 -m venv .tools && .tools/bin/pip install --quiet uv; fi
 	$(UV) sync --frozen
 
 # headless Chromium for the browser tests (Debian package; Playwright drives /usr/bin/chromium)

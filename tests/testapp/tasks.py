@@ -126,3 +126,48 @@ def echo(*args, **kwargs):
         },
     )
     return "echoed"
+
+
+def hold_descendants(line_ids, hold_seconds, progress_messages=0, task_key=None, **kwargs):
+    """Lock ``line_ids`` under the job, report a burst of progress, then keep working for
+    ``hold_seconds`` and write down who holds each lock at the end of the work."""
+    from powercrud.async_manager import AsyncManager
+
+    from otel_taskctx import register_descendants, report_progress
+    from tests.testapp.models import InvoiceLine, Observation
+
+    register_descendants(InvoiceLine, line_ids)
+    for n in range(1, progress_messages + 1):
+        report_progress(f"step {n}/{progress_messages}")
+    time.sleep(hold_seconds)
+    manager = AsyncManager()
+    holders = {str(pk): _lock_holder(manager, "testapp.invoiceline", pk) for pk in line_ids}
+    Observation.record("holders", holders, task_key=task_key or "")
+    return True
+
+
+class CompletionRecordingManager:
+    """Mixed into an AsyncManager: writes down the progress its completion hook sees."""
+
+    def handle_task_completion(self, task, task_name):
+        from tests.testapp.models import Observation
+
+        Observation.record("completion", {"progress": self.get_progress(task_name)}, task_name)
+        return super().handle_task_completion(task, task_name)
+
+
+def _recording_manager():
+    from powercrud.async_manager import AsyncManager
+
+    return type("RecordingManager", (CompletionRecordingManager, AsyncManager), {})
+
+
+def __getattr__(name):
+    """``RecordingManager`` is built on first use (importing powercrud needs Django set up)."""
+    global RecordingManager
+    if name == "RecordingManager":
+        RecordingManager = _recording_manager()
+        RecordingManager.__module__ = __name__
+        RecordingManager.__qualname__ = "RecordingManager"
+        return RecordingManager
+    raise AttributeError(name)

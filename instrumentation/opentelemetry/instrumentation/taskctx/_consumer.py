@@ -38,6 +38,7 @@ class _Run:
     identity: TaskIdentity | None
     powercrud_cm: Any
     sync: bool
+    lock_keeper: Any = None
 
 
 #: Runs in progress, by ``id()`` of the task dict that both signals receive.
@@ -73,8 +74,37 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
     return cm
 
 
+def _keep_locks_alive(identity: TaskIdentity) -> Any:
+    """Refresh the TTL of the job's locks while it runs (they expire if the worker dies)."""
+    from otel_taskctx.conflicts import keep_locks_alive
+    from otel_taskctx.helpers import resolve_manager
+
+    cm = keep_locks_alive(identity.task_key, resolve_manager(identity))
+    cm.__enter__()
+    return cm
+
+
+def _finish_job_side_effects(run: _Run) -> None:
+    """Before django-q2 reports the result: last progress written, lock refresher stopped."""
+    if run.identity is None:
+        return
+    try:
+        from otel_taskctx.helpers import flush_progress
+
+        flush_progress(run.identity.task_key)
+    except Exception:
+        log.exception("could not write the last progress of task %s", run.identity.task_key)
+    if run.lock_keeper is not None:
+        try:
+            run.lock_keeper.__exit__(None, None, None)
+        except Exception:
+            log.debug("could not stop the lock refresher", exc_info=True)
+        run.lock_keeper = None
+
+
 def _end(run: _Run) -> None:
     """Leave the run's contexts (powercrud's first, then ours) and end its span."""
+    _finish_job_side_effects(run)
     try:
         if run.powercrud_cm is not None:
             run.powercrud_cm.__exit__(None, None, None)
@@ -165,13 +195,18 @@ def on_pre_execute(
         # still isolate the run from whatever context the process had
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
     token = context.attach(trace.set_span_in_context(span, ctx))
-    powercrud_cm = None
+    powercrud_cm = lock_keeper = None
     if identity is not None:
         try:
             powercrud_cm = _enter_powercrud_context(identity)
         except Exception:
             log.exception("could not enter powercrud's task context")
-    _runs[id(task)] = _Run(span, token, identity, powercrud_cm, sync)
+        if not sync:
+            try:
+                lock_keeper = _keep_locks_alive(identity)
+            except Exception:
+                log.exception("could not start refreshing the locks of %s", identity.task_key)
+    _runs[id(task)] = _Run(span, token, identity, powercrud_cm, sync, lock_keeper)
 
 
 def _powercrud_reported_errors(run: _Run, task: dict[str, Any]) -> str:
@@ -237,6 +272,7 @@ def on_post_execute(
     if run is None:
         return
     timed_out = False
+    _finish_job_side_effects(run)  # powercrud's failure report reads the last progress
     try:
         timed_out = _record_outcome(run, func, task)
     except Exception:

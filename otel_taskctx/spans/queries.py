@@ -8,32 +8,11 @@ from typing import Any
 from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 
 from otel_taskctx.span_models import TaskSpan
-from otel_taskctx.spans.tree import SpanTree, build_tree, request_label
+from otel_taskctx.spans.tree import SPAN_FIELDS, SpanTree, build_tree, request_label
 
 #: most spans loaded for one tree (the tree says when it was cut)
 MAX_TREE_SPANS = 20_000
-ROW_FIELDS = (
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-    "name",
-    "kind",
-    "start_ns",
-    "end_ns",
-    "status",
-    "status_message",
-    "attributes",
-    "events",
-    "links",
-    "task_key",
-    "root_task_key",
-    "user_id",
-    "user_label",
-    "descendants_count",
-    "service",
-    "process",
-    "manager",
-)
+ROW_FIELDS = SPAN_FIELDS
 STATUSES = ("running", "error", "ok")
 
 

@@ -29,7 +29,8 @@ STATE_ERROR = "error"
 STATE_RUNNING = "running"
 STATE_MISSING = "missing"
 
-_FIELDS = (
+#: the stored span fields a tree is built from
+SPAN_FIELDS = (
     "trace_id",
     "span_id",
     "parent_span_id",
@@ -172,7 +173,7 @@ class Node:
 def _node_from(row: Mapping[str, Any] | Any) -> Node:
     get = row.get if isinstance(row, Mapping) else (lambda k, d=None: getattr(row, k, d))
     kwargs = {}
-    for name in _FIELDS:
+    for name in SPAN_FIELDS:
         value = get(name, None)
         if value is not None:
             kwargs[name] = value

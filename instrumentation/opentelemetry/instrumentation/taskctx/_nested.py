@@ -13,7 +13,7 @@ from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.instrumentation.taskctx import utils
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from otel_taskctx import semconv
 from otel_taskctx.context import context_with_identity, nested_async_allowed
@@ -94,10 +94,7 @@ def run_inline(
             reserve_descendants(child, conflict_ids)
         target(*args, **kwargs)
     except BaseException as exc:
-        if span.is_recording():
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
-            span.set_attribute(utils.ERROR_TYPE, type(exc).__qualname__)
+        utils.record_error(span, exc)
         raise
     finally:
         context.detach(token)

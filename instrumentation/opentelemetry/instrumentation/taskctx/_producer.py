@@ -16,7 +16,7 @@ from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.instrumentation.taskctx import _nested, utils
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from otel_taskctx.context import (
     context_with_identity,
@@ -166,10 +166,7 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     try:
         return original(func, *args, **kwargs)
     except BaseException as exc:
-        if span.is_recording():
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
-            span.set_attribute(utils.ERROR_TYPE, type(exc).__qualname__)
+        utils.record_error(span, exc)
         raise
     finally:
         context.detach(token)

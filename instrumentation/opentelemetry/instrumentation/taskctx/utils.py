@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
@@ -254,3 +255,11 @@ class _ExitFlush:
 
 
 exit_flush = _ExitFlush()
+
+
+def record_error(span: Any, exc: BaseException) -> None:
+    """Mark ``span`` failed with ``exc`` (exception event, status, ``error.type``)."""
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
+        span.set_attribute(ERROR_TYPE, type(exc).__qualname__)

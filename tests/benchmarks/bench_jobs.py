@@ -1,0 +1,311 @@
+"""Per-job overhead: enqueue -> done for small jobs through a real qcluster.
+
+``python -m tests.benchmarks jobs [--quick] [--stack=embedded|redis-postgres] [--jobs=N]``
+
+For each broker, in the same run and on the same database, a batch of small jobs (``noop``,
+launched by powercrud's ``AsyncManager.launch_async_task``, so each has its task key,
+progress key and completion hook) goes through a fresh 2-worker qcluster:
+
+* **uninstrumented** (baseline): ``OTEL_TASKCTX`` with ``AUTO_INSTRUMENT``,
+  ``SPAN_PROCESSOR``, ``SPAN_STORE`` and ``EXPORT_FROM_ENV`` off, in the cluster and in this
+  (enqueuing) process;
+* **instrumentation, no SDK**: the instrumentation only (signed identity in every package,
+  powercrud's context in the worker; spans are non-recording without an SDK);
+* **same, no lock refresher**: ``LOCK_REFRESH_INTERVAL = 0`` (no refresher thread per job;
+  locks then live for their TTL from the moment they were taken);
+* **+ SDK + span processor**: also the OpenTelemetry SDK and our span processor (spans are
+  recorded, nothing exported);
+* **+ span store (full)**: the defaults: also the span store writing every span to the
+  database. This is the configuration the target is about.
+
+Time is measured from the first enqueue until django-q2 has recorded the last result
+(``Task`` rows). Rounds alternate the order of the variants; the table shows the median
+per-job time of each and its ratio to the baseline. Target (issue 7): overhead below 5% (ratio < 1.05).
+
+Brokers: the ORM broker (``embedded`` stack: SQLite + DatabaseCache) and the Redis broker
+(``redis-postgres`` stack: PostgreSQL + django-redis). Each stack runs in a child process
+(Django settings are per process). Databases are created for the run: a temporary SQLite file,
+a fresh PostgreSQL database ``taskctx_bench_jobs``. Redis: database ``TASKCTX_REDIS_DB``
+(default 14 for benchmarks; the broker uses the next one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from tests.benchmarks._util import table
+
+TARGET = 1.05
+STACKS = {"embedded": "ORM broker (SQLite)", "redis-postgres": "Redis broker (PostgreSQL)"}
+_OFF = {"SPAN_PROCESSOR": False, "SPAN_STORE": False, "EXPORT_FROM_ENV": False}
+#: name -> (OTEL_TASKCTX of the cluster, instrument this process); the first is the baseline,
+#: the last is the configuration the target is about
+VARIANTS = {
+    "uninstrumented": ({"AUTO_INSTRUMENT": False, **_OFF}, False),
+    "instrumentation, no SDK": (dict(_OFF), True),
+    "  same, no lock refresher": ({**_OFF, "LOCK_REFRESH_INTERVAL": 0}, True),
+    "+ SDK + span processor": ({"SPAN_STORE": False, "EXPORT_FROM_ENV": False}, True),
+    "+ span store (full)": ({}, True),
+}
+BASELINE, FULL = "uninstrumented", "+ span store (full)"
+RESULT_TAG = "BENCH_RESULT "
+
+
+def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    for arg in argv:
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def prepare_environment(stack: str, db_label: str, redis_db: str = "14") -> str:
+    """Point this process (before Django starts) at a fresh database for the benchmark."""
+    os.environ["TASKCTX_STACK"] = stack
+    os.environ.setdefault("TASKCTX_INSTANCE", f"bench-{db_label}")
+    os.environ.setdefault("TASKCTX_REDIS_DB", redis_db)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    if stack == "embedded":
+        name = os.path.join(tempfile.mkdtemp(prefix=f"bench-{db_label}-"), "bench.sqlite3")
+    else:
+        import psycopg
+
+        name = f"taskctx_bench_{db_label}".replace("-", "_")
+        with psycopg.connect(
+            host=os.environ.get("TASKCTX_PG_HOST", "127.0.0.1"),
+            port=os.environ.get("TASKCTX_PG_PORT", "5432"),
+            user=os.environ.get("TASKCTX_PG_USER", "postgres"),
+            dbname="postgres",
+            autocommit=True,
+        ) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"')
+    os.environ["TASKCTX_DB_NAME"] = name
+    return name
+
+
+def setup_database() -> None:
+    import django
+
+    django.setup()
+    from django.core.cache import cache
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    call_command("createcachetable", verbosity=0)
+    cache.clear()
+    quiet_logging()
+
+
+def quiet_logging() -> None:
+    """django-q2 logs every enqueue and powercrud debug-logs every launch: not what we time."""
+    import logging
+
+    for name in ("django-q", "powercrud"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def set_local_instrumentation(on: bool, sdk: bool = True) -> None:
+    """Instrument (or not) this process, the producer side of every job; ``sdk=False``: with a
+    no-op tracer provider, as in a process without the SDK."""
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor
+
+    instrumentor = TaskContextInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
+    if on:
+        instrumentor.instrument(**({} if sdk else {"tracer_provider": trace.NoOpTracerProvider()}))
+
+
+def set_local_span_store(on: bool) -> None:
+    """Spans of this process go to the span store only in the full variant.
+
+    (Benchmark only: takes the store's two processors out of the SDK provider's list.)
+    """
+    from otel_taskctx.spans.install import RUNNING, STORE
+    from otel_taskctx.tracing import _MARK, sdk_tracer_provider
+
+    provider = sdk_tracer_provider(create=False)
+    if provider is None:
+        return
+    marks = getattr(provider, _MARK, None) or {}
+    store = [marks.get(STORE), marks.get(RUNNING)]
+    multi = provider._active_span_processor
+    if not hasattr(multi, "_bench_all"):
+        multi._bench_all = multi._span_processors
+    if on:
+        multi._span_processors = multi._bench_all
+    else:
+        multi._span_processors = tuple(p for p in multi._bench_all if p not in store)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- one stack
+
+
+def _batch(jobs: int, variant: str) -> dict[str, float]:
+    from django_q.models import Task
+    from powercrud.async_manager import AsyncManager
+
+    from tests.cluster import run_cluster
+
+    cluster_settings, local = VARIANTS[variant]
+    settings = {"OTEL_TASKCTX": dict(cluster_settings)}
+    set_local_instrumentation(local, sdk=cluster_settings.get("SPAN_PROCESSOR", True))
+    set_local_span_store(variant == FULL)
+    q_cluster = {"workers": 2, "save_limit": 0, "ack_failures": True}
+    with run_cluster(q_cluster=q_cluster, settings=settings) as cluster:
+        manager = AsyncManager()
+        warm = [manager.launch_async_task("tests.testapp.tasks.noop", n) for n in range(10)]
+        wait_until(
+            lambda: Task.objects.filter(name__in=warm).count() == len(warm), 60, what="warm-up"
+        )
+        enqueued_at: dict[str, float] = {}
+        start = time.perf_counter()
+        for n in range(jobs):
+            at = time.time()
+            enqueued_at[manager.launch_async_task("tests.testapp.tasks.noop", n)] = at
+        enqueue_s = time.perf_counter() - start
+        names = list(enqueued_at)
+        wait_until(
+            lambda: Task.objects.filter(name__in=names).count() == jobs,
+            timeout=600,
+            what=f"{jobs} jobs",
+        )
+        total_s = time.perf_counter() - start
+        stopped = dict(Task.objects.filter(name__in=names).values_list("name", "stopped"))
+        latencies = [stopped[k].timestamp() - t for k, t in enqueued_at.items()]
+        assert cluster.alive
+    Task.objects.all().delete()
+    return {
+        "per_job_ms": total_s * 1000 / jobs,
+        "enqueue_ms": enqueue_s * 1000 / jobs,
+        "latency_ms": statistics.median(latencies) * 1000,
+        "total_s": total_s,
+    }
+
+
+def run_stack(stack: str, jobs: int, rounds: int) -> dict[str, Any]:
+    prepare_environment(stack, "jobs")
+    setup_database()
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
+    _batch(min(jobs, 100), FULL)  # warm-up (database files, caches, imports): not counted
+    for r in range(rounds):
+        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        for name in order:
+            results[name].append(_batch(jobs, name))
+            print(
+                f"  {stack} round {r + 1}/{rounds} {name}: "
+                f"{results[name][-1]['per_job_ms']:.2f} ms/job",
+                file=sys.stderr,
+                flush=True,
+            )
+    summary = {}
+    for name, runs in results.items():
+        summary[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        summary[name]["per_job_all"] = [run["per_job_ms"] for run in runs]
+    return {"stack": stack, "jobs": jobs, "rounds": rounds, **summary}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    jobs = int(_option(argv, "jobs", "200" if quick else "500"))
+    rounds = int(_option(argv, "rounds", "1" if quick else "3"))
+    stack = _option(argv, "stack")
+    if _option(argv, "child"):
+        print(RESULT_TAG + json.dumps(run_stack(stack, jobs, rounds)), flush=True)
+        return 0
+    stacks = [stack] if stack else list(STACKS)
+    rows, ok = [], True
+    for name in stacks:
+        env = {k: v for k, v in os.environ.items() if k not in ("TASKCTX_STACK", "TASKCTX_DB_NAME")}
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.bench_jobs",
+                f"--stack={name}",
+                f"--jobs={jobs}",
+                f"--rounds={rounds}",
+                "--child=1",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+        if proc.returncode or not lines:
+            print(proc.stdout[-3000:])
+            print(f"{name}: benchmark failed (exit {proc.returncode})")
+            return 1
+        result = json.loads(lines[-1][len(RESULT_TAG) :])
+        base = result[BASELINE]
+        for variant in VARIANTS:
+            run = result[variant]
+            ratio = run["per_job_ms"] / base["per_job_ms"]
+            verdict = ""
+            if variant == FULL:
+                verdict = "yes" if ratio < TARGET else "NO"
+                ok = ok and ratio < TARGET
+            rows.append(
+                [
+                    STACKS[name] if variant == BASELINE else "",
+                    variant,
+                    f"{run['per_job_ms']:.2f}",
+                    "1.00x (baseline)"
+                    if variant == BASELINE
+                    else f"{ratio:.2f}x ({(ratio - 1) * 100:+.0f}%)",
+                    verdict,
+                    f"{run['latency_ms']:.0f}",
+                    f"{run['enqueue_ms']:.2f}",
+                    " ".join(f"{v:.1f}" for v in run["per_job_all"]),
+                ]
+            )
+    print(
+        table(
+            [
+                "broker",
+                "variant",
+                "ms/job",
+                "ratio",
+                f"full < {TARGET}x",
+                "latency ms",
+                "enqueue ms/job",
+                "per round",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"{jobs} jobs per batch, {rounds} round(s), medians; ms/job: wall time from the first "
+        "enqueue to the last recorded result / jobs (2 workers); latency: enqueue -> job "
+        "stopped, median; enqueue: launch_async_task in this process"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

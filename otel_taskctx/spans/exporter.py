@@ -121,18 +121,19 @@ class RunningSpanProcessor(SpanProcessor):
             log.debug("could not track a running span", exc_info=True)
 
     def on_end(self, span: ReadableSpan) -> None:
-        """A django-q2 job run (CONSUMER span) ended: write its spans now.
+        """A django-q2 job run (CONSUMER span) ended: have its spans written now.
 
         This processor sits after the store's batch processor, so the run's own span is
-        already queued; the worker process may be recycled right after the job.
+        already queued. The write happens on a background thread (the job does not wait for
+        the database); a worker recycled right after the job flushes on exit.
         """
         try:
             if span.kind is SpanKind.CONSUMER and (
                 span.attributes.get("messaging.system") == "django_q2"
             ):
-                from otel_taskctx.spans.install import flush_span_store
+                from otel_taskctx.spans.install import flush_span_store_soon
 
-                flush_span_store(running=False)
+                flush_span_store_soon()
         except Exception:  # pragma: no cover - never into the caller
             log.debug("could not flush the span store", exc_info=True)
 

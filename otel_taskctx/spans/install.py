@@ -217,8 +217,48 @@ def _flush_in_background(processors: list[Any], timeout: float) -> None:
     threading.Thread(target=run, name="otel-taskctx-export-flush", daemon=True).start()
 
 
+class _SoonFlusher:
+    """Writes the store's pending spans soon, on a thread of its own, without making the job
+    (or django-q2's monitor) wait for the database: a job's spans land a few milliseconds
+    after it ends, and the exit flush of a worker process still writes whatever is left."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Event()
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def request(self) -> None:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():  # first use in this (possibly forked) process
+                    self._wake = threading.Event()
+                    threading.Thread(
+                        target=self._run, name="otel-taskctx-span-flush", daemon=True
+                    ).start()
+                    self._pid = os.getpid()
+        self._wake.set()
+
+    def _run(self) -> None:
+        wake = self._wake
+        while True:
+            wake.wait()
+            wake.clear()
+            try:
+                flush_span_store(running=False)
+            except Exception:  # pragma: no cover - flush_span_store never raises
+                log.debug("background span flush failed", exc_info=True)
+
+
+_soon = _SoonFlusher()
+
+
+def flush_span_store_soon() -> None:
+    """Ask for the pending spans to be written now, without waiting for it."""
+    _soon.request()
+
+
 def _flush_after_job(sender: Any = None, **kwargs: Any) -> None:
-    flush_span_store(running=False)
+    flush_span_store_soon()
 
 
 def connect_flush_signals() -> None:

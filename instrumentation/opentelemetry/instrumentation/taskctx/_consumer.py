@@ -159,6 +159,11 @@ def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
     )
 
 
+def _carries_identity(carrier: object) -> bool:
+    value = carrier.get("baggage") if isinstance(carrier, dict) else None
+    return isinstance(value, str) and f"{BAGGAGE_ENTRY}=" in value
+
+
 def on_pre_execute(
     sender: Any = None, func: Any = None, task: dict[str, Any] | None = None, **kwargs: Any
 ) -> None:
@@ -175,6 +180,15 @@ def on_pre_execute(
             identity = _renewed_identity(carrier, str(task.get("name")))
             if identity is not None:
                 ctx = context_with_identity(identity, ctx=ctx)
+            elif _carries_identity(carrier):
+                # our producer wrote it inside django-q2's signed package: an identity that
+                # no longer verifies (truncated, other key) is an anomaly, not just noise
+                log.warning(
+                    "task %s carried a task identity that does not verify (damaged, or "
+                    "signed with another key): it runs as a plain job, without locks "
+                    "or nesting",
+                    task.get("name"),
+                )
         if identity is not None and identity.task_key != str(task.get("name")):
             log.warning(
                 "ignoring the identity of task %s: it names task %s",

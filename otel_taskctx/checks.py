@@ -190,3 +190,42 @@ def check_lock_eviction(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register(Tags.caches, Tags.database)
+def check_lock_visibility(app_configs=None, **kwargs):
+    """Flag a database cache that shares the models' connection (and so their transactions)."""
+    try:
+        from powercrud.conf import get_powercrud_setting
+    except Exception:  # powercrud not installed: nothing to check
+        return []
+    from django.core.cache import caches
+    from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
+    from django.db import DEFAULT_DB_ALIAS, router
+
+    alias = get_powercrud_setting("CACHE_NAME", "default")
+    if alias not in getattr(settings, "CACHES", {}):
+        return []  # otel_taskctx.E003
+    try:
+        cache = caches[alias]
+    except Exception:
+        return []
+    if not isinstance(cache, DjangoDatabaseCache):
+        return []
+    db = router.db_for_write(cache.cache_model_class)
+    if db != DEFAULT_DB_ALIAS:
+        return []
+    return [
+        Warning(
+            f"Cache {alias!r} writes conflict locks and progress on the {db!r} database "
+            "connection, the one the models use: written inside a job's transaction "
+            "(powercrud's bulk update runs in one), they stay invisible to other processes "
+            "until it commits, so powercrud's check_conflict and progress polling miss them "
+            "and a competing job waits on the row lock.",
+            hint="Add a second DATABASES alias for the same database and route the cache "
+            "table (app label 'django_cache') and otel_taskctx's models to it with a "
+            "database router (see sample/config/routers.py and docs/conflicts.md).",
+            id="otel_taskctx.W034",
+            obj=alias,
+        )
+    ]

@@ -42,3 +42,31 @@ def test_process_local_cache_is_an_error(settings):
 def test_missing_cache_alias_is_an_error(settings):
     settings.POWERCRUD_SETTINGS = {"CACHE_NAME": "locks"}
     assert ids(check_powercrud_cache()) == ["otel_taskctx.E003"]
+
+
+class CacheOnItsOwnConnection:
+    """Routes the cache table to a second connection alias (like sample/config/routers.py)."""
+
+    def db_for_write(self, model, **hints):
+        return "runtime" if model._meta.app_label == "django_cache" else None
+
+    db_for_read = db_for_write
+
+
+def test_database_cache_on_the_models_connection_warns(settings):
+    from otel_taskctx.checks import check_lock_visibility
+
+    msgs = check_lock_visibility()
+    assert ids(msgs) == ["otel_taskctx.W034"]  # the test settings share one connection
+    assert "invisible to other processes" in msgs[0].msg
+    settings.DATABASE_ROUTERS = ["tests.test_checks.CacheOnItsOwnConnection"]
+    assert check_lock_visibility() == []
+
+
+def test_a_redis_cache_does_not_warn_about_transactions(settings):
+    from otel_taskctx.checks import check_lock_visibility
+
+    settings.CACHES = {
+        "default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:6379/1"}
+    }
+    assert check_lock_visibility() == []

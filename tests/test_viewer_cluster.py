@@ -44,14 +44,22 @@ def run_job(cluster, count=2, lines=3, fail_first=False):
     key = AsyncManager().launch_async_task(APPROVE, ids, conflict_ids={"testapp.invoice": set(ids)})
     task = cluster.wait_for(lambda: Task.objects.filter(name=key).first(), what=f"task {key}")
     flush_span_store()  # the enqueue span of this (the launching) process
+    # the worker writes a job's spans on a background thread right after the run (within
+    # ~0.2 s): wait for the finished run, no flush from here
+    cluster.wait_for(lambda: _run_finished(key), timeout=5, what="the worker's spans")
     return key, task
+
+
+def _run_finished(key):
+    return TaskSpan.objects.filter(
+        root_task_key=key, kind="CONSUMER", end_ns__isnull=False
+    ).exists()
 
 
 def test_a_real_nested_job_becomes_a_tree(cluster_factory, cache):
     cluster = cluster_factory()
     key, task = run_job(cluster)
     assert task.success, task.result
-    # the worker wrote its spans when the job's run ended: no waiting, no flush from here
     tree = load_tree(key)
     assert tree is not None
     kinds = [(n.depth, n.kind, n.name) for n in tree.nodes]
@@ -109,6 +117,7 @@ def test_a_running_job_is_visible_while_it_runs(cluster_factory, cache, settings
     assert tree.status == "running" and tree.target is not None
     assert tree.target.name == "slow step"  # where the job is now
     cluster.wait_for(lambda: Task.objects.filter(name=key).first(), what="the job to end")
+    cluster.wait_for(lambda: _run_finished(key), timeout=5, what="the worker's spans")
     row.refresh_from_db()
     assert row.end_ns is not None and load_tree(key).status == "ok"
 

@@ -222,6 +222,9 @@ class _SoonFlusher:
     (or django-q2's monitor) wait for the database: a job's spans land a few milliseconds
     after it ends, and the exit flush of a worker process still writes whatever is left."""
 
+    #: seconds a flush request waits for others to join it
+    min_interval = 0.2
+
     def __init__(self) -> None:
         self._wake = threading.Event()
         self._pid = 0
@@ -239,9 +242,14 @@ class _SoonFlusher:
         self._wake.set()
 
     def _run(self) -> None:
+        import time
+
         wake = self._wake
         while True:
             wake.wait()
+            # many jobs ending close together share one write (one transaction, one
+            # connection): each waits at most ``min_interval`` for its spans to land
+            time.sleep(self.min_interval)
             wake.clear()
             try:
                 flush_span_store(running=False)

@@ -247,6 +247,11 @@ class SpanWriter:
         if connection.vendor == "sqlite":
             _prepare_sqlite(connection)
         with transaction.atomic(using=alias):
+            if connection.vendor == "postgresql":
+                # telemetry: no need to wait for the WAL flush (a crash may lose the last
+                # few milliseconds of spans, never the jobs' data or locks)
+                with connection.cursor() as cursor:
+                    cursor.execute("SET LOCAL synchronous_commit TO OFF")
             if connection.vendor in ("sqlite", "postgresql"):
                 if running:
                     _upsert(connection, running, update=False)

@@ -225,7 +225,7 @@ def check_lock_visibility(app_configs=None, **kwargs):
             hint="Add a second DATABASES alias for the same database and route the cache "
             "table (app label 'django_cache') and otel_taskctx's models to it with a "
             "database router (see sample/config/routers.py and docs/conflicts.md).",
-            id="otel_taskctx.W034",
+            id="otel_taskctx.W040",
             obj=alias,
         )
     ]

@@ -57,7 +57,7 @@ def test_database_cache_on_the_models_connection_warns(settings):
     from otel_taskctx.checks import check_lock_visibility
 
     msgs = check_lock_visibility()
-    assert ids(msgs) == ["otel_taskctx.W034"]  # the test settings share one connection
+    assert ids(msgs) == ["otel_taskctx.W040"]  # the test settings share one connection
     assert "invisible to other processes" in msgs[0].msg
     settings.DATABASE_ROUTERS = ["tests.test_checks.CacheOnItsOwnConnection"]
     assert check_lock_visibility() == []

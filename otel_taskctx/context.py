@@ -59,17 +59,22 @@ def _token_in(ctx: context.Context) -> object | None:
     return baggage.get_baggage(BAGGAGE_ENTRY, ctx)  # pragma: no cover
 
 
-def identity_from_context(ctx: context.Context | None = None) -> TaskIdentity | None:
-    """The verified identity in ``ctx`` (default: the current context), or None."""
-    if ctx is None:
-        ctx = _get_current()
+def _verified(ctx: context.Context) -> tuple[TaskIdentity | None, bool]:
+    """``(identity, memoisable)``: an identity verified into the context (or none at all) may
+    be memoised; one verified from a raw token is checked again (its expiry) on every call."""
     token = _token_in(ctx)
     if token is None:
-        return None
+        return None, True
     cached = ctx.get(_VERIFIED_KEY)
     if cached is not None and cached[0] is token:
-        return cached[1]
-    return verify_cached(token)
+        return cached[1], True
+    identity = verify_cached(token)
+    return identity, identity is None or identity.expires_at is None
+
+
+def identity_from_context(ctx: context.Context | None = None) -> TaskIdentity | None:
+    """The verified identity in ``ctx`` (default: the current context), or None."""
+    return _verified(_get_current() if ctx is None else ctx)[0]
 
 
 # The last context looked at and its identity. Contexts are immutable, and holding a strong
@@ -79,19 +84,9 @@ _last: tuple[object, TaskIdentity | None] = (None, None)
 
 def _lookup(ctx: context.Context) -> TaskIdentity | None:
     global _last
-    token = _token_in(ctx)
-    if token is None:
-        identity = None
-    else:
-        cached = ctx.get(_VERIFIED_KEY)
-        if cached is not None and cached[0] is token:
-            identity = cached[1]
-        else:
-            identity = verify_cached(token)
-            if identity is not None and identity.expires_at is not None:
-                # an expiring identity is not memoised: it is checked again on every call
-                return identity
-    _last = (ctx, identity)
+    identity, memoisable = _verified(ctx)
+    if memoisable:
+        _last = (ctx, identity)
     return identity
 
 

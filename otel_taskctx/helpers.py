@@ -95,7 +95,7 @@ def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
     Raises :class:`~otel_taskctx.errors.DescendantConflict` (nothing new reserved) when
     another task holds any of them. Outside a task, does nothing and says so.
     """
-    from otel_taskctx.conflicts import get_conflict_store, normalise_ids
+    from otel_taskctx.conflicts import normalise_ids
 
     label = model_label(model)
     id_list = normalise_ids(ids)
@@ -104,8 +104,7 @@ def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
         return Registration(False, "not inside a task", model=label)
     if not id_list:
         return Registration(False, "no ids", task_key=identity.task_key, model=label)
-    store = get_conflict_store(resolve_manager(identity))
-    result = store.reserve(identity.task_key, {label: id_list})
+    result = forward_descendants(identity, label, id_list)
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(

@@ -281,47 +281,46 @@ class DatabaseConflictStore(CacheConflictStore):
         return set(self._decode(connection, row[0]) or ()) if row else set()
 
     def _release(self, task_key: str) -> int:
-        connection = connections[self.db]
-        table, key_col, value_col, _ = self._sql(connection)
-        holder = self._encode(task_key)
-        tracking = self._db_key(self.tracking_key(task_key))
-        deleted = 0
-        with transaction.atomic(using=self.db), connection.cursor() as cursor:
-            keys = sorted(
-                self._db_key(k) for k in self._tracked_in_tx(connection, cursor, tracking)
-            )
-            for batch in chunked(keys, self.batch_size):
-                marks = ", ".join(["%s"] * len(batch))
-                cursor.execute(
-                    f"DELETE FROM {table} WHERE {key_col} IN ({marks}) AND {value_col} = %s",
-                    [*batch, holder],
-                )
-                deleted += cursor.rowcount
-            cursor.execute(f"DELETE FROM {table} WHERE {key_col} = %s", [tracking])
-        return deleted
+        table, key_col, value_col, _ = self._sql(connections[self.db])
+        return self._on_tracked_locks(
+            task_key,
+            lambda marks: f"DELETE FROM {table} WHERE {key_col} IN ({marks}) AND {value_col} = %s",
+            lambda batch, holder: [*batch, holder],
+            lambda tracking: (f"DELETE FROM {table} WHERE {key_col} = %s", [tracking]),
+        )
 
     def _refresh(self, task_key: str, ttl: int) -> int:
         connection = connections[self.db]
         table, key_col, value_col, exp_col = self._sql(connection)
+        _, exp = self._times(connection, ttl)
+        return self._on_tracked_locks(
+            task_key,
+            lambda marks: f"UPDATE {table} SET {exp_col} = %s "
+            f"WHERE {key_col} IN ({marks}) AND {value_col} = %s",
+            lambda batch, holder: [exp, *batch, holder],
+            lambda tracking: (
+                f"UPDATE {table} SET {exp_col} = CASE WHEN {exp_col} < %s THEN %s "
+                f"ELSE {exp_col} END WHERE {key_col} = %s",
+                [exp, exp, tracking],
+            ),
+        )
+
+    def _on_tracked_locks(self, task_key, batch_sql, batch_params, tracking_statement) -> int:
+        """Run ``batch_sql`` (compare-and-act on the holder) over the task's tracked lock keys,
+        in batches, then ``tracking_statement`` on the tracking entry; one transaction.
+        Returns the number of lock rows the batches touched."""
+        connection = connections[self.db]
         holder = self._encode(task_key)
         tracking = self._db_key(self.tracking_key(task_key))
-        _, exp = self._times(connection, ttl)
         count = 0
         with transaction.atomic(using=self.db), connection.cursor() as cursor:
             keys = sorted(
                 self._db_key(k) for k in self._tracked_in_tx(connection, cursor, tracking)
             )
             for batch in chunked(keys, self.batch_size):
-                marks = ", ".join(["%s"] * len(batch))
                 cursor.execute(
-                    f"UPDATE {table} SET {exp_col} = %s "
-                    f"WHERE {key_col} IN ({marks}) AND {value_col} = %s",
-                    [exp, *batch, holder],
+                    batch_sql(", ".join(["%s"] * len(batch))), batch_params(batch, holder)
                 )
                 count += cursor.rowcount
-            cursor.execute(
-                f"UPDATE {table} SET {exp_col} = CASE WHEN {exp_col} < %s THEN %s "
-                f"ELSE {exp_col} END WHERE {key_col} = %s",
-                [exp, exp, tracking],
-            )
+            cursor.execute(*tracking_statement(tracking))
         return count

@@ -30,9 +30,9 @@ class TaskSpan(models.Model):
     attributes = models.JSONField(default=dict, blank=True)
     events = models.JSONField(default=list, blank=True)
     links = models.JSONField(default=list, blank=True)
-    task_key = models.CharField(max_length=200, null=True, blank=True, db_index=True)
+    task_key = models.CharField(max_length=200, null=True, blank=True)
     root_task_key = models.CharField(max_length=200, null=True, blank=True)
-    user_id = models.CharField(max_length=150, null=True, blank=True, db_index=True)
+    user_id = models.CharField(max_length=150, null=True, blank=True)
     user_label = models.CharField(max_length=255, blank=True, default="")
     descendants_count = models.IntegerField(default=0)
     manager = models.CharField(max_length=255, blank=True, default="")
@@ -46,8 +46,11 @@ class TaskSpan(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["trace_id", "span_id"], name="otel_taskctx_span_uniq"),
         ]
+        # few indexes: every span written pays for each. (A plain index on user_id, without
+        # the text-pattern twin ``db_index`` adds on PostgreSQL: searches use icontains.)
         indexes = [
             models.Index(fields=["root_task_key", "start_ns"], name="otel_taskctx_span_root"),
+            models.Index(fields=["user_id"], name="otel_taskctx_span_user"),
         ]
 
     def __str__(self) -> str:

@@ -275,6 +275,69 @@ def test_keep_locks_alive_refreshes_until_the_block_ends(env):
     assert env.manager.check_conflict({CHILD: [1, 2]}) == set()
 
 
+def test_one_refresher_serves_overlapping_blocks_and_a_stopped_task_is_never_refreshed(env):
+    if env.store.kind == "cache":
+        pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
+    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=2)
+    store.reserve("job-12", {CHILD: [1]})
+    store.reserve("job-13", {CHILD: [2, 3]})
+    env.manager.__dict__.pop("_otel_taskctx_conflict_store", None)
+    before = {t.name for t in threading.enumerate()}
+    with keep_locks_alive("job-12", env.manager, interval=0.3, ttl=2) as short:
+        with keep_locks_alive("job-13", env.manager, interval=0.5, ttl=2) as long:
+            started = {t.name for t in threading.enumerate()} - before
+            # no thread per block: at most the process's one refresher was started
+            assert started <= {"otel-taskctx-lock-refresher"}
+            time.sleep(1.2)
+            assert short.refreshes >= 3 and short.refreshed == 1
+            assert long.refreshes >= 2 and long.refreshed == 2
+        assert not long.is_alive() and short.is_alive()
+        stopped_at = long.refreshes
+        time.sleep(0.9)
+        assert long.refreshes == stopped_at  # never refreshed after its block ended
+        assert short.refreshes >= 6
+        time.sleep(1.3)  # job-13's locks (not refreshed for > TTL) expired; job-12's did not
+        assert env.manager.check_conflict({CHILD: [1, 2, 3]}) == {1}
+    assert not short.is_alive()
+    store.release("job-12")
+    assert env.left() == 0
+
+
+def test_a_block_that_ends_while_its_refresh_runs_waits_for_it(env):
+    if env.store.kind == "cache":
+        pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
+    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=5)
+    store.reserve("job-14", {CHILD: [4]})
+    in_refresh, release = threading.Event(), threading.Event()
+    refreshed_after_exit = []
+    exited = threading.Event()
+    real_refresh = type(store).refresh
+
+    def slow_refresh(self, task_key, ttl=None):
+        in_refresh.set()
+        release.wait(5)
+        count = real_refresh(self, task_key, ttl)
+        if exited.is_set():
+            refreshed_after_exit.append(task_key)
+        return count
+
+    env.manager.__dict__["_otel_taskctx_conflict_store"] = store
+    store.refresh = slow_refresh.__get__(store)
+    block = keep_locks_alive("job-14", env.manager, interval=0.05, ttl=5)
+    keeper = block.__enter__()
+    assert in_refresh.wait(5)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    block.__exit__(None, None, None)  # waits for the round under way to finish
+    exited.set()
+    assert time.monotonic() - started >= 0.2
+    assert keeper.refreshes >= 1 and not keeper.is_alive()
+    time.sleep(0.3)
+    assert refreshed_after_exit == []
+    store.release("job-14")
+    assert env.left() == 0
+
+
 @pytest.mark.parametrize("kind", ["db", "redis"])
 def test_a_custom_key_function_is_honoured(kind, settings):
     from django.core.cache import caches

@@ -204,6 +204,72 @@ def test_a_late_running_row_never_overwrites_the_finished_one(store):
     assert row.end_ns == finished["end_ns"]
 
 
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_a_span_written_twice_keeps_one_row_with_the_later_values(store):
+    # (PostgreSQL: the second batch's COPY hits the unique constraint and falls back to the
+    # upsert, which also writes the other, new span of that batch)
+    span = store.tracer.start_span("job", attributes=lineage("D1", "D1"))
+    span.end()
+    first = span_row(span, 4096)
+    assert store.writer.submit([first]).done.wait(10)
+    other = store.tracer.start_span("other", attributes=lineage("D1", "D1"))
+    other.end()
+    again = dict(first, status="error", status_message="written again")
+    request = store.writer.submit([again, span_row(other, 4096)])
+    assert request.done.wait(10) and request.ok
+    rows = {r.name: r for r in TaskSpan.objects.filter(root_task_key="D1")}
+    assert set(rows) == {"job", "other"}
+    assert (rows["job"].status, rows["job"].status_message) == ("error", "written again")
+    assert TaskSpan.objects.filter(span_id=first["span_id"]).count() == 1
+
+
+@pytest.mark.stack
+@pytest.mark.django_db(transaction=True)
+def test_text_with_nul_characters_is_stored_not_dropped(store):
+    with store.tracer.start_as_current_span(
+        "nul\x00name", attributes={**lineage("N1", "N1"), "note": "a\x00b", "k\x00": ["x\x00"]}
+    ) as span:
+        span.add_event("e\x00", {"v": "\x00"})
+        span.set_status(Status(StatusCode.ERROR, "bad\x00status"))
+    store.flush()
+    assert store.writer.dropped == 0
+    row = TaskSpan.objects.get(root_task_key="N1")
+    assert row.name == "nul\ufffdname" and row.status_message == "bad\ufffdstatus"
+    assert row.attributes["note"] == "a\ufffdb" and row.attributes["k\ufffd"] == ["x\ufffd"]
+    assert row.events[0]["name"] == "e\ufffd" and row.events[0]["attributes"] == {"v": "\ufffd"}
+
+
+@pytest.mark.stack
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK") != "redis-postgres", reason="PostgreSQL")
+@pytest.mark.django_db(transaction=True)
+def test_the_writer_keeps_its_connection_while_busy_and_closes_it_when_idle():
+    def sessions():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+            return {pid for (pid,) in cursor.fetchall()}
+
+    writer = SpanWriter(lambda: 256, interval=0.05, keep_alive=0.6)
+    tracer = TracerProvider().get_tracer("tests")
+    before = sessions()
+    opened = []
+    for n in range(4):
+        span = tracer.start_span(f"batch {n}", attributes=lineage("C1", "C1"))
+        span.end()
+        assert writer.submit([span_row(span, 256)]).done.wait(10)
+        opened.append(sessions() - before)
+        time.sleep(0.1)
+    assert len(opened[0]) == 1 and all(o == opened[0] for o in opened)  # one connection
+    deadline = time.monotonic() + 5
+    while sessions() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sessions() - before  # closed after 0.6 s without a batch
+    assert TaskSpan.objects.filter(root_task_key="C1").count() == 4
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
     def broken(*args, **kwargs):

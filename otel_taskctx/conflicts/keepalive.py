@@ -4,26 +4,40 @@ Locks carry a TTL (``OTEL_TASKCTX["LOCK_TTL"]``, default powercrud's ``CONFLICT_
 that a worker that dies does not leave objects locked forever. A job that runs longer than
 the TTL would lose its locks under it, so the worker wraps the job in
 :func:`keep_locks_alive`, which refreshes every lock the task still holds every
-``interval`` seconds and stops when the block ends. If the process dies, the thread dies
+``interval`` seconds and stops when the block ends. If the process dies, the refresher dies
 with it and the locks expire one TTL later.
+
+One refresher thread per process serves every running block (a django-q2 worker runs one
+job at a time; a threaded caller may run several): entering a block only registers the task,
+so a short job costs no thread start. Refreshes of different tasks run one after another on
+that thread.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger("otel_taskctx.conflicts")
 
+#: the refresher closes its database connections when nothing is due within this many seconds
+IDLE_CLOSE_AFTER = 1.0
 
-class LockKeeper(threading.Thread):
-    """The refresher thread; also usable directly (``start()`` / ``stop()``)."""
+
+class LockKeeper:
+    """One task's lock refreshing, run by the process's refresher thread.
+
+    Usable directly (``start()`` / ``stop()``) or through :func:`keep_locks_alive`.
+    """
 
     def __init__(self, task_key: str, manager: Any, interval: float, ttl: int | None = None):
-        super().__init__(name=f"otel-taskctx-locks-{task_key[:40]}", daemon=True)
         self.task_key = task_key
         self.manager = manager
         self.interval = float(interval)
@@ -31,7 +45,8 @@ class LockKeeper(threading.Thread):
         self.refreshes = 0  #: completed refresh rounds
         self.refreshed = 0  #: locks refreshed by the last round
         self.last_error: BaseException | None = None
-        self._stop_event = threading.Event()
+        self._active = False
+        self._due = 0.0
 
     def refresh_now(self) -> int:
         """Refresh once, in the calling thread. Returns the number of locks refreshed."""
@@ -43,21 +58,127 @@ class LockKeeper(threading.Thread):
         self.refreshes += 1
         return count
 
-    def run(self) -> None:
+    def _round(self) -> None:
         try:
-            while not self._stop_event.wait(self.interval):
-                try:
-                    self.refresh_now()
-                except Exception as exc:  # keep trying: the next round may succeed
-                    self.last_error = exc
-                    log.warning("could not refresh the locks of task %s: %s", self.task_key, exc)
-        finally:
-            _close_thread_connections()
+            self.refresh_now()
+        except Exception as exc:  # keep trying: the next round may succeed
+            self.last_error = exc
+            log.warning("could not refresh the locks of task %s: %s", self.task_key, exc)
+
+    def start(self) -> LockKeeper:
+        """Refresh every ``interval`` seconds from now on (first round one interval away)."""
+        _refresher().add(self)
+        return self
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        self._stop_event.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout)
+        """No refresh after this returns (a round in progress is waited for)."""
+        _refresher().remove(self, timeout)
+
+    def is_alive(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._active
+
+
+class _Refresher:
+    """The process's refresher thread and its schedule (a heap of due keepers)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, LockKeeper]] = []
+        self._seq = itertools.count()
+        self._active = 0
+        self._current: LockKeeper | None = None
+        self._thread: threading.Thread | None = None
+
+    def add(self, keeper: LockKeeper) -> None:
+        with self._cond:
+            if keeper._active:
+                return
+            keeper._active = True
+            self._active += 1
+            self._push(keeper, time.monotonic() + keeper.interval)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="otel-taskctx-lock-refresher", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, keeper: LockKeeper, timeout: float | None) -> None:
+        with self._cond:
+            if keeper._active:
+                keeper._active = False
+                self._active -= 1
+            if self._current is keeper and threading.current_thread() is not self._thread:
+                self._cond.wait_for(lambda: self._current is not keeper, timeout)
+            # stopped entries stay in the heap until due; compact when they dominate
+            if len(self._heap) > 2 * self._active + 64:
+                self._heap = [entry for entry in self._heap if entry[2]._active]
+                heapq.heapify(self._heap)
+
+    def _push(self, keeper: LockKeeper, due: float) -> None:
+        keeper._due = due
+        heapq.heappush(self._heap, (due, next(self._seq), keeper))
+
+    def _next(self) -> LockKeeper:
+        """Wait for the next due keeper (with the condition held)."""
+        idle_since: float | None = None
+        while True:
+            heap = self._heap
+            while heap and not heap[0][2]._active:
+                heapq.heappop(heap)
+            now = time.monotonic()
+            wait = heap[0][0] - now if heap else None
+            if wait is not None and wait <= 0:
+                return heapq.heappop(heap)[2]
+            if wait is None or wait > IDLE_CLOSE_AFTER:
+                if idle_since is None:
+                    idle_since = now
+                    self._cond.release()
+                    try:
+                        _close_thread_connections()
+                    finally:
+                        self._cond.acquire()
+                    continue
+            self._cond.wait(wait)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                keeper = self._next()
+                self._current = keeper
+            try:
+                keeper._round()
+            finally:
+                with self._cond:
+                    self._current = None
+                    if keeper._active:
+                        self._push(keeper, time.monotonic() + keeper.interval)
+                    self._cond.notify_all()
+
+
+_state: tuple[int, _Refresher] | None = None
+_state_lock = threading.Lock()
+
+
+def _refresher() -> _Refresher:
+    global _state
+    state = _state
+    if state is None or state[0] != os.getpid():  # first use, or a forked child
+        with _state_lock:
+            if _state is None or _state[0] != os.getpid():
+                _state = (os.getpid(), _Refresher())
+            state = _state
+    return state[1]
+
+
+def _after_fork_in_child() -> None:
+    global _state_lock
+    _state_lock = threading.Lock()  # it may have been held by another thread at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _close_thread_connections() -> None:
@@ -82,7 +203,7 @@ def keep_locks_alive(
     ``manager`` is the task's powercrud ``AsyncManager`` (default: a new ``AsyncManager()``),
     ``interval`` defaults to ``OTEL_TASKCTX["LOCK_REFRESH_INTERVAL"]`` (60 s) and ``ttl`` to the
     store's lock TTL. Yields the :class:`LockKeeper` (None when refreshing is off: interval 0
-    or locks without TTL). The thread stops when the block exits, also on error; a dead worker
+    or locks without TTL). Refreshing stops when the block exits, also on error; a dead worker
     stops refreshing and its locks expire one TTL later.
     """
     from otel_taskctx.conflicts import get_conflict_store
@@ -107,8 +228,7 @@ def keep_locks_alive(
             store_ttl,
             task_key,
         )
-    keeper = LockKeeper(task_key, manager, interval, ttl)
-    keeper.start()
+    keeper = LockKeeper(task_key, manager, interval, ttl).start()
     try:
         yield keeper
     finally:

@@ -146,6 +146,8 @@ def _keys(taken: list[tuple[str, list[str]]]) -> list[str]:
 
 def supports(cache: Any) -> bool:
     """Can the Lua backend serve this cache (django-redis, pickle, no compression)?"""
+    if not any(c.__module__.startswith("django_redis.") for c in type(cache).__mro__):
+        return False  # not a django-redis cache: no need to import django-redis (and redis)
     try:
         from django_redis.cache import RedisCache
         from django_redis.client import DefaultClient

@@ -66,6 +66,10 @@ def _resource_labels(resource: Any) -> tuple[str, str]:
 
 
 def cut(text: str, max_len: int) -> str:
+    """``text`` within ``max_len`` characters, without NUL (no database text column, nor
+    PostgreSQL's jsonb, stores one)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
     if len(text) <= max_len:
         return text
     return text[: max(0, max_len - 1)] + TRUNCATION_MARK

@@ -2,8 +2,10 @@
 
 Why a thread of its own: the rows must never join the caller's transaction (a job inside
 ``transaction.atomic`` that calls ``force_flush`` must not have its transaction broken by, or
-rolled back with, our INSERT), and the writes need their own connection that we can close
-after each batch (so a test database can be dropped and PostgreSQL keeps no idle connection).
+rolled back with, our INSERT), and the writes need their own connection. On a server database that connection stays open
+while batches keep coming (opening one per batch costs a PostgreSQL backend start each time)
+and is closed once the writer has been idle for ``keep_alive`` seconds, so no idle connection
+stays behind for long (PostgreSQL's ``DROP DATABASE`` waits up to 5 seconds for it).
 
 Writes are batched: everything queued when the thread wakes up goes into one transaction.
 A failing write ("database is locked", disk full, table missing before ``migrate``) is retried
@@ -30,6 +32,8 @@ log = logging.getLogger("otel_taskctx.spans")
 #: seconds between two warnings about failed writes
 WARN_INTERVAL = 60.0
 LOCK_RETRIES = 3
+#: running rows remembered (to complete them with an upsert rather than a COPY)
+MAX_TRACKED_RUNNING_ROWS = 100_000
 #: seconds SQLite waits for another writer before a try fails
 SQLITE_BUSY_TIMEOUT = 5.0
 
@@ -52,9 +56,14 @@ class SpanWriter:
         running_delay: float = 1.0,
         interval: float = 0.5,
         using: str | None = None,
+        keep_alive: float = 1.0,
     ) -> None:
         self.running_delay = running_delay
         self.interval = interval
+        self.keep_alive = keep_alive
+        self._last_write = 0.0
+        self._session_ready: Any = None  # the raw connection set up for telemetry writes
+        self._running_rows: set[tuple[str, str]] = set()  # (trace, span) with a running row
         self.using = using
         self._max_len_getter = max_len_getter
         self._lock = threading.Lock()
@@ -87,6 +96,8 @@ class SpanWriter:
             self._wake = threading.Event()
             self._requests = deque()
             self._running = deque()
+            self._running_rows = set()
+            self._session_ready = None
             self._busy = False
             self._thread = None
             self._pid = pid
@@ -133,6 +144,8 @@ class SpanWriter:
             try:
                 with suppress_instrumentation():
                     self._cycle()
+                if self._last_write and time.monotonic() - self._last_write >= self.keep_alive:
+                    self._close_connection()
             except Exception:  # pragma: no cover - never let the thread die
                 log.exception("otel_taskctx span writer failed")
 
@@ -191,6 +204,7 @@ class SpanWriter:
             try:
                 self._write_once(finished, running)
                 self.written += len(finished) + len(running)
+                self._after_batch()
                 return True
             except OperationalError as exc:
                 if "locked" in str(exc).lower() and attempt < LOCK_RETRIES:
@@ -198,14 +212,12 @@ class SpanWriter:
                     delay *= 3
                     continue
                 self._drop(len(finished) + len(running), exc)
+                self._close_connection()  # it may be broken (server restarted, network)
                 return False
             except Exception as exc:
                 self._drop(len(finished) + len(running), exc)
                 self._close_connection()
                 return False
-            finally:
-                if not self._keep_connection():
-                    self._close_connection()
         return False  # pragma: no cover
 
     def _drop(self, count: int, exc: BaseException) -> None:
@@ -244,20 +256,28 @@ class SpanWriter:
         alias = self._alias()
         connection = connections[alias]
         connection.ensure_connection()
-        if connection.vendor == "sqlite":
-            _prepare_sqlite(connection)
-        with transaction.atomic(using=alias):
-            if connection.vendor == "postgresql":
-                # telemetry: no need to wait for the WAL flush (a crash may lose the last
-                # few milliseconds of spans, never the jobs' data or locks)
+        if connection.connection is not self._session_ready:
+            if connection.vendor == "sqlite":
+                _prepare_sqlite(connection)
+            elif connection.vendor == "postgresql":
+                # this session writes telemetry only: no need to wait for the WAL flush (a
+                # crash may lose the last few milliseconds of spans, never the jobs' data
+                # or locks)
                 with connection.cursor() as cursor:
-                    cursor.execute("SET LOCAL synchronous_commit TO OFF")
-            if connection.vendor in ("sqlite", "postgresql"):
-                if running:
+                    cursor.execute("SET synchronous_commit TO OFF")
+            self._session_ready = connection.connection
+        if connection.vendor == "postgresql":
+            self._write_postgresql(connection.connection, finished, running)
+            return
+        if connection.vendor == "sqlite":
+            if running and finished:
+                with transaction.atomic(using=alias):
                     _upsert(connection, running, update=False)
-                if finished:
                     _upsert(connection, finished, update=True)
-                return
+            else:  # one statement (per chunk): autocommit
+                _upsert(connection, running or finished, update=bool(finished))
+            return
+        with transaction.atomic(using=alias):
             if running:  # other databases: the ORM's (slower) portable upsert
                 TaskSpan.objects.using(alias).bulk_create(
                     [TaskSpan(**row) for row in running], ignore_conflicts=True
@@ -271,20 +291,48 @@ class SpanWriter:
                     update_fields=fields,
                 )
 
-    def _keep_connection(self) -> bool:
+    def _write_postgresql(
+        self, raw: Any, finished: list[dict[str, Any]], running: list[dict[str, Any]]
+    ) -> None:
+        from otel_taskctx.spans import pg
+
+        had_row = self._running_rows
+        if running:
+            pg.upsert(raw, running, update=False)
+            if len(had_row) > MAX_TRACKED_RUNNING_ROWS:
+                had_row.clear()  # only a shortcut: the COPY fallback stays correct
+            had_row.update((row["trace_id"], row["span_id"]) for row in running)
+        if not finished:
+            return
+        completing = [r for r in finished if (r["trace_id"], r["span_id"]) in had_row]
+        new = [r for r in finished if (r["trace_id"], r["span_id"]) not in had_row]
+        if new and not pg.copy_new(raw, new):
+            completing += new  # some were in the table already: upsert them all
+        if completing:
+            pg.upsert(raw, completing, update=True)
+            for row in completing:
+                had_row.discard((row["trace_id"], row["span_id"]))
+
+    def _after_batch(self) -> None:
         """SQLite: keep the file open (closing a WAL database checkpoints it every time).
 
-        Server databases: close after each batch, so no idle connection stays behind (and a
-        test database can be dropped).
+        Server databases: keep the connection while batches keep coming; the writer thread
+        closes it after ``keep_alive`` idle seconds (``keep_alive = 0``: after each batch).
         """
         try:
             from django.db import connections
 
-            return connections[self._alias()].vendor == "sqlite"
+            if connections[self._alias()].vendor == "sqlite":
+                return
         except Exception:  # pragma: no cover
-            return False
+            pass
+        if self.keep_alive > 0:
+            self._last_write = time.monotonic()
+        else:
+            self._close_connection()
 
     def _close_connection(self) -> None:
+        self._last_write = 0.0
         try:
             from django.db import connections
 

@@ -130,6 +130,26 @@ def _django_models_ready() -> bool:
     return bool(apps.models_ready)
 
 
+#: modules a worker would import at its first job; imported when patching instead, so the
+#: worker processes django-q2 forks (and recycles) inherit them
+_WORKER_MODULES = (
+    "otel_taskctx.helpers",
+    "otel_taskctx.conflicts.database_store",
+    "otel_taskctx.conflicts.redis_store",
+    "powercrud.async_context",
+)
+
+
+def _preload_worker_modules() -> None:
+    import importlib
+
+    for name in _WORKER_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception:  # optional pieces (powercrud) may be missing
+            log.debug("could not preload %s", name, exc_info=True)
+
+
 class TaskContextInstrumentor(BaseInstrumentor):
     """Carries task identity and trace context through django-q2 and powercrud."""
 
@@ -246,6 +266,8 @@ class TaskContextInstrumentor(BaseInstrumentor):
             uid = f"{_DISPATCH_PREFIX}.{name}"
             signal.connect(receiver, weak=False, dispatch_uid=uid)
             self._connected.append((signal, uid))
+
+        _preload_worker_modules()
 
         # every forked child (workers, monitor, pusher) flushes its spans when it exits
         from multiprocessing import util as mp_util

@@ -229,3 +229,44 @@ def check_lock_visibility(app_configs=None, **kwargs):
             obj=alias,
         )
     ]
+
+
+@register(Tags.database)
+def check_span_database(app_configs=None, **kwargs):
+    """``OTEL_TASKCTX["SPAN_DATABASE"]`` names a database, and the span table is routed there."""
+    from django.db import router
+
+    from otel_taskctx.conf import get_setting
+
+    try:
+        alias = get_setting("SPAN_DATABASE")
+    except Exception:  # OTEL_TASKCTX is not a dict: otel_taskctx.E001
+        return []
+    if not alias:
+        return []
+    if alias not in getattr(settings, "DATABASES", {}):
+        return [
+            Error(
+                f"OTEL_TASKCTX['SPAN_DATABASE'] is {alias!r}, which is not in DATABASES.",
+                hint="Add that database alias, or remove the setting to keep the spans in "
+                "the default database.",
+                id="otel_taskctx.E005",
+                obj="OTEL_TASKCTX",
+            )
+        ]
+    from otel_taskctx.span_models import TaskSpan
+
+    routed = router.db_for_write(TaskSpan)
+    if routed != alias:
+        return [
+            Warning(
+                f"OTEL_TASKCTX['SPAN_DATABASE'] is {alias!r} but the database routers send "
+                f"the span table to {routed!r}: spans are written there.",
+                hint="Add 'otel_taskctx.routers.SpanStoreRouter' to DATABASE_ROUTERS (before "
+                "routers that claim every model), then run 'manage.py migrate --database "
+                f"{alias}'.",
+                id="otel_taskctx.W050",
+                obj="OTEL_TASKCTX",
+            )
+        ]
+    return []

@@ -13,6 +13,9 @@ ENQUEUE_NESTED              dotted function paths that are still enqueued when l
                             inside a task, e.g. e-mail sending (``[]``)
 SPAN_PROCESSOR              add ``TaskContextSpanProcessor`` to the tracer provider (True)
 SPAN_STORE                  store finished spans in the database for the viewer (True)
+SPAN_DATABASE               database alias of the span store, with
+                            ``otel_taskctx.routers.SpanStoreRouter`` (None: the router's
+                            choice, usually "default")
 SPAN_RETENTION_DAYS         age after which ``taskctx_prune`` deletes stored spans (7)
 MAX_ATTRIBUTE_LENGTH        longest stored span attribute value, in characters (4096)
 PROGRESS_MIN_INTERVAL       seconds between two progress writes of one task (0.25)
@@ -41,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "ENQUEUE_NESTED": [],
     "SPAN_PROCESSOR": True,
     "SPAN_STORE": True,
+    "SPAN_DATABASE": None,
     "SPAN_RETENTION_DAYS": 7,
     "MAX_ATTRIBUTE_LENGTH": 4096,
     "PROGRESS_MIN_INTERVAL": 0.25,

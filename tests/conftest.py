@@ -36,6 +36,18 @@ def _signing_from_settings():
 
 
 @pytest.fixture
+def export_spans_after_test():
+    """This process's spans are exported when the test ends, not seconds later inside another
+    test (with ``django_db``: before the tables are cleared)."""
+    yield
+    from opentelemetry import trace
+
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        flush(5000)
+
+
+@pytest.fixture
 def clear_cache(db):
     from django.core.cache import cache
 

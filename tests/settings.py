@@ -109,6 +109,14 @@ elif STACK == "embedded":
             "TEST": {"NAME": _db},
         }
     }
+    if os.environ.get("TASKCTX_SPAN_DB"):  # the span store in an SQLite file of its own
+        DATABASES["spans"] = {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ["TASKCTX_SPAN_DB"],
+            "TEST": {"NAME": os.environ["TASKCTX_SPAN_DB"]},
+        }
+        DATABASE_ROUTERS = ["otel_taskctx.routers.SpanStoreRouter"]
+        _SPAN_DATABASE = "spans"
     CACHES = {
         "default": {
             # Django's DatabaseCache, except that powercrud's locks live in a table that is
@@ -132,6 +140,8 @@ else:  # pragma: no cover - configuration error
 POWERCRUD_SETTINGS = {"ASYNC_ENABLED": True, "CACHE_NAME": "default"}
 # tests that need other library settings in a subprocess pass them as JSON
 OTEL_TASKCTX = json.loads(os.environ.get("TASKCTX_TEST_OTEL_TASKCTX", "{}"))
+if globals().get("_SPAN_DATABASE"):
+    OTEL_TASKCTX.setdefault("SPAN_DATABASE", _SPAN_DATABASE)
 
 LOGGING = {
     "version": 1,

@@ -1,5 +1,8 @@
 """System checks flag configurations that break identities or locks."""
 
+import pytest
+from django_q.models import Task
+
 from otel_taskctx.checks import check_powercrud_cache, check_settings
 
 
@@ -67,6 +70,36 @@ def test_a_redis_cache_does_not_warn_about_transactions(settings):
     from otel_taskctx.checks import check_lock_visibility
 
     settings.CACHES = {
-        "default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:6379/1"}
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": "redis://127.0.0.1:6379/1",
+        }
     }
     assert check_lock_visibility() == []
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+def test_span_database_must_exist_and_be_routed(settings):
+    from otel_taskctx.checks import check_span_database
+    from otel_taskctx.routers import SpanStoreRouter
+    from otel_taskctx.span_models import TaskSpan
+
+    assert check_span_database() == []  # not set
+    settings.OTEL_TASKCTX = {"SPAN_DATABASE": "spans"}
+    msgs = check_span_database()
+    assert ids(msgs) == ["otel_taskctx.E005"] and "'spans'" in msgs[0].msg
+    settings.DATABASES = {**settings.DATABASES, "spans": dict(settings.DATABASES["default"])}
+    msgs = check_span_database()
+    assert ids(msgs) == ["otel_taskctx.W050"] and "SpanStoreRouter" in msgs[0].hint
+    settings.DATABASE_ROUTERS = ["otel_taskctx.routers.SpanStoreRouter"]
+    assert check_span_database() == []
+    # the router claims the span table only, and only for the named alias
+    router = SpanStoreRouter()
+    assert router.db_for_write(TaskSpan) == "spans" and router.db_for_read(TaskSpan) == "spans"
+    assert router.db_for_write(Task) is None
+    assert router.allow_migrate("spans", "otel_taskctx", "taskspan") is True
+    assert router.allow_migrate("default", "otel_taskctx", "taskspan") is False
+    assert router.allow_migrate("default", "otel_taskctx", "descendantlock") is None
+    settings.OTEL_TASKCTX = {}
+    assert router.db_for_write(TaskSpan) is None
+    assert router.allow_migrate("default", "otel_taskctx", "taskspan") is None

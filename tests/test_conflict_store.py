@@ -75,6 +75,22 @@ def test_locks_are_powercrud_locks_released_by_its_completion_hook(env):
     assert env.left() == 0
 
 
+def test_powercrud_completion_hook_releases_in_a_batch_and_spares_a_retaken_lock(env):
+    # (the instrumentation, active in the tests, routes powercrud's remove_conflict_ids to the
+    # store's compare-and-delete; powercrud's own loop deletes every tracked key)
+    assert env.manager.add_conflict_ids("job-20", {"testapp.parent": {1}})  # launch lock
+    assert env.store.reserve("job-20", {CHILD: list(range(1, 301))}).reserved
+    env.manager.cache.set(f"powercrud:conflict:model:{CHILD}:300", "job-21")  # expired, retaken
+    env.manager.add_active_task("job-20")
+    env.manager.handle_task_completion(Task(name="job-20", success=True), "job-20")
+    assert env.manager.check_conflict({CHILD: list(range(1, 300))}) == set()
+    assert env.manager.check_conflict({"testapp.parent": [1]}) == set()
+    assert env.holder(300) == "job-21"
+    assert env.store.tracked_keys("job-20") == set()
+    env.manager.cache.delete(f"powercrud:conflict:model:{CHILD}:300")
+    assert env.left() == 0
+
+
 def test_powercrud_cleanup_command_releases_descendant_locks(env):
     # the parent job's own launch locks (powercrud's path) plus descendants (ours)
     assert env.manager.add_conflict_ids("job-2", {"testapp.parent": {7}})

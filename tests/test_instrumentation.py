@@ -45,13 +45,7 @@ class ReportingManager(AsyncManager):
     """A manager subclass: its launches carry this class path."""
 
 
-@pytest.fixture(autouse=True)
-def _export_spans_before_the_next_test():
-    """This test's spans are exported now, not seconds later inside another test."""
-    yield
-    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-    if flush is not None:
-        flush(5000)
+pytestmark = pytest.mark.usefixtures("export_spans_after_test")
 
 
 @pytest.fixture

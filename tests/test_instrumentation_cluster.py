@@ -10,24 +10,20 @@ import pytest
 from django.core.cache import caches
 from django_q import tasks as q_tasks
 from django_q.models import OrmQ, Task
-from opentelemetry import trace
 from powercrud.async_manager import AsyncManager
 
 from tests.testapp.models import Invoice, InvoiceLine, Observation
 
-pytestmark = [pytest.mark.cluster, pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.stack,
+    pytest.mark.django_db(transaction=True),
+    # the django_db marker's fixture is autouse: set up before, torn down after this one
+    pytest.mark.usefixtures("export_spans_after_test"),
+]
 
 QUIET = {"OTEL_TASKCTX": {"SPAN_STORE": False}}
 MANAGER = "powercrud.async_manager.AsyncManager"
-
-
-@pytest.fixture(autouse=True)
-def _export_spans_before_the_next_test(transactional_db):
-    """This process's spans are exported (and cleared with the tables) before the next test."""
-    yield
-    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-    if flush is not None:
-        flush(5000)
 
 
 @pytest.fixture

@@ -314,6 +314,34 @@ def test_database_locked_is_retried_then_dropped_and_the_next_batch_is_written(s
     assert list(TaskSpan.objects.values_list("name", flat=True)) == ["after the lock"]
 
 
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
+@pytest.mark.django_db(transaction=True)
+def test_the_writer_keeps_trying_to_switch_sqlite_to_wal_until_it_succeeds(store, monkeypatch):
+    tracer = TracerProvider().get_tracer("tests")
+    real = writer_module._prepare_sqlite
+    attempts = []
+
+    def switch_fails_the_first_time(conn):
+        attempts.append(conn.settings_dict["NAME"])
+        if len(attempts) == 1:
+            return  # as when another process holds a lock: the journal stays as it is
+        real(conn)
+
+    monkeypatch.setattr(writer_module, "_prepared", set())
+    monkeypatch.setattr(writer_module, "_prepare_sqlite", switch_fails_the_first_time)
+    for label in ("first", "second", "third"):
+        span = tracer.start_span(label, attributes=lineage("W1", "W1"))
+        span.end()
+        assert store.writer.submit([span_row(span, 256)]).done.wait(10)
+    # tried again on the same connection's next batch, and not after it succeeded
+    assert len(attempts) == 2
+    assert str(connection.settings_dict["NAME"]) in writer_module._prepared
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA journal_mode")
+        assert cursor.fetchone()[0] == "wal"
+    assert TaskSpan.objects.filter(root_task_key="W1").count() == 3
+
+
 @pytest.mark.django_db(transaction=True)
 def test_flush_inside_a_transaction_does_not_wait_for_the_callers_own_lock(store):
     from django.db import transaction
@@ -480,3 +508,56 @@ def test_several_processes_write_spans_while_jobs_write_without_database_locked(
     assert Parent.objects.count() == count * nproc
     for p in range(nproc):
         assert TaskSpan.objects.filter(root_task_key=f"P{p}").count() == count
+
+
+OWN_FILE_SCRIPT = textwrap.dedent(
+    """
+    import django, sys
+    django.setup()
+    from django.core.management import call_command
+    from django.conf import settings
+    from opentelemetry import trace
+    from otel_taskctx import task_context
+    from otel_taskctx.spans import flush_span_store
+
+    call_command("migrate", verbosity=0)
+    call_command("migrate", database="spans", verbosity=0)
+    tracer = trace.get_tracer("own-file")
+    with task_context("S1"):
+        for n in range(5):
+            with tracer.start_as_current_span(f"step {n}"):
+                pass
+    assert flush_span_store(10)
+    from otel_taskctx.span_models import TaskSpan
+    print("VIEWER", TaskSpan.objects.filter(root_task_key="S1").count())
+    """
+)
+
+
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
+def test_span_database_puts_the_span_table_in_its_own_sqlite_file(tmp_path):
+    jobs, spans = tmp_path / "jobs.sqlite3", tmp_path / "spans.sqlite3"
+    env = {
+        **os.environ,
+        "TASKCTX_DB_NAME": str(jobs),
+        "TASKCTX_SPAN_DB": str(spans),
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(REPO),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", OWN_FILE_SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "VIEWER 5" in out.stdout  # the ORM (the viewer's queries) reads the spans there
+    with sqlite3.connect(spans) as db:
+        assert db.execute(
+            "SELECT count(*) FROM otel_taskctx_span WHERE root_task_key = 'S1'"
+        ).fetchone() == (5,)
+    with sqlite3.connect(jobs) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "django_q_ormq" in tables and "otel_taskctx_span" not in tables

@@ -256,10 +256,13 @@ class SpanWriter:
         alias = self._alias()
         connection = connections[alias]
         connection.ensure_connection()
-        if connection.connection is not self._session_ready:
-            if connection.vendor == "sqlite":
-                _prepare_sqlite(connection)
-            elif connection.vendor == "postgresql":
+        if connection.vendor == "sqlite" and (
+            connection.connection is not self._session_ready or not _in_wal_mode(connection)
+        ):
+            _prepare_sqlite(connection)  # (until the WAL switch succeeds: every batch)
+            self._session_ready = connection.connection
+        elif connection.connection is not self._session_ready:
+            if connection.vendor == "postgresql":
                 # this session writes telemetry only: no need to wait for the WAL flush (a
                 # crash may lose the last few milliseconds of spans, never the jobs' data
                 # or locks)
@@ -390,6 +393,10 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
                 f"ON CONFLICT ({conflict}) {action}",
                 params,
             )
+
+
+def _in_wal_mode(connection: Any) -> bool:
+    return str(connection.settings_dict.get("NAME")) in _prepared
 
 
 def _prepare_sqlite(connection: Any) -> None:

@@ -256,6 +256,11 @@ class TaskContextInstrumentor(BaseInstrumentor):
             patches.replace(
                 AsyncManager, "launch_async_task", _producer.wrap_launch_async_task(launch)
             )
+            remove = vars(AsyncManager).get("remove_conflict_ids")
+            if remove is not None:
+                patches.replace(
+                    AsyncManager, "remove_conflict_ids", _consumer.wrap_remove_conflict_ids(remove)
+                )
 
         for signal, receiver, name in (
             (q_signals.pre_enqueue, _producer.on_pre_enqueue, "pre_enqueue"),

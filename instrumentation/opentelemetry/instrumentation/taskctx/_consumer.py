@@ -10,6 +10,7 @@ context, so the next task in the same process starts clean.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -302,3 +303,31 @@ def on_post_spawn(sender: Any = None, **kwargs: Any) -> None:
     """A worker process started: flush its spans when it exits (recycle, stop, timeout)."""
     if utils.STATE.active:
         utils.exit_flush.register()
+
+
+def wrap_remove_conflict_ids(original: Any) -> Any:
+    """The replacement for ``AsyncManager.remove_conflict_ids`` (powercrud's completion hook and
+    cleanup call it): the conflict store's batched compare-and-delete of everything the task
+    holds (one script or statement per 2,000 locks instead of a cache call per lock), which also
+    leaves alone a lock that expired and was taken by another task. Falls back to powercrud's
+    own loop if the store cannot be reached."""
+
+    @functools.wraps(original)
+    def remove_conflict_ids(self: Any, task_name: str, conflict_ids: Any = None) -> Any:
+        if not utils.STATE.active:
+            return original(self, task_name, conflict_ids)
+        try:
+            from otel_taskctx.conflicts import get_conflict_store
+
+            get_conflict_store(self).release(str(task_name))
+            return None
+        except Exception as exc:
+            log.warning(
+                "could not release the locks of task %s in one batch (%s); "
+                "using powercrud's per-key removal",
+                task_name,
+                exc,
+            )
+            return original(self, task_name, conflict_ids)
+
+    return remove_conflict_ids

@@ -48,9 +48,11 @@ def export_spans_after_test():
 
 
 @pytest.fixture
-def clear_cache(db):
-    from django.core.cache import cache
+def cache(db):
+    """The default cache (powercrud's locks and progress), cleared before and after the test."""
+    from django.core.cache import caches
 
+    cache = caches["default"]
     cache.clear()
     yield cache
     cache.clear()

@@ -105,7 +105,7 @@ def rewriter():
 @pytest.mark.cluster
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
-def test_malformed_carriers_run_as_plain_jobs(cluster_factory, rewriter, clear_cache):
+def test_malformed_carriers_run_as_plain_jobs(cluster_factory, rewriter, cache):
     cluster = cluster_factory(
         q_cluster={"workers": 1}, settings={"OTEL_TASKCTX": {"SPAN_STORE": False}}
     )
@@ -203,7 +203,7 @@ def _baggage_header(carrier: dict[str, str]) -> str:
 
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
-def test_descendant_ids_never_travel_in_baggage(rewriter, clear_cache):
+def test_descendant_ids_never_travel_in_baggage(rewriter, cache):
     """5,000 registered descendants + 500 more through a launch: the identity is the
     only entry the job adds to baggage, in the context and in the package it enqueues."""
     ids = range(5_000_000, 5_005_000)
@@ -241,7 +241,7 @@ def _large_user_baggage() -> context.Context:
 @pytest.mark.cluster
 @pytest.mark.stack
 @pytest.mark.django_db(transaction=True)
-def test_identity_propagates_past_a_large_user_baggage(cluster_factory, rewriter, clear_cache):
+def test_identity_propagates_past_a_large_user_baggage(cluster_factory, rewriter, cache):
     cluster = cluster_factory(settings={"OTEL_TASKCTX": {"SPAN_STORE": False}})
     token = context.attach(_large_user_baggage())
     try:

@@ -54,7 +54,7 @@ def test_unlike_powercrud_the_identity_crosses_a_carrier():
 
 @pytest.mark.django_db
 @pytest.mark.stack
-def test_register_descendant_conflicts_like_powercrud(clear_cache):
+def test_register_descendant_conflicts_like_powercrud(cache):
     manager = AsyncManager()
     assert compat.register_descendant_conflicts("testapp.Child", [1, 2]) is None  # no task: no-op
     assert manager.check_conflict({"testapp.child": [1, 2]}) == set()
@@ -68,7 +68,7 @@ def test_register_descendant_conflicts_like_powercrud(clear_cache):
 
 
 @pytest.mark.django_db
-def test_powercrud_style_save_code_works_unchanged(clear_cache):
+def test_powercrud_style_save_code_works_unchanged(cache):
     """The pattern from powercrud's planning note, importing from us instead."""
     from otel_taskctx.compat import register_descendant_conflicts, skip_nested_async
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def manager(clear_cache):
+def manager(cache):
     return AsyncManager()
 
 

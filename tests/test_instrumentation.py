@@ -59,16 +59,6 @@ def spans():
     exporter.clear()
 
 
-@pytest.fixture
-def cache(db):
-    from django.core.cache import caches
-
-    cache = caches["default"]
-    cache.clear()
-    yield cache
-    cache.clear()
-
-
 def _queued() -> list[dict]:
     return [row.task for row in OrmQ.objects.order_by("pk")]
 

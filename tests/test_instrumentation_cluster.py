@@ -7,7 +7,6 @@ Each test starts its own cluster (a few seconds). Jobs write down what they saw 
 from __future__ import annotations
 
 import pytest
-from django.core.cache import caches
 from django_q import tasks as q_tasks
 from django_q.models import OrmQ, Task
 from powercrud.async_manager import AsyncManager
@@ -24,14 +23,6 @@ pytestmark = [
 
 QUIET = {"OTEL_TASKCTX": {"SPAN_STORE": False}}
 MANAGER = "powercrud.async_manager.AsyncManager"
-
-
-@pytest.fixture
-def cache():
-    cache = caches["default"]
-    cache.clear()
-    yield cache
-    cache.clear()
 
 
 def _invoices(count: int, lines: int, fail_first: bool = False) -> list[Invoice]:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def manager(clear_cache, settings):
+def manager(cache, settings):
     settings.OTEL_TASKCTX = {"PROGRESS_MIN_INTERVAL": 0}
     return AsyncManager()
 

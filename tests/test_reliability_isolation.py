@@ -50,7 +50,7 @@ def _observed(task: Task) -> dict:
     return value
 
 
-def test_no_job_sees_another_jobs_identity(cluster_factory, clear_cache):
+def test_no_job_sees_another_jobs_identity(cluster_factory, cache):
     cluster = cluster_factory(
         # keep every result (django-q2 keeps 250 successes by default), acknowledge failures
         # (the ORM broker would redeliver them after ``retry``)

@@ -74,7 +74,7 @@ def _orm_broker() -> bool:
     return bool(Conf.ORM)
 
 
-def test_worker_killed_mid_nested_job(cluster_factory, tmp_path, ttl_settings, clear_cache):
+def test_worker_killed_mid_nested_job(cluster_factory, tmp_path, ttl_settings, cache):
     cluster = cluster_factory(
         q_cluster={"workers": 1, "retry": RETRY, "timeout": RETRY - 1},
         settings=ttl_settings,

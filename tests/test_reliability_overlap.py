@@ -29,7 +29,7 @@ HOLD = "tests.testapp.reliability.hold_children"
 SIZE, OVERLAP = 120, 40
 
 
-def test_overlapping_descendants_on_two_workers(cluster_factory, tmp_path, clear_cache):
+def test_overlapping_descendants_on_two_workers(cluster_factory, tmp_path, cache):
     cluster = cluster_factory(
         q_cluster={"workers": 2}, settings={"OTEL_TASKCTX": {"SPAN_STORE": False}}
     )

@@ -39,7 +39,7 @@ def _fast_passwords(settings):
 
 
 @pytest.fixture
-def broker(clear_cache):
+def broker(cache):
     broker = get_broker()
     broker.purge_queue()
     yield broker

@@ -77,7 +77,7 @@ def _escaped(result):
     return result["task"] is not None or result["skip"] or result["registered"]
 
 
-def test_hostile_identities_over_http_never_count(django_otel, clear_cache):
+def test_hostile_identities_over_http_never_count(django_otel, cache):
     client = Client()
     cases = _hostile_tokens()
     escapes = []
@@ -106,7 +106,7 @@ def no_filter():
     install_propagator_filter()
 
 
-def test_control_without_the_filter_a_genuine_token_would_escape(django_otel, no_filter, clear_cache):
+def test_control_without_the_filter_a_genuine_token_would_escape(django_otel, no_filter, cache):
     """Shows the test above can fail: the filter is what stops the replayed token."""
     result = _probe(Client(), f"taskctx={_genuine()}")
     assert result["task"] == "job-http"

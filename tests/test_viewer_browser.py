@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.core.cache import caches
 from django.test import Client
 from powercrud.async_manager import AsyncManager
 
@@ -30,14 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 SETTINGS_MODULE = os.environ.get("DJANGO_SETTINGS_MODULE") or "tests.settings"
-
-
-@pytest.fixture
-def cache():
-    cache = caches["default"]
-    cache.clear()
-    yield cache
-    cache.clear()
 
 
 @contextmanager

@@ -6,7 +6,6 @@ import io
 import time
 
 import pytest
-from django.core.cache import caches
 from django.core.management import call_command
 from django_q.models import Task
 from powercrud.async_manager import AsyncManager
@@ -20,14 +19,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.stack, pytest.mark.django_db(tran
 
 APPROVE = "tests.testapp.tasks.approve_invoices"
 NESTED = "tests.testapp.tasks.update_invoice_lines"
-
-
-@pytest.fixture
-def cache():
-    cache = caches["default"]
-    cache.clear()
-    yield cache
-    cache.clear()
 
 
 def invoices(count, lines, fail_first=False):

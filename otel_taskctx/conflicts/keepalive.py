@@ -121,25 +121,24 @@ class _Refresher:
         heapq.heappush(self._heap, (due, next(self._seq), keeper))
 
     def _next(self) -> LockKeeper:
-        """Wait for the next due keeper (with the condition held)."""
-        idle_since: float | None = None
+        """Wait for the next due keeper (with the condition held); close the thread's
+        database connections first when nothing is due soon."""
+        closed = False
         while True:
             heap = self._heap
             while heap and not heap[0][2]._active:
                 heapq.heappop(heap)
-            now = time.monotonic()
-            wait = heap[0][0] - now if heap else None
+            wait = heap[0][0] - time.monotonic() if heap else None
             if wait is not None and wait <= 0:
                 return heapq.heappop(heap)[2]
-            if wait is None or wait > IDLE_CLOSE_AFTER:
-                if idle_since is None:
-                    idle_since = now
-                    self._cond.release()
-                    try:
-                        _close_thread_connections()
-                    finally:
-                        self._cond.acquire()
-                    continue
+            if not closed and (wait is None or wait > IDLE_CLOSE_AFTER):
+                closed = True
+                self._cond.release()
+                try:
+                    _close_thread_connections()
+                finally:
+                    self._cond.acquire()
+                continue  # the schedule may have changed meanwhile
             self._cond.wait(wait)
 
     def _run(self) -> None:
@@ -157,24 +156,16 @@ class _Refresher:
                     self._cond.notify_all()
 
 
-_state: tuple[int, _Refresher] | None = None
-_state_lock = threading.Lock()
+_the_refresher = _Refresher()
 
 
 def _refresher() -> _Refresher:
-    global _state
-    state = _state
-    if state is None or state[0] != os.getpid():  # first use, or a forked child
-        with _state_lock:
-            if _state is None or _state[0] != os.getpid():
-                _state = (os.getpid(), _Refresher())
-            state = _state
-    return state[1]
+    return _the_refresher
 
 
 def _after_fork_in_child() -> None:
-    global _state_lock
-    _state_lock = threading.Lock()  # it may have been held by another thread at fork time
+    global _the_refresher
+    _the_refresher = _Refresher()  # the parent's thread and schedule do not exist here
 
 
 if hasattr(os, "register_at_fork"):

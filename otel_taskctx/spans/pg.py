@@ -19,17 +19,26 @@ The connection is in autocommit mode: each statement commits on its own (with
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 
+@dataclass(frozen=True)
+class _Table:
+    names: list[str]  # the columns' field names, in order
+    json_names: frozenset[str]
+    defaults: dict[str, Any]
+    copy: str  # COPY ... FROM STDIN
+    upsert: str  # single-row INSERT ... ON CONFLICT DO UPDATE
+    insert_if_absent: str  # single-row INSERT ... ON CONFLICT DO NOTHING
+
+
 @cache
-def _statements() -> tuple[list[str], frozenset[str], str, str, str]:
-    """(field names, JSON field names, COPY, upsert-update, insert-if-absent) for the table."""
+def _table() -> _Table:
     from otel_taskctx.span_models import TaskSpan
 
     fields = [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
-    names = [f.name for f in fields]
     json_names = frozenset(f.name for f in fields if f.get_internal_type() == "JSONField")
     table = f'"{TaskSpan._meta.db_table}"'
     columns = ", ".join(f'"{f.column}"' for f in fields)
@@ -42,31 +51,24 @@ def _statements() -> tuple[list[str], frozenset[str], str, str, str]:
         for f in fields
         if f.column not in ("trace_id", "span_id")
     )
-    return (
-        names,
-        json_names,
-        f"COPY {table} ({columns}) FROM STDIN",
-        f"{insert} DO UPDATE SET {sets}",
-        f"{insert} DO NOTHING",
+    return _Table(
+        names=[f.name for f in fields],
+        json_names=json_names,
+        defaults={f.name: f.get_default() for f in fields},
+        copy=f"COPY {table} ({columns}) FROM STDIN",
+        upsert=f"{insert} DO UPDATE SET {sets}",
+        insert_if_absent=f"{insert} DO NOTHING",
     )
 
 
-@cache
-def _defaults() -> dict[str, Any]:
-    from otel_taskctx.span_models import TaskSpan
-
-    return {f.name: f.get_default() for f in TaskSpan._meta.concrete_fields if not f.primary_key}
-
-
 def _values(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    names, json_names, *_ = _statements()
-    defaults = _defaults()
+    table = _table()
     out = []
     for row in rows:
         values = []
-        for name in names:
-            value = row.get(name, defaults[name])
-            if name in json_names:
+        for name in table.names:
+            value = row.get(name, table.defaults[name])
+            if name in table.json_names:
                 value = json.dumps(value)
             values.append(value)
         out.append(values)
@@ -77,9 +79,8 @@ def copy_new(raw: Any, rows: list[dict[str, Any]]) -> bool:
     """``COPY`` ``rows`` into the table. False (nothing written) if one of them is there."""
     import psycopg
 
-    _, _, copy_sql, _, _ = _statements()
     try:
-        with psycopg.Cursor(raw) as cursor, cursor.copy(copy_sql) as copy:
+        with psycopg.Cursor(raw) as cursor, cursor.copy(_table().copy) as copy:
             for values in _values(rows):
                 copy.write_row(values)
     except psycopg.errors.UniqueViolation:
@@ -91,6 +92,6 @@ def upsert(raw: Any, rows: list[dict[str, Any]], update: bool) -> None:
     """Insert ``rows``; on a conflict replace the row (``update``) or keep it."""
     import psycopg
 
-    _, _, _, update_sql, insert_sql = _statements()
+    table = _table()
     with psycopg.Cursor(raw) as cursor:
-        cursor.executemany(update_sql if update else insert_sql, _values(rows))
+        cursor.executemany(table.upsert if update else table.insert_if_absent, _values(rows))

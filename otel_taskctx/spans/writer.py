@@ -256,19 +256,15 @@ class SpanWriter:
         alias = self._alias()
         connection = connections[alias]
         connection.ensure_connection()
-        if connection.vendor == "sqlite" and (
-            connection.connection is not self._session_ready or not _in_wal_mode(connection)
-        ):
+        new_session = connection.connection is not self._session_ready
+        if connection.vendor == "sqlite" and (new_session or not _in_wal_mode(connection)):
             _prepare_sqlite(connection)  # (until the WAL switch succeeds: every batch)
-            self._session_ready = connection.connection
-        elif connection.connection is not self._session_ready:
-            if connection.vendor == "postgresql":
-                # this session writes telemetry only: no need to wait for the WAL flush (a
-                # crash may lose the last few milliseconds of spans, never the jobs' data
-                # or locks)
-                with connection.cursor() as cursor:
-                    cursor.execute("SET synchronous_commit TO OFF")
-            self._session_ready = connection.connection
+        elif connection.vendor == "postgresql" and new_session:
+            # this session writes telemetry only: no need to wait for the WAL flush (a crash
+            # may lose the last few milliseconds of spans, never the jobs' data or locks)
+            with connection.cursor() as cursor:
+                cursor.execute("SET synchronous_commit TO OFF")
+        self._session_ready = connection.connection
         if connection.vendor == "postgresql":
             self._write_postgresql(connection.connection, finished, running)
             return

@@ -94,8 +94,7 @@ def dashboard_task_names(user: Any, spans: QuerySet | None = None) -> list[Any]:
     out = []
     for manager in _dashboard_managers(spans):
         try:
-            task_field = manager._field("task_name", "task_name")
-            user_field = manager._field("user", "user_label")
+            task_field, user_field = _record_fields(manager)
             if not task_field or not user_field:
                 continue
             label = manager.format_user(user)
@@ -116,8 +115,7 @@ def dashboard_user(root_task_key: str, spans: QuerySet | None = None) -> str | N
     spans = TaskSpan.objects.filter(root_task_key=root_task_key) if spans is None else spans
     for manager in _dashboard_managers(spans):
         try:
-            task_field = manager._field("task_name", "task_name")
-            user_field = manager._field("user", "user_label")
+            task_field, user_field = _record_fields(manager)
             if not task_field or not user_field:
                 continue
             value = (
@@ -130,6 +128,11 @@ def dashboard_user(root_task_key: str, spans: QuerySet | None = None) -> str | N
         except Exception:
             log.debug("could not read the dashboard record of %s", root_task_key, exc_info=True)
     return None
+
+
+def _record_fields(manager: Any) -> tuple[str | None, str | None]:
+    """The task-name and user fields of a manager's dashboard record model (None: absent)."""
+    return manager._field("task_name", "task_name"), manager._field("user", "user_label")
 
 
 def _same_database(model: Any) -> bool:

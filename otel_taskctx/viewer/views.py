@@ -70,12 +70,16 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _page(request: HttpRequest) -> tuple[Any, str, str]:
+    """The requested page of job summaries, with the status filter and search text."""
+    rows, status, search = _summaries(request)
+    return Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page")), status, search
+
+
 @require_GET
 @viewer_required
 def tree_list(request: HttpRequest) -> HttpResponse:
-    rows, status, search = _summaries(request)
-    paginator = Paginator(rows, PAGE_SIZE)
-    page = paginator.get_page(request.GET.get("page"))
+    page, status, search = _page(request)
     items = [_display(r) for r in decorate_summaries(list(page.object_list))]
     query = request.GET.copy()
     query.pop("page", None)
@@ -95,9 +99,7 @@ def tree_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 @viewer_required
 def tree_list_json(request: HttpRequest) -> JsonResponse:
-    rows, status, search = _summaries(request)
-    paginator = Paginator(rows, PAGE_SIZE)
-    page = paginator.get_page(request.GET.get("page"))
+    page, _, _ = _page(request)
     items = []
     for row in decorate_summaries(list(page.object_list)):
         row = _display(row)
@@ -106,8 +108,8 @@ def tree_list_json(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {
             "page": page.number,
-            "pages": paginator.num_pages,
-            "count": paginator.count,
+            "pages": page.paginator.num_pages,
+            "count": page.paginator.count,
             "trees": items,
         }
     )

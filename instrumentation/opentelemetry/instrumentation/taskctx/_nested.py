@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
-from opentelemetry import context, trace
+from opentelemetry import trace
 from opentelemetry.instrumentation.taskctx import utils
 from opentelemetry.trace import SpanKind
 
@@ -88,17 +88,10 @@ def run_inline(
     span = utils.STATE.tracer.start_span(
         label, context=ctx, kind=SpanKind.INTERNAL, attributes=attributes
     )
-    token = context.attach(trace.set_span_in_context(span, ctx))
-    try:
+    with utils.running_in(span, trace.set_span_in_context(span, ctx)):
         if conflict_ids:
             reserve_descendants(child, conflict_ids)
         target(*args, **kwargs)
-    except BaseException as exc:
-        utils.record_error(span, exc)
-        raise
-    finally:
-        context.detach(token)
-        span.end()
     return step_id
 
 

@@ -162,15 +162,8 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     ctx = trace.set_span_in_context(span)
     ctx = context.set_value(_LAUNCH_KEY, None, ctx)
     ctx = context.set_value(_PLAN_KEY, _Plan(launch=launch, span=span), ctx)
-    token = context.attach(ctx)
-    try:
+    with utils.running_in(span, ctx):
         return original(func, *args, **kwargs)
-    except BaseException as exc:
-        utils.record_error(span, exc)
-        raise
-    finally:
-        context.detach(token)
-        span.end()
 
 
 def wrap_async_task(original: Any) -> Any:

@@ -8,10 +8,11 @@ import pydoc
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger("otel_taskctx.instrumentation")
@@ -255,6 +256,21 @@ class _ExitFlush:
 
 
 exit_flush = _ExitFlush()
+
+
+@contextmanager
+def running_in(span: Any, ctx: Any) -> Iterator[Any]:
+    """Attach ``ctx`` (which holds ``span``) for the block; on an exception mark the span
+    failed; then detach and end the span."""
+    token = context.attach(ctx)
+    try:
+        yield span
+    except BaseException as exc:
+        record_error(span, exc)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
 
 
 def record_error(span: Any, exc: BaseException) -> None:

@@ -205,7 +205,7 @@ def _b64d(text: str) -> bytes:
 
 
 def _mac(key: bytes, message: bytes) -> bytes:
-    return hmac.new(key, message, hashlib.sha256).digest()[:_MAC_BYTES]
+    return hmac.digest(key, message, "sha256")[:_MAC_BYTES]  # one-shot: no HMAC object
 
 
 def sign(identity: TaskIdentity, ttl_seconds: int | None = None, now: float | None = None) -> str:

@@ -85,6 +85,13 @@ def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
     return items
 
 
+def _lineage_missing(span: Span, identity: TaskIdentity) -> bool:
+    """False when the span was started with this task's lineage already (the worker's
+    CONSUMER span is): no second pass over the same attributes."""
+    attributes = span.attributes
+    return attributes is None or attributes.get(semconv.TASK_KEY) != identity.task_key
+
+
 def _id_list(ids: Any) -> list[Any]:
     if isinstance(ids, (str, int)):
         return [ids]
@@ -121,7 +128,7 @@ class TaskContextSpanProcessor(SpanProcessor):
             return
         if identity is None:
             return
-        if self.stamp:
+        if self.stamp and _lineage_missing(span, identity):
             span.set_attributes(identity.lineage_attributes())
         if self.forward:
             ctx = span.get_span_context()

@@ -42,7 +42,9 @@ def sdk_tracer_provider(create: bool = True) -> Any | None:
     return provider if isinstance(provider, TracerProvider) else None
 
 
-def add_span_processor_once(name: str, factory: Callable[[], Any], create: bool = True) -> Any | None:
+def add_span_processor_once(
+    name: str, factory: Callable[[], Any], create: bool = True
+) -> Any | None:
     """Add ``factory()`` to the SDK provider unless a processor named ``name`` was added.
 
     Returns the processor on the provider, or None when there is no SDK provider.

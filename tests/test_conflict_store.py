@@ -319,6 +319,26 @@ def test_one_refresher_serves_overlapping_blocks_and_a_stopped_task_is_never_ref
     assert env.left() == 0
 
 
+def test_a_block_due_sooner_than_the_sleeping_refresher_is_refreshed_on_time(env):
+    # the refresher sleeps until its earliest entry is due (here: 30 s away) and is woken only
+    # by an entry due sooner than that
+    if env.store.kind == "cache":
+        pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
+    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=60)
+    store.reserve("job-15", {CHILD: [5]})
+    env.manager.__dict__.pop("_otel_taskctx_conflict_store", None)
+    with keep_locks_alive("job-16", env.manager, interval=30, ttl=60) as slow:
+        time.sleep(0.2)  # the refresher is asleep until job-16 is due
+        with keep_locks_alive("job-15", env.manager, interval=0.2, ttl=60) as fast:
+            deadline = time.monotonic() + 5
+            while fast.refreshes < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert fast.refreshes >= 2 and fast.refreshed == 1
+        assert slow.refreshes == 0
+    store.release("job-15")
+    assert env.left() == 0
+
+
 def test_a_block_that_ends_while_its_refresh_runs_waits_for_it(env):
     if env.store.kind == "cache":
         pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
@@ -375,3 +395,20 @@ def test_a_custom_key_function_is_honoured(kind, settings):
     assert manager.check_conflict({CHILD: [1, 2, 3]}) == set()
     if kind == "redis":
         assert caches[ALIAS].keys("*") == []
+
+
+def test_managers_of_one_cache_share_a_store_until_the_lock_ttl_changes(settings):
+    # powercrud builds a new AsyncManager for every completion hook: its release must not
+    # build a new store (Lua scripts, key probes) each time
+    first = get_conflict_store(AsyncManager())
+    again = get_conflict_store(AsyncManager())
+    assert again is first and again.cache is AsyncManager().cache
+    settings.OTEL_TASKCTX = {**settings.OTEL_TASKCTX, "LOCK_TTL": 1234}
+    other = get_conflict_store(AsyncManager())
+    assert other is not first and other.ttl == 1234
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(get_conflict_store(AsyncManager())))
+    thread.start()
+    thread.join(10)
+    # another thread has its own cache object, so its own store
+    assert seen and seen[0] is not other and seen[0].cache is not other.cache

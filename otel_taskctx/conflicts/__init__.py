@@ -18,6 +18,7 @@ needs no Django; the backends import it when they are built.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from otel_taskctx.conflicts.base import (
@@ -54,9 +55,17 @@ def get_conflict_store(
     overrides the lock TTL (default ``OTEL_TASKCTX["LOCK_TTL"]`` or powercrud's
     ``CONFLICT_TTL``).
     """
+    shared_key = None
     if backend is None and ttl is None:
         store = getattr(manager, _STORE_ATTR, None)
         if store is not None and store.cache is manager.cache:
+            return store
+        # managers come and go (powercrud builds one per completion hook): their stores are
+        # shared by cache object, prefixes and TTL, so a hook does not rebuild one every time
+        shared_key = (manager.conflict_model_prefix, manager.conflict_prefix, lock_ttl(manager))
+        store = _shared_stores(manager.cache).get(shared_key)
+        if store is not None:
+            _remember(manager, store)
             return store
     kind = backend or backend_for(manager)
     if kind == "redis":
@@ -71,12 +80,31 @@ def get_conflict_store(
         store = CacheConflictStore(manager, ttl)
     else:
         raise ValueError(f"unknown conflict store backend {kind!r}; use one of {BACKENDS}")
-    if backend is None and ttl is None:
-        try:
-            setattr(manager, _STORE_ATTR, store)
-        except AttributeError:  # pragma: no cover - a manager with __slots__
-            pass
+    if shared_key is not None:
+        _shared_stores(manager.cache)[shared_key] = store
+        _remember(manager, store)
     return store
+
+
+#: cache object -> {(lock prefix, tracking prefix, TTL): store}; Django's cache objects are
+#: per thread, so a store is never shared between threads
+_by_cache: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], CacheConflictStore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_stores(cache: Any) -> dict[tuple[Any, ...], CacheConflictStore]:
+    try:
+        return _by_cache.setdefault(cache, {})
+    except TypeError:  # a cache object without weak references: no sharing
+        return {}
+
+
+def _remember(manager: Any, store: CacheConflictStore) -> None:
+    try:
+        setattr(manager, _STORE_ATTR, store)
+    except AttributeError:  # pragma: no cover - a manager with __slots__
+        pass
 
 
 def release_locks(task_key: str, manager: Any = None) -> int:

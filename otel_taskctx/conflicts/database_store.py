@@ -295,8 +295,10 @@ class DatabaseConflictStore(CacheConflictStore):
         _, exp = self._times(connection, ttl)
         return self._on_tracked_locks(
             task_key,
-            lambda marks: f"UPDATE {table} SET {exp_col} = %s "
-            f"WHERE {key_col} IN ({marks}) AND {value_col} = %s",
+            lambda marks: (
+                f"UPDATE {table} SET {exp_col} = %s "
+                f"WHERE {key_col} IN ({marks}) AND {value_col} = %s"
+            ),
             lambda batch, holder: [exp, *batch, holder],
             lambda tracking: (
                 f"UPDATE {table} SET {exp_col} = CASE WHEN {exp_col} < %s THEN %s "

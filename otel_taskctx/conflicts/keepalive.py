@@ -96,13 +96,18 @@ class _Refresher:
                 return
             keeper._active = True
             self._active += 1
-            self._push(keeper, time.monotonic() + keeper.interval)
+            due = time.monotonic() + keeper.interval
+            # the thread sleeps until the earliest entry is due: wake it only if this one is
+            # due sooner (a job per few milliseconds would otherwise wake it for each job)
+            sooner = not self._heap or due < self._heap[0][0]
+            self._push(keeper, due)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="otel-taskctx-lock-refresher", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            elif sooner:
+                self._cond.notify()
 
     def remove(self, keeper: LockKeeper, timeout: float | None) -> None:
         with self._cond:

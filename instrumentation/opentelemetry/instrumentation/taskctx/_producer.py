@@ -112,20 +112,30 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
         task[utils.CARRIER_KEY] = carrier
         span = plan.span if plan is not None else None
         if span is not None and span.is_recording():
-            span.set_attribute(utils.MESSAGING_MESSAGE_ID, str(task.get("id")))
-            span.set_attribute(utils.TASK_NAME, str(task.get("name")))
-            span.set_attribute(utils.MESSAGING_DESTINATION_NAME, _destination(task))
-            if own is not None:
-                span.set_attribute(utils.LAUNCHED_TASK_KEY, own.task_key)
-            if plan.launch is not None and plan.launch.user_id is not None:
-                # who launched the job: the viewer scopes job trees by it
-                span.set_attribute("enduser.id", plan.launch.user_id)
-                if plan.launch.user_label:
-                    span.set_attribute("taskctx.user", plan.launch.user_label)
-            if task.get("sync"):
-                span.set_attribute(utils.TASK_SYNC, True)
+            span.set_attributes(_package_attributes(task, own, plan.launch))
     except Exception:  # the enqueue must go on whatever happens here
         log.exception("could not attach the trace context to task %s", task.get("name"))
+
+
+def _package_attributes(
+    task: dict[str, Any], own: TaskIdentity | None, launch: _Launch | None
+) -> dict[str, Any]:
+    """What the PRODUCER span learns from the package (set in one call: one lock, one pass)."""
+    attributes: dict[str, Any] = {
+        utils.MESSAGING_MESSAGE_ID: str(task.get("id")),
+        utils.TASK_NAME: str(task.get("name")),
+        utils.MESSAGING_DESTINATION_NAME: _destination(task),
+    }
+    if own is not None:
+        attributes[utils.LAUNCHED_TASK_KEY] = own.task_key
+    if launch is not None and launch.user_id is not None:
+        # who launched the job: the viewer scopes job trees by it
+        attributes["enduser.id"] = launch.user_id
+        if launch.user_label:
+            attributes["taskctx.user"] = launch.user_label
+    if task.get("sync"):
+        attributes[utils.TASK_SYNC] = True
+    return attributes
 
 
 def _destination(task: dict[str, Any]) -> str:

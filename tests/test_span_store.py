@@ -270,6 +270,40 @@ def test_the_writer_keeps_its_connection_while_busy_and_closes_it_when_idle():
     assert TaskSpan.objects.filter(root_task_key="C1").count() == 4
 
 
+@pytest.mark.stack
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK") != "redis-postgres", reason="PostgreSQL")
+@pytest.mark.django_db(transaction=True)
+def test_batches_at_the_store_export_cadence_reuse_one_connection():
+    # the span store exports once a second (STORE_SCHEDULE_DELAY_MS): a writer with the
+    # default keep-alive must not close its connection between two such batches
+    from otel_taskctx.spans.install import STORE_SCHEDULE_DELAY_MS
+
+    def sessions():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+            return {pid for (pid,) in cursor.fetchall()}
+
+    writer = SpanWriter(lambda: 256)  # default interval and keep-alive
+    tracer = TracerProvider().get_tracer("tests")
+    before = sessions()
+    opened = []
+    for n in range(3):
+        span = tracer.start_span(f"batch {n}", attributes=lineage("C2", "C2"))
+        span.end()
+        assert writer.submit([span_row(span, 256)]).done.wait(10)
+        opened.append(sessions() - before)
+        time.sleep(STORE_SCHEDULE_DELAY_MS / 1000 + 0.1)
+    assert len(opened[0]) == 1 and all(o == opened[0] for o in opened)
+    deadline = time.monotonic() + 10
+    while sessions() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sessions() - before  # still closed once idle
+    assert TaskSpan.objects.filter(root_task_key="C2").count() == 3
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
     def broken(*args, **kwargs):

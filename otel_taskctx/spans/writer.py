@@ -38,6 +38,12 @@ MAX_TRACKED_RUNNING_ROWS = 100_000
 SQLITE_BUSY_TIMEOUT = 5.0
 
 
+#: seconds the writer keeps its connection after the last batch: longer than the span store's
+#: export schedule (1 s), so a process exporting once a second does not reconnect (a
+#: PostgreSQL backend start) for every batch, and short enough for ``DROP DATABASE``
+KEEP_ALIVE = 2.5
+
+
 @dataclass
 class _Request:
     rows: list[dict[str, Any]]
@@ -56,7 +62,7 @@ class SpanWriter:
         running_delay: float = 1.0,
         interval: float = 0.5,
         using: str | None = None,
-        keep_alive: float = 1.0,
+        keep_alive: float = KEEP_ALIVE,
     ) -> None:
         self.running_delay = running_delay
         self.interval = interval

@@ -412,3 +412,19 @@ def test_managers_of_one_cache_share_a_store_until_the_lock_ttl_changes(settings
     thread.join(10)
     # another thread has its own cache object, so its own store
     assert seen and seen[0] is not other and seen[0].cache is not other.cache
+
+
+def test_a_shared_store_does_not_outlive_its_cache():
+    import gc
+    import weakref
+
+    from django.core.cache.backends.locmem import LocMemCache
+
+    manager = AsyncManager()
+    manager.cache = LocMemCache(f"shared-{uuid.uuid4().hex}", {})
+    store = weakref.ref(get_conflict_store(manager))
+    cache = weakref.ref(manager.cache)
+    del manager
+    gc.collect()
+    # what a finished thread leaves behind (its cache objects) takes its stores with it
+    assert cache() is None and store() is None

@@ -18,7 +18,6 @@ needs no Django; the backends import it when they are built.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 from otel_taskctx.conflicts.base import (
@@ -86,18 +85,21 @@ def get_conflict_store(
     return store
 
 
-#: cache object -> {(lock prefix, tracking prefix, TTL): store}; Django's cache objects are
-#: per thread, so a store is never shared between threads
-_by_cache: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], CacheConflictStore]] = (
-    weakref.WeakKeyDictionary()
-)
+_CACHE_ATTR = "_otel_taskctx_conflict_stores"
 
 
 def _shared_stores(cache: Any) -> dict[tuple[Any, ...], CacheConflictStore]:
-    try:
-        return _by_cache.setdefault(cache, {})
-    except TypeError:  # a cache object without weak references: no sharing
-        return {}
+    """``{(lock prefix, tracking prefix, TTL): store}`` kept on the cache object itself, so it
+    lives exactly as long as the cache (Django's cache objects are per thread: a store is
+    never shared between threads, and a finished thread's stores go with its caches)."""
+    stores = getattr(cache, _CACHE_ATTR, None)
+    if stores is None:
+        stores = {}
+        try:
+            setattr(cache, _CACHE_ATTR, stores)
+        except AttributeError:  # pragma: no cover - a cache object with __slots__: no sharing
+            pass
+    return stores
 
 
 def _remember(manager: Any, store: CacheConflictStore) -> None:

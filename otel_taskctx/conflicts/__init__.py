@@ -48,7 +48,8 @@ def backend_for(manager: Any) -> str:
 def get_conflict_store(
     manager: Any, backend: str | None = None, ttl: int | None = None
 ) -> CacheConflictStore:
-    """The conflict store for ``manager``'s cache (cached on the manager).
+    """The conflict store for ``manager``'s cache (cached on the manager, and shared by the
+    managers of one cache object with the same prefixes and lock TTL).
 
     ``backend`` forces one of :data:`BACKENDS` (``"cache"`` works with every cache); ``ttl``
     overrides the lock TTL (default ``OTEL_TASKCTX["LOCK_TTL"]`` or powercrud's

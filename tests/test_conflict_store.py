@@ -275,12 +275,21 @@ def test_two_tasks_racing_for_overlapping_ids_each_id_held_by_exactly_one(env):
     assert env.left() == 0
 
 
-def test_keep_locks_alive_refreshes_until_the_block_ends(env):
+def _held_for_refresh(env, ttl, held):
+    """A store of ``env``'s backend with lock TTL ``ttl`` in which each task of ``held`` (task
+    key -> ids) holds its ids; the manager then builds its own store, as keep_locks_alive
+    does. The generic backend is skipped: keep_locks_alive uses the cache's own store."""
     if env.store.kind == "cache":
         pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
-    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=2)
-    store.reserve("job-11", {CHILD: [1, 2]})
+    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=ttl)
+    for task, ids in held.items():
+        store.reserve(task, {CHILD: ids})
     env.manager.__dict__.pop("_otel_taskctx_conflict_store", None)
+    return store
+
+
+def test_keep_locks_alive_refreshes_until_the_block_ends(env):
+    _held_for_refresh(env, 2, {"job-11": [1, 2]})
     with keep_locks_alive("job-11", env.manager, interval=0.4, ttl=2) as keeper:
         time.sleep(2.7)  # longer than the TTL
         assert keeper.refreshes >= 4 and keeper.last_error is None
@@ -292,12 +301,7 @@ def test_keep_locks_alive_refreshes_until_the_block_ends(env):
 
 
 def test_one_refresher_serves_overlapping_blocks_and_a_stopped_task_is_never_refreshed(env):
-    if env.store.kind == "cache":
-        pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
-    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=2)
-    store.reserve("job-12", {CHILD: [1]})
-    store.reserve("job-13", {CHILD: [2, 3]})
-    env.manager.__dict__.pop("_otel_taskctx_conflict_store", None)
+    store = _held_for_refresh(env, 2, {"job-12": [1], "job-13": [2, 3]})
     before = {t.name for t in threading.enumerate()}
     with keep_locks_alive("job-12", env.manager, interval=0.3, ttl=2) as short:
         with keep_locks_alive("job-13", env.manager, interval=0.5, ttl=2) as long:
@@ -322,11 +326,7 @@ def test_one_refresher_serves_overlapping_blocks_and_a_stopped_task_is_never_ref
 def test_a_block_due_sooner_than_the_sleeping_refresher_is_refreshed_on_time(env):
     # the refresher sleeps until its earliest entry is due (here: 30 s away) and is woken only
     # by an entry due sooner than that
-    if env.store.kind == "cache":
-        pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
-    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=60)
-    store.reserve("job-15", {CHILD: [5]})
-    env.manager.__dict__.pop("_otel_taskctx_conflict_store", None)
+    store = _held_for_refresh(env, 60, {"job-15": [5]})
     with keep_locks_alive("job-16", env.manager, interval=30, ttl=60) as slow:
         time.sleep(0.2)  # the refresher is asleep until job-16 is due
         with keep_locks_alive("job-15", env.manager, interval=0.2, ttl=60) as fast:
@@ -340,10 +340,7 @@ def test_a_block_due_sooner_than_the_sleeping_refresher_is_refreshed_on_time(env
 
 
 def test_a_block_that_ends_while_its_refresh_runs_waits_for_it(env):
-    if env.store.kind == "cache":
-        pytest.skip("keep_locks_alive uses the cache's own store: covered by 'database'")
-    store = get_conflict_store(env.manager, backend=env.store.kind, ttl=5)
-    store.reserve("job-14", {CHILD: [4]})
+    store = _held_for_refresh(env, 5, {"job-14": [4]})
     in_refresh, release, finished = threading.Event(), threading.Event(), threading.Event()
     refreshed_after_exit = []
     exited = threading.Event()

@@ -240,33 +240,49 @@ def test_text_with_nul_characters_is_stored_not_dropped(store):
     assert row.events[0]["name"] == "e\ufffd" and row.events[0]["attributes"] == {"v": "\ufffd"}
 
 
+def _other_sessions() -> set[int]:
+    """Backend pids of the other sessions on the test database (PostgreSQL)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        )
+        return {pid for (pid,) in cursor.fetchall()}
+
+
+def _sessions_per_batch(
+    writer, root: str, batches: int, pause: float
+) -> tuple[set[int], list[set[int]]]:
+    """Write ``batches`` one-span batches ``pause`` seconds apart: the sessions open before the
+    first, and the new ones open after each batch."""
+    tracer = TracerProvider().get_tracer("tests")
+    before = _other_sessions()
+    opened = []
+    for n in range(batches):
+        span = tracer.start_span(f"batch {n}", attributes=lineage(root, root))
+        span.end()
+        assert writer.submit([span_row(span, 256)]).done.wait(10)
+        opened.append(_other_sessions() - before)
+        time.sleep(pause)
+    return before, opened
+
+
+def _back_to(before: set[int], timeout: float) -> bool:
+    """Wait until no session is open beyond ``before``; True if that happened in time."""
+    deadline = time.monotonic() + timeout
+    while _other_sessions() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _other_sessions() - before
+
+
 @pytest.mark.stack
 @pytest.mark.skipif(os.environ.get("TASKCTX_STACK") != "redis-postgres", reason="PostgreSQL")
 @pytest.mark.django_db(transaction=True)
 def test_the_writer_keeps_its_connection_while_busy_and_closes_it_when_idle():
-    def sessions():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid()"
-            )
-            return {pid for (pid,) in cursor.fetchall()}
-
     writer = SpanWriter(lambda: 256, interval=0.05, keep_alive=0.6)
-    tracer = TracerProvider().get_tracer("tests")
-    before = sessions()
-    opened = []
-    for n in range(4):
-        span = tracer.start_span(f"batch {n}", attributes=lineage("C1", "C1"))
-        span.end()
-        assert writer.submit([span_row(span, 256)]).done.wait(10)
-        opened.append(sessions() - before)
-        time.sleep(0.1)
+    before, opened = _sessions_per_batch(writer, "C1", batches=4, pause=0.1)
     assert len(opened[0]) == 1 and all(o == opened[0] for o in opened)  # one connection
-    deadline = time.monotonic() + 5
-    while sessions() - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not sessions() - before  # closed after 0.6 s without a batch
+    assert _back_to(before, timeout=5)  # closed after 0.6 s without a batch
     assert TaskSpan.objects.filter(root_task_key="C1").count() == 4
 
 
@@ -278,29 +294,12 @@ def test_batches_at_the_store_export_cadence_reuse_one_connection():
     # default keep-alive must not close its connection between two such batches
     from otel_taskctx.spans.install import STORE_SCHEDULE_DELAY_MS
 
-    def sessions():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid()"
-            )
-            return {pid for (pid,) in cursor.fetchall()}
-
     writer = SpanWriter(lambda: 256)  # default interval and keep-alive
-    tracer = TracerProvider().get_tracer("tests")
-    before = sessions()
-    opened = []
-    for n in range(3):
-        span = tracer.start_span(f"batch {n}", attributes=lineage("C2", "C2"))
-        span.end()
-        assert writer.submit([span_row(span, 256)]).done.wait(10)
-        opened.append(sessions() - before)
-        time.sleep(STORE_SCHEDULE_DELAY_MS / 1000 + 0.1)
+    before, opened = _sessions_per_batch(
+        writer, "C2", batches=3, pause=STORE_SCHEDULE_DELAY_MS / 1000 + 0.1
+    )
     assert len(opened[0]) == 1 and all(o == opened[0] for o in opened)
-    deadline = time.monotonic() + 10
-    while sessions() - before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not sessions() - before  # still closed once idle
+    assert _back_to(before, timeout=10)  # still closed once idle
     assert TaskSpan.objects.filter(root_task_key="C2").count() == 3
 
 

@@ -2,10 +2,11 @@
 
 Why a thread of its own: the rows must never join the caller's transaction (a job inside
 ``transaction.atomic`` that calls ``force_flush`` must not have its transaction broken by, or
-rolled back with, our INSERT), and the writes need their own connection. On a server database that connection stays open
-while batches keep coming (opening one per batch costs a PostgreSQL backend start each time)
-and is closed once the writer has been idle for ``keep_alive`` seconds, so no idle connection
-stays behind for long (PostgreSQL's ``DROP DATABASE`` waits up to 5 seconds for it).
+rolled back with, our INSERT), and the writes need their own connection. On a server database
+that connection stays open while batches keep coming (opening one per batch costs a PostgreSQL
+backend start each time) and is closed once the writer has been idle for ``keep_alive``
+seconds, so no idle connection stays behind for long (PostgreSQL's ``DROP DATABASE`` waits up
+to 5 seconds for it).
 
 Writes are batched: everything queued when the thread wakes up goes into one transaction.
 A failing write ("database is locked", disk full, table missing before ``migrate``) is retried

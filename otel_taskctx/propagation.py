@@ -12,6 +12,7 @@ an identity from an inbound request nor leak one to an outbound call:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -22,7 +23,7 @@ from opentelemetry.propagators import textmap
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from otel_taskctx.context import remember_verified
-from otel_taskctx.identity import BAGGAGE_ENTRY
+from otel_taskctx.identity import BAGGAGE_ENTRY, MAX_TOKEN_LENGTH
 
 log = logging.getLogger("otel_taskctx.propagation")
 
@@ -33,21 +34,39 @@ CARRIER_FIELDS = ("traceparent", "tracestate", "baggage")
 MAX_CARRIER_VALUE = 8192
 
 
-def inject(carrier: MutableMapping[str, str], context: Context | None = None) -> None:
+#: a signed identity as :func:`otel_taskctx.identity.sign` writes it: only characters that W3C
+#: baggage carries as they are (no percent-encoding), so the entry can be written and read
+#: without the W3C propagator's parsing (the common package: the identity and nothing else)
+_PLAIN_TOKEN = re.compile(rf"[A-Za-z0-9_.\-]{{1,{MAX_TOKEN_LENGTH}}}")
+_IDENTITY_ONLY = re.compile(rf"{BAGGAGE_ENTRY}=({_PLAIN_TOKEN.pattern})")
+
+
+def inject(
+    carrier: MutableMapping[str, str],
+    context: Context | None = None,
+    token: str | None = None,
+) -> None:
     """Write ``traceparent``/``tracestate``/``baggage`` of ``context`` into ``carrier``.
 
-    The identity entry is written first, so the W3C limits (64 entries, 8 KB) that may cut a
-    user's large baggage never cut the identity.
+    ``token`` (a signed identity) replaces the identity of ``context``, if any. The identity
+    entry is written first, so the W3C limits (64 entries, 8 KB) that may cut a user's large
+    baggage never cut the identity.
     """
     ctx = context if context is not None else get_current()
     _trace_propagator.inject(carrier, context=ctx)
-    entries = dict(baggage.get_all(ctx))
-    token = entries.pop(BAGGAGE_ENTRY, None)
-    if token is not None:
-        ordered = {BAGGAGE_ENTRY: token, **entries}
-        ctx = baggage.clear(ctx)
-        for name, value in ordered.items():
-            ctx = baggage.set_baggage(name, value, ctx)
+    entries = baggage.get_all(ctx)
+    if token is None:
+        token = entries.get(BAGGAGE_ENTRY)
+    if token is None:
+        _baggage_propagator.inject(carrier, context=ctx)
+        return
+    others = {name: value for name, value in entries.items() if name != BAGGAGE_ENTRY}
+    if not others and isinstance(token, str) and _PLAIN_TOKEN.fullmatch(token):
+        carrier["baggage"] = f"{BAGGAGE_ENTRY}={token}"  # what the W3C propagator writes
+        return
+    ctx = baggage.set_baggage(BAGGAGE_ENTRY, token, baggage.clear(ctx))
+    for name, value in others.items():
+        ctx = baggage.set_baggage(name, value, ctx)
     _baggage_propagator.inject(carrier, context=ctx)
 
 
@@ -80,11 +99,20 @@ def extract(carrier: Any, context: Context | None = None) -> Context:
     clean = _clean_carrier(carrier)
     try:
         ctx = _trace_propagator.extract(clean, context=context)
-        ctx = _baggage_propagator.extract(clean, context=ctx)
+        ctx = _read_baggage(clean, ctx)
     except Exception as exc:  # defensive: a propagator must never fail the job
         log.warning("could not extract trace context from carrier: %s", exc)
         return context
     return remember_verified(ctx)
+
+
+def _read_baggage(carrier: dict[str, str], ctx: Context) -> Context:
+    """The W3C baggage propagator's ``extract``, without its parsing for a package that
+    carries the identity alone."""
+    identity_only = _IDENTITY_ONLY.fullmatch(carrier.get("baggage", ""))
+    if identity_only is not None:
+        return baggage.set_baggage(BAGGAGE_ENTRY, identity_only.group(1), ctx)
+    return _baggage_propagator.extract(carrier, context=ctx)
 
 
 class IdentityFilteringPropagator(textmap.TextMapPropagator):

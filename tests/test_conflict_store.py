@@ -17,6 +17,7 @@ from otel_taskctx.conflicts import (
     backend_for,
     get_conflict_store,
     keep_locks_alive,
+    keepalive,
     release_locks,
 )
 from otel_taskctx.errors import DescendantConflict
@@ -336,6 +337,27 @@ def test_a_block_due_sooner_than_the_sleeping_refresher_is_refreshed_on_time(env
             assert fast.refreshes >= 2 and fast.refreshed == 1
         assert slow.refreshes == 0
     store.release("job-15")
+    assert env.left() == 0
+
+
+def test_short_blocks_one_after_another_do_not_wake_the_refresher(env):
+    # a worker runs a short job every few milliseconds: registering each with the sleeping
+    # refresher must not wake it (a wake-up per job was a thread switch per job). Entries of
+    # ended blocks stay in the schedule until due, so the refresher keeps sleeping until the
+    # first of them and each new entry, due later, leaves it asleep.
+    store = _held_for_refresh(env, 60, {f"job-s{n}": [100 + n] for n in range(100)})
+    refresher = keepalive._refresher()
+    with keep_locks_alive("job-s-first", env.manager, interval=30, ttl=60):
+        pass
+    time.sleep(0.05)  # the refresher is asleep, as between jobs
+    woken = refresher.wakeups
+    for n in range(100):
+        with keep_locks_alive(f"job-s{n}", env.manager, interval=30, ttl=60) as keeper:
+            assert keeper.is_alive()
+        time.sleep(0.002)  # the worker waits for its next job: the refresher may run
+    assert refresher.wakeups - woken <= 1
+    for n in range(100):
+        store.release(f"job-s{n}")
     assert env.left() == 0
 
 

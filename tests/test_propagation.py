@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
@@ -18,6 +20,7 @@ from otel_taskctx.context import attached, identity_from_context
 from otel_taskctx.identity import BAGGAGE_ENTRY
 from otel_taskctx.propagation import (
     IdentityFilteringPropagator,
+    _read_baggage,
     install_propagator_filter,
     uninstall_propagator_filter,
 )
@@ -171,3 +174,45 @@ def test_filter_install_is_idempotent(global_propagator):
 def test_django_app_installs_the_filter():
     # tests.settings has otel_taskctx in INSTALLED_APPS with default settings
     assert isinstance(propagate.get_global_textmap(), IdentityFilteringPropagator)
+
+
+# The package's baggage is written and read without the W3C propagator when it carries the
+# identity alone; whatever the values, the result must be the propagator's own.
+_BAGGAGE_TEXT = st.text(
+    alphabet=st.sampled_from("taskcx=v1.AZaz09_-+%,; \t=ä\x00"), min_size=0, max_size=40
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(token=_BAGGAGE_TEXT, others=st.dictionaries(_BAGGAGE_TEXT, _BAGGAGE_TEXT, max_size=3))
+def test_inject_writes_what_the_w3c_propagator_writes(token, others):
+    ctx = context.Context()
+    for name, value in others.items():
+        ctx = baggage.set_baggage(name, value, ctx)
+    ours: dict[str, str] = {}
+    inject(ours, ctx, token=token or None)
+    # reference: the identity first, then the other entries, through the W3C propagator
+    reference_ctx = context.Context()
+    if token:
+        reference_ctx = baggage.set_baggage(BAGGAGE_ENTRY, token, reference_ctx)
+    for name, value in others.items():
+        if name != BAGGAGE_ENTRY or not token:
+            reference_ctx = baggage.set_baggage(name, value, reference_ctx)
+    reference: dict[str, str] = {}
+    W3CBaggagePropagator().inject(reference, context=reference_ctx)
+    assert ours.get("baggage") == reference.get("baggage")
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    header=st.one_of(
+        _BAGGAGE_TEXT.map(lambda tail: f"{BAGGAGE_ENTRY}={tail}"),
+        _BAGGAGE_TEXT,
+        st.from_regex(r"taskctx=v1\.[A-Za-z0-9_-]{1,60}\.[A-Za-z0-9_-]{1,30}", fullmatch=True),
+    )
+)
+def test_reading_the_package_baggage_gives_what_the_w3c_propagator_reads(header):
+    carrier = {"baggage": header}
+    ours = baggage.get_all(_read_baggage(carrier, context.Context()))
+    reference = baggage.get_all(W3CBaggagePropagator().extract(carrier, context.Context()))
+    assert dict(ours) == dict(reference)

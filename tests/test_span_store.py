@@ -594,3 +594,30 @@ def test_span_database_puts_the_span_table_in_its_own_sqlite_file(tmp_path):
     with sqlite3.connect(jobs) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "django_q_ormq" in tables and "otel_taskctx_span" not in tables
+
+
+def test_soon_flusher_writes_once_per_export_interval_under_load_and_soon_after_quiet():
+    # after every job the worker asks for its spans to be written soon; under a steady stream
+    # of jobs the flushes must come once per busy interval (one batch of many jobs), not a
+    # thread wake-up and a transaction every min_interval
+    from otel_taskctx.spans.install import _SoonFlusher
+
+    flushes: list[float] = []
+    flusher = _SoonFlusher(flush=lambda: flushes.append(time.monotonic()))
+    flusher.min_interval, flusher.busy_interval = 0.1, 0.6
+    start = time.monotonic()
+    while time.monotonic() - start < 2.0:  # a job ending every 10 ms for 2 s
+        flusher.request()
+        time.sleep(0.01)
+    time.sleep(0.7)  # the last request is served, then quiet
+    under_load = [t - start for t in flushes]
+    assert 2 <= len(under_load) <= 5, under_load  # 0.1 s, then every 0.6 s (min_interval: ~20)
+    assert all(b - a >= 0.55 for a, b in zip(under_load, under_load[1:], strict=False))
+    quiet_request = time.monotonic()
+    flusher.request()
+    deadline = quiet_request + 5
+    while len(flushes) == len(under_load) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(flushes) == len(under_load) + 1
+    # after a quiet spell a job's spans are written min_interval after it ends
+    assert 0.09 <= flushes[-1] - quiet_request < 0.5

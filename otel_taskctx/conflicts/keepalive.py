@@ -29,6 +29,8 @@ log = logging.getLogger("otel_taskctx.conflicts")
 
 #: the refresher closes its database connections when nothing is due within this many seconds
 IDLE_CLOSE_AFTER = 1.0
+#: stopped entries the schedule keeps (beyond twice the running ones) before compacting
+COMPACT_AFTER = 1024
 
 
 class LockKeeper:
@@ -89,6 +91,7 @@ class _Refresher:
         self._active = 0
         self._current: LockKeeper | None = None
         self._thread: threading.Thread | None = None
+        self.wakeups = 0  #: times an ``add`` woke the sleeping thread
 
     def add(self, keeper: LockKeeper) -> None:
         with self._cond:
@@ -107,6 +110,7 @@ class _Refresher:
                 )
                 self._thread.start()
             elif sooner:
+                self.wakeups += 1
                 self._cond.notify()
 
     def remove(self, keeper: LockKeeper, timeout: float | None) -> None:
@@ -116,8 +120,10 @@ class _Refresher:
                 self._active -= 1
             if self._current is keeper and threading.current_thread() is not self._thread:
                 self._cond.wait_for(lambda: self._current is not keeper, timeout)
-            # stopped entries stay in the heap until due; compact when they dominate
-            if len(self._heap) > 2 * self._active + 64:
+            # stopped entries stay in the heap until due (the thread sleeps until the first
+            # of them: see _next); compact when they dominate. An emptied heap makes the next
+            # add wake the thread, hence a generous bound
+            if len(self._heap) > 2 * self._active + COMPACT_AFTER:
                 self._heap = [entry for entry in self._heap if entry[2]._active]
                 heapq.heapify(self._heap)
 
@@ -127,15 +133,22 @@ class _Refresher:
 
     def _next(self) -> LockKeeper:
         """Wait for the next due keeper (with the condition held); close the thread's
-        database connections first when nothing is due soon."""
+        database connections first when nothing is due soon.
+
+        Entries of stopped keepers are dropped only once due, never before the thread goes
+        to sleep: the thread sleeps until the heap's first entry, so an ``add`` (always due
+        later with one interval for all) does not have to wake it. Dropping them on waking
+        emptied the heap after every short job, and the next job's ``add`` woke the thread
+        again: one wake-up (and GIL hand-over) per job."""
         closed = False
         while True:
             heap = self._heap
-            while heap and not heap[0][2]._active:
-                heapq.heappop(heap)
-            wait = heap[0][0] - time.monotonic() if heap else None
-            if wait is not None and wait <= 0:
-                return heapq.heappop(heap)[2]
+            now = time.monotonic()
+            while heap and heap[0][0] <= now:
+                due, _, keeper = heapq.heappop(heap)
+                if keeper._active and keeper._due == due:  # not a stopped or superseded entry
+                    return keeper
+            wait = heap[0][0] - now if heap else None
             if not closed and (wait is None or wait > IDLE_CLOSE_AFTER):
                 closed = True
                 self._cond.release()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from otel_taskctx.tracing import _MARK, add_span_processor_once, sdk_tracer_provider
@@ -219,13 +220,19 @@ def _flush_in_background(processors: list[Any], timeout: float) -> None:
 
 class _SoonFlusher:
     """Writes the store's pending spans soon, on a thread of its own, without making the job
-    (or django-q2's monitor) wait for the database: a job's spans land a few milliseconds
-    after it ends, and the exit flush of a worker process still writes whatever is left."""
+    (or django-q2's monitor) wait for the database: after a quiet spell a job's spans land
+    ``min_interval`` after it ends; under a steady stream of jobs the writes come at most once
+    per ``busy_interval`` (the store's export schedule), so each is one batch of many jobs
+    instead of a thread wake-up and a transaction every ``min_interval``. The exit flush of a
+    worker process still writes whatever is left."""
 
     #: seconds a flush request waits for others to join it
     min_interval = 0.2
+    #: seconds at least between two flushes (a request within it waits for its end)
+    busy_interval = STORE_SCHEDULE_DELAY_MS / 1000
 
-    def __init__(self) -> None:
+    def __init__(self, flush: Callable[[], Any] | None = None) -> None:
+        self._flush = flush or (lambda: flush_span_store(running=False))
         self._wake = threading.Event()
         self._pid = 0
         self._lock = threading.Lock()
@@ -245,14 +252,17 @@ class _SoonFlusher:
         import time
 
         wake = self._wake
+        last = -self.busy_interval
         while True:
             wake.wait()
             # many jobs ending close together share one write (one transaction, one
-            # connection): each waits at most ``min_interval`` for its spans to land
-            time.sleep(self.min_interval)
+            # connection): each waits at least ``min_interval`` for others to join, and
+            # until ``busy_interval`` after the previous flush
+            time.sleep(max(self.min_interval, last + self.busy_interval - time.monotonic()))
             wake.clear()
+            last = time.monotonic()
             try:
-                flush_span_store(running=False)
+                self._flush()
             except Exception:  # pragma: no cover - flush_span_store never raises
                 log.debug("background span flush failed", exc_info=True)
 

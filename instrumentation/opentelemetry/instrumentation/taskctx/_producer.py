@@ -19,12 +19,11 @@ from opentelemetry.instrumentation.taskctx import _nested, utils
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx.context import (
-    context_with_identity,
     context_without_identity,
     current_task,
     identity_from_context,
 )
-from otel_taskctx.identity import TaskIdentity, validate_class_path, validate_task_key
+from otel_taskctx.identity import TaskIdentity, sign, validate_class_path, validate_task_key
 from otel_taskctx.propagation import inject
 
 log = logging.getLogger("otel_taskctx.instrumentation")
@@ -91,7 +90,6 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
     try:
         ctx = context.get_current()
         plan: _Plan | None = context.get_value(_PLAN_KEY, ctx)
-        carrier_ctx = context_without_identity(ctx)
         own: TaskIdentity | None = None
         if plan is None:
             parent = identity_from_context(ctx)
@@ -105,10 +103,11 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
                 )
         elif plan.launch is not None:
             own = _own_identity(task, plan.launch)
-            if own is not None:
-                carrier_ctx = context_with_identity(own, ctx=carrier_ctx)
         carrier: dict[str, str] = {}
-        inject(carrier, carrier_ctx)
+        if own is not None:
+            inject(carrier, ctx, token=sign(own))  # the job's own identity, not the caller's
+        else:
+            inject(carrier, context_without_identity(ctx))
         task[utils.CARRIER_KEY] = carrier
         span = plan.span if plan is not None else None
         if span is not None and span.is_recording():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -185,18 +185,22 @@ _BAGGAGE_TEXT = st.text(
 
 @settings(max_examples=400, deadline=None)
 @given(token=_BAGGAGE_TEXT, others=st.dictionaries(_BAGGAGE_TEXT, _BAGGAGE_TEXT, max_size=3))
+@example(token="", others={"": "", BAGGAGE_ENTRY: ""})  # an empty identity of the context's own
+@example(token="v1.abc.def", others={BAGGAGE_ENTRY: "other", "tenant": "acme"})
 def test_inject_writes_what_the_w3c_propagator_writes(token, others):
     ctx = context.Context()
     for name, value in others.items():
         ctx = baggage.set_baggage(name, value, ctx)
     ours: dict[str, str] = {}
     inject(ours, ctx, token=token or None)
-    # reference: the identity first, then the other entries, through the W3C propagator
+    # reference: the identity (the token given, else the context's own) first, then the other
+    # entries, through the W3C propagator
+    identity = token or others.get(BAGGAGE_ENTRY)
     reference_ctx = context.Context()
-    if token:
-        reference_ctx = baggage.set_baggage(BAGGAGE_ENTRY, token, reference_ctx)
+    if identity is not None:
+        reference_ctx = baggage.set_baggage(BAGGAGE_ENTRY, identity, reference_ctx)
     for name, value in others.items():
-        if name != BAGGAGE_ENTRY or not token:
+        if name != BAGGAGE_ENTRY:
             reference_ctx = baggage.set_baggage(name, value, reference_ctx)
     reference: dict[str, str] = {}
     W3CBaggagePropagator().inject(reference, context=reference_ctx)

@@ -59,13 +59,22 @@ def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
     """What ``span`` asks to forward, in order: ``("descendants", (model, ids))`` and
     ``("progress", message)`` items, skipping those marked ``taskctx.forwarded``."""
     items: list[tuple[str, Any]] = []
-    attrs: Mapping[str, Any] = span.attributes or {}
+    # a plain dict: the SDK's attribute mapping answers a missing key with a KeyError raised
+    # and caught inside ``get``, and most spans have none of the keys asked for here
+    attrs: Mapping[str, Any] = dict(span.attributes or ())
+    events = span.events
+    if (
+        not events
+        and semconv.DESCENDANTS_MODEL not in attrs
+        and semconv.PROGRESS_MESSAGE not in attrs
+    ):
+        return items
     if not _truthy(attrs.get(semconv.FORWARDED)):
         model = attrs.get(semconv.DESCENDANTS_MODEL)
         ids = attrs.get(semconv.DESCENDANTS_IDS)
         if model and ids:
             items.append(("descendants", (str(model), _id_list(ids))))
-    for event in span.events or ():
+    for event in events or ():
         ev: Mapping[str, Any] = event.attributes or {}
         if _truthy(ev.get(semconv.FORWARDED)):
             continue

@@ -124,7 +124,9 @@ def test_signed_payload_with_bad_fields_is_rejected():
 
 
 def test_identity_is_one_compact_entry():
-    with task_context("3f2b9c1e-7a1d-4c59-9a53-2f7f1d8e9a10", "powercrud.async_manager.AsyncManager"):
+    with task_context(
+        "3f2b9c1e-7a1d-4c59-9a53-2f7f1d8e9a10", "powercrud.async_manager.AsyncManager"
+    ):
         entries = baggage.get_all()
     assert list(entries) == [BAGGAGE_ENTRY]
     assert len(entries[BAGGAGE_ENTRY]) < 300
@@ -145,3 +147,95 @@ def test_garbage_baggage_never_counts_and_never_raises(value):
     with _with_token(value):
         assert current_task() is None
         assert skip_nested_async() is False
+
+
+@settings(max_examples=300)
+@given(key=st.binary(min_size=1, max_size=100), message=st.binary(max_size=600))
+def test_token_helpers_give_the_standard_librarys_bytes(key, message):
+    """The signing path's own base64 and keyed-HMAC helpers (kept lean for cold caches) are
+    byte for byte what ``base64`` and ``hmac.digest`` give."""
+    import hmac
+
+    from otel_taskctx import identity as mod
+
+    encoded = mod._b64e(message)
+    assert encoded == _b64(message)
+    assert mod._b64d(encoded) == message == base64.urlsafe_b64decode(encoded + "=" * 3)
+    expected = hmac.digest(key, message, "sha256")[:16]
+    assert mod._mac(key, message) == expected
+    keyed = mod._keyed(key)
+    assert mod._keyed_mac(keyed, message) == expected
+    assert mod._keyed_mac(keyed, message) == expected  # the keyed object is not consumed
+
+
+def test_tokens_are_the_documented_json_and_verify_under_every_configured_key():
+    from otel_taskctx import identity as mod
+
+    ident = TaskIdentity(
+        "job-9", "powercrud.async_manager.AsyncManager", depth=2, root_task_key="r"
+    )
+    token = sign(ident, now=1000)
+    _, body, mac = token.split(".")
+    assert json.loads(base64.urlsafe_b64decode(body + "==")) == {
+        "k": "job-9",
+        "x": 1000 + mod._keys.ttl,
+        "m": "powercrud.async_manager.AsyncManager",
+        "r": "r",
+        "d": 2,
+    }
+    assert mac == _b64(mod._mac(mod._keys.current, f"v1.{body}".encode()))
+    configure_signing("new-secret", fallbacks=["other"])
+    old = sign(ident)
+    configure_signing("rotated", fallbacks=["x"])
+    assert verify_cached(old) is None  # signed with a key no longer configured
+    configure_signing("rotated", fallbacks=["x", "new-secret"])
+    assert verify_cached(old).task_key == "job-9"  # the second fallback still verifies
+
+
+def _reference_task_key_ok(value):
+    import re
+
+    return bool(value.strip()) and len(value) <= 200 and not re.search(r"[\x00-\x1f\x7f]", value)
+
+
+@settings(max_examples=400)
+@given(st.text(max_size=60) | st.sampled_from(["job\x7f", "tâche-1", "a\u2028b", " x ", "\t"]))
+def test_task_key_validation_matches_its_definition(value):
+    from otel_taskctx.identity import validate_task_key
+
+    try:
+        accepted = validate_task_key(value) == value
+    except ValueError:
+        accepted = False
+    assert accepted == _reference_task_key_ok(value)
+
+
+@settings(max_examples=400)
+@given(
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}(\.[A-Za-z_][A-Za-z0-9_]{0,8}){1,3}", fullmatch=True)
+    | st.text(max_size=30)
+    | st.sampled_from(["a.b\n", "a..b", ".a.b", "a.b.", "ä.b", "a", "1a.b"])
+)
+def test_class_path_validation_matches_its_definition_also_when_remembered(value):
+    import re
+
+    from otel_taskctx.identity import validate_class_path
+
+    expected = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", value)
+    for _ in range(2):  # the second time a valid path comes from the remembered set
+        try:
+            accepted = validate_class_path(value) == value
+        except ValueError:
+            accepted = False
+        assert accepted == bool(expected), value
+
+
+def test_class_path_validation_rejects_non_strings_with_value_error():
+    from otel_taskctx.identity import validate_class_path
+
+    for value in (["a.b"], 3, b"a.b", {"a": 1}):
+        try:
+            validate_class_path(value)
+        except ValueError:
+            continue
+        raise AssertionError(f"{value!r} accepted")

@@ -200,6 +200,38 @@ def _close_thread_connections() -> None:
         pass
 
 
+def start_keeping_locks_alive(
+    task_key: str,
+    manager: Any = None,
+    interval: float | None = None,
+    ttl: int | None = None,
+) -> LockKeeper | None:
+    """Start refreshing ``task_key``'s locks (see :func:`keep_locks_alive`); the caller stops
+    the returned keeper. None when refreshing is off (interval 0 or locks without TTL)."""
+    from otel_taskctx.conflicts import get_conflict_store
+
+    if manager is None:
+        from powercrud.async_manager import AsyncManager
+
+        manager = AsyncManager()
+    if interval is None:
+        from otel_taskctx.conf import get_setting
+
+        interval = get_setting("LOCK_REFRESH_INTERVAL")
+    store_ttl = get_conflict_store(manager).ttl if ttl is None else ttl
+    if not interval or interval <= 0 or not store_ttl:
+        return None
+    if interval * 2 > store_ttl:
+        log.warning(
+            "lock refresh interval %ss is more than half the lock TTL %ss: locks of task %s "
+            "may expire between refreshes",
+            interval,
+            store_ttl,
+            task_key,
+        )
+    return LockKeeper(task_key, manager, interval, ttl).start()
+
+
 @contextmanager
 def keep_locks_alive(
     task_key: str,
@@ -215,30 +247,9 @@ def keep_locks_alive(
     or locks without TTL). Refreshing stops when the block exits, also on error; a dead worker
     stops refreshing and its locks expire one TTL later.
     """
-    from otel_taskctx.conflicts import get_conflict_store
-
-    if manager is None:
-        from powercrud.async_manager import AsyncManager
-
-        manager = AsyncManager()
-    if interval is None:
-        from otel_taskctx.conf import get_setting
-
-        interval = get_setting("LOCK_REFRESH_INTERVAL")
-    store_ttl = get_conflict_store(manager).ttl if ttl is None else ttl
-    if not interval or interval <= 0 or not store_ttl:
-        yield None
-        return
-    if interval * 2 > store_ttl:
-        log.warning(
-            "lock refresh interval %ss is more than half the lock TTL %ss: locks of task %s "
-            "may expire between refreshes",
-            interval,
-            store_ttl,
-            task_key,
-        )
-    keeper = LockKeeper(task_key, manager, interval, ttl).start()
+    keeper = start_keeping_locks_alive(task_key, manager, interval, ttl)
     try:
         yield keeper
     finally:
-        keeper.stop()
+        if keeper is not None:
+            keeper.stop()

@@ -373,8 +373,16 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
         action = f"DO UPDATE SET {sets}"
     else:
         action = "DO NOTHING"
-    # values that need the backend's adaptation (JSON, datetimes); the rest go as they are
-    prepared = {f.name for f in fields if f.get_internal_type() in ("JSONField", "DateTimeField")}
+    # per column: its name, its default (looked up once, not per row) and, for values that
+    # need the backend's adaptation (JSON, datetimes), the field that adapts them
+    columns_of_row = [
+        (
+            f.name,
+            f.get_default(),
+            f if f.get_internal_type() in ("JSONField", "DateTimeField") else None,
+        )
+        for f in fields
+    ]
     one = "(" + ", ".join(["%s"] * len(fields)) + ")"
     size = UPSERT_CHUNK
     max_params = getattr(connection.features, "max_query_params", None)
@@ -385,10 +393,10 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
             chunk = rows[start : start + size]
             params: list[Any] = []
             for row in chunk:
-                for f in fields:
-                    value = row.get(f.name, f.get_default())
-                    if f.name in prepared:
-                        value = f.get_db_prep_save(value, connection=connection)
+                for name, default, adapting in columns_of_row:
+                    value = row.get(name, default)
+                    if adapting is not None:
+                        value = adapting.get_db_prep_save(value, connection=connection)
                     params.append(value)
             values = ", ".join([one] * len(chunk))
             cursor.execute(

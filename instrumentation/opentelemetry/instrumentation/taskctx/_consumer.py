@@ -40,6 +40,7 @@ class _Run:
     powercrud_cm: Any
     sync: bool
     lock_keeper: Any = None
+    side_effects_done: bool = False
 
 
 #: Runs in progress, by ``id()`` of the task dict that both signals receive.
@@ -76,19 +77,20 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
 
 
 def _keep_locks_alive(identity: TaskIdentity) -> Any:
-    """Refresh the TTL of the job's locks while it runs (they expire if the worker dies)."""
-    from otel_taskctx.conflicts import keep_locks_alive
+    """Refresh the TTL of the job's locks while it runs (they expire if the worker dies);
+    returns the keeper to stop, or None."""
+    from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
     from otel_taskctx.helpers import resolve_manager
 
-    cm = keep_locks_alive(identity.task_key, resolve_manager(identity))
-    cm.__enter__()
-    return cm
+    return start_keeping_locks_alive(identity.task_key, resolve_manager(identity))
 
 
 def _finish_job_side_effects(run: _Run) -> None:
-    """Before django-q2 reports the result: last progress written, lock refresher stopped."""
-    if run.identity is None:
+    """Before django-q2 reports the result: last progress written, lock refresher stopped
+    (once per run: the end signal does it first, then ``_end``, which also closes stale runs)."""
+    if run.identity is None or run.side_effects_done:
         return
+    run.side_effects_done = True
     try:
         from otel_taskctx.helpers import flush_progress
 
@@ -97,7 +99,7 @@ def _finish_job_side_effects(run: _Run) -> None:
         log.exception("could not write the last progress of task %s", run.identity.task_key)
     if run.lock_keeper is not None:
         try:
-            run.lock_keeper.__exit__(None, None, None)
+            run.lock_keeper.stop()
         except Exception:
             log.debug("could not stop the lock refresher", exc_info=True)
         run.lock_keeper = None

@@ -109,6 +109,8 @@ elif STACK == "embedded":
             "TEST": {"NAME": _db},
         }
     }
+    if os.environ.get("TASKCTX_SQLITE_INIT"):  # PRAGMAs per connection (the jobs benchmark)
+        DATABASES["default"]["OPTIONS"]["init_command"] = os.environ["TASKCTX_SQLITE_INIT"]
     if os.environ.get("TASKCTX_SPAN_DB"):  # the span store in an SQLite file of its own
         DATABASES["spans"] = {
             "ENGINE": "django.db.backends.sqlite3",

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from otel_taskctx._process import current_pid
 from otel_taskctx.tracing import _MARK, add_span_processor_once, sdk_tracer_provider
 
 log = logging.getLogger("otel_taskctx.spans")
@@ -238,14 +239,17 @@ class _SoonFlusher:
         self._lock = threading.Lock()
 
     def request(self) -> None:
-        if self._pid != os.getpid():
+        pid = current_pid()
+        if self._pid != pid:
             with self._lock:
-                if self._pid != os.getpid():  # first use in this (possibly forked) process
+                if self._pid != pid:  # first use in this (possibly forked) process
                     self._wake = threading.Event()
                     threading.Thread(
                         target=self._run, name="otel-taskctx-span-flush", daemon=True
                     ).start()
-                    self._pid = os.getpid()
+                    self._pid = pid
+        elif self._wake.is_set():
+            return  # already asked for (the end signal and the span's end both ask)
         self._wake.set()
 
     def _run(self) -> None:

@@ -8,13 +8,13 @@ attribute or a flood of events cannot blow up the table.
 from __future__ import annotations
 
 import math
-import os
 import socket
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from otel_taskctx import semconv
+from otel_taskctx._process import current_pid
 
 TRUNCATION_MARK = "…"
 MAX_KEY_LENGTH = 255
@@ -30,13 +30,13 @@ USER_ID_ATTRIBUTES = ("taskctx.user_id", "enduser.id", "user.id")
 LAUNCHED_TASK_KEY = "taskctx.launched_task_key"
 USER_LABEL_ATTRIBUTES = ("taskctx.user", "taskctx.user_label", "user.name", "enduser.name")
 
-_PROCESS = f"{socket.gethostname()}:{os.getpid()}"
-_PROCESS_PID = os.getpid()
+_PROCESS = f"{socket.gethostname()}:{current_pid()}"
+_PROCESS_PID = current_pid()
 
 
 def _process_label() -> str:
     global _PROCESS, _PROCESS_PID
-    pid = os.getpid()
+    pid = current_pid()
     if pid != _PROCESS_PID:  # forked (a django-q2 worker): relabel
         _PROCESS, _PROCESS_PID = f"{socket.gethostname()}:{pid}", pid
     return _PROCESS
@@ -47,7 +47,7 @@ _resource_cache: dict[int, tuple[Any, str, str]] = {}
 
 def _resource_labels(resource: Any) -> tuple[str, str]:
     """``(service name, host:pid)`` of a span's resource (cached per resource object)."""
-    pid = os.getpid()
+    pid = current_pid()
     cached = _resource_cache.get(id(resource))
     if cached is not None and cached[0] is resource and cached[2].endswith(f":{pid}"):
         return cached[1], cached[2]

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from otel_taskctx._process import current_pid
+
 log = logging.getLogger("otel_taskctx.spans")
 
 #: seconds between two warnings about failed writes
@@ -80,7 +82,7 @@ class SpanWriter:
         self._running: deque[tuple[float, Any]] = deque()  # (due time, live span)
         self._busy = False
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
+        self._pid = current_pid()
         self._last_warning = 0.0
         self.dropped = 0
         self.written = 0
@@ -96,7 +98,7 @@ class SpanWriter:
         return 4096
 
     def _ensure_thread(self) -> None:
-        pid = os.getpid()
+        pid = current_pid()
         if pid != self._pid:  # forked: the parent's thread and queue do not exist here
             self._lock = threading.Lock()
             self._idle = threading.Condition(self._lock)
@@ -129,7 +131,10 @@ class SpanWriter:
         """Write a "running" row for ``span`` if it has not ended after ``running_delay``."""
         if len(self._running) >= self.max_running_queue:
             return
-        self._ensure_thread()
+        if self._thread is None or self._pid != current_pid():
+            # (once per process: a thread that died is restarted by the next submit or flush,
+            # and this runs for every span started)
+            self._ensure_thread()
         self._running.append((time.monotonic() + self.running_delay, span))
 
     def flush(self, timeout: float | None = 5.0, running: bool = True) -> bool:

@@ -16,7 +16,7 @@ import string
 from collections.abc import MutableMapping
 from typing import Any
 
-from opentelemetry import baggage, propagate
+from opentelemetry import baggage, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context, get_current
 from opentelemetry.propagators import textmap
@@ -48,6 +48,52 @@ def _is_plain_token(value: str) -> bool:
     return 0 < len(value) <= MAX_TOKEN_LENGTH and not value.strip(_PLAIN_CHARS)
 
 
+_HEX_DIGITS = "0123456789abcdef"
+
+
+def _write_traceparent(carrier: MutableMapping[str, str], ctx: Context) -> None:
+    """The W3C trace-context propagator's ``inject``: written here for a span context without
+    trace state (the common package), the propagator's own call otherwise."""
+    span_context = trace.get_current_span(ctx).get_span_context()
+    if span_context.trace_state:
+        _trace_propagator.inject(carrier, context=ctx)
+    elif span_context != trace.INVALID_SPAN_CONTEXT:
+        carrier["traceparent"] = (
+            f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-"
+            f"{span_context.trace_flags:02x}"
+        )
+
+
+def _read_traceparent(carrier: dict[str, str], ctx: Context) -> Context:
+    """The W3C trace-context propagator's ``extract``, without its regular expression for a
+    version-00 ``traceparent`` exactly as :func:`inject` writes it and no ``tracestate``;
+    anything else (other versions, whitespace, extra fields, zero ids, trace state) goes
+    through the propagator."""
+    value = carrier.get("traceparent")
+    if (
+        value is None
+        or "tracestate" in carrier
+        or len(value) != 55
+        or not value.startswith("00-")
+        or value[35] != "-"
+        or value[52] != "-"
+        or value[3:35].strip(_HEX_DIGITS)
+        or value[36:52].strip(_HEX_DIGITS)
+        or value[53:].strip(_HEX_DIGITS)
+    ):
+        return _trace_propagator.extract(carrier, context=ctx)
+    trace_id, span_id = int(value[3:35], 16), int(value[36:52], 16)
+    if not trace_id or not span_id:
+        return ctx
+    span_context = trace.SpanContext(
+        trace_id=trace_id,
+        span_id=span_id,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(int(value[53:], 16)),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context), ctx)
+
+
 def inject(
     carrier: MutableMapping[str, str],
     context: Context | None = None,
@@ -60,7 +106,7 @@ def inject(
     baggage never cut the identity.
     """
     ctx = context if context is not None else get_current()
-    _trace_propagator.inject(carrier, context=ctx)
+    _write_traceparent(carrier, ctx)
     entries = baggage.get_all(ctx)
     if token is None:
         token = entries.get(BAGGAGE_ENTRY)
@@ -105,7 +151,7 @@ def extract(carrier: Any, context: Context | None = None) -> Context:
         context = Context()
     clean = _clean_carrier(carrier)
     try:
-        ctx = _trace_propagator.extract(clean, context=context)
+        ctx = _read_traceparent(clean, context)
         ctx = _read_baggage(clean, ctx)
     except Exception as exc:  # defensive: a propagator must never fail the job
         log.warning("could not extract trace context from carrier: %s", exc)

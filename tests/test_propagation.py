@@ -21,6 +21,8 @@ from otel_taskctx.identity import BAGGAGE_ENTRY
 from otel_taskctx.propagation import (
     IdentityFilteringPropagator,
     _read_baggage,
+    _read_traceparent,
+    _write_traceparent,
     install_propagator_filter,
     uninstall_propagator_filter,
 )
@@ -220,3 +222,82 @@ def test_reading_the_package_baggage_gives_what_the_w3c_propagator_reads(header)
     ours = baggage.get_all(_read_baggage(carrier, context.Context()))
     reference = baggage.get_all(W3CBaggagePropagator().extract(carrier, context.Context()))
     assert dict(ours) == dict(reference)
+
+
+# The traceparent too is written and read without the W3C trace-context propagator in the
+# common case (version 00, no trace state); the result must be the propagator's own.
+def _span_context_of(ctx):
+    span_context = trace.get_current_span(ctx).get_span_context()
+    return (
+        span_context.trace_id,
+        span_context.span_id,
+        span_context.is_remote,
+        int(span_context.trace_flags),
+        span_context.trace_state.to_header(),
+        span_context.is_valid,
+    )
+
+
+_HEX = st.text(alphabet="0123456789abcdef", min_size=1, max_size=40)
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    traceparent=st.one_of(
+        st.tuples(
+            st.sampled_from(["00", "01", "ff", "0A", "0"]),
+            st.integers(0, 2**128 - 1) | st.just(0),
+            st.integers(0, 2**64 - 1) | st.just(0),
+            st.integers(0, 255),
+            st.sampled_from(["", "-x", " ", "\t", "-"]),
+            st.booleans(),
+        ).map(
+            lambda t: (f"{t[0]}-{t[1]:032x}-{t[2]:016x}-{t[3]:02x}{t[4]}").upper()
+            if t[5] and t[1] % 7 == 0
+            else f"{t[0]}-{t[1]:032x}-{t[2]:016x}-{t[3]:02x}{t[4]}"
+        ),
+        st.from_regex(r"00-[0-9a-fA-F]{32}-[0-9a-fA-F]{16}-[0-9a-fA-F]{2}", fullmatch=True),
+        st.text(alphabet="0123456789abcdefABx- ", max_size=60),
+        _HEX,
+    ),
+    tracestate=st.none() | st.sampled_from(["", "vendor=1", "a=b,c=d", "bad state"]),
+)
+@example(traceparent="00-" + "0" * 32 + "-" + "1" * 16 + "-01", tracestate=None)
+@example(traceparent="00-" + "1" * 32 + "-" + "0" * 16 + "-01", tracestate=None)
+@example(traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01-", tracestate=None)
+def test_reading_the_traceparent_gives_what_the_w3c_propagator_reads(traceparent, tracestate):
+    carrier = {"traceparent": traceparent}
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    base = baggage.set_baggage("kept", "yes", context.Context())
+    ours = _read_traceparent(carrier, base)
+    reference = TraceContextTextMapPropagator().extract(carrier, context=base)
+    assert _span_context_of(ours) == _span_context_of(reference)
+    assert baggage.get_all(ours) == baggage.get_all(reference)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    trace_id=st.integers(0, 2**128 - 1),
+    span_id=st.integers(0, 2**64 - 1),
+    flags=st.integers(0, 255),
+    state=st.sampled_from([None, [("vendor", "1")], [("a", "b"), ("c", "d")]]),
+)
+@example(trace_id=0, span_id=0, flags=0, state=None)
+@example(trace_id=0, span_id=5, flags=1, state=None)
+def test_writing_the_traceparent_gives_what_the_w3c_propagator_writes(
+    trace_id, span_id, flags, state
+):
+    span_context = trace.SpanContext(
+        trace_id=trace_id,
+        span_id=span_id,
+        is_remote=False,
+        trace_flags=trace.TraceFlags(flags),
+        trace_state=trace.TraceState(state) if state else None,
+    )
+    ctx = trace.set_span_in_context(trace.NonRecordingSpan(span_context), context.Context())
+    ours: dict[str, str] = {}
+    _write_traceparent(ours, ctx)
+    reference: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(reference, context=ctx)
+    assert ours == reference

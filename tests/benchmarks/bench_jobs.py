@@ -39,8 +39,10 @@ ratio: less noisy than wall time, and what a busier machine would feel.
 Brokers: the ORM broker (``embedded`` stack: SQLite + DatabaseCache) and the Redis broker
 (``redis-postgres`` stack: PostgreSQL + django-redis). Each stack runs in a child process
 (Django settings are per process). Databases are created for the run: temporary SQLite
-files, a fresh PostgreSQL database ``taskctx_bench_jobs``. Redis: database
-``TASKCTX_REDIS_DB`` (default 14 for benchmarks; the broker uses the next one).
+files, a fresh PostgreSQL database ``taskctx_bench_jobs``. SQLite runs in WAL mode with SQLite's default
+``synchronous``; ``TASKCTX_SQLITE_INIT`` (e.g. ``"PRAGMA synchronous=NORMAL;"``, as the sample
+configures its files) sets per-connection PRAGMAs for the enqueuing process and the cluster.
+Redis: database ``TASKCTX_REDIS_DB`` (default 14 for benchmarks; the broker uses the next one).
 """
 
 from __future__ import annotations

@@ -40,7 +40,6 @@ class _Run:
     powercrud_cm: Any
     sync: bool
     lock_keeper: Any = None
-    side_effects_done: bool = False
 
 
 #: Runs in progress, by ``id()`` of the task dict that both signals receive.
@@ -86,11 +85,10 @@ def _keep_locks_alive(identity: TaskIdentity) -> Any:
 
 
 def _finish_job_side_effects(run: _Run) -> None:
-    """Before django-q2 reports the result: last progress written, lock refresher stopped
-    (once per run: the end signal does it first, then ``_end``, which also closes stale runs)."""
-    if run.identity is None or run.side_effects_done:
+    """Before django-q2 reports the result: last progress written, lock refresher stopped.
+    Called once per run, before :func:`_end` (by the end signal, or for a stale run)."""
+    if run.identity is None:
         return
-    run.side_effects_done = True
     try:
         from otel_taskctx.helpers import flush_progress
 
@@ -107,7 +105,6 @@ def _finish_job_side_effects(run: _Run) -> None:
 
 def _end(run: _Run) -> None:
     """Leave the run's contexts (powercrud's first, then ours) and end its span."""
-    _finish_job_side_effects(run)
     try:
         if run.powercrud_cm is not None:
             run.powercrud_cm.__exit__(None, None, None)
@@ -130,6 +127,7 @@ def _drop_stale_runs() -> None:
         if run.span.is_recording():
             run.span.set_status(Status(StatusCode.ERROR, "the worker never reported the end"))
         try:
+            _finish_job_side_effects(run)
             _end(run)
         except Exception:
             log.debug("could not close a stale run", exc_info=True)

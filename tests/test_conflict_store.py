@@ -172,6 +172,29 @@ def test_release_is_compare_and_delete(env):
     assert env.left() == 0
 
 
+def test_a_task_without_locks_is_released_and_refreshed_with_one_read_and_no_write(env):
+    """Most jobs take no lock: powercrud's completion hook must not open a write transaction
+    for them (on SQLite every process of the cluster queues on that one write lock)."""
+    if env.store.kind != "database":
+        pytest.skip("the database backend's statements")
+    from django.db import connections
+    from django.test.utils import CaptureQueriesContext
+
+    env.store.reserve("job-holds", {CHILD: [1]})
+    with CaptureQueriesContext(connections[env.store.db]) as queries:
+        assert env.store.release("job-none") == 0
+        assert env.store.refresh("job-none", 60) == 0
+    statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+    assert statements == ["SELECT", "SELECT"], queries.captured_queries
+    assert env.holder(1) == "job-holds"  # somebody else's lock untouched
+    # a task that holds locks still goes through the transaction
+    with CaptureQueriesContext(connections[env.store.db]) as queries:
+        assert env.store.release("job-holds") == 1
+    assert any(q["sql"].upper().startswith("DELETE") for q in queries.captured_queries)
+    assert env.holder(1) is None
+    assert env.left() == 0
+
+
 def test_five_thousand_locks_stay_held_while_unrelated_cache_traffic_runs(env):
     n = 5000 if env.store.kind != "cache" else 1000  # the per-key path is slow: fewer
     ids = list(range(n))

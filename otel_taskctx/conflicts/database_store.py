@@ -280,6 +280,18 @@ class DatabaseConflictStore(CacheConflictStore):
         row = cursor.fetchone()
         return set(self._decode(connection, row[0]) or ()) if row else set()
 
+    def _has_tracking_row(self, connection: Any, tracking: str) -> bool:
+        """Whether the task's tracking row exists (expired or not), read without a lock.
+
+        A row that is absent here cannot matter to a release or a refresh: locks are only
+        taken with the tracking row written in the same transaction, and a task's locks are
+        released or refreshed by the task itself or after it ended.
+        """
+        table, key_col, _, _ = self._sql(connection)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT 1 FROM {table} WHERE {key_col} = %s", [tracking])
+            return cursor.fetchone() is not None
+
     def _release(self, task_key: str) -> int:
         table, key_col, value_col, _ = self._sql(connections[self.db])
         return self._on_tracked_locks(
@@ -312,8 +324,12 @@ class DatabaseConflictStore(CacheConflictStore):
         in batches, then ``tracking_statement`` on the tracking entry; one transaction.
         Returns the number of lock rows the batches touched."""
         connection = connections[self.db]
-        holder = self._encode(task_key)
         tracking = self._db_key(self.tracking_key(task_key))
+        if not self._has_tracking_row(connection, tracking):
+            # the task never took a lock (most jobs): nothing to act on, and no write
+            # transaction (on SQLite, the one write lock every process of a cluster queues on)
+            return 0
+        holder = self._encode(task_key)
         count = 0
         with transaction.atomic(using=self.db), connection.cursor() as cursor:
             keys = sorted(

@@ -1,7 +1,7 @@
 """Per-job overhead: enqueue -> done for small jobs through a real qcluster.
 
 ``python -m tests.benchmarks jobs [--quick] [--breakdown] [--stack=embedded|redis-postgres]
-[--jobs=N] [--rounds=N]``
+[--jobs=N] [--rounds=N] [--span-rows=N|grow]``
 
 For each broker, in the same run and on the same database, a batch of small jobs (``noop``,
 launched by powercrud's ``AsyncManager.launch_async_task``, so each has its task key,
@@ -35,6 +35,16 @@ its range, and the median per-job times. Target (issue 7): overhead below 5% (me
 ratio < 1.05). The CPU columns are the whole machine's busy CPU time (``/proc/stat``: every
 process, PostgreSQL and Redis included) per job over the same interval, and its paired
 ratio: less noisy than wall time, and what a busier machine would feel.
+
+**The span table.** What a span's write costs depends on how many spans the table already
+holds: its indexes on random keys (trace and span ids, task keys) grow with it, and once they
+are larger than a batch, each new row dirties a page of its own in each of them. A
+deployment keeps the spans of many past jobs, so every batch of the full variant starts with
+``--span-rows`` spans of past jobs in the table (default 100,000: a day of a small
+deployment; filled once per run, and the spans of earlier batches are deleted before each
+batch, so every round measures the same table). ``--span-rows=0`` measures an empty table
+and ``--span-rows=grow`` the earlier behaviour (a table that grows from empty through the run,
+which makes the later rounds costlier than the first).
 
 Brokers: the ORM broker (``embedded`` stack: SQLite + DatabaseCache) and the Redis broker
 (``redis-postgres`` stack: PostgreSQL + django-redis). Each stack runs in a child process
@@ -198,6 +208,90 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "c
         time.sleep(interval)
 
 
+#: span rows already in the store when a batch starts (``--span-rows``)
+DEFAULT_SPAN_ROWS = 100_000
+#: ``(database alias, highest filler id)`` of each span table filled for this run
+_FILLED: dict[str, int] = {}
+
+
+def span_database(variant: str) -> str:
+    """The alias the variant's spans are written to."""
+    from django.db import router
+
+    from otel_taskctx.span_models import TaskSpan
+
+    cluster_settings, _ = SQLITE_VARIANTS[variant]
+    if "SPAN_DATABASE" in cluster_settings and cluster_settings["SPAN_DATABASE"] is None:
+        return "default"
+    return router.db_for_write(TaskSpan)
+
+
+def fill_span_table(using: str, rows: int) -> None:
+    """Put ``rows`` spans of past jobs in the span table (once per database and run).
+
+    A deployment's span table holds the spans of many past jobs, and what a span's write
+    costs depends on it: the table's indexes on random keys (trace and span ids, task keys)
+    grow with it, and each new row lands on a page of its own in each of them. Every round
+    starts from the same table (see :func:`reset_span_table`), so rounds stay comparable.
+    """
+    import random
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from otel_taskctx.span_models import TaskSpan
+
+    if using in _FILLED:
+        return
+    TaskSpan.objects.using(using).all().delete()
+    start = datetime.now(tz=UTC) - timedelta(days=1)
+    step_ns = 86_400 * 10**9 // max(1, rows)
+    base_ns = int(start.timestamp() * 10**9)
+    attributes = {
+        "messaging.system": "django_q2",
+        "messaging.operation.type": "process",
+        "taskctx.func": "tests.testapp.tasks.noop",
+        "taskctx.depth": 0,
+        "taskctx.manager_class_path": "powercrud.async_manager.AsyncManager",
+    }
+    batch: list[TaskSpan] = []
+    for n in range(rows):
+        key = str(uuid.uuid4())
+        at = base_ns + n * step_ns
+        batch.append(
+            TaskSpan(
+                trace_id=f"{random.getrandbits(128):032x}",
+                span_id=f"{random.getrandbits(64):016x}",
+                name="process tests.testapp.tasks.noop",
+                kind="CONSUMER",
+                start_ns=at,
+                end_ns=at + 2_000_000,
+                started_at=datetime.fromtimestamp(at / 1e9, tz=UTC),
+                status="ok",
+                attributes={**attributes, "taskctx.task_key": key},
+                task_key=key,
+                root_task_key=key,
+                manager="powercrud.async_manager.AsyncManager",
+                service="bench",
+                process="bench:1",
+            )
+        )
+        if len(batch) == 5000:
+            TaskSpan.objects.using(using).bulk_create(batch)
+            batch = []
+    if batch:
+        TaskSpan.objects.using(using).bulk_create(batch)
+    top = TaskSpan.objects.using(using).order_by("-id").values_list("id", flat=True).first()
+    _FILLED[using] = top or 0
+
+
+def reset_span_table(using: str) -> None:
+    """Back to the filler rows: the spans of the previous batches go."""
+    from otel_taskctx.span_models import TaskSpan
+
+    if using in _FILLED:
+        TaskSpan.objects.using(using).filter(id__gt=_FILLED[using]).delete()
+
+
 # --------------------------------------------------------------------------- one stack
 
 
@@ -219,7 +313,7 @@ def machine_busy_seconds() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def _batch(jobs: int, variant: str) -> dict[str, float]:
+def _batch(jobs: int, variant: str, span_rows: int | None = None) -> dict[str, float]:
     from django.conf import settings as django_settings
     from django_q.models import Task
     from powercrud.async_manager import AsyncManager
@@ -232,6 +326,9 @@ def _batch(jobs: int, variant: str) -> dict[str, float]:
     set_local_span_store(variant in STORE_VARIANTS)
     # this process's spans go where the cluster's go
     django_settings.OTEL_TASKCTX = {**_LOCAL_SETTINGS, **cluster_settings}
+    if span_rows is not None and variant in STORE_VARIANTS:
+        fill_span_table(span_database(variant), span_rows)
+        reset_span_table(span_database(variant))
     q_cluster = {"workers": 2, "save_limit": 0, "ack_failures": True}
     with run_cluster(q_cluster=q_cluster, settings=settings) as cluster:
         manager = AsyncManager()
@@ -275,7 +372,13 @@ def _batch(jobs: int, variant: str) -> dict[str, float]:
 _LOCAL_SETTINGS: dict[str, Any] = {}
 
 
-def run_stack(stack: str, jobs: int, rounds: int, breakdown: bool = False) -> dict[str, Any]:
+def run_stack(
+    stack: str,
+    jobs: int,
+    rounds: int,
+    breakdown: bool = False,
+    span_rows: int | None = DEFAULT_SPAN_ROWS,
+) -> dict[str, Any]:
     prepare_environment(stack, "jobs")
     setup_database()
     from django.conf import settings
@@ -283,11 +386,12 @@ def run_stack(stack: str, jobs: int, rounds: int, breakdown: bool = False) -> di
     _LOCAL_SETTINGS.update(settings.OTEL_TASKCTX)
     variants = variants_of(stack, breakdown)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
-    _batch(min(jobs, 100), FULL)  # warm-up (database files, caches, imports): not counted
+    # warm-up (database files, caches, imports, the span table's filler): not counted
+    _batch(min(jobs, 100), FULL, span_rows)
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for name in order:
-            results[name].append(_batch(jobs, name))
+            results[name].append(_batch(jobs, name, span_rows))
             print(
                 f"  {stack} round {r + 1}/{rounds} {name}: "
                 f"{results[name][-1]['per_job_ms']:.2f} ms/job",
@@ -307,7 +411,7 @@ def run_stack(stack: str, jobs: int, rounds: int, breakdown: bool = False) -> di
             run["cpu_ms"] / base["cpu_ms"] if base["cpu_ms"] else 0.0
             for run, base in zip(runs, results[BASELINE], strict=True)
         ]
-    return {"stack": stack, "jobs": jobs, "rounds": rounds, **summary}
+    return {"stack": stack, "jobs": jobs, "rounds": rounds, "span_rows": span_rows, **summary}
 
 
 # --------------------------------------------------------------------------- entry points
@@ -319,8 +423,11 @@ def main(argv: list[str]) -> int:
     jobs = int(_option(argv, "jobs", "200" if quick else "500"))
     rounds = int(_option(argv, "rounds", "1" if quick else ("5" if breakdown else "9")))
     stack = _option(argv, "stack")
+    rows_option = _option(argv, "span-rows", str(DEFAULT_SPAN_ROWS))
+    span_rows = None if rows_option == "grow" else int(rows_option)
     if _option(argv, "child"):
-        print(RESULT_TAG + json.dumps(run_stack(stack, jobs, rounds, breakdown)), flush=True)
+        result = run_stack(stack, jobs, rounds, breakdown, span_rows)
+        print(RESULT_TAG + json.dumps(result), flush=True)
         return 0
     stacks = [stack] if stack else list(STACKS)
     rows, ok = [], True
@@ -334,6 +441,7 @@ def main(argv: list[str]) -> int:
                 f"--stack={name}",
                 f"--jobs={jobs}",
                 f"--rounds={rounds}",
+                f"--span-rows={rows_option}",
                 "--child=1",
                 *(["--breakdown"] if breakdown else []),
             ],
@@ -393,8 +501,13 @@ def main(argv: list[str]) -> int:
             rows,
         )
     )
+    filled = (
+        "the span table growing from empty through the run"
+        if span_rows is None
+        else f"every full batch starts with {span_rows:,} spans in the span table"
+    )
     print(
-        f"{jobs} jobs per batch, {rounds} round(s); ms/job: median wall time from the first "
+        f"{jobs} jobs per batch, {rounds} round(s), {filled}; ms/job: median wall time from the first "
         "enqueue to the last recorded result / jobs (2 workers); ratio: median over the "
         "rounds of the variant's time / the baseline's time in the same round (range: "
         "lowest-highest); CPU: the whole machine's busy CPU time per job over the same "

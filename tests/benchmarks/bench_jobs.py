@@ -255,26 +255,38 @@ def fill_span_table(using: str, rows: int) -> None:
     }
     batch: list[TaskSpan] = []
     for n in range(rows):
-        key = str(uuid.uuid4())
+        # job after job, as the benchmark's own: an enqueue (PRODUCER) and a run (CONSUMER)
+        if n % 2 == 0:
+            key = str(uuid.uuid4())
+            trace_id = f"{random.getrandbits(128):032x}"
+            parent = ""
         at = base_ns + n * step_ns
+        span_id = f"{random.getrandbits(64):016x}"
+        producer = n % 2 == 0
         batch.append(
             TaskSpan(
-                trace_id=f"{random.getrandbits(128):032x}",
-                span_id=f"{random.getrandbits(64):016x}",
-                name="process tests.testapp.tasks.noop",
-                kind="CONSUMER",
+                trace_id=trace_id,
+                span_id=span_id,
+                parent_span_id=parent,
+                name=("send " if producer else "process ") + "tests.testapp.tasks.noop",
+                kind="PRODUCER" if producer else "CONSUMER",
                 start_ns=at,
                 end_ns=at + 2_000_000,
                 started_at=datetime.fromtimestamp(at / 1e9, tz=UTC),
-                status="ok",
-                attributes={**attributes, "taskctx.task_key": key},
+                status="unset" if producer else "ok",
+                attributes=(
+                    {"taskctx.launched_task_key": key}
+                    if producer
+                    else {**attributes, "taskctx.task_key": key}
+                ),
                 task_key=key,
                 root_task_key=key,
-                manager="powercrud.async_manager.AsyncManager",
+                manager="" if producer else "powercrud.async_manager.AsyncManager",
                 service="bench",
                 process="bench:1",
             )
         )
+        parent = span_id
         if len(batch) == 5000:
             TaskSpan.objects.using(using).bulk_create(batch)
             batch = []

@@ -1,29 +1,14 @@
 """The span store: one row per span, written by :mod:`otel_taskctx.spans`.
 
 A row is inserted when a long-running span starts (``end_ns`` NULL: "running") and completed
-(upserted on ``(start_ns, span_id)``) when the span ends. Times are nanoseconds since the epoch
+(upserted on ``(trace_id, span_id)``) when the span ends. Times are nanoseconds since the epoch
 as the OpenTelemetry SDK reports them; ``started_at`` repeats the start as a datetime for
 retention and listing.
-
-Indexes cost every span written, and an index on a random key (a trace id, a task key) costs
-most: once it is larger than a batch, each new row dirties a page of its own in it (on SQLite
-a 4 KB page written to the journal and again at the checkpoint, per index, per row). So the
-span's key starts with its start time (new rows land at the end of that index), job trees are
-found by their root task key (the one random index every span pays for), and spans are found
-by trace id only among those the viewer looks them up for: spans outside any task (the
-request that launched a job) and enqueues (PRODUCER spans, one per job, which link a job to the
-job that launched it).
 """
 
 from __future__ import annotations
 
 from django.db import models
-
-#: the columns of a span's unique key (the writer's upsert target)
-SPAN_KEY = ("start_ns", "span_id")
-#: the spans in the by-trace index (a query must repeat this condition to use it): spans
-#: outside any task (e.g. the request that launched a job) and enqueues of jobs
-LINKING_SPANS = models.Q(root_task_key__isnull=True) | models.Q(kind="PRODUCER")
 
 
 class TaskSpan(models.Model):
@@ -59,21 +44,13 @@ class TaskSpan(models.Model):
         db_table = "otel_taskctx_span"
         verbose_name = "task span"
         constraints = [
-            # the upsert's key: (start_ns, span_id) identifies a span as well as
-            # (trace_id, span_id) does (a span id is 64 random bits) and is written in order
-            models.UniqueConstraint(fields=list(SPAN_KEY), name="otel_taskctx_span_key"),
+            models.UniqueConstraint(fields=["trace_id", "span_id"], name="otel_taskctx_span_uniq"),
         ]
         # few indexes: every span written pays for each. (A plain index on user_id, without
         # the text-pattern twin ``db_index`` adds on PostgreSQL: searches use icontains.)
         indexes = [
             models.Index(fields=["root_task_key", "start_ns"], name="otel_taskctx_span_root"),
             models.Index(fields=["user_id"], name="otel_taskctx_span_user"),
-            # by trace: only the spans the viewer looks up by trace (see LINKING_SPANS)
-            models.Index(
-                fields=["trace_id", "span_id"],
-                name="otel_taskctx_span_link",
-                condition=LINKING_SPANS,
-            ),
         ]
 
     def __str__(self) -> str:

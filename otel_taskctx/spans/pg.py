@@ -36,17 +36,20 @@ class _Table:
 
 @cache
 def _table() -> _Table:
-    from otel_taskctx.span_models import SPAN_KEY, TaskSpan
+    from otel_taskctx.span_models import TaskSpan
 
     fields = [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
     json_names = frozenset(f.name for f in fields if f.get_internal_type() == "JSONField")
     table = f'"{TaskSpan._meta.db_table}"'
     columns = ", ".join(f'"{f.column}"' for f in fields)
     placeholders = ", ".join("%s::jsonb" if f.name in json_names else "%s" for f in fields)
-    key = ", ".join(SPAN_KEY)
-    insert = f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({key})"
+    insert = (
+        f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT (trace_id, span_id)"
+    )
     sets = ", ".join(
-        f'"{f.column}" = EXCLUDED."{f.column}"' for f in fields if f.column not in SPAN_KEY
+        f'"{f.column}" = EXCLUDED."{f.column}"'
+        for f in fields
+        if f.column not in ("trace_id", "span_id")
     )
     return _Table(
         names=[f.name for f in fields],

@@ -263,7 +263,7 @@ class SpanWriter:
     def _write_once(self, finished: list[dict[str, Any]], running: list[dict[str, Any]]) -> None:
         from django.db import connections, transaction
 
-        from otel_taskctx.span_models import SPAN_KEY, TaskSpan
+        from otel_taskctx.span_models import TaskSpan
 
         alias = self._alias()
         connection = connections[alias]
@@ -294,11 +294,11 @@ class SpanWriter:
                     [TaskSpan(**row) for row in running], ignore_conflicts=True
                 )
             if finished:
-                fields = [k for k in finished[0] if k not in SPAN_KEY]
+                fields = [k for k in finished[0] if k not in ("trace_id", "span_id")]
                 TaskSpan.objects.using(alias).bulk_create(
                     [TaskSpan(**row) for row in finished],
                     update_conflicts=True,
-                    unique_fields=list(SPAN_KEY),
+                    unique_fields=["trace_id", "span_id"],
                     update_fields=fields,
                 )
 
@@ -358,21 +358,22 @@ UPSERT_CHUNK = 500
 
 
 def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
-    """``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL): a row per span, keyed by
-    :data:`~otel_taskctx.span_models.SPAN_KEY`.
+    """``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL): a row per span, keyed by ids.
 
     ``update``: a finished span replaces whatever row is there; otherwise (a running span)
     the row is only inserted when absent, so it never overwrites a finished one.
     """
-    from otel_taskctx.span_models import SPAN_KEY, TaskSpan
+    from otel_taskctx.span_models import TaskSpan
 
     qn = connection.ops.quote_name
     fields = [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
     columns = ", ".join(qn(f.column) for f in fields)
-    conflict = ", ".join(qn(c) for c in SPAN_KEY)
+    conflict = f"{qn('trace_id')}, {qn('span_id')}"
     if update:
         sets = ", ".join(
-            f"{qn(f.column)} = EXCLUDED.{qn(f.column)}" for f in fields if f.column not in SPAN_KEY
+            f"{qn(f.column)} = EXCLUDED.{qn(f.column)}"
+            for f in fields
+            if f.column not in ("trace_id", "span_id")
         )
         action = f"DO UPDATE SET {sets}"
     else:

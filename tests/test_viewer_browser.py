@@ -67,8 +67,10 @@ def test_job_tree_in_the_browser(cluster_factory, cache, live_server):
     ok_key, ok_task = run_job(cluster, count=3, lines=4)
     failed_key, failed_task = run_job(cluster, count=2, lines=3, fail_first=True)
     assert ok_task.success and not failed_task.success
-    # a job that is still running when the browser opens its page
-    slow_key = AsyncManager().launch_async_task("tests.test_viewer_cluster.slow_job", 4.0)
+    # a job that is still running when the browser opens its page: long enough for a busy
+    # 2-core machine to start the browser meanwhile (with 4 s the test failed once in a
+    # full-suite run and passed alone)
+    slow_key = AsyncManager().launch_async_task("tests.test_viewer_cluster.slow_job", 10.0)
     cluster.wait_for(
         lambda: TaskSpan.objects.filter(root_task_key=slow_key, name="slow step").exists(),
         what="the running job's rows",

@@ -126,8 +126,8 @@ class _Keys:
     def __init__(self) -> None:
         self.lock = Lock()
         self.current: bytes | None = None
-        self.all: tuple[bytes, ...] = ()
-        #: keyed HMAC objects of ``current`` and ``all``, copied per token (see :func:`_keyed`)
+        #: keyed HMAC objects of the current key and of every key that verifies (the current
+        #: one and the fallbacks), copied per token (see :func:`_keyed`)
         self.signer: Any = None
         self.verifiers: tuple[Any, ...] = ()
         self.generation = 0
@@ -164,7 +164,6 @@ def configure_signing(
     every = (derived, *(_derive(f) for f in fallbacks if f))
     with _keys.lock:
         _keys.current = derived
-        _keys.all = every
         _keys.signer = _keyed(derived)
         _keys.verifiers = tuple(_keyed(key) for key in every)
         _keys.ttl = int(ttl_seconds)
@@ -183,7 +182,6 @@ def reset_signing() -> None:
     """Forget the configured secret (tests; the provider is asked again on next use)."""
     with _keys.lock:
         _keys.current = None
-        _keys.all = ()
         _keys.signer = None
         _keys.verifiers = ()
         _keys.generation += 1
@@ -241,18 +239,14 @@ def _b64d(text: str) -> bytes:
     return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
 
 
-def _mac(key: bytes, message: bytes) -> bytes:
-    """The token MAC: HMAC-SHA256 of ``message`` under ``key``, cut to ``_MAC_BYTES``."""
-    return hmac.digest(key, message, "sha256")[:_MAC_BYTES]
-
-
 def _keyed(key: bytes) -> Any:
     """An HMAC-SHA256 object keyed with ``key``; ``_keyed_mac`` copies it per message."""
     return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def _keyed_mac(keyed: Any, message: bytes) -> bytes:
-    """``_mac(key, message)`` from ``_keyed(key)``."""
+    """The token MAC of ``message``: HMAC-SHA256 under the key of ``keyed``, cut to
+    ``_MAC_BYTES``."""
     mac = keyed.copy()
     mac.update(message)
     return mac.digest()[:_MAC_BYTES]

@@ -1,6 +1,7 @@
 """Baggage is untrusted: forged, tampered, expired, oversized and garbage identity is ignored."""
 
 import base64
+import hmac
 import json
 import logging
 
@@ -22,6 +23,11 @@ from otel_taskctx.identity import (
 
 def _with_token(token):
     return attached(baggage.set_baggage(BAGGAGE_ENTRY, token, context.Context()))
+
+
+def _mac(key: bytes, message: bytes) -> bytes:
+    """The token MAC by its definition: HMAC-SHA256, first 16 bytes (the test's oracle)."""
+    return hmac.digest(key, message, "sha256")[:16]
 
 
 def _b64(data: bytes) -> str:
@@ -119,7 +125,7 @@ def test_signed_payload_with_bad_fields_is_rejected():
     ):
         body = _b64(json.dumps(payload).encode())
         signed = f"v1.{body}"
-        token = f"{signed}.{_b64(mod._mac(mod._keys.current, signed.encode()))}"
+        token = f"{signed}.{_b64(_mac(mod._keys.current, signed.encode()))}"
         assert verify_cached(token) is None, payload
 
 
@@ -154,15 +160,12 @@ def test_garbage_baggage_never_counts_and_never_raises(value):
 def test_token_helpers_give_the_standard_librarys_bytes(key, message):
     """The signing path's own base64 and keyed-HMAC helpers (kept lean for cold caches) are
     byte for byte what ``base64`` and ``hmac.digest`` give."""
-    import hmac
-
     from otel_taskctx import identity as mod
 
     encoded = mod._b64e(message)
     assert encoded == _b64(message)
     assert mod._b64d(encoded) == message == base64.urlsafe_b64decode(encoded + "=" * 3)
-    expected = hmac.digest(key, message, "sha256")[:16]
-    assert mod._mac(key, message) == expected
+    expected = _mac(key, message)
     keyed = mod._keyed(key)
     assert mod._keyed_mac(keyed, message) == expected
     assert mod._keyed_mac(keyed, message) == expected  # the keyed object is not consumed
@@ -183,7 +186,7 @@ def test_tokens_are_the_documented_json_and_verify_under_every_configured_key():
         "r": "r",
         "d": 2,
     }
-    assert mac == _b64(mod._mac(mod._keys.current, f"v1.{body}".encode()))
+    assert mac == _b64(_mac(mod._keys.current, f"v1.{body}".encode()))
     configure_signing("new-secret", fallbacks=["other"])
     old = sign(ident)
     configure_signing("rotated", fallbacks=["x"])

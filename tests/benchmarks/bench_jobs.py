@@ -214,18 +214,6 @@ DEFAULT_SPAN_ROWS = 100_000
 _FILLED: dict[str, int] = {}
 
 
-def span_database(variant: str) -> str:
-    """The alias the variant's spans are written to."""
-    from django.db import router
-
-    from otel_taskctx.span_models import TaskSpan
-
-    cluster_settings, _ = SQLITE_VARIANTS[variant]
-    if "SPAN_DATABASE" in cluster_settings and cluster_settings["SPAN_DATABASE"] is None:
-        return "default"
-    return router.db_for_write(TaskSpan)
-
-
 def fill_span_table(using: str, rows: int) -> None:
     """Put ``rows`` spans of past jobs in the span table (once per database and run).
 
@@ -256,13 +244,13 @@ def fill_span_table(using: str, rows: int) -> None:
     batch: list[TaskSpan] = []
     for n in range(rows):
         # job after job, as the benchmark's own: an enqueue (PRODUCER) and a run (CONSUMER)
-        if n % 2 == 0:
+        producer = n % 2 == 0
+        if producer:
             key = str(uuid.uuid4())
             trace_id = f"{random.getrandbits(128):032x}"
             parent = ""
         at = base_ns + n * step_ns
         span_id = f"{random.getrandbits(64):016x}"
-        producer = n % 2 == 0
         batch.append(
             TaskSpan(
                 trace_id=trace_id,
@@ -339,8 +327,13 @@ def _batch(jobs: int, variant: str, span_rows: int | None = None) -> dict[str, f
     # this process's spans go where the cluster's go
     django_settings.OTEL_TASKCTX = {**_LOCAL_SETTINGS, **cluster_settings}
     if span_rows is not None and variant in STORE_VARIANTS:
-        fill_span_table(span_database(variant), span_rows)
-        reset_span_table(span_database(variant))
+        from django.db import router
+
+        from otel_taskctx.span_models import TaskSpan
+
+        using = router.db_for_write(TaskSpan)  # under the variant's settings set above
+        fill_span_table(using, span_rows)
+        reset_span_table(using)
     q_cluster = {"workers": 2, "save_limit": 0, "ack_failures": True}
     with run_cluster(q_cluster=q_cluster, settings=settings) as cluster:
         manager = AsyncManager()

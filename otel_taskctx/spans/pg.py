@@ -37,19 +37,19 @@ class _Table:
 @cache
 def _table() -> _Table:
     from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.spans.writer import SPAN_KEY, written_fields
 
-    fields = [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
+    fields = written_fields()
     json_names = frozenset(f.name for f in fields if f.get_internal_type() == "JSONField")
     table = f'"{TaskSpan._meta.db_table}"'
     columns = ", ".join(f'"{f.column}"' for f in fields)
     placeholders = ", ".join("%s::jsonb" if f.name in json_names else "%s" for f in fields)
     insert = (
-        f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT (trace_id, span_id)"
+        f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) "
+        f"ON CONFLICT ({', '.join(SPAN_KEY)})"
     )
     sets = ", ".join(
-        f'"{f.column}" = EXCLUDED."{f.column}"'
-        for f in fields
-        if f.column not in ("trace_id", "span_id")
+        f'"{f.column}" = EXCLUDED."{f.column}"' for f in fields if f.column not in SPAN_KEY
     )
     return _Table(
         names=[f.name for f in fields],

@@ -16,10 +16,43 @@ ROW_FIELDS = SPAN_FIELDS
 STATUSES = ("running", "error", "ok")
 
 
+#: most hours a lookup seeks one by one (about 14 months); a table whose spans cover more
+#: hours is searched by range instead (the same rows, read less directly)
+MAX_SEEK_HOURS = 10_000
+
+
+def stored_hours(spans: QuerySet | None = None) -> range:
+    """The hours (``start_hour``) from the table's oldest span to its newest: two index seeks.
+
+    The span table's indexes lead with the hour a span started in (see
+    :mod:`otel_taskctx.span_models`); a lookup by trace or by job names these hours.
+    """
+    spans = TaskSpan.objects.all() if spans is None else spans
+    hours = spans.order_by("start_hour").values_list("start_hour", flat=True)
+    first = hours.first()
+    if first is None:
+        return range(0)
+    return range(first, hours.reverse().first() + 1)
+
+
+def in_hours(hours: range) -> Q:
+    """A filter on ``start_hour`` the indexes can seek with: one seek per hour."""
+    if len(hours) <= MAX_SEEK_HOURS:
+        return Q(start_hour__in=list(hours))
+    return Q(start_hour__gte=hours.start, start_hour__lt=hours.stop)
+
+
+def of_tree(root_key: str, spans: QuerySet | None = None, hours: range | None = None) -> QuerySet:
+    """The spans of the job tree ``root_key`` (an index seek per stored hour)."""
+    spans = TaskSpan.objects.all() if spans is None else spans
+    hours = stored_hours() if hours is None else hours
+    return spans.filter(in_hours(hours), root_task_key=root_key)
+
+
 def resolve_root_key(task_key: str, spans: QuerySet | None = None) -> str | None:
     """The root task key of the tree holding ``task_key`` (itself a root key or a nested one)."""
     spans = TaskSpan.objects.all() if spans is None else spans
-    if spans.filter(root_task_key=task_key).exists():
+    if of_tree(task_key, spans).exists():
         return task_key
     row = (
         spans.filter(task_key=task_key).exclude(root_task_key=None).values("root_task_key").first()
@@ -39,8 +72,9 @@ def load_tree(
     root_key = resolve_root_key(task_key, spans)
     if root_key is None:
         return None
+    hours = stored_hours()
     job_rows = list(
-        spans.filter(root_task_key=root_key).order_by("start_ns").values(*ROW_FIELDS)[:max_spans]
+        of_tree(root_key, spans, hours).order_by("start_ns").values(*ROW_FIELDS)[:max_spans]
     )
     if not job_rows:
         return None
@@ -50,7 +84,7 @@ def load_tree(
     others = []
     if budget:
         others = list(
-            TaskSpan.objects.filter(trace_id__in=trace_ids)
+            TaskSpan.objects.filter(in_hours(hours), trace_id__in=trace_ids)
             .exclude(root_task_key=root_key)
             .order_by("start_ns")
             .values(*ROW_FIELDS)[: budget + 1]
@@ -132,6 +166,7 @@ def decorate_summaries(
 ) -> list[dict[str, Any]]:
     """Add status, duration and the launching request to summary rows (one page of them)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
+    hours = stored_hours() if rows else range(0)
     out = []
     for row in rows:
         row = dict(row)
@@ -144,15 +179,18 @@ def decorate_summaries(
         end = now_ns if row["running"] or row["last_end_ns"] is None else row["last_end_ns"]
         row["duration_ns"] = max(0, end - row["start_ns"])
         row["descendants"] = row["descendants"] or 0
-        row["request"] = launching_request(row["root_task_key"], row["start_ns"])
+        row["request"] = launching_request(row["root_task_key"], row["start_ns"], hours=hours)
         out.append(row)
     return out
 
 
-def launching_request(root_key: str, start_ns: int | None = None, max_hops: int = 6) -> str | None:
+def launching_request(
+    root_key: str, start_ns: int | None = None, max_hops: int = 6, hours: range | None = None
+) -> str | None:
     """Name of the request (server span) above the job's first span, if it was stored."""
+    hours = stored_hours() if hours is None else hours
     first = (
-        TaskSpan.objects.filter(root_task_key=root_key)
+        of_tree(root_key, hours=hours)
         .order_by("start_ns")
         .values("trace_id", "parent_span_id")
         .first()
@@ -164,7 +202,7 @@ def launching_request(root_key: str, start_ns: int | None = None, max_hops: int 
         if not parent_id:
             return None
         parent = (
-            TaskSpan.objects.filter(trace_id=trace_id, span_id=parent_id)
+            TaskSpan.objects.filter(in_hours(hours), trace_id=trace_id, span_id=parent_id)
             .values(*ROW_FIELDS)
             .first()
         )

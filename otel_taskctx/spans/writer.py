@@ -294,11 +294,11 @@ class SpanWriter:
                     [TaskSpan(**row) for row in running], ignore_conflicts=True
                 )
             if finished:
-                fields = [k for k in finished[0] if k not in ("trace_id", "span_id")]
+                fields = [k for k in finished[0] if k not in SPAN_KEY]
                 TaskSpan.objects.using(alias).bulk_create(
                     [TaskSpan(**row) for row in finished],
                     update_conflicts=True,
-                    unique_fields=["trace_id", "span_id"],
+                    unique_fields=list(SPAN_KEY),
                     update_fields=fields,
                 )
 
@@ -353,6 +353,21 @@ class SpanWriter:
 
 
 _prepared: set[str] = set()
+#: the span table's unique key (``start_hour`` is computed by the database from ``start_ns``)
+SPAN_KEY = ("start_hour", "trace_id", "span_id")
+
+
+def written_fields() -> list[Any]:
+    """The span table's fields a write sets: all but the id and the computed ``start_hour``."""
+    from otel_taskctx.span_models import TaskSpan
+
+    return [
+        f
+        for f in TaskSpan._meta.concrete_fields
+        if not f.primary_key and not getattr(f, "generated", False)
+    ]
+
+
 #: rows per INSERT statement of the raw upsert
 UPSERT_CHUNK = 500
 
@@ -366,14 +381,12 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
     from otel_taskctx.span_models import TaskSpan
 
     qn = connection.ops.quote_name
-    fields = [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
+    fields = written_fields()
     columns = ", ".join(qn(f.column) for f in fields)
-    conflict = f"{qn('trace_id')}, {qn('span_id')}"
+    conflict = ", ".join(qn(name) for name in SPAN_KEY)
     if update:
         sets = ", ".join(
-            f"{qn(f.column)} = EXCLUDED.{qn(f.column)}"
-            for f in fields
-            if f.column not in ("trace_id", "span_id")
+            f"{qn(f.column)} = EXCLUDED.{qn(f.column)}" for f in fields if f.column not in SPAN_KEY
         )
         action = f"DO UPDATE SET {sets}"
     else:

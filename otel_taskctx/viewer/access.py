@@ -112,7 +112,10 @@ def dashboard_task_names(user: Any, spans: QuerySet | None = None) -> list[Any]:
 
 def dashboard_user(root_task_key: str, spans: QuerySet | None = None) -> str | None:
     """The user label powercrud's dashboard record holds for a job, if there is one."""
-    spans = TaskSpan.objects.filter(root_task_key=root_task_key) if spans is None else spans
+    if spans is None:
+        from otel_taskctx.spans.queries import of_tree
+
+        spans = of_tree(root_task_key)
     for manager in _dashboard_managers(spans):
         try:
             task_field, user_field = _record_fields(manager)
@@ -175,4 +178,6 @@ def visible_spans(request: Any) -> QuerySet:
 
 
 def can_view_tree(request: Any, root_task_key: str) -> bool:
-    return visible_spans(request).filter(root_task_key=root_task_key).exists()
+    from otel_taskctx.spans.queries import of_tree
+
+    return of_tree(root_task_key, visible_spans(request)).exists()

@@ -49,10 +49,12 @@ def of_tree(root_key: str, spans: QuerySet | None = None, hours: range | None = 
     return spans.filter(in_hours(hours), root_task_key=root_key)
 
 
-def resolve_root_key(task_key: str, spans: QuerySet | None = None) -> str | None:
+def resolve_root_key(
+    task_key: str, spans: QuerySet | None = None, hours: range | None = None
+) -> str | None:
     """The root task key of the tree holding ``task_key`` (itself a root key or a nested one)."""
     spans = TaskSpan.objects.all() if spans is None else spans
-    if of_tree(task_key, spans).exists():
+    if of_tree(task_key, spans, hours).exists():
         return task_key
     row = (
         spans.filter(task_key=task_key).exclude(root_task_key=None).values("root_task_key").first()
@@ -69,10 +71,10 @@ def load_tree(
     chain of spans above them in the same trace (the launching request).
     """
     spans = TaskSpan.objects.all() if spans is None else spans
-    root_key = resolve_root_key(task_key, spans)
+    hours = stored_hours()
+    root_key = resolve_root_key(task_key, spans, hours)
     if root_key is None:
         return None
-    hours = stored_hours()
     job_rows = list(
         of_tree(root_key, spans, hours).order_by("start_ns").values(*ROW_FIELDS)[:max_spans]
     )

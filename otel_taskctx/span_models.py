@@ -7,9 +7,9 @@ and listing.
 
 The two lookups (a span by its ids, a job tree by its root task key) are on random keys. Their
 indexes lead with ``start_hour`` (computed by the database from ``start_ns``), so new rows land
-in the indexes' newest hour instead of on a page anywhere in them: with a day of spans in the
-table, 1,000 new spans dirtied ~1,400 index pages before and ~180 after (each one written to
-the WAL and again at the checkpoint). Lookups name the hours to seek (see
+in the indexes' newest hour instead of on a page anywhere in them: with 100,000 spans of the
+past day in the table, 1,000 new spans dirty ~180 distinct pages instead of ~1,400 (each one
+written to the WAL and again at the checkpoint). Lookups name the hours to seek (see
 :func:`otel_taskctx.spans.queries.stored_hours`).
 """
 

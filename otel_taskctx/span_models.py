@@ -6,7 +6,7 @@ OpenTelemetry SDK reports them; ``started_at`` repeats the start as a datetime f
 and listing.
 
 The two lookups (a span by its ids, a job tree by its root task key) are on random keys. Their
-indexes lead with ``start_hour`` (computed by the database from ``start_ns``), so new rows land
+indexes lead with ``start_hour`` (the hour ``start_ns`` falls in), so new rows land
 in the indexes' newest hour instead of on a page anywhere in them: with 100,000 spans of the
 past day in the table, 1,000 new spans dirty ~180 distinct pages instead of ~1,400 (each one
 written to the WAL and again at the checkpoint). Lookups name the hours to seek (see
@@ -15,11 +15,33 @@ written to the WAL and again at the checkpoint). Lookups name the hours to seek 
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
-from django.db.models import F, Value
 
 #: nanoseconds in an hour: ``start_hour`` is ``start_ns`` divided by it (integer division)
 HOUR_NS = 3_600 * 10**9
+
+
+def hour_of(start_ns: int) -> int:
+    """The hour since the epoch (``start_hour``) a span starting at ``start_ns`` belongs to."""
+    return int(start_ns) // HOUR_NS
+
+
+class HourField(models.BigIntegerField):
+    """``start_hour``: set from ``start_ns`` whenever the ORM writes the row (``save()``,
+    ``create()``, ``bulk_create()``), and by the span writer's own statements.
+
+    (A plain column, not a ``GeneratedField``: Django's checks of a generated column connect to
+    PostgreSQL, so every management command would need the database to exist. A
+    ``QuerySet.update()`` of ``start_ns`` would leave it behind; nothing does that.)
+    """
+
+    def pre_save(self, model_instance: Any, add: bool) -> Any:
+        start = model_instance.start_ns
+        value = None if start is None else hour_of(start)
+        setattr(model_instance, self.attname, value)
+        return value
 
 
 class TaskSpan(models.Model):
@@ -34,12 +56,8 @@ class TaskSpan(models.Model):
     name = models.CharField(max_length=255)
     kind = models.CharField(max_length=16, default="INTERNAL")
     start_ns = models.BigIntegerField()
-    #: hours since the epoch the span started in (the database computes it)
-    start_hour = models.GeneratedField(
-        expression=F("start_ns") / Value(HOUR_NS),
-        output_field=models.BigIntegerField(),
-        db_persist=True,
-    )
+    #: hours since the epoch the span started in (from ``start_ns``; see :class:`HourField`)
+    start_hour = HourField(editable=False)
     end_ns = models.BigIntegerField(null=True, blank=True)
     started_at = models.DateTimeField(db_index=True)
     status = models.CharField(max_length=8, choices=STATUS_CHOICES, default=STATUS_UNSET)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from otel_taskctx.spans.writer import SPAN_KEY, row_value, written_fields
+
 
 @dataclass(frozen=True)
 class _Table:
@@ -37,7 +39,6 @@ class _Table:
 @cache
 def _table() -> _Table:
     from otel_taskctx.span_models import TaskSpan
-    from otel_taskctx.spans.writer import SPAN_KEY, written_fields
 
     fields = written_fields()
     json_names = frozenset(f.name for f in fields if f.get_internal_type() == "JSONField")
@@ -67,7 +68,7 @@ def _values(rows: list[dict[str, Any]]) -> list[list[Any]]:
     for row in rows:
         values = []
         for name in table.names:
-            value = row.get(name, table.defaults[name])
+            value = row_value(row, name, table.defaults[name])
             if name in table.json_names:
                 value = json.dumps(value)
             values.append(value)

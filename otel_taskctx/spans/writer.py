@@ -353,19 +353,24 @@ class SpanWriter:
 
 
 _prepared: set[str] = set()
-#: the span table's unique key (``start_hour`` is computed by the database from ``start_ns``)
+#: the span table's unique key (``start_hour``: the hour ``start_ns`` falls in)
 SPAN_KEY = ("start_hour", "trace_id", "span_id")
 
 
 def written_fields() -> list[Any]:
-    """The span table's fields a write sets: all but the id and the computed ``start_hour``."""
+    """The span table's fields a write sets: all but the id."""
     from otel_taskctx.span_models import TaskSpan
 
-    return [
-        f
-        for f in TaskSpan._meta.concrete_fields
-        if not f.primary_key and not getattr(f, "generated", False)
-    ]
+    return [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
+
+
+def row_value(row: dict[str, Any], name: str, default: Any) -> Any:
+    """The value of column ``name`` for ``row``; ``start_hour`` always from ``start_ns``."""
+    if name == "start_hour":
+        from otel_taskctx.span_models import hour_of
+
+        return hour_of(row["start_ns"])
+    return row.get(name, default)
 
 
 #: rows per INSERT statement of the raw upsert
@@ -378,7 +383,7 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
     ``update``: a finished span replaces whatever row is there; otherwise (a running span)
     the row is only inserted when absent, so it never overwrites a finished one.
     """
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.span_models import TaskSpan, hour_of
 
     qn = connection.ops.quote_name
     fields = written_fields()
@@ -411,8 +416,9 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
             chunk = rows[start : start + size]
             params: list[Any] = []
             for row in chunk:
+                hour = hour_of(row["start_ns"])
                 for name, default, adapting in columns_of_row:
-                    value = row.get(name, default)
+                    value = hour if name == "start_hour" else row.get(name, default)
                     if adapting is not None:
                         value = adapting.get_db_prep_save(value, connection=connection)
                     params.append(value)

@@ -61,16 +61,18 @@ def bar_box(row):
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no /usr/bin/chromium (make browser)")
-def test_job_tree_in_the_browser(cluster_factory, cache, live_server):
+def test_job_tree_in_the_browser(cluster_factory, cache, live_server, tmp_path):
     # live_server wraps the settings (settings.SETTINGS_MODULE is then None): name the module
     cluster = cluster_factory(env={"DJANGO_SETTINGS_MODULE": SETTINGS_MODULE})
     ok_key, ok_task = run_job(cluster, count=3, lines=4)
     failed_key, failed_task = run_job(cluster, count=2, lines=3, fail_first=True)
     assert ok_task.success and not failed_task.success
-    # a job that is still running when the browser opens its page: long enough for a busy
-    # 2-core machine to start the browser meanwhile (with 4 s the test failed once in a
-    # full-suite run and passed alone)
-    slow_key = AsyncManager().launch_async_task("tests.test_viewer_cluster.slow_job", 10.0)
+    # a job that is still running when the browser opens its page: it runs until the test
+    # releases it (a fixed 4 s, then 10 s, ended before a busy 2-core machine had the page)
+    release = tmp_path / "release-slow-job"
+    slow_key = AsyncManager().launch_async_task(
+        "tests.test_viewer_cluster.slow_job", 50.0, release_path=str(release)
+    )
     cluster.wait_for(
         lambda: TaskSpan.objects.filter(root_task_key=slow_key, name="slow step").exists(),
         what="the running job's rows",
@@ -78,10 +80,10 @@ def test_job_tree_in_the_browser(cluster_factory, cache, live_server):
     cookies = session_cookie(live_server)
     ARTIFACTS.mkdir(exist_ok=True)
     with chromium() as browser:
-        check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key)
+        check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key, release)
 
 
-def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key):
+def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key, release):
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     context.add_cookies(cookies)
     page = context.new_page()
@@ -97,6 +99,7 @@ def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key):
     assert target.locator(".tc-name").inner_text() == "slow step"
     assert target.get_attribute("data-state") == "running"
     page.screenshot(path=str(ARTIFACTS / "viewer-running.png"), full_page=True)
+    release.touch()  # the job ends now; the page sees it without a reload
     page.wait_for_function(
         "document.getElementById('tc-status').textContent === 'ok'", timeout=30_000
     )

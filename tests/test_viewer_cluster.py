@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 
 import pytest
@@ -113,8 +114,15 @@ def test_a_running_job_is_visible_while_it_runs(cluster_factory, cache, settings
     assert row.end_ns is not None and load_tree(key).status == "ok"
 
 
-def slow_job(seconds, task_key=None, **kwargs):
+def slow_job(seconds, task_key=None, release_path=None, **kwargs):
+    """One step that takes ``seconds``; with ``release_path``, until that file exists (at
+    most ``seconds``): the test decides when the job ends, not the clock."""
     from opentelemetry import trace
 
     with trace.get_tracer("tests").start_as_current_span("slow step"):
-        time.sleep(seconds)
+        if release_path is None:
+            time.sleep(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        while not os.path.exists(release_path) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -81,7 +81,7 @@ def test_a_job_tree_and_its_trace_are_found_across_hours(monkeypatch, seek_hours
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_same_span_ids_in_another_hour_are_another_row_and_a_rewrite_keeps_one():
+def test_a_running_row_completed_by_the_writer_stays_one_row_with_its_hour():
     from otel_taskctx.spans.writer import SpanWriter
 
     writer = SpanWriter()

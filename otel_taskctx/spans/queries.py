@@ -21,14 +21,13 @@ STATUSES = ("running", "error", "ok")
 MAX_SEEK_HOURS = 10_000
 
 
-def stored_hours(spans: QuerySet | None = None) -> range:
+def stored_hours() -> range:
     """The hours (``start_hour``) from the table's oldest span to its newest: two index seeks.
 
     The span table's indexes lead with the hour a span started in (see
     :mod:`otel_taskctx.span_models`); a lookup by trace or by job names these hours.
     """
-    spans = TaskSpan.objects.all() if spans is None else spans
-    hours = spans.order_by("start_hour").values_list("start_hour", flat=True)
+    hours = TaskSpan.objects.order_by("start_hour").values_list("start_hour", flat=True)
     first = hours.first()
     if first is None:
         return range(0)

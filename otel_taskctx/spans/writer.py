@@ -383,7 +383,7 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
     ``update``: a finished span replaces whatever row is there; otherwise (a running span)
     the row is only inserted when absent, so it never overwrites a finished one.
     """
-    from otel_taskctx.span_models import TaskSpan, hour_of
+    from otel_taskctx.span_models import TaskSpan
 
     qn = connection.ops.quote_name
     fields = written_fields()
@@ -416,9 +416,8 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
             chunk = rows[start : start + size]
             params: list[Any] = []
             for row in chunk:
-                hour = hour_of(row["start_ns"])
                 for name, default, adapting in columns_of_row:
-                    value = hour if name == "start_hour" else row.get(name, default)
+                    value = row_value(row, name, default)
                     if adapting is not None:
                         value = adapting.get_db_prep_save(value, connection=connection)
                     params.append(value)

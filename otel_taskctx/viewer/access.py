@@ -20,6 +20,7 @@ from django.db.models import Q, QuerySet
 
 from otel_taskctx.conf import get_setting
 from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.spans.queries import of_tree
 
 log = logging.getLogger("otel_taskctx.viewer")
 
@@ -112,10 +113,7 @@ def dashboard_task_names(user: Any, spans: QuerySet | None = None) -> list[Any]:
 
 def dashboard_user(root_task_key: str, spans: QuerySet | None = None) -> str | None:
     """The user label powercrud's dashboard record holds for a job, if there is one."""
-    if spans is None:
-        from otel_taskctx.spans.queries import of_tree
-
-        spans = of_tree(root_task_key)
+    spans = of_tree(root_task_key) if spans is None else spans
     for manager in _dashboard_managers(spans):
         try:
             task_field, user_field = _record_fields(manager)
@@ -178,6 +176,4 @@ def visible_spans(request: Any) -> QuerySet:
 
 
 def can_view_tree(request: Any, root_task_key: str) -> bool:
-    from otel_taskctx.spans.queries import of_tree
-
     return of_tree(root_task_key, visible_spans(request)).exists()

@@ -36,9 +36,10 @@ ratio < 1.05). The CPU columns are the whole machine's busy CPU time (``/proc/st
 process, PostgreSQL and Redis included) per job over the same interval, and its paired
 ratio: less noisy than wall time, and what a busier machine would feel.
 
-**The span table.** What a span's write costs depends on how many spans the table already
-holds: its indexes on random keys (trace and span ids, task keys) grow with it, and once they
-are larger than a batch, each new row dirties a page of its own in each of them. A
+**The span table.** What a span's write costs can depend on how many spans the table
+already holds (with indexes led by random keys, each new row dirtied a page of its own in each
+of them once they were larger than a batch; the keys now lead with the hour, see
+``docs/performance.md``). A
 deployment keeps the spans of many past jobs, so every batch of the full variant starts with
 ``--span-rows`` spans of past jobs in the table (default 100,000: a day of a small
 deployment; filled once per run, and the spans of earlier batches are deleted before each
@@ -217,9 +218,8 @@ _FILLED: dict[str, int] = {}
 def fill_span_table(using: str, rows: int) -> None:
     """Put ``rows`` spans of past jobs in the span table (once per database and run).
 
-    A deployment's span table holds the spans of many past jobs, and what a span's write
-    costs depends on it: the table's indexes on random keys (trace and span ids, task keys)
-    grow with it, and each new row lands on a page of its own in each of them. Every round
+    A deployment's span table holds the spans of many past jobs (here spread over the past
+    day, as a day's would be), and what a span's write costs can depend on it. Every round
     starts from the same table (see :func:`reset_span_table`), so rounds stay comparable.
     """
     import random

@@ -15,6 +15,7 @@ from typing import Any
 
 from otel_taskctx import semconv
 from otel_taskctx._process import current_pid
+from otel_taskctx.tracing import span_attributes
 
 TRUNCATION_MARK = "…"
 MAX_KEY_LENGTH = 255
@@ -101,6 +102,7 @@ def bound_value(value: Any, max_len: int) -> Any:
 
 
 def bound_attributes(attributes: Mapping[str, Any] | None, max_len: int) -> dict[str, Any]:
+    """A JSON-safe copy of ``attributes``: keys and values cut to size (see :func:`cut`)."""
     if not attributes:
         return {}
     for _ in range(3):  # a live span's attributes may change while we copy them
@@ -111,7 +113,19 @@ def bound_attributes(attributes: Mapping[str, Any] | None, max_len: int) -> dict
             continue
     else:
         return {}
-    return {cut(str(k), MAX_KEY_LENGTH): bound_value(v, max_len) for k, v in items}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        # nearly every key and value is a short string or an int: taken as they are
+        if type(key) is not str or len(key) > MAX_KEY_LENGTH or "\x00" in key:
+            key = cut(str(key), MAX_KEY_LENGTH)
+        kind = type(value)
+        if kind is str:
+            if len(value) > max_len or "\x00" in value:
+                value = cut(value, max_len)
+        elif kind is not int and kind is not bool:
+            value = bound_value(value, max_len)
+        out[key] = value
+    return out
 
 
 def _size(value: Any) -> int:
@@ -160,7 +174,7 @@ def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] |
     if ctx is None or span.start_time is None:
         return None
     max_len = max(16, int(max_len))
-    attrs = bound_attributes(span.attributes, max_len)
+    attrs = bound_attributes(span_attributes(span), max_len)
     events = []
     raw_events = list(span.events)
     dropped_events = 0

@@ -19,6 +19,7 @@ Start rows (spans still running) are written only for spans that are still runni
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -377,56 +378,97 @@ def row_value(row: dict[str, Any], name: str, default: Any) -> Any:
 UPSERT_CHUNK = 500
 
 
+@dataclass(frozen=True)
+class _SqlitePlan:
+    """How rows become the parameters of the SQLite upsert (built once per process).
+
+    Columns in the order their values are built: the plain ones straight from the row, then
+    ``start_hour`` (always from ``start_ns``), then those the backend adapts (JSON text,
+    datetimes).
+    """
+
+    table: str
+    columns: str
+    row_placeholders: str
+    key: str
+    updates: str
+    plain: tuple[tuple[str, Any], ...]
+    json: tuple[tuple[str, Any], ...]
+    datetimes: tuple[str, ...]
+
+
+@functools.cache
+def _sqlite_plan() -> _SqlitePlan:
+    from otel_taskctx.span_models import TaskSpan
+
+    fields = written_fields()
+    kinds = {f.name: f.get_internal_type() for f in fields}
+    plain = [f for f in fields if f.name != "start_hour" and kinds[f.name] not in _ADAPTED]
+    json_fields = [f for f in fields if kinds[f.name] == "JSONField"]
+    datetimes = [f for f in fields if kinds[f.name] == "DateTimeField"]
+    ordered = [*plain, TaskSpan._meta.get_field("start_hour"), *json_fields, *datetimes]
+    assert len(ordered) == len(fields), "a span column the SQLite upsert does not handle"
+    return _SqlitePlan(
+        table=f'"{TaskSpan._meta.db_table}"',
+        columns=", ".join(f'"{f.column}"' for f in ordered),
+        row_placeholders="(" + ", ".join(["?"] * len(ordered)) + ")",
+        key=", ".join(f'"{name}"' for name in SPAN_KEY),
+        updates=", ".join(
+            f'"{f.column}" = EXCLUDED."{f.column}"' for f in ordered if f.column not in SPAN_KEY
+        ),
+        plain=tuple((f.name, f.get_default()) for f in plain),
+        json=tuple((f.name, f.get_default()) for f in json_fields),
+        datetimes=tuple(f.name for f in datetimes),
+    )
+
+
+#: column types whose values the backend adapts (the rest go to SQLite as they are)
+_ADAPTED = ("JSONField", "DateTimeField")
+
+
 def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
-    """``INSERT ... ON CONFLICT`` (SQLite and PostgreSQL): a row per span, keyed by ids.
+    """SQLite: ``INSERT ... ON CONFLICT``, a row per span, keyed by its hour and ids.
 
     ``update``: a finished span replaces whatever row is there; otherwise (a running span)
     the row is only inserted when absent, so it never overwrites a finished one.
-    """
-    from otel_taskctx.span_models import TaskSpan
 
-    qn = connection.ops.quote_name
-    fields = written_fields()
-    columns = ", ".join(qn(f.column) for f in fields)
-    conflict = ", ".join(qn(name) for name in SPAN_KEY)
-    if update:
-        sets = ", ".join(
-            f"{qn(f.column)} = EXCLUDED.{qn(f.column)}" for f in fields if f.column not in SPAN_KEY
-        )
-        action = f"DO UPDATE SET {sets}"
-    else:
-        action = "DO NOTHING"
-    # per column: its name, its default (looked up once, not per row) and, for values that
-    # need the backend's adaptation (JSON, datetimes), the field that adapts them
-    columns_of_row = [
-        (
-            f.name,
-            f.get_default(),
-            f if f.get_internal_type() in ("JSONField", "DateTimeField") else None,
-        )
-        for f in fields
-    ]
-    one = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    The statement goes to the ``sqlite3`` cursor with ``?`` placeholders: Django's cursor
+    would rewrite every ``%s`` of a 500-row statement with a regular expression first. Errors
+    still come out as Django's (``OperationalError`` for "database is locked": retried).
+    """
+    from otel_taskctx.span_models import HOUR_NS
+
+    plan = _sqlite_plan()
+    action = f"DO UPDATE SET {plan.updates}" if update else "DO NOTHING"
+    adapt_json = connection.ops.adapt_json_value
+    adapt_datetime = connection.ops.adapt_datetimefield_value
+    columns = len(plan.plain) + 1 + len(plan.json) + len(plan.datetimes)
     size = UPSERT_CHUNK
     max_params = getattr(connection.features, "max_query_params", None)
     if max_params:
-        size = max(1, min(size, max_params // len(fields)))
-    with connection.cursor() as cursor:
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            params: list[Any] = []
-            for row in chunk:
-                for name, default, adapting in columns_of_row:
-                    value = row_value(row, name, default)
-                    if adapting is not None:
-                        value = adapting.get_db_prep_save(value, connection=connection)
-                    params.append(value)
-            values = ", ".join([one] * len(chunk))
-            cursor.execute(
-                f"INSERT INTO {qn(TaskSpan._meta.db_table)} ({columns}) VALUES {values} "
-                f"ON CONFLICT ({conflict}) {action}",
-                params,
-            )
+        size = max(1, min(size, max_params // columns))
+    with connection.wrap_database_errors:
+        cursor = connection.connection.cursor()
+        try:
+            for start in range(0, len(rows), size):
+                chunk = rows[start : start + size]
+                params: list[Any] = []
+                for row in chunk:
+                    params.extend([row.get(name, default) for name, default in plan.plain])
+                    params.append(row["start_ns"] // HOUR_NS)  # span_models.hour_of
+                    for name, default in plan.json:
+                        value = row.get(name, default)
+                        params.append("[]" if value == [] else adapt_json(value, None))
+                    for name in plan.datetimes:
+                        params.append(adapt_datetime(row.get(name)))
+                values = ", ".join([plan.row_placeholders] * len(chunk))
+                cursor.execute(
+                    f"INSERT INTO {plan.table} ({plan.columns}) VALUES {values} "
+                    f"ON CONFLICT ({plan.key}) {action}",
+                    params,
+                )
+        finally:
+            cursor.close()
 
 
 def _in_wal_mode(connection: Any) -> bool:

@@ -407,7 +407,8 @@ def _sqlite_plan() -> _SqlitePlan:
     json_fields = [f for f in fields if kinds[f.name] == "JSONField"]
     datetimes = [f for f in fields if kinds[f.name] == "DateTimeField"]
     ordered = [*plain, TaskSpan._meta.get_field("start_hour"), *json_fields, *datetimes]
-    assert len(ordered) == len(fields), "a span column the SQLite upsert does not handle"
+    if len(ordered) != len(fields):  # a new kind of column: add it to the plan
+        raise RuntimeError("the span table has a column the SQLite upsert does not handle")
     return _SqlitePlan(
         table=f'"{TaskSpan._meta.db_table}"',
         columns=", ".join(f'"{f.column}"' for f in ordered),

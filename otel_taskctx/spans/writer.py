@@ -378,6 +378,10 @@ def row_value(row: dict[str, Any], name: str, default: Any) -> Any:
 UPSERT_CHUNK = 500
 
 
+#: column types whose values the backend adapts (the rest go to SQLite as they are)
+_ADAPTED = ("JSONField", "DateTimeField")
+
+
 @dataclass(frozen=True)
 class _SqlitePlan:
     """How rows become the parameters of the SQLite upsert (built once per process).
@@ -389,6 +393,7 @@ class _SqlitePlan:
 
     table: str
     columns: str
+    width: int  # columns per row
     row_placeholders: str
     key: str
     updates: str
@@ -412,6 +417,7 @@ def _sqlite_plan() -> _SqlitePlan:
     return _SqlitePlan(
         table=f'"{TaskSpan._meta.db_table}"',
         columns=", ".join(f'"{f.column}"' for f in ordered),
+        width=len(ordered),
         row_placeholders="(" + ", ".join(["?"] * len(ordered)) + ")",
         key=", ".join(f'"{name}"' for name in SPAN_KEY),
         updates=", ".join(
@@ -421,10 +427,6 @@ def _sqlite_plan() -> _SqlitePlan:
         json=tuple((f.name, f.get_default()) for f in json_fields),
         datetimes=tuple(f.name for f in datetimes),
     )
-
-
-#: column types whose values the backend adapts (the rest go to SQLite as they are)
-_ADAPTED = ("JSONField", "DateTimeField")
 
 
 def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
@@ -437,17 +439,16 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
     would rewrite every ``%s`` of a 500-row statement with a regular expression first. Errors
     still come out as Django's (``OperationalError`` for "database is locked": retried).
     """
-    from otel_taskctx.span_models import HOUR_NS
+    from otel_taskctx.span_models import hour_of
 
     plan = _sqlite_plan()
     action = f"DO UPDATE SET {plan.updates}" if update else "DO NOTHING"
     adapt_json = connection.ops.adapt_json_value
     adapt_datetime = connection.ops.adapt_datetimefield_value
-    columns = len(plan.plain) + 1 + len(plan.json) + len(plan.datetimes)
     size = UPSERT_CHUNK
     max_params = getattr(connection.features, "max_query_params", None)
     if max_params:
-        size = max(1, min(size, max_params // columns))
+        size = max(1, min(size, max_params // plan.width))
     with connection.wrap_database_errors:
         cursor = connection.connection.cursor()
         try:
@@ -456,7 +457,7 @@ def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
                 params: list[Any] = []
                 for row in chunk:
                     params.extend([row.get(name, default) for name, default in plan.plain])
-                    params.append(row["start_ns"] // HOUR_NS)  # span_models.hour_of
+                    params.append(hour_of(row["start_ns"]))
                     for name, default in plan.json:
                         value = row.get(name, default)
                         params.append("[]" if value == [] else adapt_json(value, None))

@@ -171,6 +171,23 @@ def test_token_helpers_give_the_standard_librarys_bytes(key, message):
     assert mod._keyed_mac(keyed, message) == expected  # the keyed object is not consumed
 
 
+@settings(max_examples=300)
+@given(
+    payload=st.dictionaries(
+        st.sampled_from(["k", "x", "m", "r", "p", "d"]),
+        st.one_of(st.text(max_size=60), st.integers(), st.booleans(), st.none(), st.floats()),
+        max_size=6,
+    )
+)
+def test_the_payload_json_is_what_json_dumps_writes(payload):
+    """The signing path writes the payload's JSON itself (kept lean for cold caches): byte
+    for byte ``json.dumps`` with the token's separators, whatever the values (str and int
+    written directly, anything else through the encoder)."""
+    from otel_taskctx import identity as mod
+
+    assert mod._payload_json(payload) == json.dumps(payload, separators=(",", ":"))
+
+
 def test_tokens_are_the_documented_json_and_verify_under_every_configured_key():
     from otel_taskctx import identity as mod
 

@@ -17,7 +17,7 @@ from django_q import tasks as q_tasks
 from django_q.models import OrmQ, Task
 from django_q.signing import SignedPackage
 from opentelemetry import baggage, context, trace
-from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, utils
+from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, _producer, utils
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -110,6 +110,29 @@ def test_enqueue_carries_trace_context_in_the_package_not_in_kwargs(spans):
     assert producer.attributes["messaging.message.id"] == task_id
     assert producer.attributes["django_q2.task.group"] == "g"
     assert current_task() is None
+
+
+@pytest.mark.django_db
+def test_a_failed_enqueue_fails_its_span_and_restores_the_callers_context(spans):
+    def refuse(sender=None, task=None, **kwargs):
+        raise RuntimeError("broker refused the package")
+
+    q_signals.pre_enqueue.connect(refuse, dispatch_uid="tests.refuse", weak=False)
+    tracer = trace.get_tracer("tests")
+    try:
+        with tracer.start_as_current_span("request") as outer:
+            with pytest.raises(RuntimeError, match="broker refused"):
+                q_tasks.async_task("tests.testapp.tasks.noop", 1)
+            # the enqueue's context (its span, its plan) is gone again
+            assert trace.get_current_span() is outer
+            assert context.get_value(_producer._PLAN_KEY) is None
+    finally:
+        q_signals.pre_enqueue.disconnect(dispatch_uid="tests.refuse")
+    assert _queued() == []
+    (producer,) = [s for s in spans.get_finished_spans() if s.kind == SpanKind.PRODUCER]
+    assert producer.status.status_code is StatusCode.ERROR
+    assert producer.attributes["error.type"] == "RuntimeError"
+    assert [e.name for e in producer.events] == ["exception"]
 
 
 def test_launch_async_task_gives_the_job_its_own_identity(cache, spans):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, trace
@@ -57,12 +57,12 @@ def _user_of(user: Any) -> tuple[str | None, str | None]:
     return str(pk)[:200], (str(label)[:200] if label else None)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class _Plan:
     """What the ``async_task`` wrapper decided for the package being enqueued."""
 
     launch: _Launch | None = None
-    span: trace.Span | None = field(default=None, compare=False)
+    span: trace.Span | None = None
 
 
 def _own_identity(task: dict[str, Any], launch: _Launch) -> TaskIdentity | None:
@@ -168,11 +168,18 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     span = utils.STATE.tracer.start_span(
         f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes
     )
-    ctx = trace.set_span_in_context(span)
-    ctx = context.set_value(_LAUNCH_KEY, None, ctx)
-    ctx = context.set_value(_PLAN_KEY, _Plan(launch=launch, span=span), ctx)
-    with utils.running_in(span, ctx):
+    # (the launch is marked used: an enqueue inside this one does not take it again)
+    ctx = context.set_value(_PLAN_KEY, _Plan(launch, span), trace.set_span_in_context(span))
+    # utils.running_in, written out: this runs once per enqueue, on cold caches
+    token = context.attach(ctx)
+    try:
         return original(func, *args, **kwargs)
+    except BaseException as exc:
+        utils.record_error(span, exc)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
 
 
 def wrap_async_task(original: Any) -> Any:

@@ -220,8 +220,8 @@ def signing_generation() -> int:
 # of other work: what they cost there is mostly cache misses, so they touch as little as they
 # can. binascii instead of the base64 module; the payload's JSON written with the encoder's
 # own string function (json.dumps builds an encoder per call, and even a reused encoder sets
-# up its C encoder per call); a keyed HMAC object copied per token instead of ``hmac.digest`` (which
-# looks the digest up and keys it every time). Same bytes out (tests compare with the
+# up its C encoder per call); a keyed HMAC object copied per token instead of ``hmac.digest``
+# (which looks the digest up and keys it every time). Same bytes out (tests compare with the
 # standard library).
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")

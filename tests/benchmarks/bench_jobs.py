@@ -550,7 +550,8 @@ def main(argv: list[str]) -> int:
         "lowest-highest); CPU: the whole machine's busy CPU time per job over the same "
         "interval (/proc/stat), median, and the median paired ratio to the baseline; "
         "latency: enqueue -> job stopped, median; enqueue: launch_async_task in this process; "
-        "launch CPU: this process's CPU time (its calling thread) per launch_async_task; lost: jobs of the batch still in powercrud's active-task set after all ended "
+        "launch CPU: this process's CPU time (its calling thread) per launch_async_task; "
+        "lost: jobs of the batch still in powercrud's active-task set after all ended "
         "(median; lost updates of that set, emptied before each batch)"
     )
     return 0 if ok else 1

@@ -170,16 +170,8 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     )
     # (the launch is marked used: an enqueue inside this one does not take it again)
     ctx = context.set_value(_PLAN_KEY, _Plan(launch, span), trace.set_span_in_context(span))
-    # utils.running_in, written out: this runs once per enqueue, on cold caches
-    token = context.attach(ctx)
-    try:
+    with utils.running_in(span, ctx):
         return original(func, *args, **kwargs)
-    except BaseException as exc:
-        utils.record_error(span, exc)
-        raise
-    finally:
-        context.detach(token)
-        span.end()
 
 
 def wrap_async_task(original: Any) -> Any:

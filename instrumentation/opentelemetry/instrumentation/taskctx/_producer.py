@@ -153,7 +153,7 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     label = utils.func_path(func)
     launch: _Launch | None = context.get_value(_LAUNCH_KEY)
     if launch is not None and launch.used:
-        launch = None
+        launch = None  # an enqueue inside the launched one: the launch is taken already
     if launch is not None:
         launch.used = True
     attributes = {
@@ -168,7 +168,6 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     span = utils.STATE.tracer.start_span(
         f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes
     )
-    # (the launch is marked used: an enqueue inside this one does not take it again)
     ctx = context.set_value(_PLAN_KEY, _Plan(launch, span), trace.set_span_in_context(span))
     with utils.running_in(span, ctx):
         return original(func, *args, **kwargs)

@@ -14,11 +14,19 @@ class OtelTaskCtxConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from otel_taskctx import checks  # noqa: F401  (registers the system checks)
+        from django.core.signals import setting_changed
+
+        from otel_taskctx import (
+            checks,  # noqa: F401  (registers the system checks)
+            powercrud_cache,
+        )
         from otel_taskctx.conf import get_setting, signing_settings
+        from otel_taskctx.helpers import clear_manager_cache
         from otel_taskctx.identity import configure_signing
         from otel_taskctx.propagation import install_propagator_filter
 
+        powercrud_cache.install()  # locks kept where nothing culls them, whatever else is on
+        setting_changed.connect(clear_manager_cache, dispatch_uid="otel_taskctx.managers")
         secret, fallbacks, ttl = signing_settings()
         if secret:
             configure_signing(secret, fallbacks, ttl)

@@ -7,7 +7,10 @@ every key that starts with one of ``LOCK_KEY_PREFIXES`` (powercrud's lock keys, 
 progress and active-task keys) in a table of their own, ``otel_taskctx_lock`` (created by
 ``migrate``), where only *expired* rows are ever deleted. Every other key behaves exactly as
 in Django's backend, culling included. powercrud reads and writes its keys through the normal
-cache API, so it sees the same locks as before::
+cache API, so it sees the same locks as before. With ``otel_taskctx`` installed, a
+powercrud cache configured as Django's own ``DatabaseCache`` is used through this backend
+(:func:`lock_safe`, see :mod:`otel_taskctx.powercrud_cache`); naming it in settings makes the
+same true for every user of the cache alias::
 
     CACHES = {
         "default": {
@@ -26,6 +29,9 @@ from typing import Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
+from django.core.cache.backends.dummy import DummyCache
+from django.core.cache.backends.filebased import FileBasedCache
+from django.core.cache.backends.locmem import LocMemCache
 from django.db import connections
 
 DEFAULT_LOCK_TABLE = "otel_taskctx_lock"
@@ -117,3 +123,70 @@ class DatabaseCache(DjangoDatabaseCache):
     def clear(self) -> None:
         super().clear()
         self.locks.clear()
+
+
+# --- which caches keep conflict locks -------------------------------------------------------
+_LOCK_SAFE_ATTR = "_otel_taskctx_lock_safe"
+LOCK_SAFE_BACKEND = f"{__name__}.DatabaseCache"
+
+
+def lock_safe(cache: Any, alias: str) -> Any:
+    """``cache`` (the cache of ``alias``), or a view of it that keeps conflict locks.
+
+    Django's own ``DatabaseCache`` culls live locks with its other entries; for it this returns
+    a :class:`DatabaseCache` on the same table and settings (one per cache object, so one per
+    thread, as Django's), whose lock keys live in the lock table that is never culled. Every
+    other cache is returned as it is.
+    """
+    if type(cache) is not DjangoDatabaseCache:
+        return cache
+    safe = vars(cache).get(_LOCK_SAFE_ATTR)
+    if safe is None:
+        from django.core.cache import caches
+
+        params = dict(caches.settings.get(alias) or {})
+        backend = params.pop("BACKEND", "")
+        location = params.pop("LOCATION", "")
+        if backend != "django.core.cache.backends.db.DatabaseCache" or location != cache._table:
+            return cache  # not the alias's own cache object: leave it alone
+        safe = DatabaseCache(location, params)
+        vars(cache)[_LOCK_SAFE_ATTR] = safe
+    return safe
+
+
+def lock_loss(cache: Any) -> str | None:
+    """Why ``cache`` would lose conflict locks for certain, or None where it keeps them.
+
+    Caches that evict only under memory pressure (Redis with an evicting ``maxmemory-policy``,
+    Memcached) are not certain to: the system checks warn about those.
+    """
+    if isinstance(cache, DatabaseCache):
+        return None
+    if isinstance(cache, DjangoDatabaseCache):
+        return (
+            f"it deletes a third of its entries, oldest keys first, whenever it holds more "
+            f"than MAX_ENTRIES ({cache._max_entries}), live locks with them"
+        )
+    if isinstance(cache, FileBasedCache):
+        return (
+            f"it deletes a random share of its files whenever it holds more than MAX_ENTRIES "
+            f"({cache._max_entries}), live locks with them"
+        )
+    if isinstance(cache, LocMemCache):
+        return (
+            "it lives in one process: locks taken in a worker are invisible to the web "
+            "process and to the other workers"
+        )
+    if isinstance(cache, DummyCache):
+        return "it stores nothing"
+    return None
+
+
+def refusal(alias: str, cache: Any, reason: str) -> str:
+    """The message of a refused lock: the cache alias, the reason and the settings fix."""
+    path = f"{type(cache).__module__}.{type(cache).__qualname__}"
+    return (
+        f"cache {alias!r} ({path}) cannot hold conflict locks: {reason}. Nothing was locked. "
+        f"Fix: CACHES[{alias!r}]['BACKEND'] = '{LOCK_SAFE_BACKEND}' (then run "
+        "'manage.py createcachetable' and 'manage.py migrate'), or a django-redis cache."
+    )

@@ -76,6 +76,7 @@ _CULLING_BACKENDS = (
     "django.core.cache.backends.filebased.FileBasedCache",
 )
 _NON_EVICTING_REDIS_POLICIES = ("noeviction",)
+_DJANGO_DATABASE_CACHE = "django.core.cache.backends.db.DatabaseCache"
 
 
 def _redis_memory_policy(cache) -> tuple[str, int]:
@@ -128,22 +129,24 @@ def check_lock_eviction(app_configs=None, **kwargs):
         backend = import_string(path)
     except Exception:
         return []
+    from otel_taskctx.cache import LOCK_SAFE_BACKEND
     from otel_taskctx.cache import DatabaseCache as LockSafeDatabaseCache
 
-    if issubclass(backend, LockSafeDatabaseCache):
-        return []
+    if issubclass(backend, LockSafeDatabaseCache) or path == _DJANGO_DATABASE_CACHE:
+        return []  # Django's own DatabaseCache is used through the lock-safe one
     culling = tuple(import_string(p) for p in _CULLING_BACKENDS)
     if issubclass(backend, culling):
         max_entries = (config.get("OPTIONS") or {}).get("MAX_ENTRIES", 300)
         return [
-            Warning(
+            Error(
                 f"Cache {alias!r} ({path}) culls entries once it holds MAX_ENTRIES "
-                f"({max_entries}) and deletes live conflict locks with them: another job can "
-                "then edit objects a running job has locked.",
-                hint="Use BACKEND 'otel_taskctx.cache.DatabaseCache' (keeps locks in a table "
-                "that is never culled; run migrate) or a Redis cache with "
-                "maxmemory-policy noeviction.",
-                id="otel_taskctx.W030",
+                f"({max_entries}) and would delete live conflict locks with them: "
+                "otel_taskctx refuses every lock on it (register_descendants and launches "
+                "with conflict_ids raise ConflictStoreUnavailable).",
+                hint=f"Set CACHES[{alias!r}]['BACKEND'] = '{LOCK_SAFE_BACKEND}' (keeps locks "
+                "in a table that is never culled; run createcachetable and migrate) or use a "
+                "Redis cache with maxmemory-policy noeviction.",
+                id="otel_taskctx.E030",
                 obj=alias,
             )
         ]

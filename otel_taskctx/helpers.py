@@ -70,8 +70,11 @@ def resolve_manager(identity: TaskIdentity) -> Any:
     return manager
 
 
-def clear_manager_cache() -> None:
-    _managers.by_path = {}
+def clear_manager_cache(setting: str | None = None, **kwargs: Any) -> None:
+    """Forget this thread's managers (a ``setting_changed`` receiver: CACHES and
+    POWERCRUD_SETTINGS pick the cache a manager holds)."""
+    if setting in (None, "CACHES", "POWERCRUD_SETTINGS"):
+        _managers.by_path = {}
 
 
 @dataclass
@@ -155,8 +158,21 @@ def forward_descendants(identity: TaskIdentity, model: Any, ids: Iterable[Hashab
     from otel_taskctx.conflicts import get_conflict_store, normalise_ids
 
     label = model_label(model)
-    store = get_conflict_store(resolve_manager(identity))
+    store = get_conflict_store(_locking_manager(identity))
     return store.reserve(identity.task_key, {label: normalise_ids(ids)})
+
+
+def _locking_manager(identity: TaskIdentity) -> Any:
+    """The task's manager; a cache powercrud refuses (LocMem, Dummy) refuses the lock."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from otel_taskctx.errors import ConflictStoreUnavailable
+    from otel_taskctx.powercrud_cache import refusal_for_alias
+
+    try:
+        return resolve_manager(identity)
+    except ImproperlyConfigured as exc:
+        raise ConflictStoreUnavailable(refusal_for_alias() or str(exc)) from exc
 
 
 def forward_progress(identity: TaskIdentity, message: str) -> None:

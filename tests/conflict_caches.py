@@ -60,7 +60,9 @@ def wipe(kind: str) -> None:
     """Delete every key of the ``locks`` alias (its prefix only on Redis)."""
     from django.core.cache import caches
 
-    cache = caches[ALIAS]
+    from otel_taskctx.cache import lock_safe
+
+    cache = lock_safe(caches[ALIAS], ALIAS)  # Django's own DatabaseCache: the lock table too
     if kind == "redis":
         cache.delete_pattern("*")
     else:
@@ -80,7 +82,9 @@ def lock_keys_left(kind: str, model: str) -> int:
     """How many lock keys of ``model`` exist in the ``locks`` alias (expired or not)."""
     from django.core.cache import caches
 
-    cache = caches[ALIAS]
+    from otel_taskctx.cache import lock_safe
+
+    cache = lock_safe(caches[ALIAS], ALIAS)
     pattern = f"powercrud:conflict:model:{model}:"
     if kind == "redis":
         return len(cache.keys(pattern + "*"))

@@ -12,6 +12,7 @@ from powercrud.async_manager import AsyncManager
 
 from otel_taskctx import checks
 from otel_taskctx.conflicts import get_conflict_store
+from otel_taskctx.errors import ConflictStoreUnavailable
 from tests.conflict_caches import ALIAS, cache_config, use_locks_cache, wipe
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
@@ -40,21 +41,22 @@ def locks_cache():
         override.disable()
 
 
-def test_django_databasecache_culls_live_locks_and_the_check_says_so(locks_cache):
+def test_a_store_on_a_culling_databasecache_refuses_to_lock(locks_cache):
+    from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
+
     manager = locks_cache("plain-db")
+    manager.cache = caches[ALIAS]  # Django's own object, not the lock-safe view powercrud gets
+    assert type(manager.cache) is DjangoDatabaseCache
     store = get_conflict_store(manager)
     assert store.kind == "database" and store.culled
-    store.reserve("job-1", {CHILD: range(1000)})
-    for i in range(50):  # a little unrelated traffic on the same cache
-        manager.cache.set(f"unrelated:{i}", i)
-    held = store.holders({CHILD: range(1000)}).get(CHILD, {})
-    assert len(held) < 1000  # live locks were culled: another job could take these objects
-    assert ids(checks.check_lock_eviction()) == ["otel_taskctx.W030"]
-    # powercrud's own path loses them the same way
-    wipe("plain-db")
-    assert manager.add_conflict_ids("job-2", {CHILD: set(range(400))})
-    manager.cache.set("unrelated", 1)
-    assert len(manager.check_conflict({CHILD: list(range(400))})) < 400
+    with pytest.raises(ConflictStoreUnavailable) as refused:
+        store.reserve("job-1", {CHILD: range(10)})
+    message = str(refused.value)
+    assert f"cache {ALIAS!r}" in message and "MAX_ENTRIES (300)" in message
+    assert "'otel_taskctx.cache.DatabaseCache'" in message
+    assert store.holders({CHILD: range(10)}) == {}  # nothing was locked
+    with pytest.raises(ConflictStoreUnavailable, match="cannot hold conflict locks"):
+        manager.add_conflict_ids("job-1", {CHILD: {1}})  # powercrud's own path refuses too
 
 
 def test_lock_safe_databasecache_keeps_locks_and_passes_the_check(locks_cache):

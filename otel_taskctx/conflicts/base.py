@@ -163,6 +163,13 @@ def lock_ttl(manager: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _refusal(manager: Any, cache: Any) -> str | None:
+    from otel_taskctx.cache import lock_loss, refusal
+
+    reason = lock_loss(cache)
+    return refusal(getattr(manager, "cache_name", "?"), cache, reason) if reason else None
+
+
 class CacheConflictStore:
     """Locks through the manager's Django cache API: works with any cache, one key at a time.
 
@@ -183,6 +190,8 @@ class CacheConflictStore:
         self.ttl = lock_ttl(manager) if ttl is None else ttl
         self.model_prefix = manager.conflict_model_prefix
         self.tracking_prefix = manager.conflict_prefix
+        #: why this cache would lose locks for certain (then every reservation is refused)
+        self.refusal = _refusal(manager, self.cache)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} ttl={self.ttl}>"
@@ -221,6 +230,8 @@ class CacheConflictStore:
         result = Reservation(task_key)
         if not groups:
             return result
+        if self.refusal:
+            raise ConflictStoreUnavailable(self.refusal)
         try:
             result.reserved, result.already_held = self._reserve_groups(task_key, groups)
         except DescendantConflict:

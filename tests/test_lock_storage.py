@@ -1,0 +1,156 @@
+"""No silent lock loss on the caches Django ships: locks stay held, or locking is refused.
+
+Django's own ``DatabaseCache`` at its defaults (``MAX_ENTRIES=300``) culls a third of its rows
+whenever it grows past them. With ``otel_taskctx`` installed, powercrud's cache of that kind
+keeps its locks in the lock table that is never culled; caches that would lose locks for
+certain (FileBasedCache, LocMem) refuse every lock with ``ConflictStoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from django.core.cache import caches
+from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
+from django.core.checks import run_checks
+from django.test.utils import override_settings
+from powercrud.async_manager import AsyncManager
+
+from otel_taskctx import DescendantConflict, register_descendants, task_context
+from otel_taskctx.cache import DatabaseCache as LockSafeDatabaseCache
+from otel_taskctx.conflicts import get_conflict_store
+from otel_taskctx.errors import ConflictStoreUnavailable
+from tests.conflict_caches import ALIAS, cache_config, lock_keys_left, use_locks_cache, wipe
+from tests.testapp.reliability import wait_for_file
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+CHILD = "testapp.child"
+MANAGER = "powercrud.async_manager.AsyncManager"
+
+
+@pytest.fixture
+def plain_db_cache():
+    """powercrud's cache: Django's own DatabaseCache with default settings."""
+    prefix = f"plain-{uuid.uuid4().hex[:8]}"
+    override = use_locks_cache("plain-db", prefix)
+    override.enable()
+    wipe("plain-db")
+    yield prefix
+    wipe("plain-db")
+    override.disable()
+
+
+def unrelated_traffic(count: int) -> None:
+    """The site writes keys of its own through Django's cache object (this culls)."""
+    raw = caches[ALIAS]
+    assert type(raw) is DjangoDatabaseCache
+    for i in range(count):
+        raw.set(f"unrelated:{uuid.uuid4().hex}:{i}", i)
+
+
+def test_plain_databasecache_keeps_2000_descendant_locks(plain_db_cache):
+    manager = AsyncManager()
+    assert isinstance(manager.cache, LockSafeDatabaseCache)  # the view powercrud is given
+    ids = list(range(1, 2001))
+    with task_context("job-a", MANAGER):
+        reg = register_descendants(CHILD, ids)
+    assert reg and len(reg.reserved) == 2000
+    unrelated_traffic(500)
+    held = get_conflict_store(manager).holders({CHILD: ids})[CHILD]
+    assert len(held) == 2000 and set(held.values()) == {"job-a"}
+    assert manager.check_conflict({CHILD: ids}) == set(ids)  # powercrud sees every one
+    with task_context("job-b", MANAGER), pytest.raises(DescendantConflict) as conflict:
+        register_descendants(CHILD, [2000, 2001])
+    assert conflict.value.holder_task_key == "job-a" and conflict.value.ids == [2000]
+    assert manager.check_conflict({CHILD: [2001]}) == set()  # nothing new was reserved
+    manager.remove_conflict_ids("job-a")  # what powercrud's completion hook calls
+    assert lock_keys_left("plain-db", CHILD) == 0
+    assert manager.check_conflict({CHILD: ids}) == set()
+
+
+def test_unrelated_keys_are_culled_as_before(plain_db_cache):
+    """Only lock keys move: the cache table still culls the site's own entries."""
+    unrelated_traffic(400)
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT COUNT(*) FROM taskctx_cache WHERE cache_key LIKE %s", ["%unrel%"])
+        assert cursor.fetchone()[0] <= 301
+
+
+@pytest.mark.cluster
+def test_powercrud_launch_locks_1000_parents_on_plain_databasecache(
+    plain_db_cache, cluster_factory, tmp_path
+):
+    config = cache_config("plain-db", plain_db_cache)
+    cluster_factory(
+        settings={"CACHES": {ALIAS: config}, "POWERCRUD_SETTINGS": {"CACHE_NAME": ALIAS}}
+    )
+    manager = AsyncManager()
+    ids = list(range(1, 1001))
+    manager.launch_async_task(
+        "tests.testapp.reliability.touch_children",
+        ids,
+        str(tmp_path),
+        "parents",
+        conflict_ids={CHILD: set(ids)},
+    )
+    wait_for_file(tmp_path / "parents.holding")  # the job runs, holding its launch locks
+    unrelated_traffic(500)
+    assert manager.check_conflict({CHILD: ids}) == set(ids)
+    with pytest.raises(Exception, match="conflicts detected"):
+        manager.launch_async_task(
+            "tests.testapp.reliability.touch_children",
+            [1000, 1001],
+            str(tmp_path),
+            "second",
+            conflict_ids={CHILD: {1000, 1001}},
+        )
+    assert manager.check_conflict({CHILD: [1001]}) == set()
+    (tmp_path / "parents.release").write_text("")
+    deadline = time.monotonic() + 30
+    while lock_keys_left("plain-db", CHILD) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the completion hook runs in the cluster's monitor
+    assert lock_keys_left("plain-db", CHILD) == 0
+    assert manager.check_conflict({CHILD: ids}) == set()
+
+
+@pytest.mark.parametrize(
+    ("backend", "reason"),
+    [
+        ("django.core.cache.backends.filebased.FileBasedCache", "random share of its files"),
+        ("django.core.cache.backends.locmem.LocMemCache", "lives in one process"),
+    ],
+)
+def test_caches_that_lose_locks_refuse_them_loudly(backend, reason, tmp_path, settings):
+    config = {"BACKEND": backend, "LOCATION": str(tmp_path / "cache")}
+    with override_settings(
+        CACHES={**settings.CACHES, ALIAS: config},
+        POWERCRUD_SETTINGS={**settings.POWERCRUD_SETTINGS, "CACHE_NAME": ALIAS},
+    ):
+        with task_context("job-c", MANAGER), pytest.raises(ConflictStoreUnavailable) as exc:
+            register_descendants(CHILD, [1, 2])
+        message = str(exc.value)
+        assert f"cache {ALIAS!r}" in message and reason in message
+        assert "BACKEND'] = 'otel_taskctx.cache.DatabaseCache'" in message
+        if "filebased" in backend:  # powercrud accepts this cache; its launch is refused
+            manager = AsyncManager()
+            with pytest.raises(ConflictStoreUnavailable, match=reason):
+                manager.launch_async_task(
+                    "tests.testapp.reliability.report_context",
+                    "x",
+                    conflict_ids={CHILD: {1}},
+                )
+            assert manager.check_conflict({CHILD: [1]}) == set()
+            errors = [m.id for m in run_checks(tags=["caches"]) if m.id.startswith("otel")]
+            assert errors == ["otel_taskctx.E030"]
+        else:
+            errors = [m.id for m in run_checks(tags=["caches"]) if m.id.startswith("otel")]
+            assert "otel_taskctx.E004" in errors
+
+
+def test_plain_databasecache_passes_the_checks(plain_db_cache):
+    found = [m.id for m in run_checks(tags=["caches"]) if m.id.startswith("otel_taskctx.")]
+    assert not [i for i in found if i.startswith(("otel_taskctx.E03", "otel_taskctx.W03"))]

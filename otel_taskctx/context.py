@@ -39,24 +39,9 @@ _VERIFIED_KEY = context.create_key("otel_taskctx.verified-identity")
 #: Context key set by :func:`allow_nested_async`.
 _ALLOW_NESTED_KEY = context.create_key("otel_taskctx.allow-nested-async")
 
-try:  # fast path: the baggage mapping's context key and the runtime context's getter
-    from opentelemetry.baggage import _BAGGAGE_KEY  # type: ignore[attr-defined]
-    from opentelemetry.context import _RUNTIME_CONTEXT  # type: ignore[attr-defined]
-
-    # the runtime context's ContextVar getter (a C function) when it is the default runtime
-    _get_current = getattr(
-        getattr(_RUNTIME_CONTEXT, "_current_context", None), "get", _RUNTIME_CONTEXT.get_current
-    )
-except ImportError:  # pragma: no cover - other API versions: use the public API
-    _BAGGAGE_KEY = None
-    _get_current = context.get_current
-
 
 def _token_in(ctx: context.Context) -> object | None:
-    if _BAGGAGE_KEY is not None:
-        bag = ctx.get(_BAGGAGE_KEY)
-        return bag.get(BAGGAGE_ENTRY) if bag else None
-    return baggage.get_baggage(BAGGAGE_ENTRY, ctx)  # pragma: no cover
+    return baggage.get_baggage(BAGGAGE_ENTRY, ctx)
 
 
 def _verified(ctx: context.Context) -> tuple[TaskIdentity | None, bool]:
@@ -74,7 +59,7 @@ def _verified(ctx: context.Context) -> tuple[TaskIdentity | None, bool]:
 
 def identity_from_context(ctx: context.Context | None = None) -> TaskIdentity | None:
     """The verified identity in ``ctx`` (default: the current context), or None."""
-    return _verified(_get_current() if ctx is None else ctx)[0]
+    return _verified(context.get_current() if ctx is None else ctx)[0]
 
 
 # The last context looked at and its identity. Contexts are immutable, and holding a strong
@@ -100,7 +85,7 @@ key_change_listeners.append(_forget)
 
 def current_task() -> TaskIdentity | None:
     """The task this code runs in, or None. Never raises, whatever the baggage holds."""
-    ctx = _get_current()
+    ctx = context.get_current()
     last = _last
     if last[0] is ctx:
         return last[1]
@@ -109,7 +94,7 @@ def current_task() -> TaskIdentity | None:
 
 def skip_nested_async() -> bool:
     """True inside a task: nested work should run inline instead of launching a job."""
-    ctx = _get_current()
+    ctx = context.get_current()
     last = _last
     if last[0] is ctx:
         return last[1] is not None

@@ -9,13 +9,14 @@ depth and an expiry (unix seconds). The MAC is keyed with a key derived from a s
 only this deployment knows (``OTEL_TASKCTX["SIGNING_KEY"]`` or Django's ``SECRET_KEY``), so
 a ``baggage`` header sent by any HTTP client cannot claim to be a task.
 
-This module depends on the standard library only. The secret is provided by
+This module depends on the standard library (and the names in :mod:`otel_taskctx.semconv`) only. The secret is provided by
 :func:`configure_signing` (the Django app calls it from ``ready()``); if nobody configured
 it, the first use reads Django's settings lazily.
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hashlib
 import hmac
@@ -28,6 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from threading import Lock
 from typing import Any
+
+from otel_taskctx import semconv
 
 log = logging.getLogger("otel_taskctx.identity")
 
@@ -76,14 +79,14 @@ class TaskIdentity:
     def lineage_attributes(self) -> dict[str, str | int]:
         """Span attributes describing this task's place in its job tree."""
         attrs: dict[str, str | int] = {
-            "taskctx.task_key": self.task_key,
-            "taskctx.root_task_key": self.root_task_key or self.task_key,
-            "taskctx.depth": self.depth,
+            semconv.TASK_KEY: self.task_key,
+            semconv.ROOT_TASK_KEY: self.root_task_key or self.task_key,
+            semconv.DEPTH: self.depth,
         }
         if self.parent_task_key:
-            attrs["taskctx.parent_task_key"] = self.parent_task_key
+            attrs[semconv.PARENT_TASK_KEY] = self.parent_task_key
         if self.manager_class_path:
-            attrs["taskctx.manager_class_path"] = self.manager_class_path
+            attrs[semconv.MANAGER_CLASS_PATH] = self.manager_class_path
         return attrs
 
 
@@ -209,56 +212,22 @@ def _ensure_keys() -> bool:
     return True
 
 
-def signing_generation() -> int:
-    return _keys.generation
-
-
 # --------------------------------------------------------------------------- tokens
 
 
-# Signing and verifying run once per job launch and once per job run, between long stretches
-# of other work: what they cost there is mostly cache misses, so they touch as little as they
-# can. binascii instead of the base64 module; the payload's JSON written with the encoder's
-# own string function (json.dumps builds an encoder per call, and even a reused encoder sets
-# up its C encoder per call); a keyed HMAC object copied per token instead of ``hmac.digest``
-# (which looks the digest up and keys it every time). Same bytes out (tests compare with the
-# standard library).
-_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
-_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-#: the JSON text of a string, as ``_encode_json`` writes it (the encoder's own C function)
-_json_text = json.encoder.encode_basestring_ascii
-_decode_json = json.JSONDecoder().decode
-
-
-def _payload_json(payload: dict[str, object]) -> str:
-    """``_encode_json(payload)`` for a payload of str and int values (what :func:`sign`
-    writes), without the encoder's set-up for each call; any other value takes the encoder."""
-    parts = []
-    for name, value in payload.items():
-        if type(value) is str:
-            text = _json_text(value)
-        elif type(value) is int:
-            text = int.__repr__(value)
-        else:
-            return _encode_json(payload)
-        parts.append(f"{_json_text(name)}:{text}")
-    return "{" + ",".join(parts) + "}"
-
-
 def _b64e(data: bytes) -> str:
-    """``base64.urlsafe_b64encode`` without padding."""
-    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
+    """base64url without padding (the token's encoding)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _b64d(text: str) -> bytes:
-    """``base64.urlsafe_b64decode`` of unpadded text (non-ASCII text: ``ValueError``)."""
-    data = text.encode("ascii").translate(_FROM_URLSAFE)
-    return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+    """The bytes of unpadded base64url ``text`` (``ValueError`` for anything else)."""
+    data = text.encode("ascii")
+    return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
 
 
 def _keyed(key: bytes) -> Any:
-    """An HMAC-SHA256 object keyed with ``key``; ``_keyed_mac`` copies it per message."""
+    """An HMAC-SHA256 object keyed with ``key`` once; ``_keyed_mac`` copies it per message."""
     return hmac.new(key, digestmod=hashlib.sha256)
 
 
@@ -288,7 +257,7 @@ def sign(identity: TaskIdentity, ttl_seconds: int | None = None, now: float | No
         payload["p"] = identity.parent_task_key
     if identity.depth:
         payload["d"] = identity.depth
-    body = _b64e(_payload_json(payload).encode("ascii"))
+    body = _b64e(json.dumps(payload, separators=(",", ":")).encode("ascii"))
     signed = f"{TOKEN_VERSION}.{body}"
     signer = _keys.signer
     assert signer is not None
@@ -353,7 +322,7 @@ def verify(token: object, now: float | None = None) -> TaskIdentity:
     else:
         raise InvalidIdentity("bad signature (forged, tampered or from another deployment)")
     try:
-        data = _decode_json(_b64d(parts[1]).decode("utf-8"))
+        data = json.loads(_b64d(parts[1]).decode("utf-8"))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         raise InvalidIdentity("payload is not base64 JSON") from None
     identity = _parse_payload(data)

@@ -19,3 +19,32 @@ PROGRESS_MESSAGE = "taskctx.progress"
 
 #: set (True) on events the helpers already forwarded; the span processor skips them
 FORWARDED = "taskctx.forwarded"
+
+# --- set by the instrumentation (opentelemetry.instrumentation.taskctx) ---------------------
+#: ``messaging.system`` of every span this instrumentation creates.
+MESSAGING_SYSTEM_VALUE = "django_q2"
+
+# messaging semantic conventions (string values, so no incubating module is imported)
+MESSAGING_SYSTEM = "messaging.system"
+MESSAGING_OPERATION_TYPE = "messaging.operation.type"
+MESSAGING_OPERATION_NAME = "messaging.operation.name"
+MESSAGING_DESTINATION_NAME = "messaging.destination.name"
+MESSAGING_MESSAGE_ID = "messaging.message.id"
+ERROR_TYPE = "error.type"
+CODE_FUNCTION_NAME = "code.function.name"
+
+# django-q2 specifics
+TASK_NAME = "django_q2.task.name"
+TASK_FUNC = "django_q2.task.func"
+TASK_GROUP = "django_q2.task.group"
+TASK_SYNC = "django_q2.task.sync"
+
+# otel_taskctx specifics set by the instrumentation
+#: id returned by a suppressed nested launch (``<task key>/nested/<n>-<function>``)
+NESTED_ID = "taskctx.nested.id"
+#: "inline" on the INTERNAL span of a suppressed nested launch
+NESTED_MODE = "taskctx.nested.mode"
+#: task key given to a job that a powercrud manager launched (on the PRODUCER span)
+LAUNCHED_TASK_KEY = "taskctx.launched_task_key"
+#: errors powercrud reported for a bulk run that django-q2 recorded as a success
+REPORTED_ERRORS = "taskctx.reported_errors"

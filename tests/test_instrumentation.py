@@ -11,6 +11,7 @@ import types
 import uuid
 
 import pytest
+import wrapt
 from django.utils import timezone
 from django_q import signals as q_signals
 from django_q import tasks as q_tasks
@@ -75,7 +76,7 @@ def _lock(manager: AsyncManager, label: str, pk) -> str | None:
 
 def test_instrumented_by_the_app():
     assert TaskContextInstrumentor().is_instrumented_by_opentelemetry
-    assert hasattr(q_tasks.async_task, "__taskctx_original__")
+    assert isinstance(q_tasks.async_task, wrapt.FunctionWrapper)
     # the name powercrud imported at import time was rebound too
     from powercrud import async_manager
 
@@ -528,9 +529,10 @@ def test_uninstrument_restores_originals_and_signal_receivers(cache):
 
     instrumentor = TaskContextInstrumentor()
     wrapper = q_tasks.async_task
-    original = wrapper.__taskctx_original__
+    original = wrapper.__wrapped__
     launch_wrapper = vars(AsyncManager)["launch_async_task"]
-    launch_original = launch_wrapper.__taskctx_original__
+    launch_original = launch_wrapper.__wrapped__
+    assert isinstance(launch_wrapper, wrapt.FunctionWrapper)
     setup = django.setup
     late = types.ModuleType("tests._late_importer")
     late.async_task = q_tasks.async_task  # imported while instrumented

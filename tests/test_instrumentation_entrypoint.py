@@ -30,15 +30,16 @@ from powercrud import async_manager
 from powercrud.async_manager import AsyncManager
 from otel_taskctx import task_context
 nested = None
-if hasattr(tasks.async_task, "__taskctx_original__"):  # else it would really enqueue
+import wrapt
+if isinstance(tasks.async_task, wrapt.FunctionWrapper):  # else it would really enqueue
     with task_context("job-ep"):
         nested = tasks.async_task("tests.testapp.tasks.noop", 1)
 print("RESULT " + json.dumps({
     "loaded_before_setup": loaded_before_setup,
     "instrumented": TaskContextInstrumentor().is_instrumented_by_opentelemetry,
-    "async_task_wrapped": hasattr(tasks.async_task, "__taskctx_original__"),
+    "async_task_wrapped": isinstance(tasks.async_task, wrapt.FunctionWrapper),
     "powercrud_rebound": async_manager.async_task is tasks.async_task,
-    "launch_wrapped": hasattr(vars(AsyncManager)["launch_async_task"], "__taskctx_original__"),
+    "launch_wrapped": isinstance(vars(AsyncManager)["launch_async_task"], wrapt.FunctionWrapper),
     "receivers": sorted(
         str(key[0]) for signal in (signals.pre_enqueue, signals.pre_execute)
         for key, *_ in signal.receivers if "otel_taskctx.instrumentation" in str(key[0])

@@ -10,7 +10,6 @@ context, so the next task in the same process starts clean.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from opentelemetry.context import Context
 from opentelemetry.instrumentation.taskctx import utils
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from otel_taskctx import semconv
 from otel_taskctx.context import (
     context_with_identity,
     context_without_identity,
@@ -48,20 +48,20 @@ _runs: dict[int, _Run] = {}
 
 def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
     attrs: dict[str, Any] = {
-        utils.MESSAGING_SYSTEM: utils.MESSAGING_SYSTEM_VALUE,
-        utils.MESSAGING_OPERATION_TYPE: "process",
-        utils.MESSAGING_OPERATION_NAME: "process",
-        utils.MESSAGING_MESSAGE_ID: str(task.get("id")),
-        utils.TASK_NAME: str(task.get("name")),
-        utils.TASK_FUNC: label,
+        semconv.MESSAGING_SYSTEM: semconv.MESSAGING_SYSTEM_VALUE,
+        semconv.MESSAGING_OPERATION_TYPE: "process",
+        semconv.MESSAGING_OPERATION_NAME: "process",
+        semconv.MESSAGING_MESSAGE_ID: str(task.get("id")),
+        semconv.TASK_NAME: str(task.get("name")),
+        semconv.TASK_FUNC: label,
     }
     cluster = task.get("cluster")
     if cluster:
-        attrs[utils.MESSAGING_DESTINATION_NAME] = str(cluster)
+        attrs[semconv.MESSAGING_DESTINATION_NAME] = str(cluster)
     if task.get("group"):
-        attrs[utils.TASK_GROUP] = str(task["group"])
+        attrs[semconv.TASK_GROUP] = str(task["group"])
     if task.get("sync"):
-        attrs[utils.TASK_SYNC] = True
+        attrs[semconv.TASK_SYNC] = True
     return attrs
 
 
@@ -248,9 +248,7 @@ def _record_outcome(run: _Run, func: Any, task: dict[str, Any]) -> bool:
         exc = sys.exc_info()[1]
         if span.is_recording():
             if exc is not None:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
-                span.set_attribute(utils.ERROR_TYPE, type(exc).__qualname__)
+                utils.record_error(span, exc)
             else:
                 span.set_status(Status(StatusCode.ERROR, "task failed"))
         return exc is not None and type(exc).__name__ == "TimeoutException"
@@ -266,15 +264,15 @@ def _record_outcome(run: _Run, func: Any, task: dict[str, Any]) -> bool:
                 },
             )
             span.set_status(Status(StatusCode.ERROR, message))
-            span.set_attribute(utils.ERROR_TYPE, error_type)
+            span.set_attribute(semconv.ERROR_TYPE, error_type)
         return error_type == "TimeoutException"
     label = utils.func_path(task.get("func") if task.get("func") is not None else func)
     if label in utils.POWERCRUD_BULK_TASKS and task.get("result") is False:
         errors = _powercrud_reported_errors(run, task)
         if span.is_recording():
             span.set_status(Status(StatusCode.ERROR, errors[:1000]))
-            span.set_attribute(utils.ERROR_TYPE, "powercrud_reported_failure")
-            span.set_attribute(utils.REPORTED_ERRORS, errors[:4000])
+            span.set_attribute(semconv.ERROR_TYPE, "powercrud_reported_failure")
+            span.set_attribute(semconv.REPORTED_ERRORS, errors[:4000])
     return False
 
 
@@ -305,29 +303,25 @@ def on_post_spawn(sender: Any = None, **kwargs: Any) -> None:
         utils.exit_flush.register()
 
 
-def wrap_remove_conflict_ids(original: Any) -> Any:
-    """The replacement for ``AsyncManager.remove_conflict_ids`` (powercrud's completion hook and
-    cleanup call it): the conflict store's batched compare-and-delete of everything the task
-    holds (one script or statement per 2,000 locks instead of a cache call per lock), which also
-    leaves alone a lock that expired and was taken by another task. Falls back to powercrud's
-    own loop if the store cannot be reached."""
+def release_through_store(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of ``AsyncManager.remove_conflict_ids(task_name, conflict_ids=None)``
+    (powercrud's completion hook and cleanup call it): the conflict store's batched
+    compare-and-delete of everything the task holds (one script or statement per 2,000 locks
+    instead of a cache call per lock), which also leaves alone a lock that expired and was
+    taken by another task. Falls back to powercrud's own loop if the store cannot be reached."""
+    if not utils.STATE.active:
+        return wrapped(*args, **kwargs)
+    task_name = args[0] if args else kwargs.get("task_name")
+    try:
+        from otel_taskctx.conflicts import get_conflict_store
 
-    @functools.wraps(original)
-    def remove_conflict_ids(self: Any, task_name: str, conflict_ids: Any = None) -> Any:
-        if not utils.STATE.active:
-            return original(self, task_name, conflict_ids)
-        try:
-            from otel_taskctx.conflicts import get_conflict_store
-
-            get_conflict_store(self).release(str(task_name))
-            return None
-        except Exception as exc:
-            log.warning(
-                "could not release the locks of task %s in one batch (%s); "
-                "using powercrud's per-key removal",
-                task_name,
-                exc,
-            )
-            return original(self, task_name, conflict_ids)
-
-    return remove_conflict_ids
+        get_conflict_store(instance).release(str(task_name))
+        return None
+    except Exception as exc:
+        log.warning(
+            "could not release the locks of task %s in one batch (%s); "
+            "using powercrud's per-key removal",
+            task_name,
+            exc,
+        )
+        return wrapped(*args, **kwargs)

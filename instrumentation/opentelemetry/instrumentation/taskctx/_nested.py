@@ -82,9 +82,9 @@ def run_inline(
     child = identity.child(identity.task_key, identity.manager_class_path)
     ctx = context_with_identity(child)
     attributes: dict[str, Any] = dict(child.lineage_attributes())
-    attributes[utils.NESTED_ID] = step_id
-    attributes[utils.NESTED_MODE] = "inline"
-    attributes[utils.CODE_FUNCTION_NAME] = label
+    attributes[semconv.NESTED_ID] = step_id
+    attributes[semconv.NESTED_MODE] = "inline"
+    attributes[semconv.CODE_FUNCTION_NAME] = label
     span = utils.STATE.tracer.start_span(
         label, context=ctx, kind=SpanKind.INTERNAL, attributes=attributes
     )

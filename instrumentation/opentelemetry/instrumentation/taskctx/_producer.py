@@ -9,7 +9,6 @@ the suppression of nested launches (which must not reach the broker at all).
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from opentelemetry import context, trace
 from opentelemetry.instrumentation.taskctx import _nested, utils
 from opentelemetry.trace import SpanKind
 
+from otel_taskctx import semconv
 from otel_taskctx.context import (
     context_without_identity,
     current_task,
@@ -32,8 +32,6 @@ log = logging.getLogger("otel_taskctx.instrumentation")
 _LAUNCH_KEY = context.create_key("otel_taskctx.launch")
 #: Set by the ``async_task`` wrapper for the ``pre_enqueue`` receiver.
 _PLAN_KEY = context.create_key("otel_taskctx.enqueue-plan")
-
-ORIGINAL_ATTR = "__taskctx_original__"
 
 
 @dataclass
@@ -121,19 +119,19 @@ def _package_attributes(
 ) -> dict[str, Any]:
     """What the PRODUCER span learns from the package (set in one call: one lock, one pass)."""
     attributes: dict[str, Any] = {
-        utils.MESSAGING_MESSAGE_ID: str(task.get("id")),
-        utils.TASK_NAME: str(task.get("name")),
-        utils.MESSAGING_DESTINATION_NAME: _destination(task),
+        semconv.MESSAGING_MESSAGE_ID: str(task.get("id")),
+        semconv.TASK_NAME: str(task.get("name")),
+        semconv.MESSAGING_DESTINATION_NAME: _destination(task),
     }
     if own is not None:
-        attributes[utils.LAUNCHED_TASK_KEY] = own.task_key
+        attributes[semconv.LAUNCHED_TASK_KEY] = own.task_key
     if launch is not None and launch.user_id is not None:
         # who launched the job: the viewer scopes job trees by it
         attributes["enduser.id"] = launch.user_id
         if launch.user_label:
             attributes["taskctx.user"] = launch.user_label
     if task.get("sync"):
-        attributes[utils.TASK_SYNC] = True
+        attributes[semconv.TASK_SYNC] = True
     return attributes
 
 
@@ -157,14 +155,14 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     if launch is not None:
         launch.used = True
     attributes = {
-        utils.MESSAGING_SYSTEM: utils.MESSAGING_SYSTEM_VALUE,
-        utils.MESSAGING_OPERATION_TYPE: "send",
-        utils.MESSAGING_OPERATION_NAME: "send",
-        utils.TASK_FUNC: label,
+        semconv.MESSAGING_SYSTEM: semconv.MESSAGING_SYSTEM_VALUE,
+        semconv.MESSAGING_OPERATION_TYPE: "send",
+        semconv.MESSAGING_OPERATION_NAME: "send",
+        semconv.TASK_FUNC: label,
     }
     group = kwargs.get("group") or (kwargs.get("q_options") or {}).get("group")
     if group:
-        attributes[utils.TASK_GROUP] = str(group)
+        attributes[semconv.TASK_GROUP] = str(group)
     span = utils.STATE.tracer.start_span(
         f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes
     )
@@ -173,39 +171,31 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
         return original(func, *args, **kwargs)
 
 
-def wrap_async_task(original: Any) -> Any:
-    """The replacement for ``django_q.tasks.async_task`` (a pass-through when inactive)."""
-
-    @functools.wraps(original)
-    def async_task(func: Any, *args: Any, **kwargs: Any) -> Any:
-        if not utils.STATE.active:
-            return original(func, *args, **kwargs)
-        identity = current_task()
-        if _nested.should_run_inline(identity, func):
-            return _nested.run_suppressed_async_task(identity, func, args, kwargs)
-        return _enqueue(original, func, args, kwargs)
-
-    setattr(async_task, ORIGINAL_ATTR, original)
-    return async_task
+def traced_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of ``django_q.tasks.async_task(func, *args, **kwargs)`` (a pass-through
+    when inactive)."""
+    if not utils.STATE.active or not args:
+        return wrapped(*args, **kwargs)
+    func, rest = args[0], args[1:]
+    identity = current_task()
+    if _nested.should_run_inline(identity, func):
+        return _nested.run_suppressed_async_task(identity, func, rest, kwargs)
+    return _enqueue(wrapped, func, rest, kwargs)
 
 
-def wrap_launch_async_task(original: Any) -> Any:
-    """The replacement for ``AsyncManager.launch_async_task`` (pass-through when inactive)."""
-
-    @functools.wraps(original)
-    def launch_async_task(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
-        if not utils.STATE.active:
-            return original(self, func, *args, **kwargs)
-        identity = current_task()
-        if _nested.should_run_inline(identity, func):
-            return _nested.run_suppressed_launch(identity, func, args, kwargs)
-        user_id, user_label = _user_of(kwargs.get("user"))
-        launch = _Launch(utils.class_path(type(self)), user_id=user_id, user_label=user_label)
-        token = context.attach(context.set_value(_LAUNCH_KEY, launch))
-        try:
-            return original(self, func, *args, **kwargs)
-        finally:
-            context.detach(token)
-
-    setattr(launch_async_task, ORIGINAL_ATTR, original)
-    return launch_async_task
+def traced_launch_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of ``AsyncManager.launch_async_task(func, *args, **kwargs)`` (a
+    pass-through when inactive)."""
+    if not utils.STATE.active or not args:
+        return wrapped(*args, **kwargs)
+    func, rest = args[0], args[1:]
+    identity = current_task()
+    if _nested.should_run_inline(identity, func):
+        return _nested.run_suppressed_launch(identity, func, rest, kwargs)
+    user_id, user_label = _user_of(kwargs.get("user"))
+    launch = _Launch(utils.class_path(type(instance)), user_id=user_id, user_label=user_label)
+    token = context.attach(context.set_value(_LAUNCH_KEY, launch))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        context.detach(token)

@@ -15,39 +15,13 @@ from typing import Any
 from opentelemetry import context, trace
 from opentelemetry.trace import Status, StatusCode
 
+from otel_taskctx import semconv
+
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 #: Private key of the django-q2 task package that carries ``traceparent``/``tracestate``/
 #: ``baggage`` from the producer to the worker (never the function's kwargs).
 CARRIER_KEY = "_otel_taskctx"
-
-#: ``messaging.system`` of every span this instrumentation creates.
-MESSAGING_SYSTEM_VALUE = "django_q2"
-
-# messaging semantic conventions (string values, so no incubating module is imported)
-MESSAGING_SYSTEM = "messaging.system"
-MESSAGING_OPERATION_TYPE = "messaging.operation.type"
-MESSAGING_OPERATION_NAME = "messaging.operation.name"
-MESSAGING_DESTINATION_NAME = "messaging.destination.name"
-MESSAGING_MESSAGE_ID = "messaging.message.id"
-ERROR_TYPE = "error.type"
-CODE_FUNCTION_NAME = "code.function.name"
-
-# django-q2 specifics
-TASK_NAME = "django_q2.task.name"
-TASK_FUNC = "django_q2.task.func"
-TASK_GROUP = "django_q2.task.group"
-TASK_SYNC = "django_q2.task.sync"
-
-# otel_taskctx specifics set by the instrumentation
-#: id returned by a suppressed nested launch (``<task key>/nested/<n>-<function>``)
-NESTED_ID = "taskctx.nested.id"
-#: "inline" on the INTERNAL span of a suppressed nested launch
-NESTED_MODE = "taskctx.nested.mode"
-#: task key given to a job that a powercrud manager launched (on the PRODUCER span)
-LAUNCHED_TASK_KEY = "taskctx.launched_task_key"
-#: errors powercrud reported for a bulk run that django-q2 recorded as a success
-REPORTED_ERRORS = "taskctx.reported_errors"
 
 #: django-q2 options that ``async_task`` pops from its kwargs (they never reach the function).
 Q_OPTION_KEYS = (
@@ -278,4 +252,4 @@ def record_error(span: Any, exc: BaseException) -> None:
     if span.is_recording():
         span.record_exception(exc)
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
-        span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
+        span.set_attribute(semconv.ERROR_TYPE, type(exc).__qualname__)

@@ -1,0 +1,163 @@
+"""What the instrumentor patches, and how it is undone.
+
+* ``django_q.tasks.async_task`` and powercrud's ``AsyncManager.launch_async_task`` /
+  ``remove_conflict_ids``: wrapt function wrappers (``wrap_function_wrapper``), removed with
+  ``opentelemetry.instrumentation.utils.unwrap``, as in opentelemetry-python-contrib.
+* Module-level copies of ``async_task`` made by ``from django_q.tasks import async_task``
+  before instrumentation (powercrud's ``async_manager``, django-q2's scheduler, user modules)
+  are pointed at the wrapper, and back at the original afterwards.
+* django-q2's signals: ``pre_enqueue``, ``pre_execute``, ``post_execute_in_worker``,
+  ``post_spawn``, connected with a dispatch uid.
+* If Django's app registry is not ready (``opentelemetry-instrument`` loads instrumentors
+  before the application starts), ``django.setup`` is wrapped and patching waits until it
+  has finished.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import wrapt
+from opentelemetry.instrumentation.taskctx import _consumer, _producer, utils
+from opentelemetry.instrumentation.utils import unwrap
+
+log = logging.getLogger("otel_taskctx.instrumentation")
+
+_DISPATCH_PREFIX = "otel_taskctx.instrumentation"
+
+#: modules a worker would import at its first job; imported when patching instead, so the
+#: worker processes django-q2 forks (and recycles) inherit them
+_WORKER_MODULES = (
+    "otel_taskctx.helpers",
+    "otel_taskctx.conflicts.database_store",
+    "otel_taskctx.conflicts.redis_store",
+    "powercrud.async_context",
+)
+
+
+def django_models_ready() -> bool:
+    try:
+        from django.apps import apps
+    except ImportError:
+        return False
+    return bool(apps.models_ready)
+
+
+def _module_namespaces() -> list[tuple[Any, dict[str, Any]]]:
+    found = []
+    for module in list(sys.modules.values()):
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        if isinstance(namespace, dict):
+            found.append((module, namespace))
+    return found
+
+
+def _point_names(old: Any, new: Any) -> list[tuple[Any, str]]:
+    """Point every module-level name bound to ``old`` at ``new``; the names changed."""
+    changed = []
+    for module, namespace in _module_namespaces():
+        for name, value in list(namespace.items()):
+            if value is old:
+                try:
+                    setattr(module, name, new)
+                    changed.append((module, name))
+                except Exception:  # read-only or exotic module objects
+                    log.debug("could not rebind %s.%s", getattr(module, "__name__", module), name)
+    return changed
+
+
+class Patches:
+    """The patches one instrumentor applied, undone in reverse order."""
+
+    def __init__(self) -> None:
+        self.wrapped: list[tuple[Any, str, Any]] = []
+        self.signals: list[tuple[Any, str]] = []
+        self.async_task: tuple[Any, Any] | None = None  # (original, wrapper)
+        self.applied = False
+        self.deferred = False
+
+    def wrap(self, target: Any, name: str, wrapper: Any) -> Any:
+        current = vars(target)[name] if isinstance(target, type) else getattr(target, name)
+        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is wrapper:
+            unwrap(target, name)  # a stale wrapper of ours (an instrumentor not uninstrumented)
+        wrapt.wrap_function_wrapper(target, name, wrapper)
+        installed = vars(target)[name] if isinstance(target, type) else getattr(target, name)
+        self.wrapped.append((target, name, installed))
+        return installed
+
+    def apply(self) -> None:
+        """Wrap django-q2 and powercrud, connect the signals."""
+        from django_q import signals as q_signals
+        from django_q import tasks as q_tasks
+
+        self.applied = True
+        wrapper = self.wrap(q_tasks, "async_task", _producer.traced_async_task)
+        self.async_task = (wrapper.__wrapped__, wrapper)
+        _point_names(wrapper.__wrapped__, wrapper)
+        try:
+            from powercrud.async_manager import AsyncManager
+        except Exception:  # powercrud is optional
+            AsyncManager = None
+        if AsyncManager is not None:
+            self.wrap(AsyncManager, "launch_async_task", _producer.traced_launch_async_task)
+            if "remove_conflict_ids" in vars(AsyncManager):
+                self.wrap(AsyncManager, "remove_conflict_ids", _consumer.release_through_store)
+        for signal, receiver, name in (
+            (q_signals.pre_enqueue, _producer.on_pre_enqueue, "pre_enqueue"),
+            (q_signals.pre_execute, _consumer.on_pre_execute, "pre_execute"),
+            (q_signals.post_execute_in_worker, _consumer.on_post_execute, "post_execute"),
+            (q_signals.post_spawn, _consumer.on_post_spawn, "post_spawn"),
+        ):
+            uid = f"{_DISPATCH_PREFIX}.{name}"
+            signal.connect(receiver, weak=False, dispatch_uid=uid)
+            self.signals.append((signal, uid))
+        for module in _WORKER_MODULES:
+            try:
+                importlib.import_module(module)
+            except Exception:  # optional pieces (powercrud) may be missing
+                log.debug("could not preload %s", module, exc_info=True)
+
+    def defer(self, ready: Any) -> None:
+        """Wrap ``django.setup`` so that ``ready()`` runs once the app registry is ready."""
+        import django
+
+        def after_setup(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+            result = wrapped(*args, **kwargs)
+            try:
+                ready()
+            except Exception:
+                log.exception("otel_taskctx instrumentation could not be applied")
+            return result
+
+        self.wrap(django, "setup", after_setup)
+        self.deferred = True
+
+    def remove(self) -> None:
+        """Undo every patch that is still ours; copies of the wrapper get the original."""
+        for signal, uid in self.signals:
+            signal.disconnect(dispatch_uid=uid)
+        self.signals = []
+        while self.wrapped:
+            target, name, installed = self.wrapped.pop()
+            current = vars(target).get(name) if isinstance(target, type) else getattr(target, name)
+            if current is installed:
+                unwrap(target, name)
+            else:
+                log.debug("%r.%s was replaced again after us: left as is", target, name)
+        if self.async_task is not None:
+            original, wrapper = self.async_task
+            _point_names(wrapper, original)
+            self.async_task = None
+        self.applied = self.deferred = False
+
+
+def flush_spans_after_fork(anchor: Any) -> None:
+    """multiprocessing's after-fork hook: every forked child flushes its spans at exit."""
+    if utils.STATE.active:
+        utils.exit_flush.register()

@@ -10,6 +10,7 @@ context, so the next task in the same process starts clean.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -65,12 +66,29 @@ def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
     return attrs
 
 
-def _enter_powercrud_context(identity: TaskIdentity) -> Any:
+def _powercrud_async_context() -> Any:
+    """powercrud's own ``async_context`` module, or None (powercrud is optional).
+
+    Where ``otel_taskctx.compat`` stands in for it (``compat.install()``), the identity
+    attached for the run already answers the stand-in: entering the stand-in's
+    ``task_context`` would nest the task inside itself. powercrud's own module, which names
+    imported before the swap still point at, is entered instead.
+    """
     try:
-        from powercrud.async_context import task_context
-    except Exception:  # powercrud is optional
+        module = importlib.import_module("powercrud.async_context")
+    except Exception:
         return None
-    cm = task_context(identity.task_key, identity.manager_class_path)
+    if getattr(module, "__name__", None) != "powercrud.async_context":
+        powercrud_module = getattr(module, "powercrud_module", None)
+        return powercrud_module() if callable(powercrud_module) else None
+    return module
+
+
+def _enter_powercrud_context(identity: TaskIdentity) -> Any:
+    module = _powercrud_async_context()
+    if module is None:
+        return None
+    cm = module.task_context(identity.task_key, identity.manager_class_path)
     cm.__enter__()
     return cm
 

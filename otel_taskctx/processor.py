@@ -72,19 +72,13 @@ def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
     ):
         return items
     if not _truthy(attrs.get(semconv.FORWARDED)):
-        model = attrs.get(semconv.DESCENDANTS_MODEL)
-        ids = attrs.get(semconv.DESCENDANTS_IDS)
-        if model and ids:
-            items.append(("descendants", (str(model), _id_list(ids))))
+        _add_descendants(items, attrs)
     for event in events or ():
         ev: Mapping[str, Any] = event.attributes or {}
         if _truthy(ev.get(semconv.FORWARDED)):
             continue
         if event.name == semconv.DESCENDANTS_EVENT:
-            model = ev.get(semconv.DESCENDANTS_MODEL)
-            ids = ev.get(semconv.DESCENDANTS_IDS)
-            if model and ids:
-                items.append(("descendants", (str(model), _id_list(ids))))
+            _add_descendants(items, ev)
         elif event.name == semconv.PROGRESS_EVENT:
             message = ev.get(semconv.PROGRESS_MESSAGE)
             if message is not None:
@@ -103,10 +97,10 @@ def _lineage_missing(span: Span, identity: TaskIdentity) -> bool:
     return attributes is None or attributes.get(semconv.TASK_KEY) != identity.task_key
 
 
-def _id_list(ids: Any) -> list[Any]:
-    if isinstance(ids, (str, int)):
-        return [ids]
-    return list(ids)
+def _add_descendants(items: list[tuple[str, Any]], attributes: Mapping[str, Any]) -> None:
+    found = semconv.read_descendants(attributes)
+    if found is not None and found[1]:
+        items.append(("descendants", (found[0], found[1])))
 
 
 class TaskContextSpanProcessor(SpanProcessor):

@@ -1,4 +1,10 @@
-"""Span attribute and event names used by otel_taskctx (the documented convention)."""
+"""Span attribute and event names used by otel_taskctx (the documented convention), and the
+one writer and one reader of the descendants attributes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 # lineage, stamped on every span started inside a task
 TASK_KEY = "taskctx.task_key"
@@ -48,3 +54,39 @@ NESTED_MODE = "taskctx.nested.mode"
 LAUNCHED_TASK_KEY = "taskctx.launched_task_key"
 #: errors powercrud reported for a bulk run that django-q2 recorded as a success
 REPORTED_ERRORS = "taskctx.reported_errors"
+
+
+#: ids a descendants event lists at most (``DESCENDANTS_COUNT`` says how many there were)
+MAX_EVENT_IDS = 1000
+
+
+def descendants_attributes(
+    model: str, ids: Sequence[Any], forwarded: bool = True
+) -> dict[str, Any]:
+    """The attributes of a descendants event for ``ids`` of ``model``."""
+    return {
+        DESCENDANTS_MODEL: model,
+        DESCENDANTS_IDS: [str(i) for i in ids[:MAX_EVENT_IDS]],
+        DESCENDANTS_COUNT: len(ids),
+        FORWARDED: forwarded,
+    }
+
+
+def read_descendants(attributes: Mapping[str, Any]) -> tuple[str, list[Any], int] | None:
+    """``(model, ids, count)`` from descendants attributes (an event's or a span's), or None
+    when they name no model. ``count`` is ``DESCENDANTS_COUNT`` when it is a whole number,
+    else the number of ids."""
+    model = attributes.get(DESCENDANTS_MODEL)
+    if not model:
+        return None
+    ids = attributes.get(DESCENDANTS_IDS)
+    if ids is None:
+        id_list: list[Any] = []
+    elif isinstance(ids, (str, int)):
+        id_list = [ids]
+    else:
+        id_list = list(ids)
+    count = attributes.get(DESCENDANTS_COUNT)
+    if not isinstance(count, int) or isinstance(count, bool):
+        count = len(id_list)
+    return str(model), id_list, count

@@ -52,15 +52,7 @@ def reserve_descendants(
     span = trace.get_current_span()
     if span.is_recording():
         for label, ids in wanted.items():
-            span.add_event(
-                semconv.DESCENDANTS_EVENT,
-                {
-                    semconv.DESCENDANTS_MODEL: label,
-                    semconv.DESCENDANTS_IDS: [str(i) for i in ids[:1000]],
-                    semconv.DESCENDANTS_COUNT: len(ids),
-                    semconv.FORWARDED: True,
-                },
-            )
+            span.add_event(semconv.DESCENDANTS_EVENT, semconv.descendants_attributes(label, ids))
     return wanted
 
 

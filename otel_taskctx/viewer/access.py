@@ -173,7 +173,3 @@ def visible_spans(request: Any) -> QuerySet:
     if hook:
         return _load(hook)(request, spans)
     return own_spans(user, spans)
-
-
-def can_view_tree(request: Any, root_task_key: str) -> bool:
-    return of_tree(root_task_key, visible_spans(request)).exists()

@@ -42,7 +42,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_taskctx import semconv
 from otel_taskctx.context import identity_from_context
 from otel_taskctx.identity import TaskIdentity
-from otel_taskctx.tracing import span_attributes
+from otel_taskctx.tracer_provider import span_attributes
 
 log = logging.getLogger("otel_taskctx.processor")
 
@@ -209,7 +209,7 @@ def install_span_processor(create_provider: bool = True, **kwargs: Any) -> Any |
     the sampler. Returns the processor, or None when there is no SDK provider (another
     provider implementation is in use).
     """
-    from otel_taskctx.tracing import add_span_processor_once
+    from otel_taskctx.tracer_provider import add_span_processor_once
 
     return add_span_processor_once(
         PROCESSOR_NAME, lambda: TaskContextSpanProcessor(**kwargs), create=create_provider

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_taskctx.spans.install import install_env_exporters, requested_exporters
+from otel_taskctx.spans.provider import install_env_exporters, requested_exporters
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,14 +149,14 @@ def test_env_exporters_only_on_a_provider_nobody_else_configured():
 
 
 def test_a_provider_with_our_processors_still_counts_as_unconfigured():
-    from otel_taskctx.spans.install import provider_is_unconfigured
-    from otel_taskctx.tracing import _MARK
+    from otel_taskctx.spans.provider import provider_is_unconfigured
+    from otel_taskctx.tracer_provider import _ADDED
 
     provider = TracerProvider()
     processor = SimpleSpanProcessor(InMemorySpanExporter())
     provider.add_span_processor(processor)
     assert not provider_is_unconfigured(provider)
-    setattr(provider, _MARK, {"otel_taskctx.span_store": processor})
+    setattr(provider, _ADDED, {"otel_taskctx.span_store": processor})
     assert provider_is_unconfigured(provider)
 
 

@@ -3,6 +3,9 @@
 We never replace a provider, exporter or sampler the application configured: processors are
 added to an existing SDK ``TracerProvider``; only when no provider was set at all do we create
 one (honouring the standard ``OTEL_*`` environment variables for resource and sampler).
+
+A provider keeps, in an attribute of our own, the processors otel_taskctx added to it (by
+name, see :func:`added_processors`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from opentelemetry import trace
 
 log = logging.getLogger("otel_taskctx.tracing")
 _lock = threading.Lock()
-_MARK = "_otel_taskctx_processors"
+_ADDED = "_otel_taskctx_processors"
 
 
 def span_attributes(span: Any) -> Any:
@@ -52,22 +55,30 @@ def sdk_tracer_provider(create: bool = True) -> Any | None:
     return provider if isinstance(provider, TracerProvider) else None
 
 
+def added_processors(provider: Any) -> dict[str, Any]:
+    """The span processors otel_taskctx added to ``provider``, by the name they were added
+    under (a copy)."""
+    return dict(getattr(provider, _ADDED, None) or {})
+
+
 def add_span_processor_once(
-    name: str, factory: Callable[[], Any], create: bool = True
+    name: str, factory: Callable[[], Any], create: bool = True, provider: Any = None
 ) -> Any | None:
     """Add ``factory()`` to the SDK provider unless a processor named ``name`` was added.
 
+    ``provider``: that provider instead of the global one (``create`` then does not apply).
     Returns the processor on the provider, or None when there is no SDK provider.
     """
-    provider = sdk_tracer_provider(create=create)
     if provider is None:
-        return None
+        provider = sdk_tracer_provider(create=create)
+        if provider is None:
+            return None
     with _lock:
-        added: dict[str, Any] = getattr(provider, _MARK, None) or {}
+        added: dict[str, Any] = getattr(provider, _ADDED, None) or {}
         if name in added:
             return added[name]
         processor = factory()
         provider.add_span_processor(processor)
         added[name] = processor
-        setattr(provider, _MARK, added)
+        setattr(provider, _ADDED, added)
         return processor

@@ -42,7 +42,6 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_taskctx import semconv
 from otel_taskctx.context import identity_from_context
 from otel_taskctx.identity import TaskIdentity
-from otel_taskctx.tracer_provider import span_attributes
 
 log = logging.getLogger("otel_taskctx.processor")
 
@@ -60,10 +59,7 @@ def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
     """What ``span`` asks to forward, in order: ``("descendants", (model, ids))`` and
     ``("progress", message)`` items, skipping those marked ``taskctx.forwarded``."""
     items: list[tuple[str, Any]] = []
-    # a plain dict (read only): the SDK's attribute mapping answers a missing key with a
-    # KeyError raised and caught inside ``get``, and most spans have none of the keys asked
-    # for here
-    attrs: Mapping[str, Any] = span_attributes(span) or {}
+    attrs: Mapping[str, Any] = span.attributes or {}
     events = span.events
     if (
         not events

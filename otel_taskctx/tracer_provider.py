@@ -4,8 +4,9 @@ We never replace a provider, exporter or sampler the application configured: pro
 added to an existing SDK ``TracerProvider``; only when no provider was set at all do we create
 one (honouring the standard ``OTEL_*`` environment variables for resource and sampler).
 
-A provider keeps, in an attribute of our own, the processors otel_taskctx added to it (by
-name, see :func:`added_processors`).
+A provider keeps, in attributes of our own, the processors otel_taskctx added to it (by name,
+see :func:`added_processors`) and whether otel_taskctx created it (:func:`created_here`): the
+SDK has no public way to list a provider's processors.
 """
 
 from __future__ import annotations
@@ -20,16 +21,21 @@ from opentelemetry import trace
 log = logging.getLogger("otel_taskctx.tracing")
 _lock = threading.Lock()
 _ADDED = "_otel_taskctx_processors"
+_CREATED = "_otel_taskctx_created"
 
 
-def span_attributes(span: Any) -> Any:
-    """``span.attributes`` (a read-only mapping, or None); for an SDK span, the dict under its
-    ``BoundedAttributes``: the proxy the SDK hands out asks for every key through two method
-    calls, which was a third of what storing a span cost. Callers only read it."""
-    inner = getattr(getattr(span, "_attributes", None), "_dict", None)
-    if type(inner) is dict:
-        return inner
-    return span.attributes
+def create_sdk_tracer_provider() -> Any:
+    """A new SDK ``TracerProvider``, marked as created by otel_taskctx."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    setattr(provider, _CREATED, True)
+    return provider
+
+
+def created_here(provider: Any) -> bool:
+    """True when ``provider`` came from :func:`create_sdk_tracer_provider`."""
+    return getattr(provider, _CREATED, False) is True
 
 
 def sdk_tracer_provider(create: bool = True) -> Any | None:
@@ -49,7 +55,7 @@ def sdk_tracer_provider(create: bool = True) -> Any | None:
     with _lock:
         provider = trace.get_tracer_provider()
         if isinstance(provider, trace.ProxyTracerProvider):
-            trace.set_tracer_provider(TracerProvider())
+            trace.set_tracer_provider(create_sdk_tracer_provider())
             log.debug("no tracer provider was configured: created an SDK TracerProvider")
         provider = trace.get_tracer_provider()
     return provider if isinstance(provider, TracerProvider) else None

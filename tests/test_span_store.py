@@ -31,9 +31,9 @@ from otel_taskctx.spans import sqlite as sqlite_module
 from otel_taskctx.spans import writer as writer_module
 from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
 from otel_taskctx.spans.flushing import RUNNING, STORE
-from otel_taskctx.spans.rows import span_row
+from otel_taskctx.spans.rows import bound_attributes, span_row
 from otel_taskctx.spans.writer import SpanWriter
-from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider, span_attributes
+from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -292,18 +292,19 @@ def test_every_column_a_write_sets_reads_back_through_the_orm(store, finished):
     parent.end()
 
 
-def test_span_attributes_reads_the_sdk_spans_own_dict_and_any_other_mapping():
+def test_rows_copy_the_attributes_of_running_and_finished_spans():
     span = TracerProvider().get_tracer("t").start_span("s", attributes={"a": 1, "b": "x"})
+    running = span_row(span, 256, running=True)
+    span.set_attribute("c", (1, 2))
     span.end()
-    attributes = span_attributes(span)
-    # the dict under the SDK's read-only proxy (a proxy here means the slow path is back)
-    assert type(attributes) is dict
-    assert attributes == dict(span.attributes) == {"a": 1, "b": "x"}
-
-    class Other:
-        attributes = MappingProxyType({"c": 2})
-
-    assert span_attributes(Other()) == {"c": 2}
+    finished = span_row(span, 256)
+    # plain dicts (JSON-safe copies), not the SDK's read-only mapping
+    assert type(running["attributes"]) is dict and type(finished["attributes"]) is dict
+    assert running["attributes"] == {"a": 1, "b": "x"}
+    assert finished["attributes"] == {"a": 1, "b": "x", "c": [1, 2]}
+    # any other read-only mapping is copied the same way
+    assert bound_attributes(MappingProxyType({"c": 2}), 256) == {"c": 2}
+    assert bound_attributes(None, 256) == {}
 
 
 def _other_sessions() -> set[int]:

@@ -5,8 +5,8 @@ true. It adds processors to the SDK provider (creating one only if none was conf
 never replaces an exporter the application set up.
 
 ``install_env_exporters()`` honours the standard ``OTEL_TRACES_EXPORTER`` /
-``OTEL_EXPORTER_OTLP_*`` environment variables, but only on a provider that nobody else
-configured (one that holds no span processor but ours): a provider set up by the application
+``OTEL_EXPORTER_OTLP_*`` environment variables, but only on a provider that otel_taskctx
+created (nobody configured one before Django started): a provider set up by the application
 or by ``opentelemetry-instrument`` already exports what those variables ask for.
 """
 
@@ -28,6 +28,7 @@ from otel_taskctx.spans.flushing import (
 from otel_taskctx.tracer_provider import (
     add_span_processor_once,
     added_processors,
+    created_here,
     sdk_tracer_provider,
 )
 
@@ -53,13 +54,9 @@ def install_span_store() -> bool:
 
 
 def provider_is_unconfigured(provider: Any) -> bool:
-    """True when every span processor on ``provider`` was added by otel_taskctx."""
-    active = getattr(provider, "_active_span_processor", None)
-    processors = getattr(active, "_span_processors", None)
-    if processors is None:
-        return False
-    ours = {id(p) for p in added_processors(provider).values()}
-    return all(id(p) in ours for p in processors)
+    """True when otel_taskctx created ``provider`` (nobody else configured one), whatever
+    processors otel_taskctx has added to it since."""
+    return created_here(provider)
 
 
 def requested_exporters(environ: dict[str, str] | None = None) -> list[str]:
@@ -107,7 +104,7 @@ def _make_exporter(name: str, env: dict[str, str]) -> Any | None:
 
         return ConsoleSpanExporter()
     try:
-        from opentelemetry.util._importlib_metadata import entry_points
+        from importlib.metadata import entry_points
 
         for entry in entry_points(group="opentelemetry_traces_exporter", name=name):
             return entry.load()()

@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from otel_taskctx import semconv
-from otel_taskctx.tracer_provider import span_attributes
 
 TRUNCATION_MARK = "…"
 MAX_KEY_LENGTH = 255
@@ -121,7 +120,7 @@ def bound_attributes(attributes: Mapping[str, Any] | None, max_len: int) -> dict
         try:
             items = list(attributes.items())
             break
-        except RuntimeError:
+        except (RuntimeError, KeyError):
             continue
     else:
         return {}
@@ -186,7 +185,7 @@ def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] |
     if ctx is None or span.start_time is None:
         return None
     max_len = max(16, int(max_len))
-    attrs = bound_attributes(span_attributes(span), max_len)
+    attrs = bound_attributes(span.attributes, max_len)
     events = []
     raw_events = list(span.events)
     dropped_events = 0

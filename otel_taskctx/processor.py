@@ -42,7 +42,6 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_taskctx import semconv
 from otel_taskctx.context import identity_from_context
 from otel_taskctx.identity import TaskIdentity
-from otel_taskctx.tracing import span_attributes
 
 log = logging.getLogger("otel_taskctx.processor")
 
@@ -60,10 +59,7 @@ def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
     """What ``span`` asks to forward, in order: ``("descendants", (model, ids))`` and
     ``("progress", message)`` items, skipping those marked ``taskctx.forwarded``."""
     items: list[tuple[str, Any]] = []
-    # a plain dict (read only): the SDK's attribute mapping answers a missing key with a
-    # KeyError raised and caught inside ``get``, and most spans have none of the keys asked
-    # for here
-    attrs: Mapping[str, Any] = span_attributes(span) or {}
+    attrs: Mapping[str, Any] = span.attributes or {}
     events = span.events
     if (
         not events
@@ -203,7 +199,7 @@ def install_span_processor(create_provider: bool = True, **kwargs: Any) -> Any |
     the sampler. Returns the processor, or None when there is no SDK provider (another
     provider implementation is in use).
     """
-    from otel_taskctx.tracing import add_span_processor_once
+    from otel_taskctx.tracer_provider import add_span_processor_once
 
     return add_span_processor_once(
         PROCESSOR_NAME, lambda: TaskContextSpanProcessor(**kwargs), create=create_provider

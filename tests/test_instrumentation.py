@@ -35,7 +35,7 @@ from otel_taskctx import (
 from otel_taskctx.context import context_with_identity
 from otel_taskctx.identity import sign
 from otel_taskctx.propagation import extract
-from otel_taskctx.tracing import add_span_processor_once
+from otel_taskctx.tracer_provider import add_span_processor_once
 from tests.testapp import tasks as test_tasks
 from tests.testapp.models import Invoice, InvoiceLine, Observation
 

@@ -24,7 +24,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_taskctx.spans.install import install_env_exporters, requested_exporters
+from otel_taskctx.spans.flushing import STORE
+from otel_taskctx.spans.provider import (
+    install_env_exporters,
+    provider_is_unconfigured,
+    requested_exporters,
+)
+from otel_taskctx.tracer_provider import added_processors, create_sdk_tracer_provider
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,36 +139,39 @@ def test_env_exporters_only_on_a_provider_nobody_else_configured():
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
-    ours = TracerProvider()  # holds no processor: as if otel_taskctx had created it
+    ours = create_sdk_tracer_provider()  # as ready() creates it when none was configured
     assert install_env_exporters(env, provider=ours) == ["otlp"]
     assert install_env_exporters(env, provider=ours) == []  # once
-    (processor,) = ours._active_span_processor._span_processors
+    (processor,) = added_processors(ours).values()
     assert isinstance(processor, BatchSpanProcessor)
     assert isinstance(processor.span_exporter, OTLPSpanExporter)
     ours.shutdown()
 
     theirs = TracerProvider()  # the application's own exporter: leave it alone
-    theirs.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    exporter = InMemorySpanExporter()
+    theirs.add_span_processor(SimpleSpanProcessor(exporter))
     assert install_env_exporters(env, provider=theirs) == []
-    assert len(theirs._active_span_processor._span_processors) == 1
-    assert install_env_exporters({}, provider=TracerProvider()) == []
+    assert added_processors(theirs) == {}
+    theirs.get_tracer("t").start_span("s").end()
+    assert [s.name for s in exporter.get_finished_spans()] == ["s"]
+    assert install_env_exporters(env, provider=TracerProvider()) == []  # theirs, if empty
+    assert install_env_exporters({}, provider=create_sdk_tracer_provider()) == []
 
 
-def test_a_provider_with_our_processors_still_counts_as_unconfigured():
-    from otel_taskctx.spans.install import provider_is_unconfigured
-    from otel_taskctx.tracing import _MARK
+def test_a_provider_otel_taskctx_created_counts_as_unconfigured_with_our_processors():
+    from otel_taskctx.tracer_provider import add_span_processor_once
 
-    provider = TracerProvider()
-    processor = SimpleSpanProcessor(InMemorySpanExporter())
-    provider.add_span_processor(processor)
-    assert not provider_is_unconfigured(provider)
-    setattr(provider, _MARK, {"otel_taskctx.span_store": processor})
+    provider = create_sdk_tracer_provider()
     assert provider_is_unconfigured(provider)
+    processor = SimpleSpanProcessor(InMemorySpanExporter())
+    assert add_span_processor_once(STORE, lambda: processor, provider=provider) is processor
+    assert provider_is_unconfigured(provider)
+    assert not provider_is_unconfigured(TracerProvider())
 
 
 def test_spans_arrive_on_a_local_otlp_endpoint():
     with Collector() as collector:
-        provider = TracerProvider()
+        provider = create_sdk_tracer_provider()
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the OTLP exporter reads its endpoint from the environment

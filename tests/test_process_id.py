@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from otel_taskctx._process import current_pid
+from otel_taskctx.spans.rows import current_pid
 
 
 def _report(conn) -> None:

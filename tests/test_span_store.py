@@ -27,12 +27,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv, task_context
 from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.spans import sqlite as sqlite_module
 from otel_taskctx.spans import writer as writer_module
 from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
-from otel_taskctx.spans.install import RUNNING, STORE
-from otel_taskctx.spans.rows import span_row
+from otel_taskctx.spans.flushing import RUNNING, STORE
+from otel_taskctx.spans.rows import bound_attributes, span_row
 from otel_taskctx.spans.writer import SpanWriter
-from otel_taskctx.tracing import _MARK, sdk_tracer_provider, span_attributes
+from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -291,18 +292,19 @@ def test_every_column_a_write_sets_reads_back_through_the_orm(store, finished):
     parent.end()
 
 
-def test_span_attributes_reads_the_sdk_spans_own_dict_and_any_other_mapping():
+def test_rows_copy_the_attributes_of_running_and_finished_spans():
     span = TracerProvider().get_tracer("t").start_span("s", attributes={"a": 1, "b": "x"})
+    running = span_row(span, 256, running=True)
+    span.set_attribute("c", (1, 2))
     span.end()
-    attributes = span_attributes(span)
-    # the dict under the SDK's read-only proxy (a proxy here means the slow path is back)
-    assert type(attributes) is dict
-    assert attributes == dict(span.attributes) == {"a": 1, "b": "x"}
-
-    class Other:
-        attributes = MappingProxyType({"c": 2})
-
-    assert span_attributes(Other()) == {"c": 2}
+    finished = span_row(span, 256)
+    # plain dicts (JSON-safe copies), not the SDK's read-only mapping
+    assert type(running["attributes"]) is dict and type(finished["attributes"]) is dict
+    assert running["attributes"] == {"a": 1, "b": "x"}
+    assert finished["attributes"] == {"a": 1, "b": "x", "c": [1, 2]}
+    # any other read-only mapping is copied the same way
+    assert bound_attributes(MappingProxyType({"c": 2}), 256) == {"c": 2}
+    assert bound_attributes(None, 256) == {}
 
 
 def _other_sessions() -> set[int]:
@@ -357,7 +359,7 @@ def test_the_writer_keeps_its_connection_while_busy_and_closes_it_when_idle():
 def test_batches_at_the_store_export_cadence_reuse_one_connection():
     # the span store exports once a second (STORE_SCHEDULE_DELAY_MS): a writer with the
     # default keep-alive must not close its connection between two such batches
-    from otel_taskctx.spans.install import STORE_SCHEDULE_DELAY_MS
+    from otel_taskctx.spans.flushing import STORE_SCHEDULE_DELAY_MS
 
     writer = SpanWriter(lambda: 256)  # default interval and keep-alive
     before, opened = _sessions_per_batch(
@@ -392,7 +394,7 @@ def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
 @pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite lock")
 @pytest.mark.django_db(transaction=True)
 def test_database_locked_is_retried_then_dropped_and_the_next_batch_is_written(store, monkeypatch):
-    monkeypatch.setattr(writer_module, "SQLITE_BUSY_TIMEOUT", 0.05)
+    monkeypatch.setattr(sqlite_module, "SQLITE_BUSY_TIMEOUT", 0.05)
     monkeypatch.setattr(writer_module, "LOCK_RETRIES", 1)
     plain = TracerProvider().get_tracer("no store")  # spans handed to the exporter directly
     blocker = sqlite3.connect(connection.settings_dict["NAME"], timeout=5)
@@ -418,7 +420,7 @@ def test_database_locked_is_retried_then_dropped_and_the_next_batch_is_written(s
 @pytest.mark.django_db(transaction=True)
 def test_the_writer_keeps_trying_to_switch_sqlite_to_wal_until_it_succeeds(store, monkeypatch):
     tracer = TracerProvider().get_tracer("tests")
-    real = writer_module._prepare_sqlite
+    real = sqlite_module.prepare_connection
     attempts = []
 
     def switch_fails_the_first_time(conn):
@@ -427,15 +429,15 @@ def test_the_writer_keeps_trying_to_switch_sqlite_to_wal_until_it_succeeds(store
             return  # as when another process holds a lock: the journal stays as it is
         real(conn)
 
-    monkeypatch.setattr(writer_module, "_prepared", set())
-    monkeypatch.setattr(writer_module, "_prepare_sqlite", switch_fails_the_first_time)
+    monkeypatch.setattr(sqlite_module, "_prepared", set())
+    monkeypatch.setattr(sqlite_module, "prepare_connection", switch_fails_the_first_time)
     for label in ("first", "second", "third"):
         span = tracer.start_span(label, attributes=lineage("W1", "W1"))
         span.end()
         assert store.writer.submit([span_row(span, 256)]).done.wait(10)
     # tried again on the same connection's next batch, and not after it succeeded
     assert len(attempts) == 2
-    assert str(connection.settings_dict["NAME"]) in writer_module._prepared
+    assert str(connection.settings_dict["NAME"]) in sqlite_module._prepared
     with connection.cursor() as cursor:
         cursor.execute("PRAGMA journal_mode")
         assert cursor.fetchone()[0] == "wal"
@@ -466,15 +468,15 @@ def test_flush_inside_a_transaction_does_not_wait_for_the_callers_own_lock(store
 def test_ready_installs_the_store_next_to_user_processors():
     provider = sdk_tracer_provider(create=False)
     assert provider is not None
-    marks = getattr(provider, _MARK)
+    marks = added_processors(provider)
     assert STORE in marks and RUNNING in marks
     assert isinstance(marks[STORE], BatchSpanProcessor)
     assert isinstance(marks[STORE].span_exporter, DatabaseSpanExporter)
+    assert isinstance(marks[RUNNING], RunningSpanProcessor)
     from otel_taskctx.spans import install_span_store
 
-    before = list(provider._active_span_processor._span_processors)
-    assert install_span_store()  # idempotent
-    assert list(provider._active_span_processor._span_processors) == before
+    assert install_span_store()  # idempotent: the same processors, none added
+    assert added_processors(provider) == marks
 
 
 @pytest.mark.stack
@@ -667,7 +669,7 @@ def test_soon_flusher_writes_once_per_export_interval_under_load_and_soon_after_
     # after every job the worker asks for its spans to be written soon; under a steady stream
     # of jobs the flushes must come once per busy interval (one batch of many jobs), not a
     # thread wake-up and a transaction every min_interval
-    from otel_taskctx.spans.install import _SoonFlusher
+    from otel_taskctx.spans.flushing import _SoonFlusher
 
     flushes: list[float] = []
     flusher = _SoonFlusher(flush=lambda: flushes.append(time.monotonic()))

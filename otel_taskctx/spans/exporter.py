@@ -1,9 +1,12 @@
-"""The span exporter (finished spans) and span processor (running spans) of the store."""
+"""The span exporter (finished spans) and span processor (running spans) of the store.
+
+Both hand rows to the process's :class:`~otel_taskctx.spans.writer.SpanWriter`; the processor
+also has a job's spans written soon after its django-q2 run ends.
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,25 +14,12 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind
 
+from otel_taskctx.spans import sqlite
+from otel_taskctx.spans.flushing import flush_span_store_soon
+from otel_taskctx.spans.rows import span_row
 from otel_taskctx.spans.writer import SpanWriter, get_writer
 
 log = logging.getLogger("otel_taskctx.spans")
-
-
-def caller_holds_sqlite_transaction(using: str | None = None) -> bool:
-    """True when the calling thread is inside ``atomic()`` on an SQLite span database.
-
-    Waiting for our writer there would wait for the caller's own write lock.
-    """
-    try:
-        from django.db import connections, router
-
-        from otel_taskctx.span_models import TaskSpan
-
-        connection = connections[using or router.db_for_write(TaskSpan)]
-        return connection.vendor == "sqlite" and connection.in_atomic_block
-    except Exception:
-        return False
 
 
 class DatabaseSpanExporter(SpanExporter):
@@ -57,7 +47,7 @@ class DatabaseSpanExporter(SpanExporter):
             rows = []
             for span in spans:
                 try:
-                    row = _row(span, max_len)
+                    row = span_row(span, max_len)
                 except Exception:
                     log.debug(
                         "could not convert span %r", getattr(span, "name", span), exc_info=True
@@ -68,7 +58,7 @@ class DatabaseSpanExporter(SpanExporter):
             if not rows:
                 return SpanExportResult.SUCCESS
             request = writer.submit(rows)
-            if caller_holds_sqlite_transaction(writer.using):
+            if sqlite.caller_holds_transaction(writer.using):
                 return SpanExportResult.SUCCESS  # written once the caller commits
             if request.done.wait(self.timeout) and request.ok:
                 return SpanExportResult.SUCCESS
@@ -78,7 +68,7 @@ class DatabaseSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        if caller_holds_sqlite_transaction(self.writer.using):
+        if sqlite.caller_holds_transaction(self.writer.using):
             return True
         return self.writer.flush(timeout_millis / 1000, running=False)
 
@@ -91,12 +81,6 @@ class DatabaseSpanExporter(SpanExporter):
                 pass
 
 
-def _row(span: Any, max_len: int) -> dict[str, Any] | None:
-    from otel_taskctx.spans.rows import span_row
-
-    return span_row(span, max_len)
-
-
 class RunningSpanProcessor(SpanProcessor):
     """Records spans when they start, so a running job shows up before it ends.
 
@@ -106,7 +90,6 @@ class RunningSpanProcessor(SpanProcessor):
 
     def __init__(self, writer: SpanWriter | None = None) -> None:
         self._writer = writer
-        self._flush_lock = threading.Lock()
 
     @property
     def writer(self) -> SpanWriter:
@@ -131,8 +114,6 @@ class RunningSpanProcessor(SpanProcessor):
             if span.kind is SpanKind.CONSUMER and (
                 span.attributes.get("messaging.system") == "django_q2"
             ):
-                from otel_taskctx.spans.install import flush_span_store_soon
-
                 flush_span_store_soon()
         except Exception:  # pragma: no cover - never into the caller
             log.debug("could not flush the span store", exc_info=True)
@@ -142,7 +123,7 @@ class RunningSpanProcessor(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         try:
-            if caller_holds_sqlite_transaction(self.writer.using):
+            if sqlite.caller_holds_transaction(self.writer.using):
                 return True
             return self.writer.flush(timeout_millis / 1000, running=True)
         except Exception:  # pragma: no cover

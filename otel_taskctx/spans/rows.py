@@ -3,19 +3,23 @@
 Every attribute value is cut to ``MAX_ATTRIBUTE_LENGTH`` characters (a sequence counts as one
 value: its items share the budget) and a span's whole row has a size budget, so one huge
 attribute or a flood of events cannot blow up the table.
+
+A row names the process that made the span (``host:pid``). The process id comes from
+:func:`current_pid`, cached and kept right across ``os.fork`` (django-q2 forks its workers), so
+the per-span paths make no system call for it; the writer thread compares against it too, to
+know it runs in a new process.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from otel_taskctx import semconv
-from otel_taskctx._process import current_pid
-from otel_taskctx.tracing import span_attributes
 
 TRUNCATION_MARK = "…"
 MAX_KEY_LENGTH = 255
@@ -31,16 +35,23 @@ USER_ID_ATTRIBUTES = ("taskctx.user_id", "enduser.id", "user.id")
 LAUNCHED_TASK_KEY = "taskctx.launched_task_key"
 USER_LABEL_ATTRIBUTES = ("taskctx.user", "taskctx.user_label", "user.name", "enduser.name")
 
-_PROCESS = f"{socket.gethostname()}:{current_pid()}"
-_PROCESS_PID = current_pid()
+_pid = os.getpid()
+_process = f"{socket.gethostname()}:{_pid}"  # the row's label of this process
 
 
-def _process_label() -> str:
-    global _PROCESS, _PROCESS_PID
-    pid = current_pid()
-    if pid != _PROCESS_PID:  # forked (a django-q2 worker): relabel
-        _PROCESS, _PROCESS_PID = f"{socket.gethostname()}:{pid}", pid
-    return _PROCESS
+def _after_fork_in_child() -> None:
+    global _pid, _process
+    _pid = os.getpid()
+    _process = f"{socket.gethostname()}:{_pid}"
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def current_pid() -> int:
+    """``os.getpid()``, as of the last fork."""
+    return _pid
 
 
 _resource_cache: dict[int, tuple[Any, str, str]] = {}
@@ -59,7 +70,7 @@ def _resource_labels(resource: Any) -> tuple[str, str]:
         if attrs["process.pid"] != pid:
             return service, process  # not this process's resource: do not cache
     else:
-        process = _process_label()
+        process = _process
     if len(_resource_cache) > 64:
         _resource_cache.clear()
     _resource_cache[id(resource)] = (resource, service, process)
@@ -109,7 +120,7 @@ def bound_attributes(attributes: Mapping[str, Any] | None, max_len: int) -> dict
         try:
             items = list(attributes.items())
             break
-        except RuntimeError:
+        except (RuntimeError, KeyError):
             continue
     else:
         return {}
@@ -174,7 +185,7 @@ def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] |
     if ctx is None or span.start_time is None:
         return None
     max_len = max(16, int(max_len))
-    attrs = bound_attributes(span_attributes(span), max_len)
+    attrs = bound_attributes(span.attributes, max_len)
     events = []
     raw_events = list(span.events)
     dropped_events = 0

@@ -15,11 +15,13 @@ span.
 
 Start rows (spans still running) are written only for spans that are still running
 ``running_delay`` seconds after they started, so short spans cost one write, not two.
+
+The statements are in :mod:`otel_taskctx.spans.sqlite` and :mod:`otel_taskctx.spans.postgres`;
+other databases get the ORM's portable upsert.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -29,18 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from otel_taskctx._process import current_pid
+from otel_taskctx.spans import postgres, sqlite
+from otel_taskctx.spans.rows import current_pid, span_row
+from otel_taskctx.spans.table import SPAN_KEY, span_database
 
 log = logging.getLogger("otel_taskctx.spans")
 
 #: seconds between two warnings about failed writes
 WARN_INTERVAL = 60.0
 LOCK_RETRIES = 3
-#: running rows remembered (to complete them with an upsert rather than a COPY)
-MAX_TRACKED_RUNNING_ROWS = 100_000
-#: seconds SQLite waits for another writer before a try fails
-SQLITE_BUSY_TIMEOUT = 5.0
-
 
 #: seconds the writer keeps its connection after the last batch: longer than the span store's
 #: export schedule (1 s), so a process exporting once a second does not reconnect (a
@@ -78,10 +77,8 @@ class SpanWriter:
         self._max_len_getter = max_len_getter
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._idle = threading.Condition(self._lock)
         self._requests: deque[_Request] = deque()
         self._running: deque[tuple[float, Any]] = deque()  # (due time, live span)
-        self._busy = False
         self._thread: threading.Thread | None = None
         self._pid = current_pid()
         self._last_warning = 0.0
@@ -102,13 +99,11 @@ class SpanWriter:
         pid = current_pid()
         if pid != self._pid:  # forked: the parent's thread and queue do not exist here
             self._lock = threading.Lock()
-            self._idle = threading.Condition(self._lock)
             self._wake = threading.Event()
             self._requests = deque()
             self._running = deque()
             self._running_rows = set()
             self._session_ready = None
-            self._busy = False
             self._thread = None
             self._pid = pid
         thread = self._thread
@@ -183,8 +178,6 @@ class SpanWriter:
         running_spans = self._take_running(force)
         if not requests and not running_spans:
             return
-        from otel_taskctx.spans.rows import span_row
-
         max_len = self.max_len()
         running_rows = []
         for span in running_spans:
@@ -253,77 +246,27 @@ class SpanWriter:
             log.debug("could not store %d span(s): %s", count, exc)
 
     def _alias(self) -> str:
-        if self.using:
-            return self.using
-        from django.db import router
-
-        from otel_taskctx.span_models import TaskSpan
-
-        return router.db_for_write(TaskSpan)
+        return span_database(self.using)
 
     def _write_once(self, finished: list[dict[str, Any]], running: list[dict[str, Any]]) -> None:
-        from django.db import connections, transaction
-
-        from otel_taskctx.span_models import TaskSpan
+        from django.db import connections
 
         alias = self._alias()
         connection = connections[alias]
         connection.ensure_connection()
         new_session = connection.connection is not self._session_ready
-        if connection.vendor == "sqlite" and (new_session or not _in_wal_mode(connection)):
-            _prepare_sqlite(connection)  # (until the WAL switch succeeds: every batch)
-        elif connection.vendor == "postgresql" and new_session:
-            # this session writes telemetry only: no need to wait for the WAL flush (a crash
-            # may lose the last few milliseconds of spans, never the jobs' data or locks)
-            with connection.cursor() as cursor:
-                cursor.execute("SET synchronous_commit TO OFF")
-        self._session_ready = connection.connection
-        if connection.vendor == "postgresql":
-            self._write_postgresql(connection.connection, finished, running)
-            return
         if connection.vendor == "sqlite":
-            if running and finished:
-                with transaction.atomic(using=alias):
-                    _upsert(connection, running, update=False)
-                    _upsert(connection, finished, update=True)
-            else:  # one statement (per chunk): autocommit
-                _upsert(connection, running or finished, update=bool(finished))
-            return
-        with transaction.atomic(using=alias):
-            if running:  # other databases: the ORM's (slower) portable upsert
-                TaskSpan.objects.using(alias).bulk_create(
-                    [TaskSpan(**row) for row in running], ignore_conflicts=True
-                )
-            if finished:
-                fields = [k for k in finished[0] if k not in SPAN_KEY]
-                TaskSpan.objects.using(alias).bulk_create(
-                    [TaskSpan(**row) for row in finished],
-                    update_conflicts=True,
-                    unique_fields=list(SPAN_KEY),
-                    update_fields=fields,
-                )
-
-    def _write_postgresql(
-        self, raw: Any, finished: list[dict[str, Any]], running: list[dict[str, Any]]
-    ) -> None:
-        from otel_taskctx.spans import pg
-
-        had_row = self._running_rows
-        if running:
-            pg.upsert(raw, running, update=False)
-            if len(had_row) > MAX_TRACKED_RUNNING_ROWS:
-                had_row.clear()  # only a shortcut: the COPY fallback stays correct
-            had_row.update((row["trace_id"], row["span_id"]) for row in running)
-        if not finished:
-            return
-        completing = [r for r in finished if (r["trace_id"], r["span_id"]) in had_row]
-        new = [r for r in finished if (r["trace_id"], r["span_id"]) not in had_row]
-        if new and not pg.copy_new(raw, new):
-            completing += new  # some were in the table already: upsert them all
-        if completing:
-            pg.upsert(raw, completing, update=True)
-            for row in completing:
-                had_row.discard((row["trace_id"], row["span_id"]))
+            if new_session or not sqlite.in_wal_mode(connection):
+                sqlite.prepare_connection(connection)  # (until the WAL switch succeeds)
+            self._session_ready = connection.connection
+            sqlite.write(connection, finished, running)
+        elif connection.vendor == "postgresql":
+            if new_session:
+                postgres.prepare_session(connection)
+            self._session_ready = connection.connection
+            postgres.write(connection.connection, finished, running, self._running_rows)
+        else:
+            _write_with_orm(alias, finished, running)
 
     def _after_batch(self) -> None:
         """SQLite: keep the file open (closing a WAL database checkpoints it every time).
@@ -353,144 +296,27 @@ class SpanWriter:
             pass
 
 
-_prepared: set[str] = set()
-#: the span table's unique key (``start_hour``: the hour ``start_ns`` falls in)
-SPAN_KEY = ("start_hour", "trace_id", "span_id")
+def _write_with_orm(
+    alias: str, finished: list[dict[str, Any]], running: list[dict[str, Any]]
+) -> None:
+    """Databases other than SQLite and PostgreSQL: the ORM's (slower) portable upsert."""
+    from django.db import transaction
 
-
-def written_fields() -> list[Any]:
-    """The span table's fields a write sets: all but the id."""
     from otel_taskctx.span_models import TaskSpan
 
-    return [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
-
-
-def row_value(row: dict[str, Any], name: str, default: Any) -> Any:
-    """The value of column ``name`` for ``row``; ``start_hour`` always from ``start_ns``."""
-    if name == "start_hour":
-        from otel_taskctx.span_models import hour_of
-
-        return hour_of(row["start_ns"])
-    return row.get(name, default)
-
-
-#: rows per INSERT statement of the raw upsert
-UPSERT_CHUNK = 500
-
-
-#: column types whose values the backend adapts (the rest go to SQLite as they are)
-_ADAPTED = ("JSONField", "DateTimeField")
-
-
-@dataclass(frozen=True)
-class _SqlitePlan:
-    """How rows become the parameters of the SQLite upsert (built once per process).
-
-    Columns in the order their values are built: the plain ones straight from the row, then
-    ``start_hour`` (always from ``start_ns``), then those the backend adapts (JSON text,
-    datetimes).
-    """
-
-    table: str
-    columns: str
-    width: int  # columns per row
-    row_placeholders: str
-    key: str
-    updates: str
-    plain: tuple[tuple[str, Any], ...]
-    json: tuple[tuple[str, Any], ...]
-    datetimes: tuple[str, ...]
-
-
-@functools.cache
-def _sqlite_plan() -> _SqlitePlan:
-    from otel_taskctx.span_models import TaskSpan
-
-    fields = written_fields()
-    kinds = {f.name: f.get_internal_type() for f in fields}
-    plain = [f for f in fields if f.name != "start_hour" and kinds[f.name] not in _ADAPTED]
-    json_fields = [f for f in fields if kinds[f.name] == "JSONField"]
-    datetimes = [f for f in fields if kinds[f.name] == "DateTimeField"]
-    ordered = [*plain, TaskSpan._meta.get_field("start_hour"), *json_fields, *datetimes]
-    if len(ordered) != len(fields):  # a new kind of column: add it to the plan
-        raise RuntimeError("the span table has a column the SQLite upsert does not handle")
-    return _SqlitePlan(
-        table=f'"{TaskSpan._meta.db_table}"',
-        columns=", ".join(f'"{f.column}"' for f in ordered),
-        width=len(ordered),
-        row_placeholders="(" + ", ".join(["?"] * len(ordered)) + ")",
-        key=", ".join(f'"{name}"' for name in SPAN_KEY),
-        updates=", ".join(
-            f'"{f.column}" = EXCLUDED."{f.column}"' for f in ordered if f.column not in SPAN_KEY
-        ),
-        plain=tuple((f.name, f.get_default()) for f in plain),
-        json=tuple((f.name, f.get_default()) for f in json_fields),
-        datetimes=tuple(f.name for f in datetimes),
-    )
-
-
-def _upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
-    """SQLite: ``INSERT ... ON CONFLICT``, a row per span, keyed by its hour and ids.
-
-    ``update``: a finished span replaces whatever row is there; otherwise (a running span)
-    the row is only inserted when absent, so it never overwrites a finished one.
-
-    The statement goes to the ``sqlite3`` cursor with ``?`` placeholders: Django's cursor
-    would rewrite every ``%s`` of a 500-row statement with a regular expression first. Errors
-    still come out as Django's (``OperationalError`` for "database is locked": retried).
-    """
-    from otel_taskctx.span_models import hour_of
-
-    plan = _sqlite_plan()
-    action = f"DO UPDATE SET {plan.updates}" if update else "DO NOTHING"
-    adapt_json = connection.ops.adapt_json_value
-    adapt_datetime = connection.ops.adapt_datetimefield_value
-    size = UPSERT_CHUNK
-    max_params = getattr(connection.features, "max_query_params", None)
-    if max_params:
-        size = max(1, min(size, max_params // plan.width))
-    with connection.wrap_database_errors:
-        cursor = connection.connection.cursor()
-        try:
-            for start in range(0, len(rows), size):
-                chunk = rows[start : start + size]
-                params: list[Any] = []
-                for row in chunk:
-                    params.extend([row.get(name, default) for name, default in plan.plain])
-                    params.append(hour_of(row["start_ns"]))
-                    for name, default in plan.json:
-                        value = row.get(name, default)
-                        params.append("[]" if value == [] else adapt_json(value, None))
-                    for name in plan.datetimes:
-                        params.append(adapt_datetime(row.get(name)))
-                values = ", ".join([plan.row_placeholders] * len(chunk))
-                cursor.execute(
-                    f"INSERT INTO {plan.table} ({plan.columns}) VALUES {values} "
-                    f"ON CONFLICT ({plan.key}) {action}",
-                    params,
-                )
-        finally:
-            cursor.close()
-
-
-def _in_wal_mode(connection: Any) -> bool:
-    return str(connection.settings_dict.get("NAME")) in _prepared
-
-
-def _prepare_sqlite(connection: Any) -> None:
-    """WAL journal (readers never block the writer) and a generous busy timeout."""
-    with connection.cursor() as cursor:
-        name = str(connection.settings_dict.get("NAME"))
-        if name not in _prepared and name != ":memory:" and "mode=memory" not in name:
-            cursor.execute("PRAGMA busy_timeout = 0")  # never wait for the journal switch
-            try:
-                cursor.execute("PRAGMA journal_mode = WAL")
-                _prepared.add(name)
-            except Exception:  # another connection holds a lock: try again next batch
-                pass
-        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
-        # this connection only: in WAL mode NORMAL is safe and skips an fsync per batch
-        cursor.execute("PRAGMA synchronous = NORMAL")
+    with transaction.atomic(using=alias):
+        if running:
+            TaskSpan.objects.using(alias).bulk_create(
+                [TaskSpan(**row) for row in running], ignore_conflicts=True
+            )
+        if finished:
+            fields = [k for k in finished[0] if k not in SPAN_KEY]
+            TaskSpan.objects.using(alias).bulk_create(
+                [TaskSpan(**row) for row in finished],
+                update_conflicts=True,
+                unique_fields=list(SPAN_KEY),
+                update_fields=fields,
+            )
 
 
 _writer: SpanWriter | None = None

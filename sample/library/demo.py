@@ -507,7 +507,7 @@ class Demo:
     def load_tree(self, report: JobReport, expect_parents: int) -> None:
         """The job's span tree from otel_taskctx's span store (waits for the spans to land)."""
         try:
-            from otel_taskctx.spans.install import flush_span_store
+            from otel_taskctx.spans import flush_span_store
             from otel_taskctx.spans.queries import load_tree
         except ImportError:
             report.tree_text = ["(otel_taskctx's span store is not installed: no tree)"]

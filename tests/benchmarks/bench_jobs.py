@@ -184,13 +184,13 @@ def set_local_span_store(on: bool) -> None:
 
     (Benchmark only: takes the store's two processors out of the SDK provider's list.)
     """
-    from otel_taskctx.spans.install import RUNNING, STORE
-    from otel_taskctx.tracing import _MARK, sdk_tracer_provider
+    from otel_taskctx.spans.flushing import RUNNING, STORE
+    from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
 
     provider = sdk_tracer_provider(create=False)
     if provider is None:
         return
-    marks = getattr(provider, _MARK, None) or {}
+    marks = added_processors(provider)
     store = [marks.get(STORE), marks.get(RUNNING)]
     multi = provider._active_span_processor
     if not hasattr(multi, "_bench_all"):

@@ -27,7 +27,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
-        from otel_taskctx.spans.install import flush_span_store
+        from otel_taskctx.spans import flush_span_store
         from otel_taskctx.spans.queries import load_tree
 
         if not options["no_flush"]:

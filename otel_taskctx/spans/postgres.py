@@ -2,7 +2,7 @@
 
 Django's psycopg cursor binds parameters on the client: it parses and quotes a multi-row
 ``INSERT`` in Python, which costs more than building the rows. Here the writer's own
-connection (see :mod:`otel_taskctx.spans.writer`) is used directly:
+connection (see :mod:`otel_taskctx.spans.writer`) is used directly (:func:`write`):
 
 * finished spans that never had a "running" row (nearly all of them) go in with one
   ``COPY ... FROM STDIN`` (psycopg formats the rows in C; PostgreSQL inserts them as a set);
@@ -13,7 +13,7 @@ connection (see :mod:`otel_taskctx.spans.writer`) is used directly:
   ``executemany``.
 
 The connection is in autocommit mode: each statement commits on its own (with
-``synchronous_commit`` off for this session, set by the writer).
+``synchronous_commit`` off for this session: :func:`prepare_session`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,49 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from otel_taskctx.spans.writer import SPAN_KEY, row_value, written_fields
+from otel_taskctx.spans.table import SPAN_KEY, row_value, written_fields
+
+#: running rows remembered (to complete them with an upsert rather than a COPY)
+MAX_TRACKED_RUNNING_ROWS = 100_000
+
+
+def prepare_session(connection: Any) -> None:
+    """Set up a new session of the writer's (Django) ``connection``.
+
+    The session writes telemetry only: it need not wait for the WAL flush (a crash may lose
+    the last few milliseconds of spans, never the jobs' data or locks).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO OFF")
+
+
+def write(
+    raw: Any,
+    finished: list[dict[str, Any]],
+    running: list[dict[str, Any]],
+    running_rows: set[tuple[str, str]],
+) -> None:
+    """Write a batch on the writer's psycopg connection ``raw``.
+
+    ``running_rows``: the writer's ``(trace_id, span_id)`` of the running rows it wrote,
+    updated here. A finished span among them completes its row with the upsert; the others go
+    in with one ``COPY``.
+    """
+    if running:
+        upsert(raw, running, update=False)
+        if len(running_rows) > MAX_TRACKED_RUNNING_ROWS:
+            running_rows.clear()  # only a shortcut: the COPY fallback stays correct
+        running_rows.update((row["trace_id"], row["span_id"]) for row in running)
+    if not finished:
+        return
+    completing = [r for r in finished if (r["trace_id"], r["span_id"]) in running_rows]
+    new = [r for r in finished if (r["trace_id"], r["span_id"]) not in running_rows]
+    if new and not copy_new(raw, new):
+        completing += new  # some were in the table already: upsert them all
+    if completing:
+        upsert(raw, completing, update=True)
+        for row in completing:
+            running_rows.discard((row["trace_id"], row["span_id"]))
 
 
 @dataclass(frozen=True)

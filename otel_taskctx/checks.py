@@ -257,7 +257,7 @@ def check_span_database(app_configs=None, **kwargs):
                 obj="OTEL_TASKCTX",
             )
         ]
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     routed = router.db_for_write(TaskSpan)
     if routed != alias:

@@ -80,7 +80,7 @@ def lock_ttls(prefix: str = LOCK_PREFIX, alias: str = "default") -> dict[str, fl
         return {k: cache.ttl(k) for k in cache.keys(prefix + "*")}
     from django.utils import timezone
 
-    from otel_taskctx.lock_models import DescendantLock
+    from otel_taskctx.models import DescendantLock
 
     now = timezone.now()
     out: dict[str, float | None] = {}

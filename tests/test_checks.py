@@ -81,8 +81,8 @@ def test_a_redis_cache_does_not_warn_about_transactions(settings):
 @pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
 def test_span_database_must_exist_and_be_routed(settings):
     from otel_taskctx.checks import check_span_database
+    from otel_taskctx.models import TaskSpan
     from otel_taskctx.routers import SpanStoreRouter
-    from otel_taskctx.span_models import TaskSpan
 
     assert check_span_database() == []  # not set
     settings.OTEL_TASKCTX = {"SPAN_DATABASE": "spans"}

@@ -221,7 +221,7 @@ def test_job_tree_arrives_intact_across_the_producer_worker_boundary():
     from django.core.cache import caches
     from django_q.models import Task
 
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
     from tests.cluster import run_cluster
     from tests.testapp.models import Invoice, InvoiceLine
 

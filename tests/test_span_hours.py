@@ -16,7 +16,7 @@ import time
 import pytest
 from django.db import connection, connections, router
 
-from otel_taskctx.span_models import HOUR_NS, TaskSpan, hour_of
+from otel_taskctx.models import HOUR_NS, TaskSpan, hour_of
 from otel_taskctx.spans import queries
 from otel_taskctx.spans.rows import ns_to_datetime
 

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv, task_context
-from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.models import TaskSpan
 from otel_taskctx.spans import sqlite as sqlite_module
 from otel_taskctx.spans import writer as writer_module
 from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
@@ -630,7 +630,7 @@ OWN_FILE_SCRIPT = textwrap.dedent(
             with tracer.start_as_current_span(f"step {n}"):
                 pass
     assert flush_span_store(10)
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
     print("VIEWER", TaskSpan.objects.filter(root_task_key="S1").count())
     """
 )

@@ -9,7 +9,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.urls import reverse
 
-from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.models import TaskSpan
 from otel_taskctx.spans.rows import ns_to_datetime
 
 pytestmark = pytest.mark.stack

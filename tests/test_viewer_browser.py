@@ -16,7 +16,7 @@ from django.contrib.auth.models import User
 from django.test import Client
 from powercrud.async_manager import AsyncManager
 
-from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.models import TaskSpan
 from tests.test_viewer_cluster import APPROVE, NESTED, run_job
 
 pytestmark = [

@@ -11,7 +11,7 @@ from django.core.management import call_command
 from django_q.models import Task
 from powercrud.async_manager import AsyncManager
 
-from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.models import TaskSpan
 from otel_taskctx.spans import flush_span_store
 from otel_taskctx.spans.queries import load_tree
 from tests.testapp.models import Invoice, InvoiceLine

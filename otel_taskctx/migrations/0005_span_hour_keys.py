@@ -1,8 +1,8 @@
-"""The span table's keys lead with the hour a span started in (see ``span_models``)."""
+"""The span table's keys lead with the hour a span started in (see ``otel_taskctx.models``)."""
 
 from django.db import migrations, models
 
-import otel_taskctx.span_models
+import otel_taskctx.models
 
 #: the rows already stored get their hour from their start (integer division on both
 #: SQLite and PostgreSQL: ``start_ns`` is a bigint)
@@ -26,7 +26,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="taskspan",
             name="start_hour",
-            field=otel_taskctx.span_models.HourField(default=0, editable=False),
+            field=otel_taskctx.models.HourField(default=0, editable=False),
             preserve_default=False,
         ),
         # (the hint: only on the database the routers send the span table to)

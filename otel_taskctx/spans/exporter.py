@@ -23,7 +23,7 @@ log = logging.getLogger("otel_taskctx.spans")
 
 
 class DatabaseSpanExporter(SpanExporter):
-    """Writes finished spans to :class:`~otel_taskctx.span_models.TaskSpan`.
+    """Writes finished spans to :class:`~otel_taskctx.models.TaskSpan`.
 
     Use it behind a ``BatchSpanProcessor``. ``export`` never raises: rows that cannot be
     written are logged and dropped (and the export reports ``FAILURE``).

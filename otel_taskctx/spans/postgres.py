@@ -80,7 +80,7 @@ class _Table:
 
 @cache
 def _table() -> _Table:
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     fields = written_fields()
     json_names = frozenset(f.name for f in fields if f.get_internal_type() == "JSONField")

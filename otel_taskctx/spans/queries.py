@@ -7,7 +7,7 @@ from typing import Any
 
 from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 
-from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.models import TaskSpan
 from otel_taskctx.spans.tree import SPAN_FIELDS, SpanTree, build_tree, request_label
 
 #: most spans loaded for one tree (the tree says when it was cut)
@@ -25,7 +25,7 @@ def stored_hours() -> range:
     """The hours (``start_hour``) from the table's oldest span to its newest: two index seeks.
 
     The span table's indexes lead with the hour a span started in (see
-    :mod:`otel_taskctx.span_models`); a lookup by trace or by job names these hours.
+    :mod:`otel_taskctx.models`); a lookup by trace or by job names these hours.
     """
     hours = TaskSpan.objects.order_by("start_hour").values_list("start_hour", flat=True)
     first = hours.first()

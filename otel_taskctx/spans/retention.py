@@ -22,7 +22,7 @@ def prune_spans(
     from django.utils import timezone
 
     from otel_taskctx.conf import get_setting
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     if days is None:
         days = get_setting("SPAN_RETENTION_DAYS")

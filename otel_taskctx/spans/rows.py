@@ -1,4 +1,4 @@
-"""Turning SDK spans into bounded, JSON-safe rows for :class:`~otel_taskctx.span_models.TaskSpan`.
+"""Turning SDK spans into bounded, JSON-safe rows for :class:`~otel_taskctx.models.TaskSpan`.
 
 Every attribute value is cut to ``MAX_ATTRIBUTE_LENGTH`` characters (a sequence counts as one
 value: its items share the budget) and a span's whole row has a size budget, so one huge

@@ -92,7 +92,7 @@ class _Plan:
 
 @functools.cache
 def _plan() -> _Plan:
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     fields = written_fields()
     kinds = {f.name: f.get_internal_type() for f in fields}
@@ -127,7 +127,7 @@ def upsert(connection: Any, rows: list[dict[str, Any]], update: bool) -> None:
     would rewrite every ``%s`` of a 500-row statement with a regular expression first. Errors
     still come out as Django's (``OperationalError`` for "database is locked": retried).
     """
-    from otel_taskctx.span_models import hour_of
+    from otel_taskctx.models import hour_of
 
     plan = _plan()
     action = f"DO UPDATE SET {plan.updates}" if update else "DO NOTHING"

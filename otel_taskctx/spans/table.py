@@ -11,7 +11,7 @@ SPAN_KEY = ("start_hour", "trace_id", "span_id")
 
 def written_fields() -> list[Any]:
     """The span table's fields a write sets: all but the id."""
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     return [f for f in TaskSpan._meta.concrete_fields if not f.primary_key]
 
@@ -19,7 +19,7 @@ def written_fields() -> list[Any]:
 def row_value(row: dict[str, Any], name: str, default: Any) -> Any:
     """The value of column ``name`` for ``row``; ``start_hour`` always from ``start_ns``."""
     if name == "start_hour":
-        from otel_taskctx.span_models import hour_of
+        from otel_taskctx.models import hour_of
 
         return hour_of(row["start_ns"])
     return row.get(name, default)
@@ -31,6 +31,6 @@ def span_database(using: str | None = None) -> str:
         return using
     from django.db import router
 
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     return router.db_for_write(TaskSpan)

@@ -302,7 +302,7 @@ def _write_with_orm(
     """Databases other than SQLite and PostgreSQL: the ORM's (slower) portable upsert."""
     from django.db import transaction
 
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     with transaction.atomic(using=alias):
         if running:

@@ -19,7 +19,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 
 from otel_taskctx.conf import get_setting
-from otel_taskctx.span_models import TaskSpan
+from otel_taskctx.models import TaskSpan
 from otel_taskctx.spans.queries import of_tree
 
 log = logging.getLogger("otel_taskctx.viewer")

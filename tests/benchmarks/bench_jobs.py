@@ -229,7 +229,7 @@ def fill_span_table(using: str, rows: int) -> None:
     import uuid
     from datetime import UTC, datetime, timedelta
 
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     if using in _FILLED:
         return
@@ -289,7 +289,7 @@ def fill_span_table(using: str, rows: int) -> None:
 
 def reset_span_table(using: str) -> None:
     """Back to the filler rows: the spans of the previous batches go."""
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
 
     if using in _FILLED:
         TaskSpan.objects.using(using).filter(id__gt=_FILLED[using]).delete()
@@ -350,7 +350,7 @@ def _batch(jobs: int, variant: str, span_rows: int | None = None) -> dict[str, f
     if span_rows is not None and variant in STORE_VARIANTS:
         from django.db import router
 
-        from otel_taskctx.span_models import TaskSpan
+        from otel_taskctx.models import TaskSpan
 
         using = router.db_for_write(TaskSpan)  # under the variant's settings set above
         fill_span_table(using, span_rows)

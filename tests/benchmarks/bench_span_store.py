@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from otel_taskctx.span_models import TaskSpan
+    from otel_taskctx.models import TaskSpan
     from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
     from otel_taskctx.spans.writer import SpanWriter
 

@@ -8,12 +8,8 @@ import pickle
 from hypothesis import given
 from hypothesis import strategies as st
 
-from otel_taskctx.conflicts.base import (
-    TRACKING_TAIL,
-    encode_tracking,
-    normalise_ids,
-    tracking_chunk,
-)
+from otel_taskctx.conflicts.base import normalise_ids
+from otel_taskctx.conflicts.tracking import TRACKING_TAIL, encode_tracking, tracking_chunk
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=300)
 keys = st.lists(text, max_size=20)
@@ -70,7 +66,7 @@ def test_normalise_ids_keeps_types_and_deduplicates_by_text():
 
 @given(st.text(max_size=60), keys)
 def test_the_prefixed_chunk_is_the_generic_chunk(prefix, suffixes):
-    from otel_taskctx.conflicts.base import prefixed_chunk
+    from otel_taskctx.conflicts.tracking import prefixed_chunk
 
     expected = tracking_chunk([prefix + s for s in suffixes], align=False)
     assert prefixed_chunk(prefix, suffixes) == expected

@@ -23,11 +23,11 @@ from typing import Any
 from otel_taskctx.conflicts.base import (
     CacheConflictStore,
     Reservation,
-    encode_tracking,
     lock_ttl,
     normalise_ids,
 )
 from otel_taskctx.conflicts.keepalive import LockKeeper, keep_locks_alive
+from otel_taskctx.conflicts.tracking import encode_tracking
 
 BACKENDS = ("redis", "database", "cache")
 _STORE_ATTR = "_otel_taskctx_conflict_store"

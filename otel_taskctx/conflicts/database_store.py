@@ -15,7 +15,7 @@ One transaction per reservation:
    ``batch_size`` rows per statement; a row another transaction took meanwhile makes the row
    count come up short, the transaction is rolled back and the reservation starts over;
 4. append the new lock keys to the tracking set in place (its base64 text is appendable, see
-   :func:`otel_taskctx.conflicts.base.encode_tracking`).
+   :func:`otel_taskctx.conflicts.tracking.encode_tracking`).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from django.conf import settings
 from django.db import OperationalError, connections, router, transaction
 from django.utils.timezone import now as tz_now
 
-from otel_taskctx.conflicts.base import (
+from otel_taskctx.conflicts.base import CacheConflictStore, _Item
+from otel_taskctx.conflicts.tracking import (
     TRACKING_HEADER,
     TRACKING_TAIL,
-    CacheConflictStore,
-    _Item,
     chunked,
     encode_tracking,
     tracking_chunk,

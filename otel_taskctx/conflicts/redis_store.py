@@ -18,13 +18,8 @@ import json
 import logging
 from typing import Any
 
-from otel_taskctx.conflicts.base import (
-    CacheConflictStore,
-    _Group,
-    chunked,
-    encode_tracking,
-    prefixed_chunk,
-)
+from otel_taskctx.conflicts.base import CacheConflictStore, _Group
+from otel_taskctx.conflicts.tracking import chunked, encode_tracking, prefixed_chunk
 
 log = logging.getLogger("otel_taskctx.conflicts")
 

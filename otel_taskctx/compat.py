@@ -64,8 +64,10 @@ def register_descendant_conflicts(model_path: str, ids: Iterable[int]) -> None:
 
     manager = AsyncManager()
     if not manager.add_conflict_ids(context.task_key, {model_label: id_set}):
+        from otel_taskctx.logids import format_ids
+
         log.warning(
             "register_descendant_conflicts: some %s ids %s are locked by another task",
             model_label,
-            sorted(id_set),
+            format_ids(id_set),
         )

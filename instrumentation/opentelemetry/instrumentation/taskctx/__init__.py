@@ -191,6 +191,9 @@ class TaskContextInstrumentor(BaseInstrumentor):
         self._connected = []
         if self._patches is not None:
             self._patches.restore()
+        from opentelemetry.instrumentation.taskctx import _conflict_log
+
+        _conflict_log.remove_filter()
         if self._async_task_wrapper is not None:
             _unbind_leftovers(self._async_task_wrapper, self._async_task_original)
         self._async_task_wrapper = self._async_task_original = None
@@ -233,7 +236,7 @@ class TaskContextInstrumentor(BaseInstrumentor):
     def _apply(self) -> None:
         from django_q import signals as q_signals
         from django_q import tasks as q_tasks
-        from opentelemetry.instrumentation.taskctx import _consumer, _producer
+        from opentelemetry.instrumentation.taskctx import _conflict_log, _consumer, _producer
 
         patches = self._patches
         assert patches is not None
@@ -261,6 +264,12 @@ class TaskContextInstrumentor(BaseInstrumentor):
                 patches.replace(
                     AsyncManager, "remove_conflict_ids", _consumer.wrap_remove_conflict_ids(remove)
                 )
+            check = vars(AsyncManager).get("check_conflict")
+            if check is not None:
+                patches.replace(
+                    AsyncManager, "check_conflict", _conflict_log.wrap_check_conflict(check)
+                )
+                _conflict_log.install_filter()
 
         for signal, receiver, name in (
             (q_signals.pre_enqueue, _producer.on_pre_enqueue, "pre_enqueue"),

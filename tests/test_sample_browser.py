@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import launch_chromium
 from tests.test_demo import REPO_ROOT, sample_env
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 DOCS_IMAGE = REPO_ROOT / "docs" / "img" / "sample.png"
-CHROMIUM = "/usr/bin/chromium"
 OLDER_JOB = "0ld0ld00-0000-4000-8000-000000000000"
 OLDER_JOB_SQL = (
     "INSERT INTO library_asynctaskrecord (task_name, status, message, progress_payload,"
@@ -119,8 +119,6 @@ def live_sample(tmp_path):
 
 
 def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (make browser)")
     from playwright.sync_api import expect, sync_playwright
 
     base, database = live_sample
@@ -131,9 +129,7 @@ def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
     expect.set_options(timeout=15_000)  # a busy 2-core CI machine
     picked = [2, 3, 4]  # book ids of a fresh database
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
-        )
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 820})
             page.set_default_timeout(20_000)

@@ -17,9 +17,15 @@ env:
 		python3 -m venv .tools && .tools/bin/pip install --quiet uv; fi
 	$(UV) sync --frozen
 
-# headless Chromium for the browser tests (Debian package; Playwright drives /usr/bin/chromium)
-browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# headless Chromium for the browser tests (tests/browser.py picks it): Playwright's own build,
+# or the distribution's chromium whenever that download fails (no access to its download host)
+browser: env
+	@if out=$$($(UV) run --frozen playwright install chromium 2>&1); then \
+		echo "browser: Playwright's chromium"; \
+	else \
+		echo "browser: Playwright's download failed ($$(printf '%s\n' "$$out" | grep -m1 'Error' || echo 'see playwright install chromium')): using the distribution's chromium"; \
+		command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; \
+	fi
 
 demo: env
 	$(UV) run --frozen python sample/manage.py taskctx_demo $(DEMO_ARGS)

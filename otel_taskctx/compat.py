@@ -24,6 +24,7 @@ from typing import Optional
 from otel_taskctx.context import current_task
 from otel_taskctx.context import task_context as _task_context
 from otel_taskctx.errors import DescendantConflict
+from otel_taskctx.logids import format_ids
 
 log = logging.getLogger("otel_taskctx.compat")
 
@@ -161,7 +162,7 @@ def register_descendant_conflicts(model_path: str, ids: Iterable[int]) -> None:
         log.warning(
             "register_descendant_conflicts: some %s ids %s are locked by another task",
             model_label,
-            sorted(id_set),
+            format_ids(id_set),
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Hashable, Iterable
@@ -104,6 +105,7 @@ def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
     id_list = normalise_ids(ids)
     identity = current_task()
     if identity is None:
+        _log_outside_task("register_descendants", "nothing was reserved")
         return Registration(False, "not inside a task", model=label)
     if not id_list:
         return Registration(False, "no ids", task_key=identity.task_key, model=label)
@@ -140,6 +142,7 @@ def report_progress(message: str) -> bool:
     """
     identity = current_task()
     if identity is None:
+        _log_outside_task("report_progress", "the message was not stored")
         return False
     text = str(message)
     forward_progress(identity, text)
@@ -150,6 +153,22 @@ def report_progress(message: str) -> bool:
             {semconv.PROGRESS_MESSAGE: text, semconv.FORWARDED: True},
         )
     return True
+
+
+#: call sites (file, line) already logged as calling a helper outside a task
+_outside_task_sites: set[tuple[str, int]] = set()
+
+
+def _log_outside_task(helper: str, outcome: str) -> None:
+    """Say at DEBUG, once per call site of ``helper``, that it was called outside a task."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    caller = sys._getframe(2)  # 0: here, 1: the helper, 2: the code that called it
+    site = (caller.f_code.co_filename, caller.f_lineno)
+    if site in _outside_task_sites:
+        return
+    _outside_task_sites.add(site)
+    log.debug("%s() called outside a task at %s:%d: %s", helper, site[0], site[1], outcome)
 
 
 def forward_descendants(identity: TaskIdentity, model: Any, ids: Iterable[Hashable]) -> Any:

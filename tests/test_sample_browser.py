@@ -9,6 +9,7 @@ Screenshots go to ``artifacts/``; ``TASKCTX_DOCS_SCREENSHOTS=1`` also refreshes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,11 +24,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import launch_chromium
 from tests.test_demo import REPO_ROOT, sample_env
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 DOCS_IMAGE = REPO_ROOT / "docs" / "img" / "sample.png"
-CHROMIUM = "/usr/bin/chromium"
+OLDER_JOB = "0ld0ld00-0000-4000-8000-000000000000"
+OLDER_JOB_SQL = (
+    "INSERT INTO library_asynctaskrecord (task_name, status, message, progress_payload,"
+    " user_label, affected_objects, result_payload, cleaned_up, created_at, updated_at)"
+    " VALUES (?, 'success', '', '', 'demo', '', '', 0, datetime('now', '-1 hour'),"
+    " datetime('now', '-1 hour'))"
+)
 
 pytestmark = [
     pytest.mark.browser,
@@ -111,18 +119,17 @@ def live_sample(tmp_path):
 
 
 def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (make browser)")
     from playwright.sync_api import expect, sync_playwright
 
     base, database = live_sample
+    # a job launched an hour earlier: the dashboard must list the new one above it
+    with sqlite3.connect(database.with_name("runtime.sqlite3")) as db:
+        db.execute(OLDER_JOB_SQL, (OLDER_JOB,))
     ARTIFACTS.mkdir(exist_ok=True)
     expect.set_options(timeout=15_000)  # a busy 2-core CI machine
     picked = [2, 3, 4]  # book ids of a fresh database
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
-        )
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 820})
             page.set_default_timeout(20_000)
@@ -162,6 +169,10 @@ def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
 
             modal = page.locator("#powercrudModalContent")
             expect(modal.get_by_text("Bulk Operation Queued")).to_be_visible()
+            # the key of the job just launched, as the modal polls its progress with it
+            task_key = json.loads(page.locator("#progress-display").get_attribute("hx-vals"))[
+                "task_name"
+            ]
             # progress from the nested saves, shown by powercrud's own modal
             progress = page.locator("#progress-display")
             expect(progress).to_contain_text(re.compile(r"Book #\d+ .*chapter \d/3 synced"))
@@ -183,10 +194,17 @@ def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
                 )
                 expect(row).to_contain_text("published")
             page.goto(f"{base}/library/jobs/")
-            expect(page.locator("tbody tr").first).to_contain_text("success")
+            job_row = page.locator("tbody tr", has=page.get_by_text(task_key, exact=True))
+            expect(job_row).to_contain_text("success")
+            # newest first: the job just launched above the older one
+            rows = page.locator("tbody tr")
+            expect(rows).to_have_count(2)
+            expect(rows.nth(0)).to_contain_text(task_key)
+            expect(rows.nth(1)).to_contain_text(OLDER_JOB)
             page.screenshot(path=str(ARTIFACTS / "sample-dashboard.png"))
             # the task name opens the job's tree in otel_taskctx's viewer
-            page.locator("tbody tr").first.locator("a[href*='/trace/']").click()
+            job_row.locator("a[href*='/trace/']").click()
+            expect(page).to_have_url(re.compile(rf"/taskctx/job/{task_key}/$"))
             # (3 chapters of each of the 3 books, locked under the job's key)
             expect(page.locator("body")).to_contain_text(re.compile(r"Descendants locked\s*9"))
             expect(page.locator("body")).to_contain_text("bulk_update_task")

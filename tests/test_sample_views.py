@@ -8,12 +8,14 @@ tests run the sample's own settings with a real qcluster.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
 from django.test import override_settings
 from django.urls import reverse
+from django.utils import timezone
 from django_q.brokers import get_broker
 from django_q.signing import SignedPackage
 
@@ -370,3 +372,19 @@ def test_dashboard_row_links_to_the_job_tree(signed_in):
     assert response["Location"] == reverse(
         "otel_taskctx:tree_detail", kwargs={"task_key": record.task_name}
     )
+
+
+def test_dashboard_lists_the_newest_job_first(signed_in):
+    now = timezone.now()
+    keys = [f"c3b1f0a2-0000-4000-8000-00000000001{i}" for i in range(3)]
+    for age, key in zip((3, 1, 2), keys, strict=True):  # launched 3, 1 and 2 minutes ago
+        record = AsyncTaskRecord.objects.create(task_name=key)
+        AsyncTaskRecord.objects.filter(pk=record.pk).update(created_at=now - timedelta(minutes=age))
+
+    def listed(url):
+        page = signed_in.get(url).content.decode()
+        return sorted(keys, key=page.index)
+
+    assert listed("/sample/library/jobs/") == [keys[1], keys[2], keys[0]]
+    # a click on a column header still sorts by that column
+    assert listed("/sample/library/jobs/?sort=created_at") == [keys[0], keys[2], keys[1]]

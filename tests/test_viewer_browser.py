@@ -17,6 +17,7 @@ from django.test import Client
 from powercrud.async_manager import AsyncManager
 
 from otel_taskctx.models import TaskSpan
+from tests.browser import launch_chromium
 from tests.test_viewer_cluster import APPROVE, NESTED, run_job
 
 pytestmark = [
@@ -27,7 +28,6 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 SETTINGS_MODULE = os.environ.get("DJANGO_SETTINGS_MODULE") or "tests.settings"
 
 
@@ -37,9 +37,7 @@ def chromium():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
-        )
+        browser = launch_chromium(pw)
         try:
             yield browser
         finally:
@@ -60,7 +58,6 @@ def bar_box(row):
     return box
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no /usr/bin/chromium (make browser)")
 def test_job_tree_in_the_browser(cluster_factory, cache, live_server, tmp_path):
     # live_server wraps the settings (settings.SETTINGS_MODULE is then None): name the module
     cluster = cluster_factory(env={"DJANGO_SETTINGS_MODULE": SETTINGS_MODULE})

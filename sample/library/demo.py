@@ -150,11 +150,12 @@ class ClusterProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(5)
+                pass
+        try:  # whatever is left in its process group (a worker that did not stop)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
         return self.proc.returncode
 
 
@@ -920,78 +921,6 @@ def write_report(path: str, reports: list[JobReport], ok: bool, error: str | Non
         "jobs": [asdict(r) for r in reports],
     }
     Path(path).write_text(json.dumps(payload, indent=2, default=str))
-
-
-def serve(console: Console, options: dict[str, Any]) -> None:
-    """Prepare the database, then run the cluster and runserver until interrupted."""
-    from sample.library.models import Book
-    from sample.library.seed import seed
-
-    steps = prepare_database()
-    console.print(f"database: {', '.join(steps)}")
-    if options["reseed"] or not Book.objects.exists():
-        result = seed(
-            books=options["books"],
-            chapters=options["chapters"],
-            albums=options["albums"],
-            tracks=options["tracks"],
-            reset=True,
-        )
-        console.print(f"seeded {result.books} books and {result.albums} albums")
-    stale = stale_cleanup()
-    if stale:
-        console.print(
-            f"released the locks and progress of {stale} job(s) an earlier run left behind"
-        )
-    env = child_env(options["delay"], options["workers"])
-    log_path = Path(settings.VAR_DIR) / "qcluster.log"
-    cluster = ClusterProcess(env, log_path)
-    address = f"{options['host']}:{options['port']}"
-    server: subprocess.Popen | None = None
-
-    def _stop(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _stop)
-    try:
-        cluster.start()
-        cluster.wait_ready(timeout=60)
-        server = subprocess.Popen(
-            [sys.executable, str(MANAGE_PY), "runserver", address, "--noreload", "--insecure"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        console.print(
-            Panel.fit(
-                f"Serving the sample at http://{address}/  (qcluster pid {cluster.proc.pid}, "
-                f"log {log_path})\n"
-                "Sign in with the button (user demo / password demo), open Books, tick two or more "
-                "rows, Bulk Edit, set Status, Apply.\nPress Ctrl-C to stop.",
-                border_style="cyan",
-            )
-        )
-        console.file.flush()
-        while True:
-            if server.poll() is not None:
-                raise DemoFailure(f"runserver exited with code {server.returncode}")
-            if not cluster.alive:
-                raise DemoFailure(f"qcluster exited:\n{cluster.tail()}")
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        console.print("stopping")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if server is not None and server.poll() is None:
-            try:
-                server.send_signal(signal.SIGTERM)
-                server.wait(10)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(server.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        cluster.stop()
 
 
 def iter_failures(reports: Iterable[JobReport]) -> list[str]:

@@ -147,6 +147,13 @@ class AsyncTaskRecordCRUDView(SampleCRUDView):
     bulk_async = False
     bulk_delete = True
 
+    def _apply_queryset_sorting(self, queryset):
+        # powercrud sorts by primary key (oldest first) unless a column header was clicked;
+        # a job list shows the newest job, the one just launched, first
+        if not self.request.GET.get("sort"):
+            return queryset.order_by("-created_at", "-pk")
+        return super()._apply_queryset_sorting(queryset)
+
 
 def viewer_url(task_key: str | None = None) -> str | None:
     """otel_taskctx's job-tree viewer (a job's page with ``task_key``), when it is mounted."""

@@ -1,7 +1,7 @@
 """What the instrumentor patches, and how it is undone.
 
 * ``django_q.tasks.async_task`` and powercrud's ``AsyncManager.launch_async_task`` /
-  ``remove_conflict_ids``: wrapt function wrappers (``wrap_function_wrapper``), removed with
+  ``remove_conflict_ids`` / ``check_conflict``: wrapt function wrappers (``wrap_function_wrapper``), removed with
   ``opentelemetry.instrumentation.utils.unwrap``, as in opentelemetry-python-contrib.
 * Module-level copies of ``async_task`` made by ``from django_q.tasks import async_task``
   before instrumentation (powercrud's ``async_manager``, django-q2's scheduler, user modules)
@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 import wrapt
-from opentelemetry.instrumentation.taskctx import _consumer, _producer, utils
+from opentelemetry.instrumentation.taskctx import _conflict_log, _consumer, _producer, utils
 from opentelemetry.instrumentation.utils import unwrap
 
 log = logging.getLogger("otel_taskctx.instrumentation")
@@ -108,6 +108,9 @@ class Patches:
             self.wrap(AsyncManager, "launch_async_task", _producer.traced_launch_async_task)
             if "remove_conflict_ids" in vars(AsyncManager):
                 self.wrap(AsyncManager, "remove_conflict_ids", _consumer.release_through_store)
+            if "check_conflict" in vars(AsyncManager):
+                self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
+                _conflict_log.install_filter()
         for signal, receiver, name in (
             (q_signals.pre_enqueue, _producer.on_pre_enqueue, "pre_enqueue"),
             (q_signals.pre_execute, _consumer.on_pre_execute, "pre_execute"),
@@ -143,6 +146,7 @@ class Patches:
         for signal, uid in self.signals:
             signal.disconnect(dispatch_uid=uid)
         self.signals = []
+        _conflict_log.remove_filter()
         while self.wrapped:
             target, name, installed = self.wrapped.pop()
             current = vars(target).get(name) if isinstance(target, type) else getattr(target, name)

@@ -9,7 +9,7 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 from rich.console import Console
 
-from sample.library import demo
+from sample.library import demo, serve
 
 
 class Command(BaseCommand):
@@ -60,7 +60,7 @@ class Command(BaseCommand):
         console = Console(file=self.stdout._out, width=width, highlight=False, soft_wrap=False)
         if options["serve"]:
             try:
-                demo.serve(console, options)
+                serve.serve(console, options)
             except demo.DemoFailure as exc:
                 raise CommandError(str(exc)) from exc
             except Exception as exc:

@@ -11,15 +11,11 @@ from otel_taskctx.context import (
     skip_nested_async,
     task_context,
 )
+from otel_taskctx.descendants import Registration, register_descendants
 from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict, TaskContextError
-from otel_taskctx.helpers import (
-    Registration,
-    flush_progress,
-    register_descendants,
-    report_progress,
-)
 from otel_taskctx.identity import TaskIdentity, configure_signing
 from otel_taskctx.processor import TaskContextSpanProcessor, install_span_processor
+from otel_taskctx.progress import flush_progress, report_progress
 from otel_taskctx.propagation import extract, inject, install_propagator_filter
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ class OtelTaskCtxConfig(AppConfig):
             powercrud_cache,
         )
         from otel_taskctx.conf import get_setting, signing_settings
-        from otel_taskctx.helpers import clear_manager_cache
+        from otel_taskctx.descendants import clear_manager_cache
         from otel_taskctx.identity import configure_signing
         from otel_taskctx.propagation import install_propagator_filter
 

@@ -14,7 +14,7 @@ the processor
     (a list of ids) are reserved in the conflict store under the task key;
   - progress: an event ``taskctx.progress`` with attribute ``taskctx.progress`` (or the span
     attribute ``taskctx.progress``) becomes the task's progress (throttled, see
-    :func:`otel_taskctx.helpers.report_progress`).
+    :func:`otel_taskctx.report_progress`).
 
   Items marked ``taskctx.forwarded = True`` (on the event, or on the span for span
   attributes) were already forwarded by :func:`otel_taskctx.register_descendants` /
@@ -158,15 +158,15 @@ class TaskContextSpanProcessor(SpanProcessor):
             self._forward(identity, kind, payload, span)
 
     def _forward(self, identity: TaskIdentity, kind: str, payload: Any, span: ReadableSpan) -> None:
-        from otel_taskctx import helpers
+        from otel_taskctx import descendants, progress
         from otel_taskctx.errors import DescendantConflict
 
         try:
             if kind == "descendants":
                 model, ids = payload
-                helpers.forward_descendants(identity, model, ids)
+                descendants.register_for(identity, {model: ids}, record_event=False)
             else:
-                helpers.forward_progress(identity, payload)
+                progress.report_for(identity, payload)
         except DescendantConflict as exc:
             if self.on_conflict is not None:
                 self.on_conflict(identity, exc)
@@ -183,7 +183,7 @@ class TaskContextSpanProcessor(SpanProcessor):
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Write progress messages still waiting for their throttle interval."""
         try:
-            from otel_taskctx.helpers import flush_all_progress
+            from otel_taskctx.progress import flush_all_progress
 
             flush_all_progress()
         except Exception:  # pragma: no cover - Django not configured

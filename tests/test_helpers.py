@@ -20,7 +20,7 @@ from otel_taskctx import (
     report_progress,
     task_context,
 )
-from otel_taskctx.helpers import model_label
+from otel_taskctx.descendants import model_label
 from tests.testapp.models import Child, Document, Tag
 
 pytestmark = [pytest.mark.django_db, pytest.mark.stack]
@@ -161,7 +161,12 @@ def test_helpers_work_with_no_sdk_configured(settings):
         ),
     )
     out = subprocess.run(
-        [sys.executable, "-c", NO_SDK_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", NO_SDK_SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     manager = AsyncManager()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from otel_taskctx import helpers, register_descendants, report_progress, task_context
+from otel_taskctx import descendants, register_descendants, report_progress, task_context
 from tests.testapp.models import Child
 
 pytestmark = [pytest.mark.django_db]
@@ -17,7 +17,7 @@ HERE = __file__
 
 @pytest.fixture
 def debug_log(caplog, monkeypatch, cache):
-    monkeypatch.setattr(helpers, "_outside_task_sites", set())
+    monkeypatch.setattr(descendants, "_outside_task_sites", set())
     caplog.set_level(logging.DEBUG, logger="otel_taskctx")
     return caplog
 

@@ -97,7 +97,7 @@ def _keep_locks_alive(identity: TaskIdentity) -> Any:
     """Refresh the TTL of the job's locks while it runs (they expire if the worker dies);
     returns the keeper to stop, or None."""
     from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
-    from otel_taskctx.helpers import resolve_manager
+    from otel_taskctx.descendants import resolve_manager
 
     return start_keeping_locks_alive(identity.task_key, resolve_manager(identity))
 
@@ -108,7 +108,7 @@ def _finish_job_side_effects(run: _Run) -> None:
     if run.identity is None:
         return
     try:
-        from otel_taskctx.helpers import flush_progress
+        from otel_taskctx.progress import flush_progress
 
         flush_progress(run.identity.task_key)
     except Exception:

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from otel_taskctx import semconv
 from otel_taskctx.context import context_with_identity, nested_async_allowed
+from otel_taskctx.descendants import register_for
 from otel_taskctx.identity import TaskIdentity
 
 
@@ -27,33 +28,6 @@ def should_run_inline(identity: TaskIdentity | None, func: Any) -> bool:
     if nested_async_allowed():
         return False
     return not utils.enqueued_when_nested(func)
-
-
-def reserve_descendants(
-    identity: TaskIdentity, conflict_ids: Mapping[Any, Iterable[Hashable]]
-) -> dict[str, list[Hashable]]:
-    """Lock ``conflict_ids`` under the job's task key: all-or-nothing, else DescendantConflict."""
-    from otel_taskctx.conflicts import get_conflict_store, normalise_ids
-    from otel_taskctx.helpers import model_label, resolve_manager
-
-    if not isinstance(conflict_ids, Mapping):
-        raise TypeError(
-            f"conflict_ids must map 'app_label.modelname' to ids, got {type(conflict_ids).__name__}"
-        )
-    wanted: dict[str, list[Hashable]] = {}
-    for model, ids in conflict_ids.items():
-        id_list = normalise_ids(ids or ())
-        if id_list:
-            wanted.setdefault(model_label(model), []).extend(id_list)
-    if not wanted:
-        return {}
-    store = get_conflict_store(resolve_manager(identity))
-    store.reserve(identity.task_key, wanted)
-    span = trace.get_current_span()
-    if span.is_recording():
-        for label, ids in wanted.items():
-            span.add_event(semconv.DESCENDANTS_EVENT, semconv.descendants_attributes(label, ids))
-    return wanted
 
 
 def run_inline(
@@ -82,7 +56,7 @@ def run_inline(
     )
     with utils.running_in(span, trace.set_span_in_context(span, ctx)):
         if conflict_ids:
-            reserve_descendants(child, conflict_ids)
+            register_for(child, conflict_ids)
         target(*args, **kwargs)
     return step_id
 

@@ -31,7 +31,8 @@ _DISPATCH_PREFIX = "otel_taskctx.instrumentation"
 #: modules a worker would import at its first job; imported when patching instead, so the
 #: worker processes django-q2 forks (and recycles) inherit them
 _WORKER_MODULES = (
-    "otel_taskctx.helpers",
+    "otel_taskctx.descendants",
+    "otel_taskctx.progress",
     "otel_taskctx.conflicts.database_store",
     "otel_taskctx.conflicts.redis_store",
     "powercrud.async_context",

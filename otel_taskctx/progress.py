@@ -1,134 +1,27 @@
-"""Helpers for code that runs inside a task (model ``save()``, services): Django-facing.
+"""Progress: report a task's progress to powercrud, throttled per task.
 
-Imports of Django and powercrud happen at call time, so ``import otel_taskctx`` needs only
-the OpenTelemetry API.
+:func:`report_progress` is the call for code that runs inside a task; :func:`report_for`
+does the same for a given identity (the span processor). Messages go to the task's powercrud
+manager (``update_progress``), at most one write every
+``OTEL_TASKCTX["PROGRESS_MIN_INTERVAL"]`` seconds per task; the newest message always lands.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
-from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
 
 from otel_taskctx import semconv
 from otel_taskctx.context import current_task
+from otel_taskctx.descendants import log_outside_task, resolve_manager
 from otel_taskctx.identity import TaskIdentity
 
 log = logging.getLogger("otel_taskctx")
-
-_managers = threading.local()
-
-
-def model_label(model: Any) -> str:
-    """``app_label.modelname`` for a model class, an instance or an ``"app.Model"`` string."""
-    meta = getattr(model, "_meta", None)
-    if meta is not None:
-        return f"{meta.app_label}.{meta.model_name}"
-    if isinstance(model, str):
-        if model.count(".") != 1 or not all(model.split(".")):
-            raise ValueError(f"model must be 'app_label.ModelName', got {model!r}")
-        from django.apps import apps
-
-        try:
-            meta = apps.get_model(model)._meta
-            return f"{meta.app_label}.{meta.model_name}"
-        except LookupError:
-            app_label, name = model.split(".")
-            return f"{app_label}.{name.lower()}"
-    raise TypeError(
-        f"model must be a model class, instance or 'app_label.ModelName', got {model!r}"
-    )
-
-
-def resolve_manager(identity: TaskIdentity) -> Any:
-    """The AsyncManager named by a verified identity (one instance per thread and class)."""
-    from django.utils.module_loading import import_string
-    from powercrud.async_manager import AsyncManager
-
-    path = identity.manager_class_path
-    cache: dict[str | None, Any] = getattr(_managers, "by_path", None) or {}
-    _managers.by_path = cache
-    manager = cache.get(path)
-    if manager is not None:
-        return manager
-    if path:
-        cls = import_string(path)
-        if not (isinstance(cls, type) and issubclass(cls, AsyncManager)):
-            raise TypeError(
-                f"manager class {path} of task {identity.task_key} is not an AsyncManager"
-            )
-        manager = AsyncManager.resolve_manager(path)
-    else:
-        manager = AsyncManager()
-    cache[path] = manager
-    return manager
-
-
-def clear_manager_cache(setting: str | None = None, **kwargs: Any) -> None:
-    """Forget this thread's managers (a ``setting_changed`` receiver: CACHES and
-    POWERCRUD_SETTINGS pick the cache a manager holds)."""
-    if setting in (None, "CACHES", "POWERCRUD_SETTINGS"):
-        _managers.by_path = {}
-
-
-@dataclass
-class Registration:
-    """Result of :func:`register_descendants`; false when nothing was done (no task)."""
-
-    registered: bool
-    reason: str
-    task_key: str | None = None
-    model: str | None = None
-    reserved: list[Hashable] = field(default_factory=list)
-    already_held: list[Hashable] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.registered
-
-
-def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
-    """Reserve descendant objects under the current task key, all-or-nothing.
-
-    Raises :class:`~otel_taskctx.errors.DescendantConflict` (nothing new reserved) when
-    another task holds any of them. Outside a task, does nothing and says so.
-    """
-    from otel_taskctx.conflicts import normalise_ids
-
-    label = model_label(model)
-    id_list = normalise_ids(ids)
-    identity = current_task()
-    if identity is None:
-        _log_outside_task("register_descendants", "nothing was reserved")
-        return Registration(False, "not inside a task", model=label)
-    if not id_list:
-        return Registration(False, "no ids", task_key=identity.task_key, model=label)
-    result = forward_descendants(identity, label, id_list)
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.add_event(
-            semconv.DESCENDANTS_EVENT,
-            {
-                semconv.DESCENDANTS_MODEL: label,
-                semconv.DESCENDANTS_IDS: [str(i) for i in id_list[:1000]],
-                semconv.DESCENDANTS_COUNT: len(id_list),
-                semconv.FORWARDED: True,
-            },
-        )
-    return Registration(
-        True,
-        "reserved",
-        task_key=identity.task_key,
-        model=label,
-        reserved=result.reserved.get(label, []),
-        already_held=result.already_held.get(label, []),
-    )
 
 
 def report_progress(message: str) -> bool:
@@ -138,14 +31,15 @@ def report_progress(message: str) -> bool:
     (0.25): a message arriving sooner is held and written when the interval is up (by a
     background thread if nothing else is reported meanwhile), replaced by any newer one. So
     the newest message always lands, and :func:`flush_progress` (called by the worker
-    instrumentation when the job ends) writes a held message at once.
+    instrumentation when the job ends) writes a held message at once. Outside a task it
+    returns False and logs that at DEBUG once per call site.
     """
     identity = current_task()
     if identity is None:
-        _log_outside_task("report_progress", "the message was not stored")
+        log_outside_task("report_progress", "the message was not stored")
         return False
     text = str(message)
-    forward_progress(identity, text)
+    report_for(identity, text)
     span = trace.get_current_span()
     if span.is_recording():
         span.add_event(
@@ -155,46 +49,7 @@ def report_progress(message: str) -> bool:
     return True
 
 
-#: call sites (file, line) already logged as calling a helper outside a task
-_outside_task_sites: set[tuple[str, int]] = set()
-
-
-def _log_outside_task(helper: str, outcome: str) -> None:
-    """Say at DEBUG, once per call site of ``helper``, that it was called outside a task."""
-    if not log.isEnabledFor(logging.DEBUG):
-        return
-    caller = sys._getframe(2)  # 0: here, 1: the helper, 2: the code that called it
-    site = (caller.f_code.co_filename, caller.f_lineno)
-    if site in _outside_task_sites:
-        return
-    _outside_task_sites.add(site)
-    log.debug("%s() called outside a task at %s:%d: %s", helper, site[0], site[1], outcome)
-
-
-def forward_descendants(identity: TaskIdentity, model: Any, ids: Iterable[Hashable]) -> Any:
-    """Reserve ``ids`` of ``model`` for ``identity``'s task (no span event; the processor's
-    path). Returns the :class:`~otel_taskctx.conflicts.Reservation`."""
-    from otel_taskctx.conflicts import get_conflict_store, normalise_ids
-
-    label = model_label(model)
-    store = get_conflict_store(_locking_manager(identity))
-    return store.reserve(identity.task_key, {label: normalise_ids(ids)})
-
-
-def _locking_manager(identity: TaskIdentity) -> Any:
-    """The task's manager; a cache powercrud refuses (LocMem, Dummy) refuses the lock."""
-    from django.core.exceptions import ImproperlyConfigured
-
-    from otel_taskctx.errors import ConflictStoreUnavailable
-    from otel_taskctx.powercrud_cache import refusal_for_alias
-
-    try:
-        return resolve_manager(identity)
-    except ImproperlyConfigured as exc:
-        raise ConflictStoreUnavailable(refusal_for_alias() or str(exc)) from exc
-
-
-def forward_progress(identity: TaskIdentity, message: str) -> None:
+def report_for(identity: TaskIdentity, message: str) -> None:
     """Report ``message`` for ``identity``'s task through the throttle (no span event)."""
     from otel_taskctx.conf import get_setting
 

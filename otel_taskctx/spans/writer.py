@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otel_taskctx._process import current_pid
+from otel_taskctx.spans.live import LiveSpans
 
 log = logging.getLogger("otel_taskctx.spans")
 
@@ -81,6 +82,7 @@ class SpanWriter:
         self._idle = threading.Condition(self._lock)
         self._requests: deque[_Request] = deque()
         self._running: deque[tuple[float, Any]] = deque()  # (due time, live span)
+        self._live = LiveSpans()  # open spans with a running row
         self._busy = False
         self._thread: threading.Thread | None = None
         self._pid = current_pid()
@@ -106,6 +108,7 @@ class SpanWriter:
             self._wake = threading.Event()
             self._requests = deque()
             self._running = deque()
+            self._live = LiveSpans()
             self._running_rows = set()
             self._session_ready = None
             self._busy = False
@@ -171,8 +174,12 @@ class SpanWriter:
             if not force and when > now:
                 break
             queue.popleft()
-            if span.end_time is None:
+            if span.end_time is None and span not in self._live:
                 due.append(span)
+        self._live.add(due)
+        self._live.prune()
+        if len(self._live):  # spans open under one with a running row: recorded now
+            due.extend(self._live.open_under([span for _, span in list(queue)]))
         return due
 
     def _cycle(self) -> None:

@@ -20,6 +20,7 @@ from opentelemetry import trace
 from otel_taskctx import semconv
 from otel_taskctx.context import current_task
 from otel_taskctx.identity import TaskIdentity
+from otel_taskctx.progress import progress_text
 
 log = logging.getLogger("otel_taskctx")
 
@@ -128,8 +129,11 @@ def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
     )
 
 
-def report_progress(message: str) -> bool:
+def report_progress(message: str, done: int | None = None, total: int | None = None) -> bool:
     """Store ``message`` as the current task's progress; False (no-op) outside a task.
+
+    With ``done`` of ``total`` the stored text ends in ``(NN%)``, which powercrud's progress bar
+    shows (see :mod:`otel_taskctx.progress`).
 
     Throttled per task to one write every ``OTEL_TASKCTX["PROGRESS_MIN_INTERVAL"]`` seconds
     (0.25): a message arriving sooner is held and written when the interval is up (by a
@@ -137,11 +141,11 @@ def report_progress(message: str) -> bool:
     the newest message always lands, and :func:`flush_progress` (called by the worker
     instrumentation when the job ends) writes a held message at once.
     """
+    text = progress_text(message, done, total)
     identity = current_task()
     if identity is None:
         _log_outside_task("report_progress", "the message was not stored")
         return False
-    text = str(message)
     forward_progress(identity, text)
     span = trace.get_current_span()
     if span.is_recording():

@@ -14,7 +14,8 @@ the processor
     (a list of ids) are reserved in the conflict store under the task key;
   - progress: an event ``taskctx.progress`` with attribute ``taskctx.progress`` (or the span
     attribute ``taskctx.progress``) becomes the task's progress (throttled, see
-    :func:`otel_taskctx.report_progress`).
+    :func:`otel_taskctx.report_progress`); with ``taskctx.progress.done`` and
+    ``taskctx.progress.total`` it ends in ``(NN%)`` (:mod:`otel_taskctx.progress`).
 
   Items marked ``taskctx.forwarded = True`` (on the event, or on the span for span
   attributes) were already forwarded by :func:`otel_taskctx.register_descendants` /
@@ -42,6 +43,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_taskctx import semconv
 from otel_taskctx.context import identity_from_context
 from otel_taskctx.identity import TaskIdentity
+from otel_taskctx.progress import progress_text
 
 log = logging.getLogger("otel_taskctx.processor")
 
@@ -78,12 +80,22 @@ def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
         elif event.name == semconv.PROGRESS_EVENT:
             message = ev.get(semconv.PROGRESS_MESSAGE)
             if message is not None:
-                items.append(("progress", str(message)))
+                items.append(("progress", _progress(message, ev)))
     if not _truthy(attrs.get(semconv.FORWARDED)):
         message = attrs.get(semconv.PROGRESS_MESSAGE)
         if message is not None:
-            items.append(("progress", str(message)))  # the span's final word comes last
+            items.append(("progress", _progress(message, attrs)))  # the span's final word
     return items
+
+
+def _progress(message: Any, attrs: Mapping[str, Any]) -> str:
+    """The message, with ``(NN%)`` when ``taskctx.progress.done``/``.total`` are valid."""
+    done, total = attrs.get(semconv.PROGRESS_DONE), attrs.get(semconv.PROGRESS_TOTAL)
+    try:
+        return progress_text(message, done, total)
+    except (TypeError, ValueError):
+        log.debug("ignoring progress fraction %r/%r", done, total)
+        return str(message)
 
 
 def _lineage_missing(span: Span, identity: TaskIdentity) -> bool:

@@ -4,12 +4,20 @@
 does the same for a given identity (the span processor). Messages go to the task's powercrud
 manager (``update_progress``), at most one write every
 ``OTEL_TASKCTX["PROGRESS_MIN_INTERVAL"]`` seconds per task; the newest message always lands.
+
+A fraction travels in the message: powercrud stores a task's progress as one string
+(``AsyncManager.update_progress`` rejects anything else) and its progress endpoint returns
+that string; its modal draws a bar for a running job but never sets its width. So
+``report_progress(message, done=n, total=N)`` stores ``"<message> (NN%)"``, readable as it is
+on the dashboard and in logs, and the script ``otel_taskctx/powercrud_progress.html``
+(include it once in the site's base template) fills powercrud's bar from it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -24,8 +32,11 @@ from otel_taskctx.identity import TaskIdentity
 log = logging.getLogger("otel_taskctx")
 
 
-def report_progress(message: str) -> bool:
+def report_progress(message: str, done: int | None = None, total: int | None = None) -> bool:
     """Store ``message`` as the current task's progress; False (no-op) outside a task.
+
+    With ``done`` of ``total`` the stored text ends in ``(NN%)``, which powercrud's progress bar
+    shows (:func:`progress_text`).
 
     Throttled per task to one write every ``OTEL_TASKCTX["PROGRESS_MIN_INTERVAL"]`` seconds
     (0.25): a message arriving sooner is held and written when the interval is up (by a
@@ -34,11 +45,11 @@ def report_progress(message: str) -> bool:
     instrumentation when the job ends) writes a held message at once. Outside a task it
     returns False and logs that at DEBUG once per call site.
     """
+    text = progress_text(message, done, total)
     identity = current_task()
     if identity is None:
         log_outside_task("report_progress", "the message was not stored")
         return False
-    text = str(message)
     report_for(identity, text)
     span = trace.get_current_span()
     if span.is_recording():
@@ -47,6 +58,37 @@ def report_progress(message: str) -> bool:
             {semconv.PROGRESS_MESSAGE: text, semconv.FORWARDED: True},
         )
     return True
+
+
+#: a progress message ending in "(NN%)" is NN percent done
+PERCENT = re.compile(r"\((\d{1,3})%\)\s*$")
+
+
+def progress_text(message: object, done: int | None = None, total: int | None = None) -> str:
+    """``message``, with ``" (NN%)"`` appended when ``done`` of ``total`` is given.
+
+    The percentage is rounded down (100% only when ``done == total``). ``done`` and ``total``
+    come together, ``total >= 1`` and ``0 <= done <= total``; anything else is a ``ValueError``.
+    """
+    text = str(message)
+    if done is None and total is None:
+        return text
+    if done is None or total is None:
+        raise ValueError("report_progress: give both done= and total=, or neither")
+    if isinstance(done, bool) or isinstance(total, bool):
+        raise ValueError("report_progress: done and total are counts, not booleans")
+    done, total = int(done), int(total)
+    if total < 1 or not 0 <= done <= total:
+        raise ValueError(
+            f"report_progress: need 0 <= done <= total and total >= 1, got {done}/{total}"
+        )
+    return f"{text} ({done * 100 // total}%)"
+
+
+def percent(text: str) -> int | None:
+    """The percentage a progress message ends with, or None."""
+    match = PERCENT.search(text)
+    return min(100, int(match.group(1))) if match else None
 
 
 def report_for(identity: TaskIdentity, message: str) -> None:

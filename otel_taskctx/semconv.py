@@ -22,6 +22,9 @@ DESCENDANTS_COUNT = "taskctx.descendants.count"
 # progress: a span attribute or an event named PROGRESS_EVENT with PROGRESS_MESSAGE
 PROGRESS_EVENT = "taskctx.progress"
 PROGRESS_MESSAGE = "taskctx.progress"
+#: optional, next to PROGRESS_MESSAGE: done of total (the message then ends in "(NN%)")
+PROGRESS_DONE = "taskctx.progress.done"
+PROGRESS_TOTAL = "taskctx.progress.total"
 
 #: set (True) on events the helpers already forwarded; the span processor skips them
 FORWARDED = "taskctx.forwarded"

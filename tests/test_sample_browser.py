@@ -29,6 +29,19 @@ from tests.test_demo import REPO_ROOT, sample_env
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 DOCS_IMAGE = REPO_ROOT / "docs" / "img" / "sample.png"
+#: powercrud's progress bar once filled: its value, its and its track's width, the message
+BAR_STATE = """() => {
+  const display = document.getElementById("progress-display");
+  const bar = display && display.querySelector(".progress-bar[aria-valuenow]");
+  if (!bar || !/\\(\\d+%\\)/.test(display.innerText)) return null;
+  return {
+    text: display.innerText,
+    now: Number(bar.getAttribute("aria-valuenow")),
+    width: bar.getBoundingClientRect().width,
+    track: bar.parentElement.getBoundingClientRect().width,
+    colour: getComputedStyle(bar).backgroundColor,
+  };
+}"""
 OLDER_JOB = "0ld0ld00-0000-4000-8000-000000000000"
 OLDER_JOB_SQL = (
     "INSERT INTO library_asynctaskrecord (task_name, status, message, progress_payload,"
@@ -176,6 +189,13 @@ def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
             # progress from the nested saves, shown by powercrud's own modal
             progress = page.locator("#progress-display")
             expect(progress).to_contain_text(re.compile(r"Book #\d+ .*chapter \d/3 synced"))
+            # the bar shows the fraction the message carries (report_progress(done=, total=))
+            bar = page.wait_for_function(BAR_STATE, timeout=20_000).json_value()
+            shown = re.search(r"chapter (\d)/3 synced \((\d+)%\)", bar["text"])
+            assert shown, bar
+            assert bar["now"] == int(shown[2]) == int(shown[1]) * 100 // 3
+            assert bar["track"] > 0 and abs(bar["width"] - bar["track"] * bar["now"] / 100) < 2
+            assert bar["colour"] not in ("transparent", "rgba(0, 0, 0, 0)"), bar
             page.screenshot(path=str(ARTIFACTS / "sample-bulk-edit-progress.png"))
             if os.environ.get("TASKCTX_DOCS_SCREENSHOTS") == "1" or not DOCS_IMAGE.exists():
                 DOCS_IMAGE.parent.mkdir(parents=True, exist_ok=True)

@@ -296,7 +296,8 @@ def test_book_save_inside_a_task_updates_chapters_inline_under_its_key(data, bro
     assert holders("library.chapter", [c.pk for c in chapters]) == {
         str(c.pk): key for c in chapters
     }
-    assert manager.get_progress(key).endswith(f"chapter {len(chapters)}/{len(chapters)} synced")
+    n = len(chapters)
+    assert manager.get_progress(key).endswith(f"chapter {n}/{n} synced (100%)")
     assert broker.queue_size() == 0  # nothing escaped to the queue
     manager.remove_active_task(key)
 

@@ -250,6 +250,26 @@ def test_target_while_running_is_where_the_job_is_now():
     assert tree.find("step").effective_end == 50 * MS
     node = tree.to_dict()["nodes"][-1]
     assert node["state"] == "running" and node["duration_ms"] == 43.0
+    # opened down to the step; "now at" names the steps of the job down to it
+    assert [n.span_id for n in tree.expand] == ["run", "save2"]
+    assert tree.to_dict()["target_path"] == ["save2", "step"]
+
+
+def test_a_running_run_between_its_steps_opens_on_the_steps_done():
+    # the step the run is in is not recorded yet: the run is the deepest running span
+    rows = [
+        row("run", "", 0, None, kind="CONSUMER"),
+        row("save1", "run", 1, 5),
+        row("save2", "run", 6, 9),
+    ]
+    tree = build_tree(rows, now_ns=50 * MS)
+    assert tree.target.span_id == "run" and tree.target_reason == "running"
+    assert [n.span_id for n in tree.expand] == ["run"]  # its finished steps are shown
+    assert tree.to_dict()["target_path"] == ["run"]
+    # a failed target is opened at, not into
+    rows.append(row("save3", "run", 10, 12, status="error"))
+    failed = build_tree(rows, now_ns=50 * MS)
+    assert failed.target.span_id == "save3" and [n.span_id for n in failed.expand] == ["run"]
 
 
 def test_progress_in_time_order_and_descendants_per_step():

@@ -80,6 +80,60 @@ def test_job_tree_in_the_browser(cluster_factory, cache, live_server, tmp_path):
         check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key, release)
 
 
+def test_a_running_job_of_short_steps_opens_at_the_step_it_is_in(
+    cluster_factory, cache, live_server, tmp_path
+):
+    """Each step takes 50 ms, far less than the store's running delay (1 s): the page still
+    opens down to the step the job is in now, and "now at" names it."""
+    cluster = cluster_factory(env={"DJANGO_SETTINGS_MODULE": SETTINGS_MODULE})
+    release = tmp_path / "release-stepping-job"
+    key = AsyncManager().launch_async_task(
+        "tests.test_viewer_cluster.stepping_job", 50.0, release_path=str(release)
+    )
+    cluster.wait_for(
+        lambda: TaskSpan.objects.filter(root_task_key=key, kind="CONSUMER").exists(),
+        what="the running job's run",
+    )
+    cookies = session_cookie(live_server)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with chromium() as browser:
+            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            context.add_cookies(cookies)
+            page = context.new_page()
+            errors = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{live_server.url}/taskctx/job/{key}/")
+            page.wait_for_selector('#taskctx-job[data-ready="1"]')
+            assert page.locator("#tc-status").inner_text() == "running"
+            # (the page refreshes itself every 2 s: the first load may precede the step's row)
+            note = page.locator("#tc-target-note")
+            note.wait_for()
+            page.wait_for_function(
+                "document.getElementById('tc-target-note').textContent"
+                " === 'now at: save item \u203a sync lines'",
+                timeout=15_000,
+            )
+            target = page.locator(".tc-row.tc-target")
+            assert target.locator(".tc-name").inner_text() == "sync lines"
+            assert target.get_attribute("data-state") == "running"
+            run = page.locator(".tc-row", has=page.locator('.tc-name:text-matches("^process ")'))
+            assert run.get_attribute("aria-expanded") == "true"
+            # the steps already done are listed under the run
+            assert page.locator(".tc-row[data-depth='2']").count() >= 1
+            page.screenshot(path=str(ARTIFACTS / "viewer-running-steps.png"), full_page=True)
+            assert errors == []
+            context.close()
+    finally:
+        release.touch()
+    cluster.wait_for(
+        lambda: TaskSpan.objects.filter(
+            root_task_key=key, kind="CONSUMER", end_ns__isnull=False
+        ).exists(),
+        what="the job's end",
+    )
+
+
 def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key, release):
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     context.add_cookies(cookies)

@@ -114,6 +114,19 @@ def test_a_running_job_is_visible_while_it_runs(cluster_factory, cache, settings
     assert row.end_ns is not None and load_tree(key).status == "ok"
 
 
+def stepping_job(seconds, task_key=None, release_path=None, step_seconds=0.05, **kwargs):
+    """Short steps, one after another, until ``release_path`` exists (at most ``seconds``):
+    each ``save item`` (with its ``sync lines``) far shorter than the store's running delay."""
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("tests")
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(release_path) and time.monotonic() < deadline:
+        with tracer.start_as_current_span("save item"):
+            with tracer.start_as_current_span("sync lines"):
+                time.sleep(step_seconds)
+
+
 def slow_job(seconds, task_key=None, release_path=None, **kwargs):
     """One step that takes ``seconds``; with ``release_path``, until that file exists (at
     most ``seconds``): the test decides when the job ends, not the clock."""

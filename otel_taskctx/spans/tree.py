@@ -246,14 +246,33 @@ class SpanTree:
 
     @property
     def expand(self) -> list[Node]:
-        """Ancestors of the target, root first."""
+        """The nodes to open to show the target, root first: its ancestors, and a running
+        target itself when it has children (the steps it has done so far)."""
         path = []
         node = self.target.parent if self.target is not None else None
         while node is not None:
             path.append(node)
             node = node.parent
         path.reverse()
+        if self.target is not None and self.target.running and self.target.children:
+            path.append(self.target)
         return path
+
+    @property
+    def target_path(self) -> list[str]:
+        """Names of the steps down to the target: the target and the INTERNAL spans of the
+        job above it, up to the job's run (``["Book.save", "sync chapters"]``)."""
+        if self.target is None:
+            return []
+        names = [self.target.name]
+        node = self.target.parent
+        while node is not None and node.kind == "INTERNAL" and not node.context:
+            if node.placeholder:
+                break
+            names.append(node.name)
+            node = node.parent
+        names.reverse()
+        return names
 
     def find(self, span_id: str) -> Node | None:
         for node in self.nodes:
@@ -344,6 +363,7 @@ class SpanTree:
             "target": self.target.id if self.target is not None else None,
             "target_reason": self.target_reason,
             "expand": [n.id for n in self.expand],
+            "target_path": self.target_path,
             "critical_path": [n.id for n in self.critical_path],
             "progress": self.progress(),
             "truncated": self.truncated,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otel_taskctx.spans import postgres, sqlite
+from otel_taskctx.spans.live import LiveSpans
 from otel_taskctx.spans.rows import current_pid, span_row
 from otel_taskctx.spans.table import SPAN_KEY, span_database
 
@@ -79,6 +80,7 @@ class SpanWriter:
         self._wake = threading.Event()
         self._requests: deque[_Request] = deque()
         self._running: deque[tuple[float, Any]] = deque()  # (due time, live span)
+        self._live = LiveSpans()  # open spans with a running row
         self._thread: threading.Thread | None = None
         self._pid = current_pid()
         self._last_warning = 0.0
@@ -102,6 +104,7 @@ class SpanWriter:
             self._wake = threading.Event()
             self._requests = deque()
             self._running = deque()
+            self._live = LiveSpans()
             self._running_rows = set()
             self._session_ready = None
             self._thread = None
@@ -166,8 +169,12 @@ class SpanWriter:
             if not force and when > now:
                 break
             queue.popleft()
-            if span.end_time is None:
+            if span.end_time is None and span not in self._live:
                 due.append(span)
+        self._live.add(due)
+        self._live.prune()
+        if len(self._live):  # spans open under one with a running row: recorded now
+            due.extend(self._live.open_under([span for _, span in list(queue)]))
         return due
 
     def _cycle(self) -> None:

@@ -131,7 +131,9 @@ class Book(TrackedFieldsMixin, models.Model):
                 chapter.synced_at = now
                 chapter.save(update_fields=["status", "edition", "synced_at"])
                 report_progress(
-                    f"Book #{self.pk} {self.title!r}: chapter {done}/{len(chapters)} synced"
+                    f"Book #{self.pk} {self.title!r}: chapter {done}/{len(chapters)} synced",
+                    done=done,
+                    total=len(chapters),
                 )
                 if delay:
                     time.sleep(delay)

@@ -77,19 +77,25 @@ def descendants_attributes(
 
 def read_descendants(attributes: Mapping[str, Any]) -> tuple[str, list[Any], int] | None:
     """``(model, ids, count)`` from descendants attributes (an event's or a span's), or None
-    when they name no model. ``count`` is ``DESCENDANTS_COUNT`` when it is a whole number,
-    else the number of ids."""
+    when they name no model (see :func:`descendants_count` for ``count``)."""
     model = attributes.get(DESCENDANTS_MODEL)
     if not model:
         return None
-    ids = attributes.get(DESCENDANTS_IDS)
-    if ids is None:
-        id_list: list[Any] = []
-    elif isinstance(ids, (str, int)):
-        id_list = [ids]
-    else:
-        id_list = list(ids)
+    return str(model), _id_list(attributes.get(DESCENDANTS_IDS)), descendants_count(attributes)
+
+
+def descendants_count(attributes: Mapping[str, Any]) -> int:
+    """How many descendants the attributes stand for: ``DESCENDANTS_COUNT`` when it is a whole
+    number, else the number of ids listed."""
     count = attributes.get(DESCENDANTS_COUNT)
-    if not isinstance(count, int) or isinstance(count, bool):
-        count = len(id_list)
-    return str(model), id_list, count
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count
+    return len(_id_list(attributes.get(DESCENDANTS_IDS)))
+
+
+def _id_list(ids: Any) -> list[Any]:
+    if ids is None:
+        return []
+    if isinstance(ids, (str, int)):
+        return [ids]
+    return list(ids)

@@ -8,7 +8,8 @@ from typing import Any
 from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 
 from otel_taskctx.models import TaskSpan
-from otel_taskctx.spans.tree import SPAN_FIELDS, SpanTree, build_tree, request_label
+from otel_taskctx.spans.build import build_tree
+from otel_taskctx.spans.tree import SPAN_FIELDS, SpanTree, request_label
 
 #: most spans loaded for one tree (the tree says when it was cut)
 MAX_TREE_SPANS = 20_000
@@ -210,8 +211,8 @@ def launching_request(
         if parent is None:
             return None
         if parent["kind"] == "SERVER":
-            from otel_taskctx.spans.tree import _node_from
+            from otel_taskctx.spans.tree import node_from
 
-            return request_label(_node_from(parent))
+            return request_label(node_from(parent))
         parent_id = parent["parent_span_id"]
     return None

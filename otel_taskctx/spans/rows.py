@@ -198,11 +198,7 @@ def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] |
         event_attrs = bound_attributes(event.attributes, max_len)
         event_attrs.pop(semconv.FORWARDED, None)
         if event.name == semconv.DESCENDANTS_EVENT:
-            count = event_attrs.get(semconv.DESCENDANTS_COUNT)
-            if isinstance(count, int) and not isinstance(count, bool):
-                descendants += count
-            elif isinstance(event_attrs.get(semconv.DESCENDANTS_IDS), list):
-                descendants += len(event_attrs[semconv.DESCENDANTS_IDS])
+            descendants += semconv.descendants_count(event_attrs)
         events.append(
             {
                 "name": cut(str(event.name), MAX_NAME_LENGTH),

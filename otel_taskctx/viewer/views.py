@@ -23,8 +23,8 @@ from otel_taskctx.spans.queries import (
     resolve_root_key,
     tree_summaries,
 )
+from otel_taskctx.spans.render import format_duration, render_text
 from otel_taskctx.spans.rows import ns_to_datetime
-from otel_taskctx.spans.tree import format_duration, render_text
 from otel_taskctx.viewer.access import dashboard_user, has_viewer_access, visible_spans
 
 PAGE_SIZE = 25

@@ -686,7 +686,7 @@ _STATE_STYLE = {
 
 
 def _node_label(node: Any, now_ns: int) -> str:
-    from otel_taskctx.spans.tree import format_duration
+    from otel_taskctx.spans.render import format_duration
 
     if node.placeholder:
         return f"[dim]{escape(node.name or '(span not recorded)')}[/]"
@@ -731,7 +731,7 @@ def _collapsed(children: list[Any], keep: int = 2) -> list[Any]:
 
 
 def _more_label(nodes: list[Any], now_ns: int) -> str:
-    from otel_taskctx.spans.tree import format_duration
+    from otel_taskctx.spans.render import format_duration
 
     durations = sorted(((n.end_ns or now_ns) - n.start_ns) for n in nodes)
     return (

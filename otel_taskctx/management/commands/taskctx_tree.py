@@ -6,7 +6,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from otel_taskctx.spans.tree import format_duration, render_text
+from otel_taskctx.spans.render import format_duration, render_text
 
 
 class Command(BaseCommand):

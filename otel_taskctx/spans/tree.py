@@ -2,18 +2,9 @@
 
 :func:`otel_taskctx.spans.build.build_tree` makes one (pure Python: no database, no recursion).
 
-Spans may arrive in any order, from several processes, and some may be missing (a parent
-still running in another process, or dropped). :func:`build_tree` links what it has:
-
-* a span whose parent was not recorded hangs under a placeholder node for that parent
-  (siblings stay together); the placeholder is attached by task lineage to a recorded span
-  of the same task (or of the parent task) when one exists, else it is a root;
-* every walk is iterative, so trees thousands of levels deep or wide are fine;
-* the critical path is the chain of spans that determined when the tree finished (each
-  span's "end" counts its descendants, so work that outlives its parent, like a worker run
-  after the enqueue span ended, stays on the path);
-* the target is where to look first: the deepest failed span, else the deepest span still
-  running, and ``expand`` lists the nodes to open to reach it.
+A :class:`Node` is one stored span (or a placeholder for a parent that was not recorded); a
+:class:`SpanTree` is the forest of a job with its critical path (``Node.critical``) and its
+target, where to look first (the deepest failed span, else the deepest running one).
 """
 
 from __future__ import annotations

@@ -154,3 +154,30 @@ def test_caches_that_lose_locks_refuse_them_loudly(backend, reason, tmp_path, se
 def test_plain_databasecache_passes_the_checks(plain_db_cache):
     found = [m.id for m in run_checks(tags=["caches"]) if m.id.startswith("otel_taskctx.")]
     assert not [i for i in found if i.startswith(("otel_taskctx.E03", "otel_taskctx.W03"))]
+
+
+def test_djangos_own_redis_cache_keeps_locks(settings):
+    """Django's RedisCache does not cull: locks stay until released (generic store path)."""
+    from tests.conflict_caches import REDIS_DB, REDIS_URL
+
+    config = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": f"{REDIS_URL}/{REDIS_DB}",
+        "KEY_PREFIX": f"djredis-{uuid.uuid4().hex[:8]}",
+    }
+    with override_settings(
+        CACHES={**settings.CACHES, ALIAS: config},
+        POWERCRUD_SETTINGS={**settings.POWERCRUD_SETTINGS, "CACHE_NAME": ALIAS},
+    ):
+        manager = AsyncManager()
+        ids = list(range(1, 2001))
+        with task_context("job-r", MANAGER):
+            assert register_descendants(CHILD, ids)
+        for i in range(500):
+            caches[ALIAS].set(f"unrelated:{i}", i)
+        assert manager.check_conflict({CHILD: ids}) == set(ids)
+        with task_context("job-s", MANAGER), pytest.raises(DescendantConflict):
+            register_descendants(CHILD, [1])
+        manager.remove_conflict_ids("job-r")
+        assert manager.check_conflict({CHILD: ids}) == set()
+        caches[ALIAS].delete_many([f"unrelated:{i}" for i in range(500)])

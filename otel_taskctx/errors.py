@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
-from otel_taskctx.logids import format_ids
-
 
 class TaskContextError(Exception):
     """Base class for otel_taskctx errors."""
@@ -33,7 +31,9 @@ class DescendantConflict(TaskContextError):
             for obj_id, holder in held.items():
                 by_holder.setdefault(holder, []).append(obj_id)
             for holder, ids in by_holder.items():
-                parts.append(f"{model} ids {format_ids(ids, 20)} are held by task {holder}")
+                shown = ", ".join(str(i) for i in sorted(ids, key=str)[:20])
+                more = f" and {len(ids) - 20} more" if len(ids) > 20 else ""
+                parts.append(f"{model} ids [{shown}{more}] are held by task {holder}")
         return f"task {self.task_key} cannot reserve descendants: " + "; ".join(parts)
 
 

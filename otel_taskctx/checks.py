@@ -273,3 +273,37 @@ def check_span_database(app_configs=None, **kwargs):
             )
         ]
     return []
+
+
+@register(Tags.compatibility)
+def check_task_backends(app_configs=None, **kwargs):
+    """``TASKS`` backends that cannot carry a task identity to a worker (``DummyBackend``)."""
+    try:
+        from django.tasks.backends.dummy import DummyBackend
+        from django.utils.module_loading import import_string
+
+        from otel_taskctx.conf import get_setting
+
+        if not get_setting("DJANGO_TASKS"):
+            return []
+    except Exception:  # Django before 6.0, or OTEL_TASKCTX is not a dict (E001)
+        return []
+    problems = []
+    for alias, config in (getattr(settings, "TASKS", None) or {}).items():
+        path = str((config or {}).get("BACKEND", ""))
+        try:
+            backend = import_string(path)
+        except Exception:
+            continue
+        if isinstance(backend, type) and issubclass(backend, DummyBackend):
+            problems.append(
+                Warning(
+                    f"TASKS[{alias!r}] is {path} (DummyBackend): its tasks never run, so no "
+                    "task identity reaches a worker and nothing is locked or reported.",
+                    hint="Use django_tasks_db.DatabaseBackend (with manage.py db_worker), or "
+                    "ImmediateBackend to run tasks in the calling process.",
+                    id="otel_taskctx.W060",
+                    obj=alias,
+                )
+            )
+    return problems

@@ -27,6 +27,8 @@ from otel_taskctx.identity import TaskIdentity
 log = logging.getLogger("otel_taskctx")
 
 _managers = threading.local()
+#: the manager of ``django.tasks`` tasks (:mod:`otel_taskctx.task_manager`, imported lazily)
+TASK_MANAGER_PATH = "otel_taskctx.task_manager.TaskManager"
 
 
 def model_label(model: Any) -> str:
@@ -51,17 +53,23 @@ def model_label(model: Any) -> str:
 
 
 def resolve_manager(identity: TaskIdentity) -> Any:
-    """The AsyncManager named by a verified identity (one instance per thread and class)."""
-    from django.utils.module_loading import import_string
-    from powercrud.async_manager import AsyncManager
-
+    """The manager named by a verified identity (one instance per thread and class): a
+    powercrud ``AsyncManager`` (subclass), or for ``django.tasks`` tasks the
+    :class:`~otel_taskctx.task_manager.TaskManager`."""
     path = identity.manager_class_path
     cache: dict[str | None, Any] = getattr(_managers, "by_path", None) or {}
     _managers.by_path = cache
     manager = cache.get(path)
     if manager is not None:
         return manager
-    if path:
+    if path == TASK_MANAGER_PATH:  # a django.tasks task: no powercrud
+        from otel_taskctx.task_manager import TaskManager
+
+        manager = TaskManager()
+    elif path:
+        from django.utils.module_loading import import_string
+        from powercrud.async_manager import AsyncManager
+
         cls = import_string(path)
         if not (isinstance(cls, type) and issubclass(cls, AsyncManager)):
             raise TypeError(
@@ -69,6 +77,8 @@ def resolve_manager(identity: TaskIdentity) -> Any:
             )
         manager = AsyncManager.resolve_manager(path)
     else:
+        from powercrud.async_manager import AsyncManager
+
         manager = AsyncManager()
     cache[path] = manager
     return manager

@@ -31,6 +31,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_q",
+    "django_tasks_db",
     "powercrud",
     "otel_taskctx",
     "tests.testapp",
@@ -140,6 +141,8 @@ else:  # pragma: no cover - configuration error
     raise RuntimeError(f"unknown TASKCTX_STACK {STACK!r}: use 'embedded' or 'redis-postgres'")
 
 POWERCRUD_SETTINGS = {"ASYNC_ENABLED": True, "CACHE_NAME": "default"}
+# Django's task framework: django-tasks-db's backend (a real ``manage.py db_worker`` runs it)
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 # tests that need other library settings in a subprocess pass them as JSON
 OTEL_TASKCTX = json.loads(os.environ.get("TASKCTX_TEST_OTEL_TASKCTX", "{}"))
 if globals().get("_SPAN_DATABASE"):

@@ -36,13 +36,15 @@ def run_inline(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     conflict_ids: Mapping[Any, Iterable[Hashable]] | None = None,
+    label: str | None = None,
 ) -> str:
     """Run a suppressed launch now, in the caller's context; return its nested id.
 
     Order: the function is located, the span starts, descendants are reserved (a conflict
-    raises before anything runs), then the function runs. Exceptions propagate.
+    raises before anything runs), then the function runs. Exceptions propagate. ``label``
+    names the step (default: the function's dotted path).
     """
-    label = utils.func_path(func)
+    label = label or utils.func_path(func)
     target = utils.resolve_callable(func)
     step_id = utils.nested_id(identity.task_key, label)
     child = identity.child(identity.task_key, identity.manager_class_path)

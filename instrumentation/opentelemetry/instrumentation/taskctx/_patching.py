@@ -8,6 +8,8 @@
   are pointed at the wrapper, and back at the original afterwards.
 * django-q2's signals: ``pre_enqueue``, ``pre_execute``, ``post_execute_in_worker``,
   ``post_spawn``, connected with a dispatch uid.
+* Django's task framework (``django.tasks``, Django 6+): ``Task.enqueue`` and ``Task.call``
+  wrapped, ``task_started`` / ``task_finished`` connected (see ``_django_tasks``).
 * If Django's app registry is not ready (``opentelemetry-instrument`` loads instrumentors
   before the application starts), ``django.setup`` is wrapped and patching waits until it
   has finished.
@@ -121,11 +123,35 @@ class Patches:
             uid = f"{_DISPATCH_PREFIX}.{name}"
             signal.connect(receiver, weak=False, dispatch_uid=uid)
             self.signals.append((signal, uid))
+        self._apply_django_tasks()
         for module in _WORKER_MODULES:
             try:
                 importlib.import_module(module)
             except Exception:  # optional pieces (powercrud) may be missing
                 log.debug("could not preload %s", module, exc_info=True)
+
+    def _apply_django_tasks(self) -> None:
+        """Django's task framework (``OTEL_TASKCTX["DJANGO_TASKS"]``, Django 6+)."""
+        from otel_taskctx.conf import get_setting
+
+        try:
+            if not get_setting("DJANGO_TASKS"):
+                return
+            from django.tasks import signals as task_signals
+            from django.tasks.base import Task
+        except ImportError:  # Django before 6.0
+            return
+        from opentelemetry.instrumentation.taskctx import _django_tasks
+
+        self.wrap(Task, "enqueue", _django_tasks.traced_enqueue)
+        self.wrap(Task, "call", _django_tasks.drop_carrier)
+        for signal, receiver, name in (
+            (task_signals.task_started, _django_tasks.on_task_started, "task_started"),
+            (task_signals.task_finished, _django_tasks.on_task_finished, "task_finished"),
+        ):
+            uid = f"{_DISPATCH_PREFIX}.{name}"
+            signal.connect(receiver, weak=False, dispatch_uid=uid)
+            self.signals.append((signal, uid))
 
     def defer(self, ready: Any) -> None:
         """Wrap ``django.setup`` so that ``ready()`` runs once the app registry is ready."""

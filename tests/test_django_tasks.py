@@ -1,0 +1,162 @@
+"""Django's task framework (``django.tasks``) through a real ``manage.py db_worker``.
+
+The identity crosses into the worker in the task's arguments and is verified there; a nested
+``.enqueue()`` inside a running task runs inline under the task's key; the helpers lock and
+report progress without powercrud; the task's locks are released when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.checks import run_checks
+from django.test.utils import override_settings
+from django_tasks_db.models import DBTaskResult
+
+from otel_taskctx import task_context
+from otel_taskctx.task_manager import TASK_MANAGER_PATH, TaskManager, get_progress
+from tests.cluster import REPO_ROOT, SETTINGS_ENV, SPAN_DIR_ENV
+from tests.testapp import django_tasks as jobs
+
+pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+CARRIER = "_otel_taskctx"
+
+
+def db_worker(span_dir: Path | None = None) -> str:
+    """Run every queued task in a real ``db_worker`` process (``--batch``); its output."""
+    from django.conf import settings
+    from django.db import connections
+
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE or "tests.settings",
+        TASKCTX_DB_NAME=str(connections["default"].settings_dict["NAME"]),
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        PYTHONUNBUFFERED="1",
+        OTEL_BSP_SCHEDULE_DELAY="50",
+    )
+    env.pop(SETTINGS_ENV, None)
+    env.pop(SPAN_DIR_ENV, None)
+    if span_dir is not None:
+        span_dir.mkdir(parents=True, exist_ok=True)
+        env[SPAN_DIR_ENV] = str(span_dir)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.cluster",
+            "db_worker",
+            "--batch",
+            "--no-startup-delay",
+            "--no-reload",
+            "--interval",
+            "0.1",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def seen(tmp_path: Path, label: str) -> dict:
+    return json.loads((tmp_path / f"{label}.json").read_text())
+
+
+def spans(span_dir: Path) -> list[dict]:
+    return [
+        json.loads(line) for f in span_dir.glob("*.jsonl") for line in f.read_text().splitlines()
+    ]
+
+
+def test_identity_crosses_into_db_worker_and_nested_enqueue_runs_inline(tmp_path):
+    ids = [101, 102, 103]
+    result = jobs.publish.enqueue("book", ids, str(tmp_path))
+    stored = DBTaskResult.objects.get(id=result.id)
+    carrier = stored.args_kwargs["kwargs"][CARRIER]
+    assert "taskctx=v1." in carrier["baggage"] and carrier["traceparent"]
+
+    db_worker(tmp_path / "spans")
+
+    parent, child = seen(tmp_path, "book-parent"), seen(tmp_path, "book-child")
+    key = parent["task_key"]
+    assert key and key.startswith("task-") and parent["depth"] == 0
+    assert parent["manager"] == TASK_MANAGER_PATH
+    # the nested enqueue ran inline: same process, same key, one level deeper
+    assert (child["task_key"], child["root"], child["depth"]) == (key, key, 1)
+    assert child["pid"] == parent["pid"]
+    assert DBTaskResult.objects.count() == 1  # nothing else reached the queue
+    # locked under the task's key while it ran, without powercrud; released at the end
+    assert child["registered"] and child["held"] == {str(i): key for i in ids}
+    store_holders = TaskManager().cache.get_many(
+        [f"powercrud:conflict:model:testapp.child:{i}" for i in ids]
+    )
+    assert store_holders == {}
+    assert get_progress(key) == "book-child: 3 children (100%)"
+    stored.refresh_from_db()
+    assert stored.status == "SUCCESSFUL"
+    assert stored.return_value.endswith(":3") and stored.return_value.startswith(f"{key}/nested/")
+
+    found = spans(tmp_path / "spans")
+    consumer = next(s for s in found if s["kind"] == "SpanKind.CONSUMER")
+    assert consumer["attributes"]["taskctx.task_key"] == key
+    assert consumer["attributes"]["messaging.message.id"] == str(result.id)
+    assert consumer["context"]["trace_id"] == "0x" + carrier["traceparent"].split("-")[1]
+    nested = next(s for s in found if s["name"] == "tests.testapp.django_tasks.sync_chapters")
+    assert nested["attributes"]["taskctx.depth"] == 1
+    assert nested["parent_id"] == consumer["context"]["span_id"]
+
+
+def test_a_failing_nested_task_fails_its_parent(tmp_path):
+    result = jobs.publish.enqueue("bad", [201], str(tmp_path), fail_child=True)
+    db_worker(tmp_path / "spans")
+    stored = DBTaskResult.objects.get(id=result.id)
+    assert stored.status == "FAILED"
+    assert stored.exception_class_path == "builtins.ValueError"
+    assert "bad-child failed on purpose" in stored.traceback
+    key = seen(tmp_path, "bad-parent")["task_key"]
+    assert TaskManager().cache.get("powercrud:conflict:model:testapp.child:201") is None
+    consumer = next(s for s in spans(tmp_path / "spans") if s["kind"] == "SpanKind.CONSUMER")
+    assert consumer["status"]["status_code"] == "ERROR"
+    assert consumer["attributes"]["error.type"] == "builtins.ValueError"
+    assert consumer["attributes"]["taskctx.task_key"] == key
+
+
+def test_an_identity_that_does_not_verify_is_dropped_with_a_warning(tmp_path):
+    forged = {"baggage": "taskctx=v1.eyJrIjoiZXZpbCIsIngiOjk5OTk5OTk5OTl9.AAAAAAAAAAAAAAAAAAAAAA"}
+    jobs.observe.enqueue("forged", str(tmp_path), **{CARRIER: forged})
+    output = db_worker()
+    assert seen(tmp_path, "forged")["task_key"] is None
+    assert "carried a task identity that does not verify" in output
+
+
+def test_immediate_backend_runs_nested_work_inline_under_the_callers_key(tmp_path, settings):
+    immediate = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
+    with override_settings(TASKS=immediate):
+        with task_context("job-imm"):
+            result = jobs.sync_chapters.enqueue("imm", [301], str(tmp_path))
+        assert seen(tmp_path, "imm")["task_key"] == "job-imm"
+        assert seen(tmp_path, "imm")["depth"] == 1
+        assert result.id.startswith("job-imm/nested/") and result.return_value == 1
+        # outside a task: a root task of its own, and its nested step inline under its key
+        jobs.publish.enqueue("root", [302], str(tmp_path))
+        parent, child = seen(tmp_path, "root-parent"), seen(tmp_path, "root-child")
+        assert parent["task_key"].startswith("task-") and child["task_key"] == parent["task_key"]
+        assert child["depth"] == 1
+
+
+def test_dummy_backend_gets_a_check_warning(settings):
+    with override_settings(
+        TASKS={"default": {"BACKEND": "django.tasks.backends.dummy.DummyBackend"}}
+    ):
+        found = [m for m in run_checks() if m.id == "otel_taskctx.W060"]
+    assert len(found) == 1 and "DummyBackend" in found[0].msg
+    assert not [m for m in run_checks() if m.id == "otel_taskctx.W060"]

@@ -1,4 +1,4 @@
-"""``manage.py taskctx_demo``: the nested bulk-edit demo (see ``sample/library/demo.py``)."""
+"""``manage.py taskctx_demo``: the nested bulk-edit demo (see the ``sample.library.demo`` package)."""
 
 from __future__ import annotations
 

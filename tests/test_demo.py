@@ -168,3 +168,35 @@ def test_demo_rejects_bad_options(tmp_path):
     )
     assert proc.returncode != 0
     assert "--books must be positive" in proc.stderr
+
+
+@pytest.mark.stack
+def test_tasks_demo_runs_the_nested_bulk_edit_through_db_worker(tmp_path):
+    """``make demo``'s second command: the same nested bulk edit through django.tasks."""
+    if STACK == "redis-postgres":
+        drop_sample_pg_database()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "sample/manage.py",
+            "taskctx_tasks_demo",
+            "--books",
+            "4",
+            "--chapters",
+            "3",
+            "--delay",
+            "0",
+        ],
+        cwd=REPO_ROOT,
+        env=sample_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "django.tasks demo passed" in out
+    assert "books published 4/4" in out and "chapters updated inside the task 12/12" in out
+    assert "nested tasks that reached the queue: 0" in out
+    assert "locks after the task: 0" in out
+    assert re.search(r"chapters seen locked under the task's key: [1-9]", out)

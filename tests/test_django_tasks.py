@@ -114,6 +114,15 @@ def test_identity_crosses_into_db_worker_and_nested_enqueue_runs_inline(tmp_path
     assert nested["attributes"]["taskctx.depth"] == 1
     assert nested["parent_id"] == consumer["context"]["span_id"]
 
+    # the viewer's tree of the task, from the span store the worker wrote to
+    from otel_taskctx.spans.queries import load_tree
+
+    tree = load_tree(key)
+    kinds = {(n.kind, n.name) for n in tree.job_nodes if not n.placeholder}
+    assert ("CONSUMER", "process tests.testapp.django_tasks.publish") in kinds
+    assert ("INTERNAL", "tests.testapp.django_tasks.sync_chapters") in kinds
+    assert tree.summary()["descendants_locked"] == 3
+
 
 def test_a_failing_nested_task_fails_its_parent(tmp_path):
     result = jobs.publish.enqueue("bad", [201], str(tmp_path), fail_child=True)

@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "neapolitan",
     "powercrud",
     "django_q",
+    "django_tasks_db",
     "otel_taskctx",
     "sample.library",
 ]
@@ -174,6 +175,10 @@ else:
     Q_CLUSTER["orm"] = "default"
 
 SESSION_ENGINE = "django.contrib.sessions.backends.cache"
+
+# Django's task framework, run by django-tasks-db's ``manage.py db_worker``
+# (``manage.py taskctx_tasks_demo``)
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 
 POWERCRUD_SETTINGS = {
     "ASYNC_ENABLED": True,

@@ -169,3 +169,22 @@ def test_dummy_backend_gets_a_check_warning(settings):
         found = [m for m in run_checks() if m.id == "otel_taskctx.W060"]
     assert len(found) == 1 and "DummyBackend" in found[0].msg
     assert not [m for m in run_checks() if m.id == "otel_taskctx.W060"]
+
+
+def test_aenqueue_carries_the_identity_and_runs_nested_work_inline(tmp_path):
+    import asyncio
+
+    immediate = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
+    with override_settings(TASKS=immediate):
+        asyncio.run(jobs.publish.aenqueue("async", [401], str(tmp_path)))
+        parent, child = seen(tmp_path, "async-parent"), seen(tmp_path, "async-child")
+        assert parent["task_key"].startswith("task-") and parent["depth"] == 0
+        assert (child["task_key"], child["depth"]) == (parent["task_key"], 1)
+
+        async def inside_a_task():
+            with task_context("job-async"):
+                return await jobs.sync_chapters.aenqueue("async-inline", [402], str(tmp_path))
+
+        result = asyncio.run(inside_a_task())
+        assert result.id.startswith("job-async/nested/") and result.return_value == 1
+        assert seen(tmp_path, "async-inline")["task_key"] == "job-async"

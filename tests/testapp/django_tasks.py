@@ -72,3 +72,9 @@ def publish(label: str, child_ids: list[int], marker_dir: str, fail_child: bool 
     report_progress(f"{label}: started")
     nested = sync_chapters.enqueue(f"{label}-child", child_ids, marker_dir, fail=fail_child)
     return f"{nested.id}:{nested.return_value}"
+
+
+@task
+def noop(n: int) -> int:
+    """The benchmark's task (tests/benchmarks/bench_django_tasks.py)."""
+    return n

@@ -73,21 +73,47 @@ def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
     identity = current_task()
     if _nested.should_run_inline(identity, instance.func):
         return _run_nested(identity, instance, args, kwargs)
-    task_key = f"task-{uuid.uuid4().hex}"
-    root = TaskIdentity(task_key, TASK_MANAGER_PATH)
-    attributes = _attributes(instance, "send")
-    attributes[semconv.LAUNCHED_TASK_KEY] = task_key
-    span = utils.STATE.tracer.start_span(
-        f"send {instance.module_path}", kind=SpanKind.PRODUCER, attributes=attributes
-    )
-    ctx = trace.set_span_in_context(span)
-    with utils.running_in(span, ctx):
-        carrier: dict[str, str] = {}
-        inject(carrier, context=context_with_identity(root, ctx=ctx))
+    span, carrier = _start_root(instance)
+    with utils.running_in(span, trace.set_span_in_context(span)):
         result = wrapped(*args, **{**kwargs, CARRIER_KWARG: carrier})
         if span.is_recording():
             span.set_attribute(semconv.MESSAGING_MESSAGE_ID, str(result.id))
         return result
+
+
+def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of ``Task.aenqueue``: the same as :func:`traced_enqueue`, awaited."""
+    if not utils.STATE.active or CARRIER_KWARG in kwargs:
+        return wrapped(*args, **kwargs)
+    identity = current_task()
+    if _nested.should_run_inline(identity, instance.func):
+        from asgiref.sync import sync_to_async
+
+        return sync_to_async(_run_nested, thread_sensitive=True)(identity, instance, args, kwargs)
+    return _aenqueue_root(wrapped, instance, args, kwargs)
+
+
+async def _aenqueue_root(wrapped: Any, task: Any, args: tuple, kwargs: dict) -> Any:
+    span, carrier = _start_root(task)
+    with utils.running_in(span, trace.set_span_in_context(span)):
+        result = await wrapped(*args, **{**kwargs, CARRIER_KWARG: carrier})
+        if span.is_recording():
+            span.set_attribute(semconv.MESSAGING_MESSAGE_ID, str(result.id))
+        return result
+
+
+def _start_root(task: Any) -> tuple[trace.Span, dict[str, str]]:
+    """The PRODUCER span of a root task and the carrier of its new identity."""
+    task_key = f"task-{uuid.uuid4().hex}"
+    attributes = _attributes(task, "send")
+    attributes[semconv.LAUNCHED_TASK_KEY] = task_key
+    span = utils.STATE.tracer.start_span(
+        f"send {task.module_path}", kind=SpanKind.PRODUCER, attributes=attributes
+    )
+    carrier: dict[str, str] = {}
+    root = TaskIdentity(task_key, TASK_MANAGER_PATH)
+    inject(carrier, context=context_with_identity(root, ctx=trace.set_span_in_context(span)))
+    return span, carrier
 
 
 def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:

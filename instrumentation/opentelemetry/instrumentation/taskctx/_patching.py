@@ -8,7 +8,8 @@
   are pointed at the wrapper, and back at the original afterwards.
 * django-q2's signals: ``pre_enqueue``, ``pre_execute``, ``post_execute_in_worker``,
   ``post_spawn``, connected with a dispatch uid.
-* Django's task framework (``django.tasks``, Django 6+): ``Task.enqueue`` and ``Task.call``
+* Django's task framework (``django.tasks``, Django 6+): ``Task.enqueue``, ``aenqueue`` and
+  ``Task.call``
   wrapped, ``task_started`` / ``task_finished`` connected (see ``_django_tasks``).
 * If Django's app registry is not ready (``opentelemetry-instrument`` loads instrumentors
   before the application starts), ``django.setup`` is wrapped and patching waits until it
@@ -144,6 +145,7 @@ class Patches:
         from opentelemetry.instrumentation.taskctx import _django_tasks
 
         self.wrap(Task, "enqueue", _django_tasks.traced_enqueue)
+        self.wrap(Task, "aenqueue", _django_tasks.traced_aenqueue)
         self.wrap(Task, "call", _django_tasks.drop_carrier)
         for signal, receiver, name in (
             (task_signals.task_started, _django_tasks.on_task_started, "task_started"),

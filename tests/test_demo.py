@@ -185,7 +185,7 @@ def test_tasks_demo_runs_the_nested_bulk_edit_through_db_worker(tmp_path):
             "--chapters",
             "3",
             "--delay",
-            "0",
+            "0.1",
         ],
         cwd=REPO_ROOT,
         env=sample_env(tmp_path),

@@ -307,3 +307,39 @@ def check_task_backends(app_configs=None, **kwargs):
                 )
             )
     return problems
+
+
+@register(Tags.compatibility)
+def check_fan_out(app_configs=None, **kwargs):
+    """Fan-out configured where the job could not wait for its children (a sync broker)."""
+    from otel_taskctx.conf import get_setting
+
+    try:
+        policy, listed = get_setting("NESTED_POLICY"), get_setting("FAN_OUT")
+    except Exception:  # OTEL_TASKCTX is not a dict: otel_taskctx.E001
+        return []
+    if policy not in ("inline", "fan_out"):
+        return [
+            Error(
+                f"OTEL_TASKCTX['NESTED_POLICY'] is {policy!r}.",
+                hint="Use 'inline' (the default) or 'fan_out'.",
+                id="otel_taskctx.E071",
+                obj="OTEL_TASKCTX",
+            )
+        ]
+    if policy != "fan_out" and not listed:
+        return []
+    if (getattr(settings, "Q_CLUSTER", None) or {}).get("sync"):
+        return [
+            Error(
+                "Nested launches fan out (OTEL_TASKCTX NESTED_POLICY/FAN_OUT) but "
+                "Q_CLUSTER['sync'] runs every task in the caller: no other worker can run a "
+                "child and the job could not wait for it; such launches raise "
+                "FanOutUnavailable.",
+                hint="Turn Q_CLUSTER['sync'] off, or set NESTED_POLICY to 'inline' and "
+                "FAN_OUT to [].",
+                id="otel_taskctx.E070",
+                obj="OTEL_TASKCTX",
+            )
+        ]
+    return []

@@ -28,6 +28,10 @@ VIEWER_TASK_FILTER          dotted path of ``f(request, spans) -> spans`` scopin
 VIEWER_BASE_TEMPLATE        template the viewer pages extend ("otel_taskctx/base.html")
 EXPORT_FROM_ENV             honour ``OTEL_TRACES_EXPORTER``/``OTEL_EXPORTER_OTLP_*`` on a
                             tracer provider otel_taskctx created (True)
+NESTED_POLICY               what a nested launch inside a job does: "inline" (run it now, under
+                            the job's key) or "fan_out" (a child job on another worker; the
+                            job ends when its last child has) ("inline")
+FAN_OUT                     dotted function paths that fan out under the "inline" policy (``[]``)
 DJANGO_TASKS                instrument Django's task framework (``django.tasks``) too (True)
 TASKS_CACHE                 cache alias of the locks and progress of ``django.tasks`` tasks
                             (None: powercrud's ``CACHE_NAME``, else "default")
@@ -57,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "VIEWER_TASK_FILTER": None,
     "VIEWER_BASE_TEMPLATE": "otel_taskctx/base.html",
     "EXPORT_FROM_ENV": True,
+    "NESTED_POLICY": "inline",
+    "FAN_OUT": [],
     "DJANGO_TASKS": True,
     "TASKS_CACHE": None,
 }

@@ -39,3 +39,7 @@ class DescendantConflict(TaskContextError):
 
 class ConflictStoreUnavailable(TaskContextError):
     """The conflict store could not be reached; nothing may proceed unlocked."""
+
+
+class FanOutUnavailable(TaskContextError):
+    """A nested launch cannot fan out here without losing the barrier (e.g. a sync broker)."""

@@ -121,3 +121,34 @@ class DescendantLock(models.Model):
 
     def __str__(self) -> str:
         return self.cache_key
+
+
+class FanOutChild(models.Model):
+    """One nested job fanned out to another worker, and the job that waits for it.
+
+    ``job_key`` is the lock-holding task key of the job (the root job: children keep its key,
+    so their fan-outs count against it too); ``task_id`` is the child's django-q2 task id.
+    A job's own end is a row with ``task_id`` empty (``state`` "ended"/"failed"): its
+    completion (powercrud's hook) runs once no child of the job is pending.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        FAILED = "failed"
+
+    job_key = models.CharField(max_length=200, db_index=True)
+    task_id = models.CharField(max_length=64, blank=True, default="")
+    func = models.CharField(max_length=255, blank=True, default="")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        app_label = "otel_taskctx"
+        db_table = "otel_taskctx_fan_out"
+        verbose_name = "fan-out child"
+
+    def __str__(self) -> str:
+        return f"{self.job_key} <- {self.task_id or '(the job itself)'}: {self.state}"

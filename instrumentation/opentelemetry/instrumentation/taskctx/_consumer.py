@@ -208,7 +208,8 @@ def on_pre_execute(
                     "or nesting",
                     task.get("name"),
                 )
-        if identity is not None and identity.task_key != str(task.get("name")):
+        fanned_out = identity is not None and task.get(utils.FAN_OUT_KEY) == identity.task_key
+        if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
             log.warning(
                 "ignoring the identity of task %s: it names task %s",
                 task.get("name"),

@@ -1,7 +1,8 @@
 """What the instrumentor patches, and how it is undone.
 
 * ``django_q.tasks.async_task`` and powercrud's ``AsyncManager.launch_async_task`` /
-  ``remove_conflict_ids`` / ``check_conflict``: wrapt function wrappers (``wrap_function_wrapper``), removed with
+  ``remove_conflict_ids`` / ``check_conflict``, and powercrud's ``task_completion_hook``
+  (deferred while fanned-out children run): wrapt function wrappers (``wrap_function_wrapper``), removed with
   ``opentelemetry.instrumentation.utils.unwrap``, as in opentelemetry-python-contrib.
 * Module-level copies of ``async_task`` made by ``from django_q.tasks import async_task``
   before instrumentation (powercrud's ``async_manager``, django-q2's scheduler, user modules)
@@ -24,7 +25,13 @@ import sys
 from typing import Any
 
 import wrapt
-from opentelemetry.instrumentation.taskctx import _conflict_log, _consumer, _producer, utils
+from opentelemetry.instrumentation.taskctx import (
+    _conflict_log,
+    _consumer,
+    _fan_out,
+    _producer,
+    utils,
+)
 from opentelemetry.instrumentation.utils import unwrap
 
 log = logging.getLogger("otel_taskctx.instrumentation")
@@ -112,6 +119,9 @@ class Patches:
             self.wrap(AsyncManager, "launch_async_task", _producer.traced_launch_async_task)
             if "remove_conflict_ids" in vars(AsyncManager):
                 self.wrap(AsyncManager, "remove_conflict_ids", _consumer.release_through_store)
+            from powercrud import async_hooks
+
+            self.wrap(async_hooks, "task_completion_hook", _fan_out.deferred_completion)
             if "check_conflict" in vars(AsyncManager):
                 self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
                 _conflict_log.install_filter()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, trace
-from opentelemetry.instrumentation.taskctx import _nested, utils
+from opentelemetry.instrumentation.taskctx import _fan_out, _nested, utils
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import semconv
@@ -61,6 +61,8 @@ class _Plan:
 
     launch: _Launch | None = None
     span: trace.Span | None = None
+    #: the identity of a fanned-out child job (see ``_fan_out``)
+    fan_out: TaskIdentity | None = None
 
 
 def _own_identity(task: dict[str, Any], launch: _Launch) -> TaskIdentity | None:
@@ -99,6 +101,9 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
                     utils.func_path(task.get("func")),
                     parent.task_key,
                 )
+        elif plan.fan_out is not None:
+            own = plan.fan_out
+            task[utils.FAN_OUT_KEY] = own.task_key
         elif plan.launch is not None:
             own = _own_identity(task, plan.launch)
         carrier: dict[str, str] = {}
@@ -147,9 +152,15 @@ def _destination(task: dict[str, Any]) -> str:
         return "default"
 
 
-def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _enqueue(
+    original: Any,
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    fan_out: TaskIdentity | None = None,
+) -> Any:
     label = utils.func_path(func)
-    launch: _Launch | None = context.get_value(_LAUNCH_KEY)
+    launch: _Launch | None = None if fan_out else context.get_value(_LAUNCH_KEY)
     if launch is not None and launch.used:
         launch = None  # an enqueue inside the launched one: the launch is taken already
     if launch is not None:
@@ -166,7 +177,9 @@ def _enqueue(original: Any, func: Any, args: tuple[Any, ...], kwargs: dict[str, 
     span = utils.STATE.tracer.start_span(
         f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes
     )
-    ctx = context.set_value(_PLAN_KEY, _Plan(launch, span), trace.set_span_in_context(span))
+    ctx = context.set_value(
+        _PLAN_KEY, _Plan(launch, span, fan_out), trace.set_span_in_context(span)
+    )
     with utils.running_in(span, ctx):
         return original(func, *args, **kwargs)
 
@@ -179,6 +192,8 @@ def traced_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) ->
     func, rest = args[0], args[1:]
     identity = current_task()
     if _nested.should_run_inline(identity, func):
+        if _fan_out.wanted(func):
+            return _fan_out.launch(identity, func, rest, kwargs, _enqueue, launch=False)
         return _nested.run_suppressed_async_task(identity, func, rest, kwargs)
     return _enqueue(wrapped, func, rest, kwargs)
 
@@ -191,6 +206,8 @@ def traced_launch_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: d
     func, rest = args[0], args[1:]
     identity = current_task()
     if _nested.should_run_inline(identity, func):
+        if _fan_out.wanted(func):
+            return _fan_out.launch(identity, func, rest, kwargs, _enqueue, launch=True)
         return _nested.run_suppressed_launch(identity, func, rest, kwargs)
     user_id, user_label = _user_of(kwargs.get("user"))
     launch = _Launch(utils.class_path(type(instance)), user_id=user_id, user_label=user_label)

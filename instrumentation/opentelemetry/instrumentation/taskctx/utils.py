@@ -22,6 +22,8 @@ log = logging.getLogger("otel_taskctx.instrumentation")
 #: Private key of the django-q2 task package that carries ``traceparent``/``tracestate``/
 #: ``baggage`` from the producer to the worker (never the function's kwargs).
 CARRIER_KEY = "_otel_taskctx"
+#: Private key of the package of a fanned-out child job: the task key of the job it belongs to
+FAN_OUT_KEY = "_otel_taskctx_fan_out"
 
 #: django-q2 options that ``async_task`` pops from its kwargs (they never reach the function).
 Q_OPTION_KEYS = (

@@ -1,0 +1,192 @@
+"""Fan-out: a nested launch inside a job runs as a real job on another worker, and the job
+ends (powercrud's completion: status, lock release, progress end, dashboard) only when the
+last of them has.
+
+* Chosen by settings: ``OTEL_TASKCTX["NESTED_POLICY"] = "fan_out"`` for every nested launch,
+  or ``OTEL_TASKCTX["FAN_OUT"]`` listing the functions that fan out (inline stays the
+  default).
+* :func:`launch` (inside a job): the child's descendant locks (``conflict_ids``) are reserved
+  under the job's key first, all-or-nothing; a pending row goes into the barrier table
+  (:class:`otel_taskctx.models.FanOutChild`); then the child is enqueued with an identity
+  that keeps the job's key (depth + 1), so its own locks, progress and fan-outs count against
+  the same job. Its completion hook is :func:`child_done`.
+* powercrud's ``task_completion_hook`` is wrapped (:func:`deferred_completion`): when the
+  job's own function ends while children are pending, its end is recorded and the hook
+  returns; the last child's :func:`child_done` runs powercrud's completion then. No worker
+  waits, so a 1-worker cluster cannot deadlock.
+* A failed child (an exception, or ``False`` returned) fails the job: its Task row gets
+  ``success=False`` and a result naming the child, its exception and message. Siblings keep
+  running; the job ends when all have.
+* A worker killed under a child: django-q2 redelivers the child after ``Q_CLUSTER["retry"]``
+  seconds; the job waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from opentelemetry import context
+from opentelemetry.instrumentation.taskctx import utils
+
+from otel_taskctx.context import context_with_identity
+from otel_taskctx.errors import FanOutUnavailable
+from otel_taskctx.identity import TaskIdentity
+
+log = logging.getLogger("otel_taskctx.instrumentation")
+
+#: ``task_id`` of the row that records the job's own end
+JOB_ROW = "(job)"
+CHILD_HOOK = f"{__name__}.child_done"
+
+
+def wanted(func: Any) -> bool:
+    """Fan ``func`` out (instead of running it inline)?"""
+    try:
+        from otel_taskctx.conf import get_setting
+
+        if get_setting("NESTED_POLICY") == "fan_out":
+            return True
+        listed = get_setting("FAN_OUT") or ()
+    except Exception:  # settings not configured
+        return False
+    return bool(listed) and utils.func_path(func) in set(listed)
+
+
+def configured() -> bool:
+    """Does anything fan out in this deployment (else completions are never deferred)?"""
+    try:
+        from otel_taskctx.conf import get_setting
+
+        return get_setting("NESTED_POLICY") == "fan_out" or bool(get_setting("FAN_OUT"))
+    except Exception:
+        return False
+
+
+def launch(
+    identity: TaskIdentity,
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    enqueue: Any,
+    launch: bool,
+) -> Any:
+    """Enqueue ``func`` as a child job of ``identity``'s job; returns django-q2's task id."""
+    from django_q import tasks as q_tasks
+    from django_q.conf import Conf
+
+    from otel_taskctx.descendants import register_for
+    from otel_taskctx.models import FanOutChild
+
+    label = utils.func_path(func)
+    if kwargs.get("sync") or Conf.SYNC:
+        raise FanOutUnavailable(
+            f"cannot fan out {label} from task {identity.task_key}: the broker runs tasks "
+            "synchronously (Q_CLUSTER['sync'] or sync=True), so no other worker can run it "
+            "and the job could not wait for it. Fix: turn sync off, or remove the function "
+            "from OTEL_TASKCTX['FAN_OUT'] / set NESTED_POLICY to 'inline'."
+        )
+    conflict_ids = kwargs.get("conflict_ids") if launch else None
+    if conflict_ids:
+        register_for(identity, conflict_ids)  # all-or-nothing, before anything is enqueued
+    drop = utils.LAUNCH_OPTION_KEYS if launch else ("hook", "sync")
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in drop}
+    if launch or "task_key" in call_kwargs:
+        call_kwargs["task_key"] = identity.task_key
+    row = FanOutChild.objects.create(job_key=identity.task_key, func=label[:255])
+    child = identity.child(identity.task_key, identity.manager_class_path)
+    original = getattr(q_tasks.async_task, "__wrapped__", q_tasks.async_task)
+    token = context.attach(context_with_identity(child))
+    try:
+        task_id = enqueue(original, func, args, {**call_kwargs, "hook": CHILD_HOOK}, fan_out=child)
+    except BaseException:
+        row.delete()
+        raise
+    finally:
+        context.detach(token)
+    FanOutChild.objects.filter(pk=row.pk).update(task_id=str(task_id))
+    return task_id
+
+
+def _failure(task: Any) -> str:
+    if not task.success:
+        text = str(task.result or "").strip().splitlines()
+        return text[-1] if text else "the child failed"
+    if task.result is False:
+        return "the child returned False"
+    return ""
+
+
+def child_done(task: Any) -> None:
+    """django-q2 hook of a child job (in the cluster's monitor): record it, maybe end the job."""
+    from django.utils import timezone
+
+    from otel_taskctx.models import FanOutChild
+
+    job_key = (task.kwargs or {}).get("task_key") if isinstance(task.kwargs, dict) else None
+    rows = FanOutChild.objects.filter(task_id=str(task.id))
+    row = rows.first()
+    if row is None:
+        log.warning("fan-out child %s (%s) has no barrier row", task.id, task.func)
+        return
+    error = _failure(task)
+    state = FanOutChild.State.FAILED if error else FanOutChild.State.DONE
+    rows.update(state=state, error=error[:4000], finished_at=timezone.now())
+    _maybe_complete(row.job_key or job_key)
+
+
+def deferred_completion(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of powercrud's ``task_completion_hook(task)``: deferred while children of
+    the job are pending."""
+    task = args[0] if args else kwargs.get("task")
+    if task is None or not configured():
+        return wrapped(*args, **kwargs)
+    from otel_taskctx.models import FanOutChild
+
+    job_key = str(task.name)
+    children = FanOutChild.objects.filter(job_key=job_key).exclude(task_id=JOB_ROW)
+    if not children.exists():
+        return wrapped(*args, **kwargs)
+    FanOutChild.objects.get_or_create(
+        job_key=job_key,
+        task_id=JOB_ROW,
+        defaults={"state": FanOutChild.State.PENDING, "func": str(task.func)[:255]},
+    )
+    return _maybe_complete(job_key)
+
+
+def _maybe_complete(job_key: str) -> Any:
+    """Run powercrud's completion of ``job_key`` if its function ended and no child is
+    pending (once: the job's row turns from pending to done)."""
+    from django.db import transaction
+    from django.utils import timezone
+    from django_q.models import Task
+    from powercrud import async_hooks
+
+    from otel_taskctx.models import FanOutChild
+
+    with transaction.atomic(using=FanOutChild.objects.db):
+        rows = list(FanOutChild.objects.select_for_update().filter(job_key=job_key))
+        job = next((r for r in rows if r.task_id == JOB_ROW), None)
+        children = [r for r in rows if r.task_id != JOB_ROW]
+        if job is None or job.state != FanOutChild.State.PENDING:
+            return None
+        if any(r.state == FanOutChild.State.PENDING for r in children):
+            return None
+        failed = [r for r in children if r.state == FanOutChild.State.FAILED]
+        FanOutChild.objects.filter(pk=job.pk).update(
+            state=FanOutChild.State.FAILED if failed else FanOutChild.State.DONE,
+            finished_at=timezone.now(),
+        )
+    if failed:
+        first = failed[0]
+        message = f"fan-out child {first.func} (task {first.task_id}) failed: {first.error}" + (
+            f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        )
+        Task.objects.filter(name=job_key).update(success=False, result=message)
+    task = Task.objects.filter(name=job_key).order_by("-stopped").first()
+    if task is None:  # pragma: no cover - the job's row is written before its hook runs
+        log.warning("fan-out job %s has no Task row: its completion cannot run", job_key)
+        return None
+    original = getattr(async_hooks.task_completion_hook, "__wrapped__", None)
+    return (original or async_hooks.task_completion_hook)(task)

@@ -1,0 +1,133 @@
+"""Fan-out: nested jobs run in parallel on other workers; the parent ends after the last one.
+
+A real qcluster runs a parent job (launched by powercrud's AsyncManager) whose nested launches
+are listed in ``OTEL_TASKCTX["FAN_OUT"]``: each becomes a child job on another worker, and
+powercrud's completion of the parent (lock release, progress end) waits for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from django.test.utils import override_settings
+from django_q.models import Task
+from powercrud.async_manager import AsyncManager
+
+from otel_taskctx import task_context
+from otel_taskctx.errors import FanOutUnavailable
+from otel_taskctx.models import FanOutChild
+from tests.testapp.fan_out import CHILD
+
+pytestmark = [pytest.mark.stack, pytest.mark.cluster, pytest.mark.django_db(transaction=True)]
+PARENT = "tests.testapp.fan_out.fan_parent"
+FAN_OUT = {"OTEL_TASKCTX": {"FAN_OUT": [CHILD]}}
+
+
+def read(marker_dir: Path, name: str) -> dict | None:
+    path = marker_dir / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def wait_for_completion(manager: AsyncManager, key: str, timeout: float = 60.0) -> float:
+    """Until powercrud's completion hook removed the job's progress key; when that was."""
+    deadline = time.monotonic() + timeout
+    while manager.get_progress(key) is not None:
+        assert time.monotonic() < deadline, f"job {key} never completed"
+        time.sleep(0.02)
+    return time.time()
+
+
+def locks_of(manager: AsyncManager, ids: list[int]) -> dict:
+    return manager.check_conflict({"testapp.child": ids})
+
+
+@pytest.mark.parametrize("workers", [3, 1])
+def test_children_run_on_other_workers_and_the_parent_ends_after_the_last(
+    cluster_factory, tmp_path, cache, workers
+):
+    cluster = cluster_factory(q_cluster={"workers": workers}, settings=FAN_OUT)
+    groups = [[1, 2], [3, 4], [5, 6]]
+    manager = AsyncManager()
+    key = manager.launch_async_task(PARENT, "p", groups, str(tmp_path), 0.6)
+    completed_at = wait_for_completion(manager, key)
+
+    children = [read(tmp_path, f"p-{n}") for n in range(3)]
+    parent = read(tmp_path, "p-parent")
+    assert parent is not None and all(children), "every child and the parent ran"
+    last_end = max(c["end"] for c in children)
+    assert completed_at >= last_end  # powercrud's completion came after the last child
+    assert parent["ended"] < last_end  # the parent's function did not wait for them
+    for n, child in enumerate(children):
+        # under the parent's key, one level deeper, holding its own descendants
+        assert (child["task_key"], child["depth"], child["task_key_kwarg"]) == (key, 1, key)
+        assert child["held"] == {str(i): key for i in groups[n]}
+        assert child["pid"] in cluster.worker_pids()
+    if workers > 1:
+        assert len({c["pid"] for c in children}) >= 2  # other workers
+        starts = sorted(c["start"] for c in children)
+        assert starts[1] < min(c["end"] for c in children)  # siblings overlapped
+    assert Task.objects.get(name=key).success is True
+    assert locks_of(manager, [i for g in groups for i in g]) == set()
+    assert not FanOutChild.objects.filter(job_key=key, state="pending").exists()
+
+    # the job's tree holds every child's run, with the worker that ran it
+    from otel_taskctx.spans import flush_span_store
+    from otel_taskctx.spans.queries import load_tree
+
+    flush_span_store()
+    deadline = time.monotonic() + 20
+    while True:
+        tree = load_tree(key)
+        runs = (
+            [n for n in tree.job_nodes if n.kind == "CONSUMER" and CHILD in n.name] if tree else []
+        )
+        if len(runs) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(runs) == 3 and all(n.process for n in runs)
+    assert {n.attributes.get("taskctx.root_task_key") for n in runs} == {key}
+    if workers > 1:
+        assert len({n.process for n in runs}) >= 2
+
+
+def test_a_failed_child_fails_the_parent_with_its_error(cluster_factory, tmp_path, cache):
+    cluster_factory(q_cluster={"workers": 2}, settings=FAN_OUT)
+    groups = [[11], [12], [13]]
+    manager = AsyncManager()
+    key = manager.launch_async_task(PARENT, "f", groups, str(tmp_path), 0.3, fail_child=1)
+    wait_for_completion(manager, key)
+    task = Task.objects.get(name=key)
+    assert task.success is False
+    assert f"fan-out child {CHILD}" in task.result
+    assert "ValueError: f-1 failed on purpose" in task.result
+    assert read(tmp_path, "f-0") and read(tmp_path, "f-2")  # the siblings still ran
+    assert locks_of(manager, [11, 12, 13]) == set()
+
+
+def test_fan_out_with_a_sync_launch_is_refused(cache):
+    manager = AsyncManager()
+    with override_settings(OTEL_TASKCTX={"FAN_OUT": [CHILD]}):
+        with task_context("job-sync", "powercrud.async_manager.AsyncManager"):
+            with pytest.raises(FanOutUnavailable, match="synchronously"):
+                manager.launch_async_task(CHILD, "s", [21], "/tmp", 0, sync=True)
+    assert not FanOutChild.objects.filter(job_key="job-sync").exists()
+
+
+def test_the_checks_refuse_fan_out_on_a_sync_broker(settings):
+    from django.core.checks import run_checks
+
+    def ids():
+        return [m.id for m in run_checks() if m.id in ("otel_taskctx.E070", "otel_taskctx.E071")]
+
+    assert ids() == []
+    with override_settings(
+        OTEL_TASKCTX={"FAN_OUT": [CHILD]}, Q_CLUSTER={**settings.Q_CLUSTER, "sync": True}
+    ):
+        assert ids() == ["otel_taskctx.E070"]
+    with override_settings(OTEL_TASKCTX={"NESTED_POLICY": "fan_out"}):
+        assert ids() == []
+    with override_settings(OTEL_TASKCTX={"NESTED_POLICY": "parallel"}):
+        assert ids() == ["otel_taskctx.E071"]

@@ -1,0 +1,85 @@
+"""Job functions for tests/test_fan_out.py: a parent that fans out children to other workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+CHILD = "tests.testapp.fan_out.fan_child"
+
+
+def _write(marker_dir: str, name: str, data: dict[str, Any]) -> None:
+    path = Path(marker_dir) / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def fan_parent(
+    label: str,
+    groups: list[list[int]],
+    marker_dir: str,
+    sleep: float = 0.5,
+    fail_child: int | None = None,
+    task_key: str | None = None,
+    **kwargs: Any,
+) -> bool:
+    """Launches one nested job per group of children (fanned out), then ends."""
+    from powercrud.async_manager import AsyncManager
+
+    for n, ids in enumerate(groups):
+        AsyncManager().launch_async_task(
+            CHILD,
+            f"{label}-{n}",
+            ids,
+            marker_dir,
+            sleep,
+            fail=(n == fail_child),
+            conflict_ids={"testapp.child": set(ids)},
+        )
+    _write(marker_dir, f"{label}-parent", {"ended": time.time(), "pid": os.getpid()})
+    return True
+
+
+def fan_child(
+    label: str,
+    ids: list[int],
+    marker_dir: str,
+    sleep: float,
+    fail: bool = False,
+    task_key: str | None = None,
+    **kwargs: Any,
+) -> int:
+    """A fanned-out child: says who it is and what it holds, works a while, ends."""
+    from otel_taskctx import current_task, get_conflict_store
+    from otel_taskctx.descendants import resolve_manager
+
+    identity = current_task()
+    held = {}
+    if identity is not None:
+        store = get_conflict_store(resolve_manager(identity))
+        held = {
+            str(k): v
+            for k, v in store.holders({"testapp.child": ids}).get("testapp.child", {}).items()
+        }
+    start = time.time()
+    time.sleep(sleep)
+    if fail:
+        raise ValueError(f"{label} failed on purpose")
+    _write(
+        marker_dir,
+        label,
+        {
+            "start": start,
+            "end": time.time(),
+            "pid": os.getpid(),
+            "held": held,
+            "task_key": identity.task_key if identity else None,
+            "depth": identity.depth if identity else None,
+            "task_key_kwarg": task_key,
+        },
+    )
+    return len(ids)

@@ -32,6 +32,8 @@ NESTED_POLICY               what a nested launch inside a job does: "inline" (ru
                             the job's key) or "fan_out" (a child job on another worker; the
                             job ends when its last child has) ("inline")
 FAN_OUT                     dotted function paths that fan out under the "inline" policy (``[]``)
+FAN_OUT_TIMEOUT             seconds after which a fanned-out child with no result fails its
+                            job (3600; 0: never)
 DJANGO_TASKS                instrument Django's task framework (``django.tasks``) too (True)
 TASKS_CACHE                 cache alias of the locks and progress of ``django.tasks`` tasks
                             (None: powercrud's ``CACHE_NAME``, else "default")
@@ -63,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "EXPORT_FROM_ENV": True,
     "NESTED_POLICY": "inline",
     "FAN_OUT": [],
+    "FAN_OUT_TIMEOUT": 3600,
     "DJANGO_TASKS": True,
     "TASKS_CACHE": None,
 }

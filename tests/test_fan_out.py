@@ -131,3 +131,43 @@ def test_the_checks_refuse_fan_out_on_a_sync_broker(settings):
         assert ids() == []
     with override_settings(OTEL_TASKCTX={"NESTED_POLICY": "parallel"}):
         assert ids() == ["otel_taskctx.E071"]
+
+
+def test_a_worker_killed_under_a_child_never_leaves_the_job_running(
+    cluster_factory, tmp_path, cache
+):
+    import os
+    import signal
+
+    from django.core.management import call_command
+    from django_q.conf import Conf
+
+    from tests.testapp.reliability import wait_for_file
+
+    retry, fan_out_timeout = 4, 10
+    fan_out = {"FAN_OUT": [CHILD], "FAN_OUT_TIMEOUT": fan_out_timeout}
+    cluster_factory(
+        q_cluster={"workers": 2, "retry": retry, "timeout": retry - 1},
+        settings={"OTEL_TASKCTX": fan_out},
+    )
+    manager = AsyncManager()
+    key = manager.launch_async_task(PARENT, "k", [[31], [32]], str(tmp_path), 0.2, pause_child=0)
+    reached = tmp_path / "k-0-pause.reached"
+    wait_for_file(reached)
+    os.kill(int(reached.read_text()), signal.SIGKILL)  # the worker running child 0
+    (tmp_path / "k-0-pause.go").write_text("")
+    wait_for_file(tmp_path / "k-1.json")  # the sibling finished on the other worker
+    if Conf.ORM:  # the ORM broker delivers the child again after `retry` seconds
+        wait_for_completion(manager, key, timeout=retry + 30)
+        assert Task.objects.get(name=key).success is True
+        assert read(tmp_path, "k-0") is not None  # the rerun finished the child
+    else:  # Redis: no redelivery; the job fails once FAN_OUT_TIMEOUT has passed
+        time.sleep(fan_out_timeout + 1)
+        assert manager.get_progress(key) is not None  # still waiting for the lost child
+        with override_settings(OTEL_TASKCTX=fan_out):
+            call_command("pcrud_cleanup_async", verbosity=0)  # what powercrud schedules
+        wait_for_completion(manager, key, timeout=10)
+        task = Task.objects.get(name=key)
+        assert task.success is False and "no result within FAN_OUT_TIMEOUT" in task.result
+    assert locks_of(manager, [31, 32]) == set()
+    assert not FanOutChild.objects.filter(job_key=key, state="pending").exists()

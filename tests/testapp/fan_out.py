@@ -24,6 +24,7 @@ def fan_parent(
     marker_dir: str,
     sleep: float = 0.5,
     fail_child: int | None = None,
+    pause_child: int | None = None,
     task_key: str | None = None,
     **kwargs: Any,
 ) -> bool:
@@ -38,6 +39,7 @@ def fan_parent(
             marker_dir,
             sleep,
             fail=(n == fail_child),
+            pause_at=f"{label}-{n}-pause" if n == pause_child else None,
             conflict_ids={"testapp.child": set(ids)},
         )
     _write(marker_dir, f"{label}-parent", {"ended": time.time(), "pid": os.getpid()})
@@ -50,10 +52,16 @@ def fan_child(
     marker_dir: str,
     sleep: float,
     fail: bool = False,
+    pause_at: str | None = None,
     task_key: str | None = None,
     **kwargs: Any,
 ) -> int:
-    """A fanned-out child: says who it is and what it holds, works a while, ends."""
+    """A fanned-out child: says who it is and what it holds, works a while, ends.
+
+    ``pause_at`` names a marker (see tests.testapp.reliability.pause) to stop at once."""
+    from tests.testapp.reliability import pause
+
+    pause(marker_dir, pause_at)
     from otel_taskctx import current_task, get_conflict_store
     from otel_taskctx.descendants import resolve_manager
 

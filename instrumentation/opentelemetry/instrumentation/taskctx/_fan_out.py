@@ -17,8 +17,12 @@ last of them has.
 * A failed child (an exception, or ``False`` returned) fails the job: its Task row gets
   ``success=False`` and a result naming the child, its exception and message. Siblings keep
   running; the job ends when all have.
-* A worker killed under a child: django-q2 redelivers the child after ``Q_CLUSTER["retry"]``
-  seconds; the job waits for it.
+* A worker killed under a child: the ORM broker redelivers the child after
+  ``Q_CLUSTER["retry"]`` seconds and the job waits for it. A child without a result after
+  ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]`` seconds (the Redis broker does not redeliver) is failed
+  by :func:`sweep`, which fails its job and runs the job's completion (locks released). Every
+  completion hook sweeps, and so does powercrud's cleanup (``pcrud_cleanup_async``, which
+  powercrud can schedule), whose ``cleanup_completed_tasks`` is wrapped.
 """
 
 from __future__ import annotations
@@ -117,6 +121,44 @@ def _failure(task: Any) -> str:
     return ""
 
 
+def sweep() -> int:
+    """Fail children with no result after ``FAN_OUT_TIMEOUT`` seconds and complete their jobs.
+    Returns the number of children failed."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from otel_taskctx.conf import get_setting
+    from otel_taskctx.models import FanOutChild
+
+    timeout = float(get_setting("FAN_OUT_TIMEOUT") or 0)
+    if timeout <= 0:
+        return 0
+    stale = FanOutChild.objects.filter(
+        state=FanOutChild.State.PENDING, created_at__lt=timezone.now() - timedelta(seconds=timeout)
+    ).exclude(task_id=JOB_ROW)
+    jobs = set(stale.values_list("job_key", flat=True))
+    failed = stale.update(
+        state=FanOutChild.State.FAILED,
+        finished_at=timezone.now(),
+        error=f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): its worker was killed or "
+        "lost, and the broker did not deliver it again",
+    )
+    for job_key in jobs:
+        _maybe_complete(job_key)
+    return failed
+
+
+def swept_cleanup(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper of powercrud's ``cleanup_completed_tasks``: sweep fan-out jobs first."""
+    if configured():
+        try:
+            sweep()
+        except Exception:
+            log.warning("could not sweep fan-out jobs", exc_info=True)
+    return wrapped(*args, **kwargs)
+
+
 def child_done(task: Any) -> None:
     """django-q2 hook of a child job (in the cluster's monitor): record it, maybe end the job."""
     from django.utils import timezone
@@ -133,6 +175,7 @@ def child_done(task: Any) -> None:
     state = FanOutChild.State.FAILED if error else FanOutChild.State.DONE
     rows.update(state=state, error=error[:4000], finished_at=timezone.now())
     _maybe_complete(row.job_key or job_key)
+    sweep()
 
 
 def deferred_completion(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -152,6 +195,7 @@ def deferred_completion(wrapped: Any, instance: Any, args: tuple, kwargs: dict) 
         task_id=JOB_ROW,
         defaults={"state": FanOutChild.State.PENDING, "func": str(task.func)[:255]},
     )
+    sweep()
     return _maybe_complete(job_key)
 
 

@@ -122,6 +122,8 @@ class Patches:
             from powercrud import async_hooks
 
             self.wrap(async_hooks, "task_completion_hook", _fan_out.deferred_completion)
+            if "cleanup_completed_tasks" in vars(AsyncManager):
+                self.wrap(AsyncManager, "cleanup_completed_tasks", _fan_out.swept_cleanup)
             if "check_conflict" in vars(AsyncManager):
                 self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
                 _conflict_log.install_filter()

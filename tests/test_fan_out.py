@@ -171,3 +171,19 @@ def test_a_worker_killed_under_a_child_never_leaves_the_job_running(
         assert task.success is False and "no result within FAN_OUT_TIMEOUT" in task.result
     assert locks_of(manager, [31, 32]) == set()
     assert not FanOutChild.objects.filter(job_key=key, state="pending").exists()
+
+
+def test_children_launched_in_a_transaction_see_what_it_committed(cluster_factory, tmp_path, cache):
+    from tests.testapp.models import Parent
+
+    cluster_factory(q_cluster={"workers": 2}, settings=FAN_OUT)
+    parent = Parent.objects.create(name="P", status="draft")
+    manager = AsyncManager()
+    key = manager.launch_async_task(
+        PARENT, "t", [[41], [42]], str(tmp_path), 0.1, parent_id=parent.pk
+    )
+    wait_for_completion(manager, key)
+    children = [read(tmp_path, f"t-{n}") for n in range(2)]
+    assert all(children) and {c["parent_status"] for c in children} == {"approved"}
+    assert Task.objects.get(name=key).success is True
+    assert locks_of(manager, [41, 42]) == set()

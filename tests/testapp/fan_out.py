@@ -25,10 +25,27 @@ def fan_parent(
     sleep: float = 0.5,
     fail_child: int | None = None,
     pause_child: int | None = None,
+    parent_id: int | None = None,
     task_key: str | None = None,
     **kwargs: Any,
 ) -> bool:
-    """Launches one nested job per group of children (fanned out), then ends."""
+    """Launches one nested job per group of children (fanned out), then ends. With
+    ``parent_id``, it runs in one transaction that first approves that parent (as powercrud's
+    bulk update does) and the children record the parent's status they see."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        if parent_id is not None:
+            from tests.testapp.models import Parent
+
+            Parent.objects.filter(pk=parent_id).update(status="approved")
+        _launch_children(label, groups, marker_dir, sleep, fail_child, pause_child, parent_id)
+        time.sleep(0.3 if parent_id is not None else 0)  # children must wait for the commit
+    _write(marker_dir, f"{label}-parent", {"ended": time.time(), "pid": os.getpid()})
+    return True
+
+
+def _launch_children(label, groups, marker_dir, sleep, fail_child, pause_child, parent_id):
     from powercrud.async_manager import AsyncManager
 
     for n, ids in enumerate(groups):
@@ -40,10 +57,9 @@ def fan_parent(
             sleep,
             fail=(n == fail_child),
             pause_at=f"{label}-{n}-pause" if n == pause_child else None,
+            parent_id=parent_id,
             conflict_ids={"testapp.child": set(ids)},
         )
-    _write(marker_dir, f"{label}-parent", {"ended": time.time(), "pid": os.getpid()})
-    return True
 
 
 def fan_child(
@@ -53,6 +69,7 @@ def fan_child(
     sleep: float,
     fail: bool = False,
     pause_at: str | None = None,
+    parent_id: int | None = None,
     task_key: str | None = None,
     **kwargs: Any,
 ) -> int:
@@ -88,6 +105,15 @@ def fan_child(
             "task_key": identity.task_key if identity else None,
             "depth": identity.depth if identity else None,
             "task_key_kwarg": task_key,
+            "parent_status": _parent_status(parent_id),
         },
     )
     return len(ids)
+
+
+def _parent_status(parent_id: int | None) -> str | None:
+    if parent_id is None:
+        return None
+    from tests.testapp.models import Parent
+
+    return Parent.objects.get(pk=parent_id).status

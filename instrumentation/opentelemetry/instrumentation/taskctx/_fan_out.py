@@ -7,7 +7,8 @@ last of them has.
   default).
 * :func:`launch` (inside a job): the child's descendant locks (``conflict_ids``) are reserved
   under the job's key first, all-or-nothing; a pending row goes into the barrier table
-  (:class:`otel_taskctx.models.FanOutChild`); then the child is enqueued with an identity
+  (:class:`otel_taskctx.models.FanOutChild`); then the child is enqueued (inside a database
+  transaction: when it commits, so the child sees what the job wrote) with an identity
   that keeps the job's key (depth + 1), so its own locks, progress and fan-outs count against
   the same job. Its completion hook is :func:`child_done`.
 * powercrud's ``task_completion_hook`` is wrapped (:func:`deferred_completion`): when the
@@ -97,19 +98,31 @@ def launch(
     call_kwargs = {k: v for k, v in kwargs.items() if k not in drop}
     if launch or "task_key" in call_kwargs:
         call_kwargs["task_key"] = identity.task_key
-    row = FanOutChild.objects.create(job_key=identity.task_key, func=label[:255])
-    child = identity.child(identity.task_key, identity.manager_class_path)
-    original = getattr(q_tasks.async_task, "__wrapped__", q_tasks.async_task)
-    token = context.attach(context_with_identity(child))
-    try:
-        task_id = enqueue(original, func, args, {**call_kwargs, "hook": CHILD_HOOK}, fan_out=child)
-    except BaseException:
-        row.delete()
-        raise
-    finally:
-        context.detach(token)
-    FanOutChild.objects.filter(pk=row.pk).update(task_id=str(task_id))
-    return task_id
+    from django.db import connection, transaction
+
+    def enqueue_child() -> Any:
+        row = FanOutChild.objects.create(job_key=identity.task_key, func=label[:255])
+        child = identity.child(identity.task_key, identity.manager_class_path)
+        original = getattr(q_tasks.async_task, "__wrapped__", q_tasks.async_task)
+        token = context.attach(context_with_identity(child))
+        try:
+            task_id = enqueue(
+                original, func, args, {**call_kwargs, "hook": CHILD_HOOK}, fan_out=child
+            )
+        except BaseException:
+            row.delete()
+            raise
+        finally:
+            context.detach(token)
+        FanOutChild.objects.filter(pk=row.pk).update(task_id=str(task_id))
+        return task_id
+
+    if connection.in_atomic_block:
+        # the child must see what the job committed: it is enqueued when the job's
+        # transaction commits (and never, if it rolls back)
+        transaction.on_commit(enqueue_child)
+        return f"{identity.task_key}/fan-out/on-commit"
+    return enqueue_child()
 
 
 def _failure(task: Any) -> str:

@@ -30,6 +30,7 @@ browser: env
 demo: env
 	$(UV) run --frozen python sample/manage.py taskctx_demo $(DEMO_ARGS)
 	$(UV) run --frozen python sample/manage.py taskctx_tasks_demo
+	$(UV) run --frozen python sample/manage.py taskctx_fan_out_demo
 
 # the sample in the browser: runserver + qcluster (http://127.0.0.1:8000/, Ctrl-C stops both)
 serve: env

@@ -200,3 +200,37 @@ def test_tasks_demo_runs_the_nested_bulk_edit_through_db_worker(tmp_path):
     assert "nested tasks that reached the queue: 0" in out
     assert "locks after the task: 0" in out
     assert re.search(r"chapters seen locked under the task's key: [1-9]", out)
+
+
+@pytest.mark.cluster
+@pytest.mark.stack
+def test_fan_out_demo_runs_both_policies_correctly(tmp_path):
+    """``make demo``'s last command: the bulk edit inline, then with fan-out."""
+    if STACK == "redis-postgres":
+        drop_sample_pg_database()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "sample/manage.py",
+            "taskctx_fan_out_demo",
+            "--albums",
+            "3",
+            "--tracks",
+            "2",
+            "--delay",
+            "0.05",
+            "--workers",
+            "2",
+        ],
+        cwd=REPO_ROOT,
+        env=sample_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "fan-out demo passed" in out
+    assert re.search(r"inline\s+success\s+[\d.]+s\s+6/6\s+0", out), out[-2000:]
+    assert re.search(r"fan-out\s+success\s+[\d.]+s\s+6/6\s+0", out), out[-2000:]
+    assert "speed-up with fan-out:" in out

@@ -128,8 +128,8 @@ class FanOutChild(models.Model):
 
     ``job_key`` is the lock-holding task key of the job (the root job: children keep its key,
     so their fan-outs count against it too); ``task_id`` is the child's django-q2 task id.
-    A job's own end is a row with ``task_id`` empty (``state`` "ended"/"failed"): its
-    completion (powercrud's hook) runs once no child of the job is pending.
+    A job's own end is a row with ``task_id`` "(job)": its completion (powercrud's hook) runs
+    once no child of the job is pending, and then the job's rows are deleted.
     """
 
     class State(models.TextChoices):
@@ -140,7 +140,9 @@ class FanOutChild(models.Model):
     job_key = models.CharField(max_length=200, db_index=True)
     task_id = models.CharField(max_length=64, blank=True, default="")
     func = models.CharField(max_length=255, blank=True, default="")
-    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    state = models.CharField(
+        max_length=10, choices=State.choices, default=State.PENDING, db_index=True
+    )
     error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -134,10 +134,23 @@ def _failure(task: Any) -> str:
     return ""
 
 
-def sweep() -> int:
+#: seconds between two sweeps of one process from its completion hooks
+SWEEP_INTERVAL = 10.0
+_last_sweep = 0.0
+
+
+def sweep(force: bool = True) -> int:
     """Fail children with no result after ``FAN_OUT_TIMEOUT`` seconds and complete their jobs.
-    Returns the number of children failed."""
+    Returns the number of children failed. ``force=False`` (the completion hooks) sweeps at
+    most once every :data:`SWEEP_INTERVAL` seconds per process."""
+    import time
     from datetime import timedelta
+
+    global _last_sweep
+    now = time.monotonic()
+    if not force and now - _last_sweep < SWEEP_INTERVAL:
+        return 0
+    _last_sweep = now
 
     from django.utils import timezone
 
@@ -151,6 +164,8 @@ def sweep() -> int:
         state=FanOutChild.State.PENDING, created_at__lt=timezone.now() - timedelta(seconds=timeout)
     ).exclude(task_id=JOB_ROW)
     jobs = set(stale.values_list("job_key", flat=True))
+    if not jobs:
+        return 0
     failed = stale.update(
         state=FanOutChild.State.FAILED,
         finished_at=timezone.now(),
@@ -188,7 +203,7 @@ def child_done(task: Any) -> None:
     state = FanOutChild.State.FAILED if error else FanOutChild.State.DONE
     rows.update(state=state, error=error[:4000], finished_at=timezone.now())
     _maybe_complete(row.job_key or job_key)
-    sweep()
+    sweep(force=False)
 
 
 def deferred_completion(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -208,7 +223,7 @@ def deferred_completion(wrapped: Any, instance: Any, args: tuple, kwargs: dict) 
         task_id=JOB_ROW,
         defaults={"state": FanOutChild.State.PENDING, "func": str(task.func)[:255]},
     )
-    sweep()
+    sweep(force=False)
     return _maybe_complete(job_key)
 
 
@@ -216,12 +231,15 @@ def _maybe_complete(job_key: str) -> Any:
     """Run powercrud's completion of ``job_key`` if its function ended and no child is
     pending (once: the job's row turns from pending to done)."""
     from django.db import transaction
-    from django.utils import timezone
     from django_q.models import Task
     from powercrud import async_hooks
 
     from otel_taskctx.models import FanOutChild
 
+    rows = FanOutChild.objects.filter(job_key=job_key)
+    pending = rows.filter(state=FanOutChild.State.PENDING)
+    if not pending.filter(task_id=JOB_ROW).exists() or pending.exclude(task_id=JOB_ROW).exists():
+        return None  # the job's function still runs, or a child is pending: nothing to do yet
     with transaction.atomic(using=FanOutChild.objects.db):
         rows = list(FanOutChild.objects.select_for_update().filter(job_key=job_key))
         job = next((r for r in rows if r.task_id == JOB_ROW), None)
@@ -231,10 +249,8 @@ def _maybe_complete(job_key: str) -> Any:
         if any(r.state == FanOutChild.State.PENDING for r in children):
             return None
         failed = [r for r in children if r.state == FanOutChild.State.FAILED]
-        FanOutChild.objects.filter(pk=job.pk).update(
-            state=FanOutChild.State.FAILED if failed else FanOutChild.State.DONE,
-            finished_at=timezone.now(),
-        )
+        # the job is complete: its barrier rows are not needed any more
+        FanOutChild.objects.filter(job_key=job_key).delete()
     if failed:
         first = failed[0]
         message = f"fan-out child {first.func} (task {first.task_id}) failed: {first.error}" + (

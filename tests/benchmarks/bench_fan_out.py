@@ -1,0 +1,184 @@
+"""Fan-out vs inline: one bulk job of 20 parents x 100 descendants on a 4-worker qcluster.
+
+``python -m tests.benchmarks fan_out [--stack=embedded|redis-postgres] [--quick]``
+
+One job (launched by powercrud's ``AsyncManager``) launches a nested job per parent; each nested
+job stands for 100 descendants of ~20 ms of I/O-like work each (one sleep of 2 s; ``--quick``:
+5 parents x 20 descendants). The same job runs twice in one run, on a fresh 4-worker cluster
+each time:
+
+* **inline** (the default policy): every nested job runs in the job's worker, one after the
+  other;
+* **fan-out** (``OTEL_TASKCTX["FAN_OUT"]``): every nested job is a child job on any worker,
+  and powercrud's completion of the job waits for the last one.
+
+Reported: the wall time from the launch to powercrud's completion (its progress key removed)
+and the fan-out/inline ratio (target <= 0.35x; ideal 0.25x with 4 workers); the barrier's own
+cost per child (its row written, the child's id recorded, the child's completion recorded and
+the job's state checked: measured in this process on the benchmark's database, per child);
+jobs whose completion came before one of their descendants ended (target 0); locks left
+(target 0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.benchmarks._util import table
+
+PARENT = "tests.testapp.fan_out.fan_parent"
+CHILD = "tests.testapp.fan_out.fan_child"
+RESULT_TAG = "FAN_OUT_RESULT "
+TARGET_RATIO, TARGET_BARRIER_MS = 0.35, 2.0
+
+
+def _option(argv: list[str], name: str, default: str | None = None) -> str | None:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), default)
+
+
+def _run_policy(policy: str, parents: int, descendants: int, work_ms: float) -> dict:
+    from powercrud.async_manager import AsyncManager
+
+    from tests.cluster import run_cluster
+
+    settings = {"OTEL_TASKCTX": {"FAN_OUT": [CHILD]} if policy == "fan-out" else {}}
+    marker_dir = Path(tempfile.mkdtemp(prefix=f"fan-out-{policy}-"))
+    groups = [list(range(p * descendants + 1, (p + 1) * descendants + 1)) for p in range(parents)]
+    manager = AsyncManager()
+    with run_cluster(q_cluster={"workers": 4, "timeout": 600, "retry": 900}, settings=settings):
+        started = time.monotonic()
+        key = manager.launch_async_task(
+            PARENT, policy, groups, str(marker_dir), descendants * work_ms / 1000
+        )
+        while manager.get_progress(key) is not None:
+            time.sleep(0.02)
+        completed = time.time()
+        wall = time.monotonic() - started
+    ends = [
+        json.loads((marker_dir / f"{policy}-{n}.json").read_text())["end"] for n in range(parents)
+    ]
+    ids = [i for g in groups for i in g]
+    return {
+        "wall_s": wall,
+        "early": int(completed < max(ends)),
+        "locks_left": len(manager.check_conflict({"testapp.child": ids})),
+    }
+
+
+def _barrier_ms(children: int = 200) -> float:
+    """The barrier's own database work per child, on this run's database."""
+    from django_q.models import Task
+    from opentelemetry.instrumentation.taskctx import _fan_out
+
+    from otel_taskctx.models import FanOutChild
+
+    job = f"bench-barrier-{time.time_ns()}"
+    Task.objects.filter(name=job).delete()
+    # the job's function has ended (its row is written) while its children still run
+    FanOutChild.objects.create(job_key=job, task_id=_fan_out.JOB_ROW)
+    start = time.perf_counter()
+    for n in range(children):  # launch side: the pending row, then the child's id
+        row = FanOutChild.objects.create(job_key=job, func=CHILD)
+        FanOutChild.objects.filter(pk=row.pk).update(task_id=f"t{n}")
+    for n in range(children - 1):  # each child's hook but the last: record, check, sweep
+        FanOutChild.objects.filter(task_id=f"t{n}").update(state=FanOutChild.State.DONE)
+        _fan_out._maybe_complete(job)
+        _fan_out.sweep(force=False)
+    elapsed = time.perf_counter() - start
+    FanOutChild.objects.filter(job_key=job).delete()
+    return elapsed * 1000 / children
+
+
+def run_stack(stack: str, quick: bool) -> dict:
+    from tests.benchmarks.bench_jobs import prepare_environment, quiet_logging, setup_database
+
+    prepare_environment(stack, "fan-out")
+    setup_database()
+    quiet_logging()
+    parents, descendants = (5, 20) if quick else (20, 100)
+    result = {p: _run_policy(p, parents, descendants, 20.0) for p in ("inline", "fan-out")}
+    result["barrier_ms"] = statistics.median(_barrier_ms() for _ in range(3))
+    result["shape"] = f"{parents} parents x {descendants} descendants x 20 ms"
+    return result
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    stack = _option(argv, "stack")
+    if _option(argv, "child"):
+        print(RESULT_TAG + json.dumps(run_stack(stack or "embedded", quick)), flush=True)
+        return 0
+    rows, ok = [], True
+    for name in [stack] if stack else ["embedded", "redis-postgres"]:
+        env = {k: v for k, v in os.environ.items() if k not in ("TASKCTX_STACK", "TASKCTX_DB_NAME")}
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.benchmarks.bench_fan_out",
+                f"--stack={name}",
+                "--child=1",
+                *(["--quick"] if quick else []),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+        if proc.returncode or not lines:
+            print(proc.stdout[-3000:])
+            print(f"{name}: benchmark failed (exit {proc.returncode})")
+            return 1
+        r = json.loads(lines[-1][len(RESULT_TAG) :])
+        ratio = r["fan-out"]["wall_s"] / r["inline"]["wall_s"]
+        early = r["inline"]["early"] + r["fan-out"]["early"]
+        locks = r["inline"]["locks_left"] + r["fan-out"]["locks_left"]
+        met = (
+            ratio <= TARGET_RATIO
+            and r["barrier_ms"] < TARGET_BARRIER_MS
+            and not early
+            and not locks
+        )
+        ok = ok and met
+        rows.append(
+            [
+                "ORM broker (SQLite)" if name == "embedded" else "Redis + PostgreSQL",
+                f"{r['inline']['wall_s']:.2f}",
+                f"{r['fan-out']['wall_s']:.2f}",
+                f"{ratio:.2f}x",
+                f"{r['barrier_ms']:.2f}",
+                str(early),
+                str(locks),
+                "yes" if met else "NO",
+            ]
+        )
+        shape = r["shape"]
+    print()
+    print(
+        table(
+            [
+                "broker",
+                "inline s",
+                "fan-out s",
+                "ratio (<= 0.35x)",
+                "barrier ms/child (< 2)",
+                "ended early",
+                "locks left",
+                "targets met",
+            ],
+            rows,
+        )
+    )
+    print(f"{shape}; one job, 4 workers; wall: launch -> powercrud's completion")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -187,3 +187,53 @@ def test_children_launched_in_a_transaction_see_what_it_committed(cluster_factor
     assert all(children) and {c["parent_status"] for c in children} == {"approved"}
     assert Task.objects.get(name=key).success is True
     assert locks_of(manager, [41, 42]) == set()
+
+
+def test_nested_fan_out_progress_false_results_and_busy_workers(cluster_factory, tmp_path, cache):
+    """Two parents keep both workers busy; a child fans out a grandchild (the barrier is
+    transitive) and reports progress under the job's key; a child returning False fails its
+    job; the other job succeeds."""
+    cluster_factory(q_cluster={"workers": 2}, settings=FAN_OUT)
+    manager = AsyncManager()
+    options = {0: {"grandchild": [73]}, 1: {"return_false": True}}
+    first = manager.launch_async_task(
+        PARENT, "a", [[71], [72]], str(tmp_path), 0.5, child_options=options
+    )
+    second = manager.launch_async_task(PARENT, "b", [[81], [82]], str(tmp_path), 0.5)
+    seen_progress = set()
+    deadline = time.monotonic() + 60
+    while manager.get_progress(first) is not None or manager.get_progress(second) is not None:
+        seen_progress.add(manager.get_progress(first))
+        assert time.monotonic() < deadline, "the jobs never completed"
+        time.sleep(0.02)
+    completed_at = time.time()
+    grand = read(tmp_path, "a-0-grand")
+    assert grand is not None and (grand["task_key"], grand["depth"]) == (first, 2)
+    assert completed_at >= grand["end"]  # the job waited for its grandchild too
+    assert "child a-0 working" in seen_progress  # a child's progress, under the job's key
+    failed = Task.objects.get(name=first)
+    assert failed.success is False and "the child returned False" in failed.result
+    assert Task.objects.get(name=second).success is True
+    assert locks_of(manager, [71, 72, 73, 81, 82]) == set()
+
+
+def test_a_conflicting_fan_out_launch_enqueues_nothing(cache):
+    from django_q.brokers import get_broker
+
+    from otel_taskctx import DescendantConflict, get_conflict_store
+
+    manager = AsyncManager()
+    get_conflict_store(manager).reserve("someone-else", {"testapp.child": [91]})
+    broker = get_broker()
+    queued = broker.queue_size()
+    with override_settings(OTEL_TASKCTX={"FAN_OUT": [CHILD]}):
+        with task_context("job-c", "powercrud.async_manager.AsyncManager"):
+            with pytest.raises(DescendantConflict) as conflict:
+                manager.launch_async_task(
+                    CHILD, "c", [90, 91], "/tmp", 0, conflict_ids={"testapp.child": {90, 91}}
+                )
+    assert conflict.value.holder_task_key == "someone-else"
+    assert broker.queue_size() == queued  # nothing was enqueued
+    assert not FanOutChild.objects.filter(job_key="job-c").exists()
+    assert locks_of(manager, [90]) == set()  # and nothing new was reserved
+    get_conflict_store(manager).release("someone-else")

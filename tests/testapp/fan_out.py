@@ -26,6 +26,7 @@ def fan_parent(
     fail_child: int | None = None,
     pause_child: int | None = None,
     parent_id: int | None = None,
+    child_options: dict[int, dict[str, Any]] | None = None,
     task_key: str | None = None,
     **kwargs: Any,
 ) -> bool:
@@ -39,16 +40,21 @@ def fan_parent(
             from tests.testapp.models import Parent
 
             Parent.objects.filter(pk=parent_id).update(status="approved")
-        _launch_children(label, groups, marker_dir, sleep, fail_child, pause_child, parent_id)
+        _launch_children(
+            label, groups, marker_dir, sleep, fail_child, pause_child, parent_id, child_options
+        )
         time.sleep(0.3 if parent_id is not None else 0)  # children must wait for the commit
     _write(marker_dir, f"{label}-parent", {"ended": time.time(), "pid": os.getpid()})
     return True
 
 
-def _launch_children(label, groups, marker_dir, sleep, fail_child, pause_child, parent_id):
+def _launch_children(
+    label, groups, marker_dir, sleep, fail_child, pause_child, parent_id, child_options=None
+):
     from powercrud.async_manager import AsyncManager
 
     for n, ids in enumerate(groups):
+        extra = (child_options or {}).get(n, {})
         AsyncManager().launch_async_task(
             CHILD,
             f"{label}-{n}",
@@ -59,6 +65,7 @@ def _launch_children(label, groups, marker_dir, sleep, fail_child, pause_child, 
             pause_at=f"{label}-{n}-pause" if n == pause_child else None,
             parent_id=parent_id,
             conflict_ids={"testapp.child": set(ids)},
+            **extra,
         )
 
 
@@ -70,15 +77,32 @@ def fan_child(
     fail: bool = False,
     pause_at: str | None = None,
     parent_id: int | None = None,
+    grandchild: list[int] | None = None,
+    return_false: bool = False,
     task_key: str | None = None,
     **kwargs: Any,
-) -> int:
+) -> int | bool:
     """A fanned-out child: says who it is and what it holds, works a while, ends.
 
-    ``pause_at`` names a marker (see tests.testapp.reliability.pause) to stop at once."""
+    ``pause_at`` names a marker (see tests.testapp.reliability.pause) to stop at once;
+    ``grandchild`` ids: the child fans out a child of its own for them; ``return_false``: the
+    child reports failure the powercrud way."""
+    from otel_taskctx import report_progress
     from tests.testapp.reliability import pause
 
     pause(marker_dir, pause_at)
+    report_progress(f"child {label} working")
+    if grandchild:
+        from powercrud.async_manager import AsyncManager
+
+        AsyncManager().launch_async_task(
+            CHILD,
+            f"{label}-grand",
+            grandchild,
+            marker_dir,
+            sleep * 2,
+            conflict_ids={"testapp.child": set(grandchild)},
+        )
     from otel_taskctx import current_task, get_conflict_store
     from otel_taskctx.descendants import resolve_manager
 
@@ -94,6 +118,8 @@ def fan_child(
     time.sleep(sleep)
     if fail:
         raise ValueError(f"{label} failed on purpose")
+    if return_false:
+        return False
     _write(
         marker_dir,
         label,

@@ -210,7 +210,8 @@ def test_nested_fan_out_progress_false_results_and_busy_workers(cluster_factory,
     grand = read(tmp_path, "a-0-grand")
     assert grand is not None and (grand["task_key"], grand["depth"]) == (first, 2)
     assert completed_at >= grand["end"]  # the job waited for its grandchild too
-    assert "child a-0 working" in seen_progress  # a child's progress, under the job's key
+    # the children's progress, under the job's key
+    assert {m for m in seen_progress if m and m.startswith("child a-")}
     failed = Task.objects.get(name=first)
     assert failed.success is False and "the child returned False" in failed.result
     assert Task.objects.get(name=second).success is True

@@ -184,6 +184,17 @@ def _enqueue(
         return original(func, *args, **kwargs)
 
 
+def _nested_launch(
+    identity: TaskIdentity, func: Any, args: tuple, kwargs: dict, launch: bool
+) -> Any:
+    """A launch inside a task: fanned out to another worker, or run inline (the default)."""
+    if _fan_out.wanted(func):
+        return _fan_out.launch(identity, func, args, kwargs, _enqueue, launch=launch)
+    if launch:
+        return _nested.run_suppressed_launch(identity, func, args, kwargs)
+    return _nested.run_suppressed_async_task(identity, func, args, kwargs)
+
+
 def traced_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of ``django_q.tasks.async_task(func, *args, **kwargs)`` (a pass-through
     when inactive)."""
@@ -192,9 +203,7 @@ def traced_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) ->
     func, rest = args[0], args[1:]
     identity = current_task()
     if _nested.should_run_inline(identity, func):
-        if _fan_out.wanted(func):
-            return _fan_out.launch(identity, func, rest, kwargs, _enqueue, launch=False)
-        return _nested.run_suppressed_async_task(identity, func, rest, kwargs)
+        return _nested_launch(identity, func, rest, kwargs, launch=False)
     return _enqueue(wrapped, func, rest, kwargs)
 
 
@@ -206,9 +215,7 @@ def traced_launch_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: d
     func, rest = args[0], args[1:]
     identity = current_task()
     if _nested.should_run_inline(identity, func):
-        if _fan_out.wanted(func):
-            return _fan_out.launch(identity, func, rest, kwargs, _enqueue, launch=True)
-        return _nested.run_suppressed_launch(identity, func, rest, kwargs)
+        return _nested_launch(identity, func, rest, kwargs, launch=True)
     user_id, user_label = _user_of(kwargs.get("user"))
     launch = _Launch(utils.class_path(type(instance)), user_id=user_id, user_label=user_label)
     token = context.attach(context.set_value(_LAUNCH_KEY, launch))

@@ -127,7 +127,7 @@ class FanOutChild(models.Model):
     """One nested job fanned out to another worker, and the job that waits for it.
 
     ``job_key`` is the lock-holding task key of the job (the root job: children keep its key,
-    so their fan-outs count against it too); ``task_id`` is the child's django-q2 task id.
+    so their fan-outs count against it too); ``task_id`` is the child's django-q2 task name.
     A job's own end is a row with ``task_id`` "(job)": its completion (powercrud's hook) runs
     once no child of the job is pending, and then the job's rows are deleted.
     """
@@ -138,7 +138,7 @@ class FanOutChild(models.Model):
         FAILED = "failed"
 
     job_key = models.CharField(max_length=200, db_index=True)
-    task_id = models.CharField(max_length=64, blank=True, default="")
+    task_id = models.CharField(max_length=64, blank=True, default="", db_index=True)
     func = models.CharField(max_length=255, blank=True, default="")
     state = models.CharField(
         max_length=10, choices=State.choices, default=State.PENDING, db_index=True

@@ -29,6 +29,7 @@ last of them has.
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from opentelemetry import context
@@ -101,21 +102,21 @@ def launch(
     from django.db import connection, transaction
 
     def enqueue_child() -> Any:
-        row = FanOutChild.objects.create(job_key=identity.task_key, func=label[:255])
+        # the child's django-q2 task name is chosen here, so its barrier row is written once,
+        # before the enqueue (the child may end before the enqueue returns)
+        name = f"fan-out-{uuid.uuid4().hex}"
+        row = FanOutChild.objects.create(job_key=identity.task_key, task_id=name, func=label[:255])
         child = identity.child(identity.task_key, identity.manager_class_path)
         original = getattr(q_tasks.async_task, "__wrapped__", q_tasks.async_task)
+        options = {**call_kwargs, "hook": CHILD_HOOK, "task_name": name}
         token = context.attach(context_with_identity(child))
         try:
-            task_id = enqueue(
-                original, func, args, {**call_kwargs, "hook": CHILD_HOOK}, fan_out=child
-            )
+            return enqueue(original, func, args, options, fan_out=child)
         except BaseException:
             row.delete()
             raise
         finally:
             context.detach(token)
-        FanOutChild.objects.filter(pk=row.pk).update(task_id=str(task_id))
-        return task_id
 
     if connection.in_atomic_block:
         # the child must see what the job committed: it is enqueued when the job's
@@ -193,16 +194,15 @@ def child_done(task: Any) -> None:
 
     from otel_taskctx.models import FanOutChild
 
-    job_key = (task.kwargs or {}).get("task_key") if isinstance(task.kwargs, dict) else None
-    rows = FanOutChild.objects.filter(task_id=str(task.id))
-    row = rows.first()
-    if row is None:
-        log.warning("fan-out child %s (%s) has no barrier row", task.id, task.func)
+    rows = FanOutChild.objects.filter(task_id=str(task.name))
+    job_key = rows.values_list("job_key", flat=True).first()
+    if job_key is None:
+        log.warning("fan-out child %s (%s) has no barrier row", task.name, task.func)
         return
     error = _failure(task)
     state = FanOutChild.State.FAILED if error else FanOutChild.State.DONE
     rows.update(state=state, error=error[:4000], finished_at=timezone.now())
-    _maybe_complete(row.job_key or job_key)
+    _maybe_complete(job_key)
     sweep(force=False)
 
 
@@ -236,9 +236,8 @@ def _maybe_complete(job_key: str) -> Any:
 
     from otel_taskctx.models import FanOutChild
 
-    rows = FanOutChild.objects.filter(job_key=job_key)
-    pending = rows.filter(state=FanOutChild.State.PENDING)
-    if not pending.filter(task_id=JOB_ROW).exists() or pending.exclude(task_id=JOB_ROW).exists():
+    pending = FanOutChild.objects.filter(job_key=job_key, state=FanOutChild.State.PENDING)
+    if list(pending.values_list("task_id", flat=True)[:2]) != [JOB_ROW]:
         return None  # the job's function still runs, or a child is pending: nothing to do yet
     with transaction.atomic(using=FanOutChild.objects.db):
         rows = list(FanOutChild.objects.select_for_update().filter(job_key=job_key))

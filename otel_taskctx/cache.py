@@ -127,6 +127,8 @@ class DatabaseCache(DjangoDatabaseCache):
 
 # --- which caches keep conflict locks -------------------------------------------------------
 _LOCK_SAFE_ATTR = "_otel_taskctx_lock_safe"
+#: Django's own backend, which powercrud uses through :func:`lock_safe`
+DJANGO_DATABASE_CACHE = "django.core.cache.backends.db.DatabaseCache"
 LOCK_SAFE_BACKEND = f"{__name__}.DatabaseCache"
 
 
@@ -147,7 +149,7 @@ def lock_safe(cache: Any, alias: str) -> Any:
         params = dict(caches.settings.get(alias) or {})
         backend = params.pop("BACKEND", "")
         location = params.pop("LOCATION", "")
-        if backend != "django.core.cache.backends.db.DatabaseCache" or location != cache._table:
+        if backend != DJANGO_DATABASE_CACHE or location != cache._table:
             return cache  # not the alias's own cache object: leave it alone
         safe = DatabaseCache(location, params)
         vars(cache)[_LOCK_SAFE_ATTR] = safe

@@ -76,7 +76,6 @@ _CULLING_BACKENDS = (
     "django.core.cache.backends.filebased.FileBasedCache",
 )
 _NON_EVICTING_REDIS_POLICIES = ("noeviction",)
-_DJANGO_DATABASE_CACHE = "django.core.cache.backends.db.DatabaseCache"
 
 
 def _redis_memory_policy(cache) -> tuple[str, int]:
@@ -129,10 +128,10 @@ def check_lock_eviction(app_configs=None, **kwargs):
         backend = import_string(path)
     except Exception:
         return []
-    from otel_taskctx.cache import LOCK_SAFE_BACKEND
+    from otel_taskctx.cache import DJANGO_DATABASE_CACHE, LOCK_SAFE_BACKEND
     from otel_taskctx.cache import DatabaseCache as LockSafeDatabaseCache
 
-    if issubclass(backend, LockSafeDatabaseCache) or path == _DJANGO_DATABASE_CACHE:
+    if issubclass(backend, LockSafeDatabaseCache) or path == DJANGO_DATABASE_CACHE:
         return []  # Django's own DatabaseCache is used through the lock-safe one
     culling = tuple(import_string(p) for p in _CULLING_BACKENDS)
     if issubclass(backend, culling):

@@ -23,12 +23,11 @@ from opentelemetry import trace
 from otel_taskctx import semconv
 from otel_taskctx.context import current_task
 from otel_taskctx.identity import TaskIdentity
+from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx")
 
 _managers = threading.local()
-#: the manager of ``django.tasks`` tasks (:mod:`otel_taskctx.task_manager`, imported lazily)
-TASK_MANAGER_PATH = "otel_taskctx.task_manager.TaskManager"
 
 
 def model_label(model: Any) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import datetime
@@ -17,6 +19,13 @@ from rich.text import Text
 from rich.tree import Tree
 
 from sample.library.demo.records import JobReport
+
+
+def terminal_console(out: Any) -> Console:
+    """The console a demo command prints to: the terminal's width, or ``COLUMNS`` (110) when
+    the output is not a terminal (a test, a log file)."""
+    width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "110"))
+    return Console(file=out, width=width, highlight=False, soft_wrap=False)
 
 
 def judge(report: JobReport) -> None:

@@ -178,7 +178,8 @@ def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
     )
 
 
-def _carries_identity(carrier: object) -> bool:
+def carries_identity(carrier: object) -> bool:
+    """Does ``carrier`` hold a task identity (verified or not)?"""
     value = carrier.get("baggage") if isinstance(carrier, dict) else None
     return isinstance(value, str) and f"{BAGGAGE_ENTRY}=" in value
 
@@ -199,7 +200,7 @@ def on_pre_execute(
             identity = _renewed_identity(carrier, str(task.get("name")))
             if identity is not None:
                 ctx = context_with_identity(identity, ctx=ctx)
-            elif _carries_identity(carrier):
+            elif carries_identity(carrier):
                 # our producer wrote it inside django-q2's signed package: an identity that
                 # no longer verifies (truncated, other key) is an anomaly, not just noise
                 log.warning(

@@ -27,6 +27,7 @@ from typing import Any
 from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.taskctx import _nested, utils
+from opentelemetry.instrumentation.taskctx._consumer import carries_identity
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
@@ -167,7 +168,7 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
     try:
         ctx = extract(carrier) if isinstance(carrier, dict) else Context()
         identity = identity_from_context(ctx)
-        if identity is None and _carries_identity(carrier):
+        if identity is None and carries_identity(carrier):
             log.warning(
                 "task %s (%s) carried a task identity that does not verify (forged, damaged, "
                 "or signed with another key): it runs as a plain task, without locks or "
@@ -190,13 +191,6 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
     token = context.attach(trace.set_span_in_context(span, ctx))
     _runs[str(task_result.id)] = _Run(span, token, identity)
-
-
-def _carries_identity(carrier: object) -> bool:
-    from otel_taskctx.identity import BAGGAGE_ENTRY
-
-    value = carrier.get("baggage") if isinstance(carrier, dict) else None
-    return isinstance(value, str) and f"{BAGGAGE_ENTRY}=" in value
 
 
 def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:

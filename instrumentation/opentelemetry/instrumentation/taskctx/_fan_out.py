@@ -75,7 +75,7 @@ def launch(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     enqueue: Any,
-    launch: bool,
+    powercrud_launch: bool,
 ) -> Any:
     """Enqueue ``func`` as a child job of ``identity``'s job; returns django-q2's task id."""
     from django_q import tasks as q_tasks
@@ -92,12 +92,12 @@ def launch(
             "and the job could not wait for it. Fix: turn sync off, or remove the function "
             "from OTEL_TASKCTX['FAN_OUT'] / set NESTED_POLICY to 'inline'."
         )
-    conflict_ids = kwargs.get("conflict_ids") if launch else None
+    conflict_ids = kwargs.get("conflict_ids") if powercrud_launch else None
     if conflict_ids:
         register_for(identity, conflict_ids)  # all-or-nothing, before anything is enqueued
-    drop = utils.LAUNCH_OPTION_KEYS if launch else ("hook", "sync")
+    drop = utils.LAUNCH_OPTION_KEYS if powercrud_launch else ("hook", "sync")
     call_kwargs = {k: v for k, v in kwargs.items() if k not in drop}
-    if launch or "task_key" in call_kwargs:
+    if powercrud_launch or "task_key" in call_kwargs:
         call_kwargs["task_key"] = identity.task_key
     from django.db import connection, transaction
 

@@ -189,7 +189,7 @@ def _nested_launch(
 ) -> Any:
     """A launch inside a task: fanned out to another worker, or run inline (the default)."""
     if _fan_out.wanted(func):
-        return _fan_out.launch(identity, func, args, kwargs, _enqueue, launch=launch)
+        return _fan_out.launch(identity, func, args, kwargs, _enqueue, powercrud_launch=launch)
     if launch:
         return _nested.run_suppressed_launch(identity, func, args, kwargs)
     return _nested.run_suppressed_async_task(identity, func, args, kwargs)

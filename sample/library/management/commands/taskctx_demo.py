@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 from django.core.management.base import BaseCommand, CommandError
-from rich.console import Console
 
 from sample.library import demo, serve
+from sample.library.demo.report import terminal_console
 
 
 class Command(BaseCommand):
@@ -56,8 +54,7 @@ class Command(BaseCommand):
         logging.getLogger("django-q").setLevel(logging.WARNING)
         logging.getLogger("powercrud").setLevel(logging.ERROR)
         logging.getLogger("powercrud.async_manager").setLevel(logging.ERROR)
-        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "110"))
-        console = Console(file=self.stdout._out, width=width, highlight=False, soft_wrap=False)
+        console = terminal_console(self.stdout._out)
         if options["serve"]:
             try:
                 serve.serve(console, options)

@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 
 from django.core.management.base import BaseCommand, CommandError
-from rich.console import Console
 
 from sample.library.demo.fan_out import failures, run_fan_out_demo
 from sample.library.demo.records import DemoFailure
+from sample.library.demo.report import terminal_console
 
 
 class Command(BaseCommand):
@@ -35,8 +33,7 @@ class Command(BaseCommand):
         logging.getLogger("django-q").setLevel(logging.WARNING)
         logging.getLogger("powercrud").setLevel(logging.ERROR)
         logging.getLogger("powercrud.async_manager").setLevel(logging.ERROR)
-        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "110"))
-        console = Console(file=self.stdout._out, width=width, highlight=False, soft_wrap=False)
+        console = terminal_console(self.stdout._out)
         try:
             runs = run_fan_out_demo(console, options)
         except DemoFailure as exc:

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 from django.core.management.base import BaseCommand, CommandError
-from rich.console import Console
 
 from sample.library.demo.django_tasks import run_tasks_demo
 from sample.library.demo.records import DemoFailure
+from sample.library.demo.report import terminal_console
 
 
 class Command(BaseCommand):
@@ -32,8 +29,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         if options["books"] < 1 or options["chapters"] < 0 or options["delay"] < 0:
             raise CommandError("--books must be >= 1, --chapters and --delay >= 0")
-        width = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "110"))
-        console = Console(file=self.stdout._out, width=width, highlight=False, soft_wrap=False)
+        console = terminal_console(self.stdout._out)
         try:
             report = run_tasks_demo(console, options)
         except DemoFailure as exc:

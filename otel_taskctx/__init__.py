@@ -12,8 +12,15 @@ from otel_taskctx.context import (
     task_context,
 )
 from otel_taskctx.descendants import Registration, register_descendants
-from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict, TaskContextError
+from otel_taskctx.errors import (
+    ConflictStoreUnavailable,
+    DescendantConflict,
+    FanOutChildFailed,
+    FanOutUnavailable,
+    TaskContextError,
+)
 from otel_taskctx.identity import TaskIdentity, configure_signing
+from otel_taskctx.policy import fan_out, run_inline
 from otel_taskctx.processor import TaskContextSpanProcessor, install_span_processor
 from otel_taskctx.progress import flush_progress, report_progress
 from otel_taskctx.propagation import extract, inject, install_propagator_filter
@@ -23,6 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ConflictStoreUnavailable",
     "DescendantConflict",
+    "FanOutChildFailed",
+    "FanOutUnavailable",
     "Registration",
     "TaskContextError",
     "TaskContextSpanProcessor",
@@ -31,6 +40,7 @@ __all__ = [
     "configure_signing",
     "current_task",
     "extract",
+    "fan_out",
     "flush_progress",
     "get_conflict_store",
     "inject",
@@ -39,6 +49,7 @@ __all__ = [
     "keep_locks_alive",
     "register_descendants",
     "report_progress",
+    "run_inline",
     "skip_nested_async",
     "task_context",
 ]

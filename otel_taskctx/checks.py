@@ -328,8 +328,9 @@ def check_fan_out(app_configs=None, **kwargs):
         ]
     if policy != "fan_out" and not listed:
         return []
+    problems = _fan_out_task_backends()
     if (getattr(settings, "Q_CLUSTER", None) or {}).get("sync"):
-        return [
+        return problems + [
             Error(
                 "Nested launches fan out (OTEL_TASKCTX NESTED_POLICY/FAN_OUT) but "
                 "Q_CLUSTER['sync'] runs every task in the caller: no other worker can run a "
@@ -341,4 +342,42 @@ def check_fan_out(app_configs=None, **kwargs):
                 obj="OTEL_TASKCTX",
             )
         ]
-    return []
+    return problems
+
+
+def _fan_out_task_backends() -> list:
+    """``django.tasks`` backends that run a task in the caller or never: a nested enqueue
+    that fans out there raises FanOutUnavailable."""
+    try:
+        from django.tasks.backends.dummy import DummyBackend
+        from django.tasks.backends.immediate import ImmediateBackend
+        from django.utils.module_loading import import_string
+
+        from otel_taskctx.conf import get_setting
+
+        if not get_setting("DJANGO_TASKS"):
+            return []
+    except Exception:  # Django before 6.0
+        return []
+    problems = []
+    for alias, config in (getattr(settings, "TASKS", None) or {}).items():
+        path = str((config or {}).get("BACKEND", ""))
+        try:
+            backend = import_string(path)
+        except Exception:
+            continue
+        if isinstance(backend, type) and issubclass(backend, ImmediateBackend | DummyBackend):
+            problems.append(
+                Warning(
+                    f"Nested launches fan out (OTEL_TASKCTX NESTED_POLICY/FAN_OUT) but "
+                    f"TASKS[{alias!r}] is {path}, which runs tasks "
+                    f"{'in the caller' if issubclass(backend, ImmediateBackend) else 'never'}: "
+                    "a nested enqueue of one of its tasks that fans out raises "
+                    "FanOutUnavailable.",
+                    hint="Use django_tasks_db.DatabaseBackend with manage.py db_worker, or mark "
+                    "that alias's tasks @run_inline.",
+                    id="otel_taskctx.W072",
+                    obj=alias,
+                )
+            )
+    return problems

@@ -43,3 +43,8 @@ class ConflictStoreUnavailable(TaskContextError):
 
 class FanOutUnavailable(TaskContextError):
     """A nested launch cannot fan out here without losing the barrier (e.g. a sync broker)."""
+
+
+class FanOutChildFailed(TaskContextError):
+    """A fanned-out child of a job failed; the job's result names it (``django.tasks`` results
+    carry this class path; django-q2 Task rows say it in their result)."""

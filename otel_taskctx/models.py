@@ -128,8 +128,9 @@ class FanOutChild(models.Model):
 
     ``job_key`` is the lock-holding task key of the job (the root job: children keep its key,
     so their fan-outs count against it too); ``task_id`` is the child's django-q2 task name.
-    A job's own end is a row with ``task_id`` "(job)": its completion (powercrud's hook) runs
-    once no child of the job is pending, and then the job's rows are deleted.
+    A job's own end is a row with ``task_id`` "(job)": its completion (powercrud's hook, or
+    the end of a ``django.tasks`` task, whose result id is ``result_id``) runs once no child of
+    the job is pending, and then the job's rows are deleted.
     """
 
     class State(models.TextChoices):
@@ -144,6 +145,7 @@ class FanOutChild(models.Model):
         max_length=10, choices=State.choices, default=State.PENDING, db_index=True
     )
     error = models.TextField(blank=True, default="")
+    result_id = models.CharField(max_length=64, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -188,3 +188,79 @@ def test_aenqueue_carries_the_identity_and_runs_nested_work_inline(tmp_path):
         result = asyncio.run(inside_a_task())
         assert result.id.startswith("job-async/nested/") and result.return_value == 1
         assert seen(tmp_path, "async-inline")["task_key"] == "job-async"
+
+
+# --------------------------------------------------------------------------- fan-out
+
+
+def test_fanned_out_tasks_run_as_child_tasks_and_the_job_waits_for_them(tmp_path):
+    from otel_taskctx.models import FanOutChild
+
+    groups = [[501, 502], [503], [504]]
+    result = jobs.publish_parts.enqueue("fan", groups, str(tmp_path))
+    db_worker(tmp_path / "spans")
+
+    key = seen(tmp_path, "fan-parent")["task_key"]
+    parts = [seen(tmp_path, f"fan-{n}") for n in range(3)]
+    for n, part in enumerate(parts):
+        # a child task of its own, under the job's key, one level deeper, holding its ids
+        assert (part["task_key"], part["root"], part["depth"]) == (key, key, 1)
+        assert part["held"] == {str(i): key for i in groups[n]}
+        assert part["job_status"] == "RUNNING"  # the job's result waited for its children
+    children = DBTaskResult.objects.exclude(id=result.id)
+    assert children.count() == 3 and {c.status for c in children} == {"SUCCESSFUL"}
+    stored = DBTaskResult.objects.get(id=result.id)
+    assert stored.status == "SUCCESSFUL" and stored.return_value == "fan"
+    assert stored.finished_at >= max(c.finished_at for c in children)
+    ids = [i for g in groups for i in g]
+    held = TaskManager().cache.get_many(
+        [f"powercrud:conflict:model:testapp.child:{i}" for i in ids]
+    )
+    assert held == {}
+    assert not FanOutChild.objects.filter(job_key=key).exists()
+
+    found = spans(tmp_path / "spans")
+    runs = [s for s in found if s["kind"] == "SpanKind.CONSUMER" and "sync_part" in s["name"]]
+    job_run = next(s for s in found if s["kind"] == "SpanKind.CONSUMER" and "publish" in s["name"])
+    assert len(runs) == 3
+    assert {s["attributes"]["taskctx.nested.mode"] for s in runs} == {"fan_out"}
+    assert {s["context"]["trace_id"] for s in runs} == {job_run["context"]["trace_id"]}
+
+    from otel_taskctx.spans.queries import load_tree
+
+    tree = load_tree(key)
+    consumers = [n for n in tree.job_nodes if n.kind == "CONSUMER" and "sync_part" in n.name]
+    assert len(consumers) == 3 and all(n.process for n in consumers)
+
+
+def test_a_failed_fanned_out_task_fails_its_job_and_its_siblings_still_run(tmp_path):
+    from otel_taskctx.models import FanOutChild
+
+    result = jobs.publish_parts.enqueue("fanbad", [[601], [602], [603]], str(tmp_path), fail_part=1)
+    db_worker()
+    stored = DBTaskResult.objects.get(id=result.id)
+    assert stored.status == "FAILED"
+    assert stored.exception_class_path == "otel_taskctx.errors.FanOutChildFailed"
+    assert "fan-out child tests.testapp.django_tasks.sync_part" in stored.traceback
+    assert "ValueError: fanbad-1 failed on purpose" in stored.traceback
+    assert seen(tmp_path, "fanbad-0") and seen(tmp_path, "fanbad-2")  # the siblings ran
+    key = seen(tmp_path, "fanbad-parent")["task_key"]
+    held = TaskManager().cache.get_many(
+        [f"powercrud:conflict:model:testapp.child:{i}" for i in (601, 602, 603)]
+    )
+    assert held == {} and not FanOutChild.objects.filter(job_key=key).exists()
+
+
+def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
+    from otel_taskctx.models import FanOutChild
+
+    immediate = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
+    with override_settings(TASKS=immediate):
+        result = jobs.publish_parts.enqueue("immfan", [[701]], str(tmp_path))
+        assert result.status == "FAILED"
+        assert result.errors[0].exception_class_path == "otel_taskctx.errors.FanOutUnavailable"
+        assert "ImmediateBackend" in result.errors[0].traceback
+        assert not FanOutChild.objects.exists()
+        with override_settings(OTEL_TASKCTX={"DJANGO_TASKS": True, "NESTED_POLICY": "fan_out"}):
+            found = [m for m in run_checks() if m.id == "otel_taskctx.W072"]
+        assert len(found) == 1 and "ImmediateBackend" in found[0].msg

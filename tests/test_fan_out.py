@@ -19,7 +19,7 @@ from powercrud.async_manager import AsyncManager
 from otel_taskctx import task_context
 from otel_taskctx.errors import FanOutUnavailable
 from otel_taskctx.models import FanOutChild
-from tests.testapp.fan_out import CHILD
+from tests.testapp.fan_out import CHILD, INLINE_CHILD, MARKED_CHILD
 
 pytestmark = [pytest.mark.stack, pytest.mark.cluster, pytest.mark.django_db(transaction=True)]
 PARENT = "tests.testapp.fan_out.fan_parent"
@@ -238,3 +238,81 @@ def test_a_conflicting_fan_out_launch_enqueues_nothing(cache):
     assert not FanOutChild.objects.filter(job_key="job-c").exists()
     assert locks_of(manager, [90]) == set()  # and nothing new was reserved
     get_conflict_store(manager).release("someone-else")
+
+
+@pytest.mark.parametrize(
+    ("child", "settings", "fanned_out"),
+    [
+        (MARKED_CHILD, {}, True),
+        (INLINE_CHILD, {"OTEL_TASKCTX": {"NESTED_POLICY": "fan_out"}}, False),
+    ],
+)
+def test_the_functions_decorator_chooses_over_the_settings(
+    cluster_factory, tmp_path, cache, child, settings, fanned_out
+):
+    cluster_factory(q_cluster={"workers": 2}, settings=settings)
+    manager = AsyncManager()
+    key = manager.launch_async_task(PARENT, "d", [[51], [52]], str(tmp_path), 0.3, child=child)
+    completed_at = wait_for_completion(manager, key)
+    children, parent = [read(tmp_path, f"d-{n}") for n in range(2)], read(tmp_path, "d-parent")
+    assert parent and all(children)
+    assert {(c["task_key"], c["depth"]) for c in children} == {(key, 1)}
+    last_end = max(c["end"] for c in children)
+    assert completed_at >= last_end
+    if fanned_out:  # the parent's function ended first: its children were jobs of their own
+        assert parent["ended"] < last_end
+    else:  # inline: in the parent's worker, before the parent's function ended
+        assert parent["ended"] > last_end and {c["pid"] for c in children} == {parent["pid"]}
+    assert Task.objects.get(name=key).success is True
+    assert locks_of(manager, [51, 52]) == set()
+
+
+def _plain() -> None: ...
+
+
+def _under() -> None: ...
+
+
+def _over() -> None: ...
+
+
+def test_decorators_mark_functions_and_django_tasks_either_way_round():
+    from django.tasks import task
+    from opentelemetry.instrumentation.taskctx import _barrier
+
+    from otel_taskctx import fan_out, run_inline
+
+    assert not _barrier.wanted(_plain)
+    assert fan_out(_plain) is _plain and _barrier.wanted(_plain)
+    below, above = task(fan_out(_under)), fan_out(task(_over))
+    assert _barrier.wanted(below.func) and _barrier.wanted(above.func)
+    assert _barrier.wanted(MARKED_CHILD) and not _barrier.wanted(CHILD)  # dotted paths too
+    with override_settings(OTEL_TASKCTX={"NESTED_POLICY": "fan_out"}):
+        assert _barrier.wanted(CHILD) and not _barrier.wanted(INLINE_CHILD)
+        assert not _barrier.wanted(run_inline(_plain))
+
+
+def test_a_childs_name_carries_its_job_key_and_long_keys_still_find_their_job(cache):
+    from opentelemetry.instrumentation.taskctx import _barrier
+
+    completed = []
+    previous = _barrier._completions[_barrier.DJANGO_Q]
+    _barrier.register_completion(_barrier.DJANGO_Q, lambda *a: completed.append(a))
+    try:
+        for job in ("3f2b9c1e-6c7a-4e50-b362-b742dfa2eee8", "k" * 150):
+            FanOutChild.objects.create(job_key=job, task_id=_barrier.JOB_ROW)  # the job ended
+            names = [_barrier.child_name(job) for _ in range(2)]
+            assert len(set(names)) == 2 and all(len(n) <= 64 for n in names)
+            assert all((job in n) == (len(job) < 40) for n in names)
+            for name in names:
+                _barrier.add_child(job, name, CHILD)
+            assert _barrier.child_ended(names[0], "") == job
+            assert not completed  # one child still pending
+            assert _barrier.child_ended(names[1], "ValueError: no") == job
+            ((key, _, failed),) = completed
+            assert key == job and [r.task_id for r in failed] == [names[1]]
+            assert not FanOutChild.objects.filter(job_key=job).exists()
+            completed.clear()
+        assert _barrier.child_ended(_barrier.child_name("gone"), "") is None  # no row: warned
+    finally:
+        _barrier.register_completion(_barrier.DJANGO_Q, previous)

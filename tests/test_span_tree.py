@@ -209,6 +209,31 @@ def test_critical_path_follows_async_work_that_outlives_its_parent():
     assert tree.find("send").effective_end == 50 * MS
 
 
+def test_fanned_out_children_show_their_worker_run_in_parallel_and_mark_the_critical_path():
+    fan = {"taskctx.nested.mode": "fan_out"}
+    rows = [
+        row("send", "", 0, 1, kind="PRODUCER", process="web:1"),
+        row("run", "send", 5, 20, kind="CONSUMER", process="w:1"),
+        row("send-a", "run", 6, 7, kind="PRODUCER", process="w:1"),
+        row("send-b", "run", 8, 9, kind="PRODUCER", process="w:1"),
+        row("a", "send-a", 10, 60, kind="CONSUMER", process="w:2", **fan),
+        row("b", "send-b", 12, 90, kind="CONSUMER", process="w:3", **fan),
+    ]
+    tree = build_tree(rows, now_ns=100 * MS)
+    critical = {n.span_id for n in tree.critical_path}
+    assert "b" in critical and "a" not in critical  # the child that ended last
+    nodes = {n["span_id"]: n for n in tree.to_dict()["nodes"]}
+    assert (nodes["a"]["mode"], nodes["a"]["worker"]) == ("fan_out", "w:2")
+    assert (nodes["b"]["mode"], nodes["b"]["worker"]) == ("fan_out", "w:3")
+    assert (nodes["run"]["mode"], nodes["run"]["worker"]) == ("", "w:1")
+    assert nodes["send-a"]["worker"] == ""  # not a run: no worker of its own
+    # siblings in parallel: b starts before a ends
+    assert nodes["b"]["offset_ms"] < nodes["a"]["offset_ms"] + nodes["a"]["duration_ms"]
+    lines = {line.split()[0]: line for line in render_text(tree)}
+    assert "fan-out" in lines["b"] and "worker=w:3" in lines["b"] and lines["b"].endswith("*")
+    assert "fan-out" in lines["a"] and not lines["a"].endswith("*")
+
+
 def test_target_is_the_deepest_failure_and_expand_path_leads_there():
     rows = job_rows()
     rows[3] = {**rows[3], "status": "error", "status_message": "ValueError: bad"}  # save1
@@ -321,7 +346,7 @@ def test_render_text_one_line_per_span_indented_with_duration_and_status():
     assert lines[4].startswith("        recompute [internal] 20.0ms OK")
     assert lines[6].startswith("        recompute [internal] 40.0ms ERROR")
     assert lines[6].endswith("-- RuntimeError: nope")
-    assert "task=T" in lines[1] and "process=worker:7" in lines[2]
+    assert "task=T" in lines[1] and "worker=worker:7" in lines[2]
 
 
 def test_format_duration():

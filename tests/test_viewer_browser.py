@@ -233,3 +233,62 @@ def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key, rel
     assert response.ok and response.json()["nested_steps"] == 3
     assert errors == []
     context.close()
+
+
+def test_fanned_out_children_in_the_browser(cluster_factory, cache, live_server, tmp_path):
+    """A job whose children fanned out: each child's run names its worker and is marked
+    fan-out, the siblings' bars overlap, the child that ended last is on the critical path."""
+    from otel_taskctx.spans import flush_span_store
+    from tests.test_fan_out import PARENT, wait_for_completion
+    from tests.testapp.fan_out import MARKED_CHILD
+
+    cluster = cluster_factory(
+        q_cluster={"workers": 3}, env={"DJANGO_SETTINGS_MODULE": SETTINGS_MODULE}
+    )
+    manager = AsyncManager()
+    key = manager.launch_async_task(PARENT, "v", [[1], [2]], str(tmp_path), 0.6, child=MARKED_CHILD)
+    wait_for_completion(manager, key)
+    flush_span_store()
+    cluster.wait_for(
+        lambda: (
+            TaskSpan.objects.filter(
+                root_task_key=key, kind="CONSUMER", name=f"process {MARKED_CHILD}"
+            ).count()
+            == 2
+        ),
+        what="the children's runs",
+    )
+    cookies = session_cookie(live_server)
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        context.add_cookies(cookies)
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(f"{live_server.url}/taskctx/job/{key}/")
+        page.wait_for_selector('#taskctx-job[data-ready="1"]')
+        for _ in range(6):  # open every row
+            closed = page.locator('.tc-row[aria-expanded="false"] .tc-toggle')
+            if not closed.count():
+                break
+            closed.first.click()
+        name = f'.tc-name:text-is("process {MARKED_CHILD}")'
+        runs = [page.locator(".tc-row", has=page.locator(name)).nth(i) for i in range(2)]
+        assert page.locator(".tc-row", has=page.locator(name)).count() == 2
+        for run in runs:
+            worker = run.locator(".tc-worker").inner_text()
+            assert worker.startswith("worker ") and worker.split()[1].isdigit()
+            assert run.locator(".tc-fan").inner_text() == "fan-out"
+        first, last = sorted(runs, key=lambda r: bar_box(r)["x"] + bar_box(r)["width"])
+        first_box, last_box = bar_box(first), bar_box(last)
+        # in parallel: each starts before the other ends
+        assert last_box["x"] < first_box["x"] + first_box["width"]
+        assert first_box["x"] < last_box["x"] + last_box["width"]
+        # one child is on the critical path: the one that ended last
+        critical = [r for r in runs if r.locator(".tc-bar.tc-critical").count() == 1]
+        assert len(critical) == 1
+        box = bar_box(critical[0])
+        assert box["x"] + box["width"] >= last_box["x"] + last_box["width"] - 1
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "viewer-fan-out.png"), full_page=True)
+        assert errors == []

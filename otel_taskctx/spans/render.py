@@ -47,8 +47,10 @@ def render_text(tree: SpanTree, show_events: bool = False, max_indent: int = 40)
             parts.append(f"task={node.task_key}")
         if node.descendants_count:
             parts.append(f"locked={node.descendants_count}")
+        if node.mode == "fan_out":
+            parts.append("fan-out")
         if node.process and (node.parent is None or node.parent.process != node.process):
-            parts.append(f"process={node.process}")
+            parts.append(f"{'worker' if node.worker else 'process'}={node.process}")
         line = " ".join(p for p in parts if p) + (" " + "".join(marks) if marks else "")
         if node.status == STATE_ERROR and node.status_message:
             line += f" -- {node.status_message.splitlines()[0][:200]}"

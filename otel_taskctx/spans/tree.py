@@ -86,6 +86,20 @@ class Node:
         return self.end_ns is None and not self.placeholder
 
     @property
+    def mode(self) -> str:
+        """How a nested step ran: "inline", "fan_out" (a child job of its own), or ""."""
+        return str(self.attributes.get(semconv.NESTED_MODE) or "")
+
+    @property
+    def worker(self) -> str:
+        """The process (``host:pid``) of a job's or child job's run when its parent span ran
+        in another process (the worker that ran it); else ""."""
+        if self.kind != "CONSUMER" or not self.process:
+            return ""
+        parent = self.parent
+        return self.process if parent is None or parent.process != self.process else ""
+
+    @property
     def state(self) -> str:
         if self.placeholder:
             return STATE_MISSING
@@ -342,6 +356,8 @@ class SpanTree:
                 "context": node.context,
                 "task_key": node.task_key,
                 "process": node.process,
+                "worker": node.worker,
+                "mode": node.mode,
                 "service": node.service,
                 "status_message": node.status_message,
                 "errors": node.errors(),

@@ -14,8 +14,8 @@ each time:
 
 Reported: the wall time from the launch to powercrud's completion (its progress key removed)
 and the fan-out/inline ratio (target <= 0.35x; ideal 0.25x with 4 workers); the barrier's own
-cost per child (its row written, the child's id recorded, the child's completion recorded and
-the job's state checked, through the real hook: measured in this process on the benchmark's
+cost per child (its row written at the launch, and at its end through the real hook: its state
+recorded and the job's readiness checked; measured in this process on the benchmark's
 database, per child);
 jobs whose completion came before one of their descendants ended (target 0); locks left
 (target 0).
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -77,18 +78,18 @@ def _run_policy(policy: str, parents: int, descendants: int, work_ms: float) -> 
 def _barrier_ms(children: int = 200) -> float:
     """The barrier's own database work per child, on this run's database."""
     from django_q.models import Task
-    from opentelemetry.instrumentation.taskctx import _fan_out
+    from opentelemetry.instrumentation.taskctx import _barrier, _fan_out
 
     from otel_taskctx.models import FanOutChild
 
-    job = f"bench-barrier-{time.time_ns()}"
+    job = str(uuid.uuid4())  # a job key as powercrud makes them
     Task.objects.filter(name=job).delete()
     # the job's function has ended (its row is written) while its children still run
-    FanOutChild.objects.create(job_key=job, task_id=_fan_out.JOB_ROW)
+    FanOutChild.objects.create(job_key=job, task_id=_barrier.JOB_ROW)
     start = time.perf_counter()
-    names = [f"{job}-{n}" for n in range(children)]
+    names = [_barrier.child_name(job) for _ in range(children)]
     for name in names:  # launch side: the pending row
-        FanOutChild.objects.create(job_key=job, task_id=name, func=CHILD)
+        _barrier.add_child(job, name, CHILD)
     for name in names[:-1]:  # each child's hook but the last, as django-q2 calls it
         _fan_out.child_done(SimpleNamespace(name=name, success=True, result=1, func=CHILD))
     elapsed = time.perf_counter() - start

@@ -13,6 +13,8 @@ from typing import Any
 
 from django.tasks import task
 
+from otel_taskctx import fan_out
+
 CHILD = "testapp.child"
 
 
@@ -42,25 +44,54 @@ def observe(label: str, marker_dir: str) -> str:
     return label
 
 
-@task
-def sync_chapters(label: str, child_ids: list[int], marker_dir: str, fail: bool = False) -> int:
-    """A nested step: locks the children under the task's key, reports progress."""
-    from otel_taskctx import get_conflict_store, register_descendants, report_progress
+def _sync(label: str, child_ids: list[int], marker_dir: str, fail: bool, **seen: Any) -> int:
+    """Lock the children under the task's key, say what it saw, report progress."""
+    from otel_taskctx import current_task, get_conflict_store, register_descendants, report_progress
     from otel_taskctx.descendants import resolve_manager
 
     reg = register_descendants(CHILD, child_ids)
-    from otel_taskctx import current_task
-
     identity = current_task()
     held = {}
     if identity is not None:
         store = get_conflict_store(resolve_manager(identity))
         held = {str(k): v for k, v in store.holders({CHILD: child_ids}).get(CHILD, {}).items()}
-    _write(marker_dir, label, {**_seen(), "registered": bool(reg), "held": held})
+    _write(marker_dir, label, {**_seen(), **seen, "registered": bool(reg), "held": held})
     report_progress(f"{label}: {len(child_ids)} children", done=1, total=1)
     if fail:
         raise ValueError(f"{label} failed on purpose")
     return len(child_ids)
+
+
+@task
+def sync_chapters(label: str, child_ids: list[int], marker_dir: str, fail: bool = False) -> int:
+    """A nested step: locks the children under the task's key, reports progress."""
+    return _sync(label, child_ids, marker_dir, fail)
+
+
+@fan_out
+@task
+def sync_part(
+    label: str, child_ids: list[int], marker_dir: str, job_result_id: str, fail: bool = False
+) -> int:
+    """A nested step that fans out (its decorator): a child task of its own, which also
+    records the status of its job's result while it runs."""
+    from django_tasks_db.models import DBTaskResult
+
+    job_status = DBTaskResult.objects.get(id=job_result_id).status
+    return _sync(label, child_ids, marker_dir, fail, job_status=job_status)
+
+
+@task(takes_context=True)
+def publish_parts(
+    context: Any, label: str, groups: list[list[int]], marker_dir: str, fail_part: int = -1
+) -> str:
+    """A parent task that fans out one child task per group of children, then ends."""
+    _write(marker_dir, f"{label}-parent", _seen())
+    for n, ids in enumerate(groups):
+        sync_part.enqueue(
+            f"{label}-{n}", ids, marker_dir, str(context.task_result.id), fail=n == fail_part
+        )
+    return label
 
 
 @task

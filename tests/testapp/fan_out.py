@@ -8,7 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from otel_taskctx import fan_out, run_inline
+
 CHILD = "tests.testapp.fan_out.fan_child"
+MARKED_CHILD = "tests.testapp.fan_out.marked_child"
+INLINE_CHILD = "tests.testapp.fan_out.inline_child"
 
 
 def _write(marker_dir: str, name: str, data: dict[str, Any]) -> None:
@@ -28,6 +32,7 @@ def fan_parent(
     parent_id: int | None = None,
     child_options: dict[int, dict[str, Any]] | None = None,
     task_key: str | None = None,
+    child: str = CHILD,
     **kwargs: Any,
 ) -> bool:
     """Launches one nested job per group of children (fanned out), then ends. With
@@ -41,7 +46,15 @@ def fan_parent(
 
             Parent.objects.filter(pk=parent_id).update(status="approved")
         _launch_children(
-            label, groups, marker_dir, sleep, fail_child, pause_child, parent_id, child_options
+            label,
+            groups,
+            marker_dir,
+            sleep,
+            fail_child,
+            pause_child,
+            parent_id,
+            child_options,
+            child,
         )
         time.sleep(0.3 if parent_id is not None else 0)  # children must wait for the commit
     _write(marker_dir, f"{label}-parent", {"ended": time.time(), "pid": os.getpid()})
@@ -49,14 +62,22 @@ def fan_parent(
 
 
 def _launch_children(
-    label, groups, marker_dir, sleep, fail_child, pause_child, parent_id, child_options=None
+    label,
+    groups,
+    marker_dir,
+    sleep,
+    fail_child,
+    pause_child,
+    parent_id,
+    child_options=None,
+    child=CHILD,
 ):
     from powercrud.async_manager import AsyncManager
 
     for n, ids in enumerate(groups):
         extra = (child_options or {}).get(n, {})
         AsyncManager().launch_async_task(
-            CHILD,
+            child,
             f"{label}-{n}",
             ids,
             marker_dir,
@@ -143,3 +164,15 @@ def _parent_status(parent_id: int | None) -> str | None:
     from tests.testapp.models import Parent
 
     return Parent.objects.get(pk=parent_id).status
+
+
+@fan_out
+def marked_child(*args: Any, **kwargs: Any) -> int | bool:
+    """:func:`fan_child`, fanned out by its decorator (whatever the settings say)."""
+    return fan_child(*args, **kwargs)
+
+
+@run_inline
+def inline_child(*args: Any, **kwargs: Any) -> int | bool:
+    """:func:`fan_child`, run inline by its decorator (whatever the settings say)."""
+    return fan_child(*args, **kwargs)

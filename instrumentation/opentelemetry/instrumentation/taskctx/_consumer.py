@@ -222,6 +222,8 @@ def on_pre_execute(
         attributes = _attributes(task, label)
         if identity is not None:
             attributes.update(identity.lineage_attributes())
+        if fanned_out:
+            attributes[semconv.NESTED_MODE] = "fan_out"
         span = utils.STATE.tracer.start_span(
             f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
         )

@@ -1,60 +1,49 @@
-"""Django's task framework (``django.tasks``): the same task context as on django-q2.
+"""Django's task framework (``django.tasks``), the enqueue side: the same task context as on
+django-q2 (the worker side is :mod:`._tasks_worker`).
 
 * **Enqueue outside a task** (``Task.enqueue``, patched: the framework has no seam that can
   change a task's arguments): a root task. It gets a fresh task key and a signed identity that
   names :class:`otel_taskctx.task_manager.TaskManager`; the identity and the trace context go
   into a reserved keyword argument of the task (:data:`CARRIER_KWARG`), under a PRODUCER span.
-* **Enqueue inside a task**: the nested task runs inline, under the parent's key, as nested
-  django-q2 launches do (``ENQUEUE_NESTED`` and ``allow_nested_async()`` opt out); the call
-  returns a finished ``TaskResult``. An exception propagates to the parent, so the parent
-  fails with it.
-* **In the worker** (``manage.py db_worker``, the ``ImmediateBackend``, any backend that sends
-  the framework's signals): ``task_started`` takes the carrier out of the task's keyword
-  arguments before the function is called, verifies the identity (one that does not verify is
-  dropped with a warning), starts the CONSUMER span and attaches both; ``task_finished`` ends
-  the span with the outcome, writes held progress and releases the task's locks. ``Task.call``
-  drops a carrier that no signal took (a backend that sends no ``task_started``), so the
-  function never sees it.
+* **Enqueue inside a task**: by default the nested task runs inline, under the parent's key,
+  as nested django-q2 launches do (``ENQUEUE_NESTED`` and ``allow_nested_async()`` opt out);
+  the call returns a finished ``TaskResult``. An exception propagates to the parent, so the
+  parent fails with it.
+* **Fan-out** (``@fan_out``, ``OTEL_TASKCTX["FAN_OUT"]`` or ``NESTED_POLICY="fan_out"``): the
+  nested task is enqueued as a real child task with an identity that keeps the job's key
+  (depth + 1) and the name of its row in the fan-out barrier (:mod:`._barrier`); the parent
+  task ends only when its last descendant has (see :mod:`._tasks_worker`). A backend that runs
+  tasks in the caller (``ImmediateBackend``) or never (``DummyBackend``) refuses it
+  (:class:`~otel_taskctx.errors.FanOutUnavailable`).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import context, trace
-from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import _nested, utils
-from opentelemetry.instrumentation.taskctx._consumer import carries_identity
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry import trace
+from opentelemetry.instrumentation.taskctx import _barrier, _nested, utils
+from opentelemetry.trace import SpanKind
 
 from otel_taskctx import semconv
-from otel_taskctx.context import context_with_identity, current_task, identity_from_context
+from otel_taskctx.context import context_with_identity, current_task
+from otel_taskctx.errors import FanOutUnavailable
 from otel_taskctx.identity import TaskIdentity
-from otel_taskctx.propagation import extract, inject
+from otel_taskctx.propagation import inject
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 #: the keyword argument that carries the trace context and identity to the worker
 CARRIER_KWARG = "_otel_taskctx"
+#: the carrier's entry naming a fanned-out child's barrier row
+FAN_OUT_FIELD = "fan_out"
 MESSAGING_SYSTEM_VALUE = "django_tasks"
 
 
-@dataclass
-class _Run:
-    span: trace.Span
-    token: object
-    identity: TaskIdentity | None
-
-
-#: runs in progress, by the task result's id
-_runs: dict[str, _Run] = {}
-
-
-def _attributes(task: Any, operation: str) -> dict[str, Any]:
+def attributes_of(task: Any, operation: str) -> dict[str, Any]:
     return {
         semconv.MESSAGING_SYSTEM: MESSAGING_SYSTEM_VALUE,
         semconv.MESSAGING_OPERATION_TYPE: operation,
@@ -73,8 +62,12 @@ def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
         return wrapped(*args, **kwargs)
     identity = current_task()
     if _nested.should_run_inline(identity, instance.func):
+        if _barrier.wanted(instance.func):
+            return _enqueue_child(identity, instance, args, kwargs)
         return _run_nested(identity, instance, args, kwargs)
-    span, carrier = _start_root(instance)
+    span, carrier = _start_send(
+        instance, TaskIdentity(f"task-{uuid.uuid4().hex}", TASK_MANAGER_PATH)
+    )
     with utils.running_in(span, trace.set_span_in_context(span)):
         result = wrapped(*args, **{**kwargs, CARRIER_KWARG: carrier})
         if span.is_recording():
@@ -90,12 +83,13 @@ def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
     if _nested.should_run_inline(identity, instance.func):
         from asgiref.sync import sync_to_async
 
-        return sync_to_async(_run_nested, thread_sensitive=True)(identity, instance, args, kwargs)
+        run = _enqueue_child if _barrier.wanted(instance.func) else _run_nested
+        return sync_to_async(run, thread_sensitive=True)(identity, instance, args, kwargs)
     return _aenqueue_root(wrapped, instance, args, kwargs)
 
 
 async def _aenqueue_root(wrapped: Any, task: Any, args: tuple, kwargs: dict) -> Any:
-    span, carrier = _start_root(task)
+    span, carrier = _start_send(task, TaskIdentity(f"task-{uuid.uuid4().hex}", TASK_MANAGER_PATH))
     with utils.running_in(span, trace.set_span_in_context(span)):
         result = await wrapped(*args, **{**kwargs, CARRIER_KWARG: carrier})
         if span.is_recording():
@@ -103,18 +97,64 @@ async def _aenqueue_root(wrapped: Any, task: Any, args: tuple, kwargs: dict) -> 
         return result
 
 
-def _start_root(task: Any) -> tuple[trace.Span, dict[str, str]]:
-    """The PRODUCER span of a root task and the carrier of its new identity."""
-    task_key = f"task-{uuid.uuid4().hex}"
-    attributes = _attributes(task, "send")
-    attributes[semconv.LAUNCHED_TASK_KEY] = task_key
+def _start_send(
+    task: Any, identity: TaskIdentity, fan_out: str | None = None
+) -> tuple[trace.Span, dict[str, str]]:
+    """The PRODUCER span of a task sent with ``identity`` and the carrier of the identity."""
+    attributes = attributes_of(task, "send")
+    attributes[semconv.LAUNCHED_TASK_KEY] = identity.task_key
+    if fan_out is not None:
+        attributes.update(identity.lineage_attributes())
+        attributes[semconv.NESTED_MODE] = "fan_out"
     span = utils.STATE.tracer.start_span(
         f"send {task.module_path}", kind=SpanKind.PRODUCER, attributes=attributes
     )
     carrier: dict[str, str] = {}
-    root = TaskIdentity(task_key, TASK_MANAGER_PATH)
-    inject(carrier, context=context_with_identity(root, ctx=trace.set_span_in_context(span)))
+    inject(carrier, context=context_with_identity(identity, ctx=trace.set_span_in_context(span)))
+    if fan_out is not None:
+        carrier[FAN_OUT_FIELD] = fan_out
     return span, carrier
+
+
+def _refuse_fan_out(identity: TaskIdentity, task: Any) -> None:
+    """A backend that cannot run the child elsewhere, while the job waits for it, refuses."""
+    from django.tasks.backends.dummy import DummyBackend
+    from django.tasks.backends.immediate import ImmediateBackend
+
+    backend = task.get_backend()
+    if isinstance(backend, ImmediateBackend | DummyBackend):
+        raise FanOutUnavailable(
+            f"cannot fan out {task.module_path} from task {identity.task_key}: its backend "
+            f"{task.backend!r} is {type(backend).__name__}, which runs tasks "
+            f"{'in the caller' if isinstance(backend, ImmediateBackend) else 'never'}, so no "
+            "worker can run the child while the job waits for it. Fix: use a backend with a "
+            "worker (django_tasks_db.DatabaseBackend and manage.py db_worker), or let it run "
+            "inline (@run_inline, or leave it out of OTEL_TASKCTX['FAN_OUT'])."
+        )
+
+
+def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:
+    """Enqueue a nested task as a fanned-out child of ``identity``'s job; its ``TaskResult``.
+
+    With django_tasks_db's backend the child's row and its barrier row are written in the
+    caller's transaction: a child enqueued inside ``transaction.atomic()`` runs after the
+    commit, and never if it rolls back.
+    """
+    _refuse_fan_out(identity, task)
+    name = _barrier.child_name(identity.task_key)
+    row = _barrier.add_child(identity.task_key, name, task.module_path)
+    child = identity.child(identity.task_key, identity.manager_class_path)
+    try:
+        span, carrier = _start_send(task, child, fan_out=name)
+        with utils.running_in(span, trace.set_span_in_context(span)):
+            # the carrier makes the wrapper pass this call through to the backend
+            result = task.enqueue(*args, **{**kwargs, CARRIER_KWARG: carrier})
+            if span.is_recording():
+                span.set_attribute(semconv.MESSAGING_MESSAGE_ID, str(result.id))
+            return result
+    except BaseException:
+        row.delete()
+        raise
 
 
 def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:
@@ -156,81 +196,3 @@ def drop_carrier(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     if CARRIER_KWARG in kwargs:
         kwargs = {k: v for k, v in kwargs.items() if k != CARRIER_KWARG}
     return wrapped(*args, **kwargs)
-
-
-# --------------------------------------------------------------------------- worker
-
-
-def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
-    if not utils.STATE.active or task_result is None:
-        return
-    carrier = task_result.kwargs.pop(CARRIER_KWARG, None)
-    try:
-        ctx = extract(carrier) if isinstance(carrier, dict) else Context()
-        identity = identity_from_context(ctx)
-        if identity is None and carries_identity(carrier):
-            log.warning(
-                "task %s (%s) carried a task identity that does not verify (forged, damaged, "
-                "or signed with another key): it runs as a plain task, without locks or "
-                "nesting",
-                task_result.id,
-                task_result.task.module_path,
-            )
-        attributes = _attributes(task_result.task, "process")
-        attributes[semconv.MESSAGING_MESSAGE_ID] = str(task_result.id)
-        if identity is not None:
-            attributes.update(identity.lineage_attributes())
-        span = utils.STATE.tracer.start_span(
-            f"process {task_result.task.module_path}",
-            context=ctx,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        )
-    except Exception:
-        log.exception("could not start the consumer span of task %s", task_result.id)
-        ctx, identity, span = Context(), None, trace.INVALID_SPAN
-    token = context.attach(trace.set_span_in_context(span, ctx))
-    _runs[str(task_result.id)] = _Run(span, token, identity)
-
-
-def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
-    if task_result is None:
-        return
-    run = _runs.pop(str(task_result.id), None)
-    if run is None:
-        return
-    try:
-        from django.tasks.base import TaskResultStatus
-
-        if run.span.is_recording():
-            if task_result.status == TaskResultStatus.FAILED:
-                error = task_result.errors[-1] if task_result.errors else None
-                error_type = error.exception_class_path if error else "task failed"
-                run.span.set_status(Status(StatusCode.ERROR, error_type))
-                run.span.set_attribute(semconv.ERROR_TYPE, error_type)
-                if error is not None:
-                    run.span.add_event(
-                        "exception",
-                        {"exception.type": error_type, "exception.stacktrace": error.traceback},
-                    )
-        if run.identity is not None:
-            _finish_task(run.identity)
-    finally:
-        run.span.end()
-        try:
-            context.detach(run.token)
-        except Exception:  # pragma: no cover - detached elsewhere
-            log.debug("could not detach the context of task %s", task_result.id)
-
-
-def _finish_task(identity: TaskIdentity) -> None:
-    """The task ended: its held progress is written, its locks are released."""
-    from otel_taskctx.conflicts import get_conflict_store
-    from otel_taskctx.descendants import resolve_manager
-    from otel_taskctx.progress import flush_progress
-
-    try:
-        flush_progress(identity.task_key)
-        get_conflict_store(resolve_manager(identity)).release(identity.task_key)
-    except Exception:
-        log.warning("could not release the locks of task %s", identity.task_key, exc_info=True)

@@ -2,7 +2,8 @@
 
 * ``django_q.tasks.async_task`` and powercrud's ``AsyncManager.launch_async_task`` /
   ``remove_conflict_ids`` / ``check_conflict``, and powercrud's ``task_completion_hook``
-  (deferred while fanned-out children run): wrapt function wrappers (``wrap_function_wrapper``), removed with
+  (deferred while fanned-out children run): wrapt function wrappers
+  (``wrap_function_wrapper``), removed with
   ``opentelemetry.instrumentation.utils.unwrap``, as in opentelemetry-python-contrib.
 * Module-level copies of ``async_task`` made by ``from django_q.tasks import async_task``
   before instrumentation (powercrud's ``async_manager``, django-q2's scheduler, user modules)
@@ -10,8 +11,9 @@
 * django-q2's signals: ``pre_enqueue``, ``pre_execute``, ``post_execute_in_worker``,
   ``post_spawn``, connected with a dispatch uid.
 * Django's task framework (``django.tasks``, Django 6+): ``Task.enqueue``, ``aenqueue`` and
-  ``Task.call``
-  wrapped, ``task_started`` / ``task_finished`` connected (see ``_django_tasks``).
+  ``Task.call`` wrapped, ``task_started`` / ``task_finished`` connected, and with
+  django_tasks_db the ``pre_save`` of its ``DBTaskResult`` (see ``_django_tasks`` and
+  ``_tasks_worker``).
 * If Django's app registry is not ready (``opentelemetry-instrument`` loads instrumentors
   before the application starts), ``django.setup`` is wrapped and patching waits until it
   has finished.
@@ -88,7 +90,7 @@ class Patches:
 
     def __init__(self) -> None:
         self.wrapped: list[tuple[Any, str, Any]] = []
-        self.signals: list[tuple[Any, str]] = []
+        self.signals: list[tuple[Any, str, Any]] = []
         self.async_task: tuple[Any, Any] | None = None  # (original, wrapper)
         self.applied = False
         self.deferred = False
@@ -135,7 +137,7 @@ class Patches:
         ):
             uid = f"{_DISPATCH_PREFIX}.{name}"
             signal.connect(receiver, weak=False, dispatch_uid=uid)
-            self.signals.append((signal, uid))
+            self.signals.append((signal, uid, None))
         self._apply_django_tasks()
         for module in _WORKER_MODULES:
             try:
@@ -154,18 +156,26 @@ class Patches:
             from django.tasks.base import Task
         except ImportError:  # Django before 6.0
             return
-        from opentelemetry.instrumentation.taskctx import _django_tasks
+        from opentelemetry.instrumentation.taskctx import _django_tasks, _tasks_worker
 
         self.wrap(Task, "enqueue", _django_tasks.traced_enqueue)
         self.wrap(Task, "aenqueue", _django_tasks.traced_aenqueue)
         self.wrap(Task, "call", _django_tasks.drop_carrier)
-        for signal, receiver, name in (
-            (task_signals.task_started, _django_tasks.on_task_started, "task_started"),
-            (task_signals.task_finished, _django_tasks.on_task_finished, "task_finished"),
-        ):
+        connect = [
+            (task_signals.task_started, _tasks_worker.on_task_started, "task_started", None),
+            (task_signals.task_finished, _tasks_worker.on_task_finished, "task_finished", None),
+        ]
+        try:  # a fan-out job's result stays RUNNING until its children end
+            from django.db.models.signals import pre_save
+            from django_tasks_db.models import DBTaskResult
+
+            connect.append((pre_save, _tasks_worker.hold_result, "hold_result", DBTaskResult))
+        except ImportError:  # another backend
+            pass
+        for signal, receiver, name, sender in connect:
             uid = f"{_DISPATCH_PREFIX}.{name}"
-            signal.connect(receiver, weak=False, dispatch_uid=uid)
-            self.signals.append((signal, uid))
+            signal.connect(receiver, sender=sender, weak=False, dispatch_uid=uid)
+            self.signals.append((signal, uid, sender))
 
     def defer(self, ready: Any) -> None:
         """Wrap ``django.setup`` so that ``ready()`` runs once the app registry is ready."""
@@ -184,8 +194,8 @@ class Patches:
 
     def remove(self) -> None:
         """Undo every patch that is still ours; copies of the wrapper get the original."""
-        for signal, uid in self.signals:
-            signal.disconnect(dispatch_uid=uid)
+        for signal, uid, sender in self.signals:
+            signal.disconnect(sender=sender, dispatch_uid=uid)
         self.signals = []
         _conflict_log.remove_filter()
         while self.wrapped:

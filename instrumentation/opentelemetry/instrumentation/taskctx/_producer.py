@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, trace
-from opentelemetry.instrumentation.taskctx import _fan_out, _nested, utils
+from opentelemetry.instrumentation.taskctx import _barrier, _fan_out, _nested, utils
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import semconv
@@ -188,7 +188,7 @@ def _nested_launch(
     identity: TaskIdentity, func: Any, args: tuple, kwargs: dict, launch: bool
 ) -> Any:
     """A launch inside a task: fanned out to another worker, or run inline (the default)."""
-    if _fan_out.wanted(func):
+    if _barrier.wanted(func):
         return _fan_out.launch(identity, func, args, kwargs, _enqueue, powercrud_launch=launch)
     if launch:
         return _nested.run_suppressed_launch(identity, func, args, kwargs)

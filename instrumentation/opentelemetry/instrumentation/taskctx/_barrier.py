@@ -1,0 +1,218 @@
+"""The fan-out barrier: which children of a job are pending, and the job's completion once
+none is. Shared by django-q2 fan-out (:mod:`._fan_out`) and ``django.tasks`` fan-out
+(:mod:`._tasks_fan_out`).
+
+* :func:`wanted` decides whether a nested launch fans out: the function's decorator
+  (:mod:`otel_taskctx.policy`) first, then ``OTEL_TASKCTX["FAN_OUT"]``, then
+  ``["NESTED_POLICY"]``.
+* The state lives in the database (:class:`otel_taskctx.models.FanOutChild`), so it survives a
+  worker restart and needs no result backend: a pending row per child, written before the
+  child is enqueued (:func:`add_child`; its name, from :func:`child_name`, carries the job's
+  key), and, once the job's own function has ended, a row ``task_id="(job)"``
+  (:func:`job_ended`). A child's end is one update of its row (:func:`child_ended`).
+* When the job's row is the only pending one, the job's rows are deleted and its queue's
+  completion runs, once: ``completion(job_key, job_row, failed_children)`` (registered by
+  each queue with :func:`register_completion`; the job row's ``result_id`` names a
+  ``django.tasks`` result, else the job is a django-q2 task).
+* :func:`sweep` fails children with no result after ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]``
+  seconds (their worker was killed and the broker did not deliver them again) and completes
+  their jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry.instrumentation.taskctx import utils
+
+log = logging.getLogger("otel_taskctx.instrumentation")
+
+#: ``task_id`` of the row that records the job's own end
+JOB_ROW = "(job)"
+DJANGO_Q = "django_q"
+DJANGO_TASKS = "django_tasks"
+_PREFIX = "fan-out-"
+_TOKEN_HEX = 16
+_NAME_MAX = 64  # FanOutChild.task_id
+
+_completions: dict[str, Callable[[str, Any, list[Any]], Any]] = {}
+
+
+def register_completion(queue: str, completion: Callable[[str, Any, list[Any]], Any]) -> None:
+    _completions[queue] = completion
+
+
+def wanted(func: Any) -> bool:
+    """Fan ``func`` out (instead of running it inline)?"""
+    from otel_taskctx.policy import FAN_OUT, marked_policy
+
+    try:
+        target = utils.resolve_callable(func)
+    except Exception:  # a dotted path that does not import: the settings decide
+        target = None
+    marked = marked_policy(target) if target is not None else None
+    if marked is not None:
+        return marked == FAN_OUT
+    try:
+        from otel_taskctx.conf import get_setting
+
+        if get_setting("NESTED_POLICY") == "fan_out":
+            return True
+        listed = get_setting("FAN_OUT") or ()
+    except Exception:  # settings not configured
+        return False
+    return bool(listed) and utils.func_path(func) in set(listed)
+
+
+def child_name(job_key: str) -> str:
+    """A new child's name: unique, and carrying ``job_key`` when it fits."""
+    name = f"{_PREFIX}{uuid.uuid4().hex[:_TOKEN_HEX]}-{job_key}"
+    return name if len(name) <= _NAME_MAX else f"{_PREFIX}{uuid.uuid4().hex}"
+
+
+def _job_of(name: str) -> str | None:
+    """The job key a :func:`child_name` carries (None for the long-key form)."""
+    cut = len(_PREFIX) + _TOKEN_HEX
+    if name.startswith(_PREFIX) and len(name) > cut + 1 and name[cut] == "-":
+        return name[cut + 1 :]
+    return None
+
+
+def add_child(job_key: str, name: str, func: str) -> Any:
+    """The pending row of a child about to be enqueued."""
+    from otel_taskctx.models import FanOutChild
+
+    return FanOutChild.objects.create(job_key=job_key, task_id=name, func=func[:255])
+
+
+def child_ended(name: str, error: str, what: str = "") -> str | None:
+    """Record a child's end (``error`` empty: it succeeded); complete its job if it was the
+    last. Returns the job's key (None: no barrier row has that name)."""
+    from django.utils import timezone
+
+    from otel_taskctx.models import FanOutChild
+
+    job_key = _job_of(name)
+    rows = FanOutChild.objects.filter(task_id=name)
+    if job_key is None:
+        job_key = rows.values_list("job_key", flat=True).first()
+    else:
+        rows = rows.filter(job_key=job_key)
+    state = FanOutChild.State.FAILED if error else FanOutChild.State.DONE
+    if job_key is None or not rows.update(
+        state=state, error=error[:4000], finished_at=timezone.now()
+    ):
+        log.warning("fan-out child %s (%s) has no barrier row", name, what)
+        return None
+    maybe_complete(job_key)
+    sweep(force=False)
+    return job_key
+
+
+def has_children(job_key: str) -> bool:
+    from otel_taskctx.models import FanOutChild
+
+    return FanOutChild.objects.filter(job_key=job_key).exclude(task_id=JOB_ROW).exists()
+
+
+def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> bool:
+    """The job's own function ended. False when it has no fanned-out child (the caller
+    completes it now); else its end is recorded and the barrier completes it (maybe now)."""
+    from otel_taskctx.models import FanOutChild
+
+    if not has_children(job_key):
+        return False
+    FanOutChild.objects.get_or_create(
+        job_key=job_key,
+        task_id=JOB_ROW,
+        defaults={
+            "state": FanOutChild.State.PENDING,
+            "func": func[:255],
+            "result_id": result_id,
+            "error": error[:4000],
+        },
+    )
+    sweep(force=False)
+    maybe_complete(job_key)
+    return True
+
+
+def maybe_complete(job_key: str) -> Any:
+    """Run the completion of ``job_key`` if its function ended and no child is pending
+    (once: the job's rows are deleted in the same transaction)."""
+    from django.db import transaction
+
+    from otel_taskctx.models import FanOutChild
+
+    pending = FanOutChild.objects.filter(job_key=job_key, state=FanOutChild.State.PENDING)
+    if list(pending.values_list("task_id", flat=True)[:2]) != [JOB_ROW]:
+        return None  # the job's function still runs, or a child is pending: nothing to do yet
+    with transaction.atomic(using=FanOutChild.objects.db):
+        rows = list(FanOutChild.objects.select_for_update().filter(job_key=job_key))
+        job = next((r for r in rows if r.task_id == JOB_ROW), None)
+        children = [r for r in rows if r.task_id != JOB_ROW]
+        if job is None or job.state != FanOutChild.State.PENDING:
+            return None
+        if any(r.state == FanOutChild.State.PENDING for r in children):
+            return None
+        completion = _completions.get(DJANGO_TASKS if job.result_id else DJANGO_Q)
+        if completion is None:
+            log.error("fan-out job %s: no completion for its queue in this process", job_key)
+            return None
+        # the job is complete: its barrier rows are not needed any more
+        FanOutChild.objects.filter(job_key=job_key).delete()
+    failed = [r for r in children if r.state == FanOutChild.State.FAILED]
+    return completion(job_key, job, failed)
+
+
+def failure_message(failed: list[Any]) -> str:
+    """What a job's result says when fanned-out children failed."""
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"fan-out child {first.func} (task {first.task_id}) failed: {first.error}{more}"
+
+
+#: seconds between two sweeps of one process from the barrier's own calls
+SWEEP_INTERVAL = 10.0
+_last_sweep = 0.0
+
+
+def sweep(force: bool = True) -> int:
+    """Fail children with no result after ``FAN_OUT_TIMEOUT`` seconds and complete their jobs.
+    Returns the number of children failed. ``force=False`` sweeps at most once every
+    :data:`SWEEP_INTERVAL` seconds per process."""
+    from datetime import timedelta
+
+    global _last_sweep
+    now = time.monotonic()
+    if not force and now - _last_sweep < SWEEP_INTERVAL:
+        return 0
+    _last_sweep = now
+
+    from django.utils import timezone
+
+    from otel_taskctx.conf import get_setting
+    from otel_taskctx.models import FanOutChild
+
+    timeout = float(get_setting("FAN_OUT_TIMEOUT") or 0)
+    if timeout <= 0:
+        return 0
+    stale = FanOutChild.objects.filter(
+        state=FanOutChild.State.PENDING, created_at__lt=timezone.now() - timedelta(seconds=timeout)
+    ).exclude(task_id=JOB_ROW)
+    jobs = set(stale.values_list("job_key", flat=True))
+    if not jobs:
+        return 0
+    failed = stale.update(
+        state=FanOutChild.State.FAILED,
+        finished_at=timezone.now(),
+        error=f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): its worker was killed or "
+        "lost, and the broker did not deliver it again",
+    )
+    for job_key in jobs:
+        maybe_complete(job_key)
+    return failed

@@ -124,7 +124,8 @@ class DescendantLock(models.Model):
 
 
 class FanOutChild(models.Model):
-    """One nested job fanned out to another worker, and the job that waits for it.
+    """One nested job fanned out to another worker, and the job that waits for it (the fan-out
+    barrier in the database, used where the conflict store is not Redis).
 
     ``job_key`` is the lock-holding task key of the job (the root job: children keep its key,
     so their fan-outs count against it too); ``task_id`` is the child's django-q2 task name.

@@ -194,7 +194,7 @@ def test_aenqueue_carries_the_identity_and_runs_nested_work_inline(tmp_path):
 
 
 def test_fanned_out_tasks_run_as_child_tasks_and_the_job_waits_for_them(tmp_path):
-    from otel_taskctx.models import FanOutChild
+    from opentelemetry.instrumentation.taskctx import _barrier
 
     groups = [[501, 502], [503], [504]]
     result = jobs.publish_parts.enqueue("fan", groups, str(tmp_path))
@@ -217,7 +217,7 @@ def test_fanned_out_tasks_run_as_child_tasks_and_the_job_waits_for_them(tmp_path
         [f"powercrud:conflict:model:testapp.child:{i}" for i in ids]
     )
     assert held == {}
-    assert not FanOutChild.objects.filter(job_key=key).exists()
+    assert not _barrier.has_children(key)
 
     found = spans(tmp_path / "spans")
     runs = [s for s in found if s["kind"] == "SpanKind.CONSUMER" and "sync_part" in s["name"]]
@@ -234,7 +234,7 @@ def test_fanned_out_tasks_run_as_child_tasks_and_the_job_waits_for_them(tmp_path
 
 
 def test_a_failed_fanned_out_task_fails_its_job_and_its_siblings_still_run(tmp_path):
-    from otel_taskctx.models import FanOutChild
+    from opentelemetry.instrumentation.taskctx import _barrier
 
     result = jobs.publish_parts.enqueue("fanbad", [[601], [602], [603]], str(tmp_path), fail_part=1)
     db_worker()
@@ -248,11 +248,11 @@ def test_a_failed_fanned_out_task_fails_its_job_and_its_siblings_still_run(tmp_p
     held = TaskManager().cache.get_many(
         [f"powercrud:conflict:model:testapp.child:{i}" for i in (601, 602, 603)]
     )
-    assert held == {} and not FanOutChild.objects.filter(job_key=key).exists()
+    assert held == {} and not _barrier.has_children(key)
 
 
 def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
-    from otel_taskctx.models import FanOutChild
+    from opentelemetry.instrumentation.taskctx import _barrier
 
     immediate = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
     with override_settings(TASKS=immediate):
@@ -260,7 +260,7 @@ def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
         assert result.status == "FAILED"
         assert result.errors[0].exception_class_path == "otel_taskctx.errors.FanOutUnavailable"
         assert "ImmediateBackend" in result.errors[0].traceback
-        assert not FanOutChild.objects.exists()
+        assert not _barrier.has_children(seen(tmp_path, "immfan-parent")["task_key"])
         with override_settings(OTEL_TASKCTX={"DJANGO_TASKS": True, "NESTED_POLICY": "fan_out"}):
             found = [m for m in run_checks() if m.id == "otel_taskctx.W072"]
         assert len(found) == 1 and "ImmediateBackend" in found[0].msg

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from django.test.utils import override_settings
 from django_q.models import Task
+from opentelemetry.instrumentation.taskctx import _barrier
 from powercrud.async_manager import AsyncManager
 
 from otel_taskctx import task_context
 from otel_taskctx.errors import FanOutUnavailable
-from otel_taskctx.models import FanOutChild
 from tests.testapp.fan_out import CHILD, INLINE_CHILD, MARKED_CHILD
 
 pytestmark = [pytest.mark.stack, pytest.mark.cluster, pytest.mark.django_db(transaction=True)]
@@ -71,7 +71,7 @@ def test_children_run_on_other_workers_and_the_parent_ends_after_the_last(
         assert starts[1] < min(c["end"] for c in children)  # siblings overlapped
     assert Task.objects.get(name=key).success is True
     assert locks_of(manager, [i for g in groups for i in g]) == set()
-    assert not FanOutChild.objects.filter(job_key=key, state="pending").exists()
+    assert not _barrier.has_children(key)  # the barrier forgot the job
 
     # the job's tree holds every child's run, with the worker that ran it
     from otel_taskctx.spans import flush_span_store
@@ -113,7 +113,7 @@ def test_fan_out_with_a_sync_launch_is_refused(cache):
         with task_context("job-sync", "powercrud.async_manager.AsyncManager"):
             with pytest.raises(FanOutUnavailable, match="synchronously"):
                 manager.launch_async_task(CHILD, "s", [21], "/tmp", 0, sync=True)
-    assert not FanOutChild.objects.filter(job_key="job-sync").exists()
+    assert not _barrier.has_children("job-sync")
 
 
 def test_the_checks_refuse_fan_out_on_a_sync_broker(settings):
@@ -170,7 +170,7 @@ def test_a_worker_killed_under_a_child_never_leaves_the_job_running(
         task = Task.objects.get(name=key)
         assert task.success is False and "no result within FAN_OUT_TIMEOUT" in task.result
     assert locks_of(manager, [31, 32]) == set()
-    assert not FanOutChild.objects.filter(job_key=key, state="pending").exists()
+    assert not _barrier.has_children(key)  # the barrier forgot the job
 
 
 def test_children_launched_in_a_transaction_see_what_it_committed(cluster_factory, tmp_path, cache):
@@ -235,7 +235,7 @@ def test_a_conflicting_fan_out_launch_enqueues_nothing(cache):
                 )
     assert conflict.value.holder_task_key == "someone-else"
     assert broker.queue_size() == queued  # nothing was enqueued
-    assert not FanOutChild.objects.filter(job_key="job-c").exists()
+    assert not _barrier.has_children("job-c")
     assert locks_of(manager, [90]) == set()  # and nothing new was reserved
     get_conflict_store(manager).release("someone-else")
 
@@ -293,26 +293,33 @@ def test_decorators_mark_functions_and_django_tasks_either_way_round():
 
 
 def test_a_childs_name_carries_its_job_key_and_long_keys_still_find_their_job(cache):
-    from opentelemetry.instrumentation.taskctx import _barrier
+    from django.conf import settings
 
+    # the barrier lives beside the locks: Redis on the Redis stack, else the database
+    assert (_barrier._redis() is not None) == (settings.STACK == "redis-postgres")
     completed = []
     previous = _barrier._completions[_barrier.DJANGO_Q]
     _barrier.register_completion(_barrier.DJANGO_Q, lambda *a: completed.append(a))
     try:
         for job in ("3f2b9c1e-6c7a-4e50-b362-b742dfa2eee8", "k" * 150):
-            FanOutChild.objects.create(job_key=job, task_id=_barrier.JOB_ROW)  # the job ended
-            names = [_barrier.child_name(job) for _ in range(2)]
-            assert len(set(names)) == 2 and all(len(n) <= 64 for n in names)
+            assert not _barrier.job_ended(job, PARENT)  # no child: the caller completes it
+            names = [_barrier.child_name(job) for _ in range(3)]
+            assert len(set(names)) == 3 and all(len(n) <= 64 for n in names)
             assert all((job in n) == (len(job) < 40) for n in names)
             for name in names:
                 _barrier.add_child(job, name, CHILD)
+            _barrier.remove_child(job, names.pop())  # its enqueue failed
+            assert _barrier.has_children(job)
+            assert _barrier.job_ended(job, PARENT)  # deferred: two children pending
             assert _barrier.child_ended(names[0], "") == job
             assert not completed  # one child still pending
             assert _barrier.child_ended(names[1], "ValueError: no") == job
-            ((key, _, failed),) = completed
-            assert key == job and [r.task_id for r in failed] == [names[1]]
-            assert not FanOutChild.objects.filter(job_key=job).exists()
+            ((key, record, failed),) = completed
+            assert key == job and record.func == PARENT
+            assert [(r.task_id, r.error) for r in failed] == [(names[1], "ValueError: no")]
+            assert not _barrier.has_children(job)
+            assert _barrier.child_ended(names[1], "") is None  # forgotten with its job
             completed.clear()
-        assert _barrier.child_ended(_barrier.child_name("gone"), "") is None  # no row: warned
+        assert _barrier.child_ended(_barrier.child_name("gone"), "") is None  # no record
     finally:
         _barrier.register_completion(_barrier.DJANGO_Q, previous)

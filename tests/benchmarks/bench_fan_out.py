@@ -16,8 +16,9 @@ Reported: the wall time from the launch to powercrud's completion (its progress 
 and the fan-out/inline ratio (target <= 0.35x; ideal 0.25x with 4 workers); the barrier's own
 cost per child (its row written at the launch, and at its end through the real hook: its state
 recorded and the job's readiness checked; measured in this process on the benchmark's
-database, per child), next to one committed single-row write through the ORM on the same
-database, the unit the barrier is made of (two per child, and one read); jobs whose completion came before one of their
+store, per child: Redis on the Redis stack, the database on the embedded one), next to one
+write to the same store (a committed single-row ORM update, or a Redis SET), the unit the
+barrier is made of; jobs whose completion came before one of their
 descendants ended (target 0); locks left (target 0). SQLite runs with the sample's PRAGMAs
 (WAL, ``synchronous=NORMAL``; ``TASKCTX_SQLITE_INIT`` overrides them).
 """
@@ -78,34 +79,42 @@ def _run_policy(policy: str, parents: int, descendants: int, work_ms: float) -> 
 
 
 def _barrier_ms(children: int = 200) -> float:
-    """The barrier's own database work per child, on this run's database."""
+    """The barrier's own work per child, on this run's store (Redis or the database)."""
     from django_q.models import Task
     from opentelemetry.instrumentation.taskctx import _barrier, _fan_out
 
-    from otel_taskctx.models import FanOutChild
-
     job = str(uuid.uuid4())  # a job key as powercrud makes them
     Task.objects.filter(name=job).delete()
-    # the job's function has ended (its row is written) while its children still run
-    FanOutChild.objects.create(job_key=job, task_id=_barrier.JOB_ROW)
     start = time.perf_counter()
     names = [_barrier.child_name(job) for _ in range(children)]
-    for name in names:  # launch side: the pending row
+    for name in names:  # launch side: the pending record
         _barrier.add_child(job, name, CHILD)
+    # the job's function ends (its end is recorded) while its children still run
+    _barrier.job_ended(job, PARENT)
     for name in names[:-1]:  # each child's hook but the last, as django-q2 calls it
         _fan_out.child_done(SimpleNamespace(name=name, success=True, result=1, func=CHILD))
     elapsed = time.perf_counter() - start
-    FanOutChild.objects.filter(job_key=job).delete()
+    _barrier.discard(job)
     return elapsed * 1000 / children
 
 
 def _write_ms(count: int = 200) -> float:
-    """One committed single-row write through the ORM on the same database: the unit the
-    barrier is made of (it commits two per child and reads once)."""
+    """One write to the barrier's store, the unit the barrier is made of: a Redis SET where
+    the barrier lives in Redis, else a committed single-row update through the ORM."""
     from django.utils import timezone
+    from opentelemetry.instrumentation.taskctx import _barrier
 
     from otel_taskctx.models import FanOutChild
 
+    redis = _barrier._redis()
+    if redis is not None:
+        client, key = redis._redis(), f"bench-write-{time.time_ns()}"
+        start = time.perf_counter()
+        for n in range(count):
+            client.set(key, n)
+        elapsed = time.perf_counter() - start
+        client.delete(key)
+        return elapsed * 1000 / count
     row = FanOutChild.objects.create(job_key=f"bench-write-{time.time_ns()}", task_id="w")
     rows = FanOutChild.objects.filter(pk=row.pk)
     start = time.perf_counter()
@@ -205,9 +214,9 @@ def main(argv: list[str]) -> int:
     )
     print(f"{shape}; one job, 4 workers; wall: launch -> powercrud's completion")
     print(
-        "barrier: its database work per child (2 committed writes, 1 read); 1 write: one "
-        "committed single-row ORM update on the same database; SQLite with the sample's "
-        "PRAGMAs (WAL, synchronous=NORMAL)"
+        "barrier: its work per child (database: 2 committed writes and 1 read; Redis: 2 round "
+        "trips); 1 write: one committed single-row ORM update, or one Redis SET, on the "
+        "barrier's store; SQLite with the sample's PRAGMAs (WAL, synchronous=NORMAL)"
     )
     return 0 if ok else 1
 

@@ -5,14 +5,17 @@ none is. Shared by django-q2 fan-out (:mod:`._fan_out`) and ``django.tasks`` fan
 * :func:`wanted` decides whether a nested launch fans out: the function's decorator
   (:mod:`otel_taskctx.policy`) first, then ``OTEL_TASKCTX["FAN_OUT"]``, then
   ``["NESTED_POLICY"]``.
-* The state lives in the database (:class:`otel_taskctx.models.FanOutChild`), so it survives a
-  worker restart and needs no result backend: a pending row per child, written before the
-  child is enqueued (:func:`add_child`; its name, from :func:`child_name`, carries the job's
-  key), and, once the job's own function has ended, a row ``task_id="(job)"``
-  (:func:`job_ended`). A child's end is one update of its row (:func:`child_ended`).
-* When the job's row is the only pending one, the job's rows are deleted and its queue's
-  completion runs, once: ``completion(job_key, job_row, failed_children)`` (registered by
-  each queue with :func:`register_completion`; the job row's ``result_id`` names a
+* The state lives beside the locks: in Redis where the conflict store is Redis (the
+  ``TASKS_CACHE`` / powercrud cache is a django-redis cache; :mod:`._barrier_redis`), else in
+  the database (:class:`otel_taskctx.models.FanOutChild`). Either way it survives a worker
+  restart and needs no result backend: a pending record per child, written before the child
+  is enqueued (:func:`add_child`; its name, from :func:`child_name`, carries the job's key),
+  and, once the job's own function has ended, the job's record (:func:`job_ended`; in the
+  database a row ``task_id="(job)"``). A child's end is one update of its record
+  (:func:`child_ended`).
+* When the job has ended and no child is pending, the job's records are deleted and its
+  queue's completion runs, once: ``completion(job_key, job, failed_children)`` (registered by
+  each queue with :func:`register_completion`; the job's ``result_id`` names a
   ``django.tasks`` result, else the job is a django-q2 task).
 * :func:`sweep` fails children with no result after ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]``
   seconds (their worker was killed and the broker did not deliver them again) and completes
@@ -22,6 +25,7 @@ none is. Shared by django-q2 fan-out (:mod:`._fan_out`) and ``django.tasks`` fan
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +48,41 @@ _completions: dict[str, Callable[[str, Any, list[Any]], Any]] = {}
 
 def register_completion(queue: str, completion: Callable[[str, Any, list[Any]], Any]) -> None:
     _completions[queue] = completion
+
+
+def _complete(job_key: str, job: Any, failed: list[Any]) -> Any:
+    completion = _completions.get(DJANGO_TASKS if job.result_id else DJANGO_Q)
+    if completion is None:
+        log.error("fan-out job %s: no completion for its queue in this process", job_key)
+        return None
+    return completion(job_key, job, failed)
+
+
+_redis_barriers: dict[int, Any] = {}
+
+
+def _redis() -> Any:
+    """The Redis barrier where the conflict store is Redis, else None (per process)."""
+    pid = os.getpid()
+    found = _redis_barriers.get(pid)
+    if found is None:
+        found = False
+        try:
+            from django.core.cache import caches
+
+            from otel_taskctx.conflicts.redis_store import supports
+            from otel_taskctx.task_manager import tasks_cache_alias
+
+            cache = caches[tasks_cache_alias()]
+            if supports(cache):
+                from opentelemetry.instrumentation.taskctx._barrier_redis import RedisBarrier
+
+                found = RedisBarrier(cache)
+        except Exception:  # no such cache: the database holds the barrier
+            log.debug("fan-out barrier: no Redis conflict store", exc_info=True)
+        _redis_barriers.clear()
+        _redis_barriers[pid] = found
+    return found or None
 
 
 def wanted(func: Any) -> bool:
@@ -82,38 +121,71 @@ def _job_of(name: str) -> str | None:
     return None
 
 
-def add_child(job_key: str, name: str, func: str) -> Any:
-    """The pending row of a child about to be enqueued."""
+def add_child(job_key: str, name: str, func: str) -> None:
+    """The pending record of a child about to be enqueued."""
+    redis = _redis()
+    if redis is not None:
+        return redis.add_child(job_key, name, func[:255], named=_job_of(name) == job_key)
     from otel_taskctx.models import FanOutChild
 
-    return FanOutChild.objects.create(job_key=job_key, task_id=name, func=func[:255])
+    FanOutChild.objects.create(job_key=job_key, task_id=name, func=func[:255])
+    return None
+
+
+def remove_child(job_key: str, name: str) -> None:
+    """Undo :func:`add_child`: the child could not be enqueued."""
+    redis = _redis()
+    if redis is not None:
+        return redis.remove_child(job_key, name)
+    from otel_taskctx.models import FanOutChild
+
+    FanOutChild.objects.filter(job_key=job_key, task_id=name).delete()
+    return None
 
 
 def child_ended(name: str, error: str, what: str = "") -> str | None:
     """Record a child's end (``error`` empty: it succeeded); complete its job if it was the
-    last. Returns the job's key (None: no barrier row has that name)."""
+    last. Returns the job's key (None: no barrier record has that name)."""
+    job_key = _job_of(name)
+    state = "failed" if error else "done"
+    redis = _redis()
+    if redis is not None:
+        job_key = job_key or redis.job_of(name)
+        claimed = redis.child_ended(job_key, name, state, error[:4000]) if job_key else -1
+        if claimed == 1:
+            _complete(job_key, *redis.take(job_key))
+    else:
+        claimed = _child_ended_in_database(job_key, name, state, error)
+        job_key = claimed if isinstance(claimed, str) else None
+    if claimed in (-1, None):
+        log.warning("fan-out child %s (%s) has no barrier record", name, what)
+        return None
+    sweep(force=False)
+    return job_key
+
+
+def _child_ended_in_database(job_key: str | None, name: str, state: str, error: str) -> Any:
     from django.utils import timezone
 
     from otel_taskctx.models import FanOutChild
 
-    job_key = _job_of(name)
     rows = FanOutChild.objects.filter(task_id=name)
     if job_key is None:
         job_key = rows.values_list("job_key", flat=True).first()
     else:
         rows = rows.filter(job_key=job_key)
-    state = FanOutChild.State.FAILED if error else FanOutChild.State.DONE
     if job_key is None or not rows.update(
         state=state, error=error[:4000], finished_at=timezone.now()
     ):
-        log.warning("fan-out child %s (%s) has no barrier row", name, what)
         return None
     maybe_complete(job_key)
-    sweep(force=False)
     return job_key
 
 
 def has_children(job_key: str) -> bool:
+    redis = _redis()
+    if redis is not None:
+        return redis.has_children(job_key)
     from otel_taskctx.models import FanOutChild
 
     return FanOutChild.objects.filter(job_key=job_key).exclude(task_id=JOB_ROW).exists()
@@ -122,6 +194,15 @@ def has_children(job_key: str) -> bool:
 def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> bool:
     """The job's own function ended. False when it has no fanned-out child (the caller
     completes it now); else its end is recorded and the barrier completes it (maybe now)."""
+    redis = _redis()
+    if redis is not None:
+        claimed = redis.job_ended(job_key, func[:255], result_id, error[:4000])
+        if claimed == -1:
+            return False
+        sweep(force=False)
+        if claimed == 1:
+            _complete(job_key, *redis.take(job_key))
+        return True
     from otel_taskctx.models import FanOutChild
 
     if not has_children(job_key):
@@ -142,8 +223,8 @@ def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> 
 
 
 def maybe_complete(job_key: str) -> Any:
-    """Run the completion of ``job_key`` if its function ended and no child is pending
-    (once: the job's rows are deleted in the same transaction)."""
+    """(Database) run the completion of ``job_key`` if its function ended and no child is
+    pending (once: the job's rows are deleted in the same transaction)."""
     from django.db import transaction
 
     from otel_taskctx.models import FanOutChild
@@ -159,14 +240,20 @@ def maybe_complete(job_key: str) -> Any:
             return None
         if any(r.state == FanOutChild.State.PENDING for r in children):
             return None
-        completion = _completions.get(DJANGO_TASKS if job.result_id else DJANGO_Q)
-        if completion is None:
-            log.error("fan-out job %s: no completion for its queue in this process", job_key)
-            return None
         # the job is complete: its barrier rows are not needed any more
         FanOutChild.objects.filter(job_key=job_key).delete()
-    failed = [r for r in children if r.state == FanOutChild.State.FAILED]
-    return completion(job_key, job, failed)
+    return _complete(job_key, job, [r for r in children if r.state == FanOutChild.State.FAILED])
+
+
+def discard(job_key: str) -> None:
+    """Forget a job's barrier state without completing it (benchmarks)."""
+    redis = _redis()
+    if redis is not None:
+        return redis.discard(job_key)
+    from otel_taskctx.models import FanOutChild
+
+    FanOutChild.objects.filter(job_key=job_key).delete()
+    return None
 
 
 def failure_message(failed: list[Any]) -> str:
@@ -196,23 +283,32 @@ def sweep(force: bool = True) -> int:
     from django.utils import timezone
 
     from otel_taskctx.conf import get_setting
-    from otel_taskctx.models import FanOutChild
 
     timeout = float(get_setting("FAN_OUT_TIMEOUT") or 0)
     if timeout <= 0:
         return 0
+    error = (
+        f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): its worker was killed or lost, "
+        "and the broker did not deliver it again"
+    )
+    redis = _redis()
+    if redis is not None:
+        failed = 0
+        for job_key, name in redis.stale(timeout):
+            claimed = redis.child_ended(job_key, name, "failed", error)
+            failed += claimed >= 0
+            if claimed == 1:
+                _complete(job_key, *redis.take(job_key))
+        return failed
+    from otel_taskctx.models import FanOutChild
+
     stale = FanOutChild.objects.filter(
         state=FanOutChild.State.PENDING, created_at__lt=timezone.now() - timedelta(seconds=timeout)
     ).exclude(task_id=JOB_ROW)
     jobs = set(stale.values_list("job_key", flat=True))
     if not jobs:
         return 0
-    failed = stale.update(
-        state=FanOutChild.State.FAILED,
-        finished_at=timezone.now(),
-        error=f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): its worker was killed or "
-        "lost, and the broker did not deliver it again",
-    )
+    failed = stale.update(state=FanOutChild.State.FAILED, finished_at=timezone.now(), error=error)
     for job_key in jobs:
         maybe_complete(job_key)
     return failed

@@ -142,7 +142,7 @@ def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict)
     """
     _refuse_fan_out(identity, task)
     name = _barrier.child_name(identity.task_key)
-    row = _barrier.add_child(identity.task_key, name, task.module_path)
+    _barrier.add_child(identity.task_key, name, task.module_path)
     child = identity.child(identity.task_key, identity.manager_class_path)
     try:
         span, carrier = _start_send(task, child, fan_out=name)
@@ -153,7 +153,7 @@ def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict)
                 span.set_attribute(semconv.MESSAGING_MESSAGE_ID, str(result.id))
             return result
     except BaseException:
-        row.delete()
+        _barrier.remove_child(identity.task_key, name)
         raise
 
 

@@ -79,7 +79,7 @@ def launch(
         # the child's django-q2 task name is chosen here, so its barrier row is written once,
         # before the enqueue (the child may end before the enqueue returns)
         name = _barrier.child_name(identity.task_key)
-        row = _barrier.add_child(identity.task_key, name, label)
+        _barrier.add_child(identity.task_key, name, label)
         child = identity.child(identity.task_key, identity.manager_class_path)
         original = getattr(q_tasks.async_task, "__wrapped__", q_tasks.async_task)
         options = {**call_kwargs, "hook": CHILD_HOOK, "task_name": name}
@@ -87,7 +87,7 @@ def launch(
         try:
             return enqueue(original, func, args, options, fan_out=child)
         except BaseException:
-            row.delete()
+            _barrier.remove_child(identity.task_key, name)
             raise
         finally:
             context.detach(token)

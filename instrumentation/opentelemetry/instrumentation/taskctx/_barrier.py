@@ -113,7 +113,7 @@ def child_name(job_key: str) -> str:
     return name if len(name) <= _NAME_MAX else f"{_PREFIX}{uuid.uuid4().hex}"
 
 
-def _job_of(name: str) -> str | None:
+def job_of_name(name: str) -> str | None:
     """The job key a :func:`child_name` carries (None for the long-key form)."""
     cut = len(_PREFIX) + _TOKEN_HEX
     if name.startswith(_PREFIX) and len(name) > cut + 1 and name[cut] == "-":
@@ -125,7 +125,7 @@ def add_child(job_key: str, name: str, func: str) -> None:
     """The pending record of a child about to be enqueued."""
     redis = _redis()
     if redis is not None:
-        return redis.add_child(job_key, name, func[:255], named=_job_of(name) == job_key)
+        return redis.add_child(job_key, name, func[:255], named=job_of_name(name) == job_key)
     from otel_taskctx.models import FanOutChild
 
     FanOutChild.objects.create(job_key=job_key, task_id=name, func=func[:255])
@@ -146,7 +146,7 @@ def remove_child(job_key: str, name: str) -> None:
 def child_ended(name: str, error: str, what: str = "") -> str | None:
     """Record a child's end (``error`` empty: it succeeded); complete its job if it was the
     last. Returns the job's key (None: no barrier record has that name)."""
-    job_key = _job_of(name)
+    job_key = job_of_name(name)
     state = "failed" if error else "done"
     redis = _redis()
     if redis is not None:

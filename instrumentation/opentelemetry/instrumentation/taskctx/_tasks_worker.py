@@ -69,7 +69,7 @@ def _fan_out_name(carrier: Any, identity: TaskIdentity | None) -> str:
     name = carrier.get(FAN_OUT_FIELD) if isinstance(carrier, dict) else None
     if identity is None or not isinstance(name, str):
         return ""
-    job = _barrier._job_of(name)
+    job = _barrier.job_of_name(name)
     return name if job in (None, identity.task_key) else ""
 
 

@@ -274,27 +274,41 @@ def check_span_database(app_configs=None, **kwargs):
     return []
 
 
-@register(Tags.compatibility)
-def check_task_backends(app_configs=None, **kwargs):
-    """``TASKS`` backends that cannot carry a task identity to a worker (``DummyBackend``)."""
+def _task_backends() -> list[tuple[str, str, type]]:
+    """``(alias, dotted path, class)`` of each ``TASKS`` backend, when ``django.tasks`` is
+    instrumented (empty before Django 6.0, with ``DJANGO_TASKS`` off, or with an
+    ``OTEL_TASKCTX`` that is not a dict: E001)."""
     try:
-        from django.tasks.backends.dummy import DummyBackend
         from django.utils.module_loading import import_string
 
         from otel_taskctx.conf import get_setting
 
         if not get_setting("DJANGO_TASKS"):
             return []
-    except Exception:  # Django before 6.0, or OTEL_TASKCTX is not a dict (E001)
+    except Exception:
         return []
-    problems = []
+    found = []
     for alias, config in (getattr(settings, "TASKS", None) or {}).items():
         path = str((config or {}).get("BACKEND", ""))
         try:
             backend = import_string(path)
         except Exception:
             continue
-        if isinstance(backend, type) and issubclass(backend, DummyBackend):
+        if isinstance(backend, type):
+            found.append((alias, path, backend))
+    return found
+
+
+@register(Tags.compatibility)
+def check_task_backends(app_configs=None, **kwargs):
+    """``TASKS`` backends that cannot carry a task identity to a worker (``DummyBackend``)."""
+    try:
+        from django.tasks.backends.dummy import DummyBackend
+    except ImportError:  # Django before 6.0
+        return []
+    problems = []
+    for alias, path, backend in _task_backends():
+        if issubclass(backend, DummyBackend):
             problems.append(
                 Warning(
                     f"TASKS[{alias!r}] is {path} (DummyBackend): its tasks never run, so no "
@@ -351,22 +365,11 @@ def _fan_out_task_backends() -> list:
     try:
         from django.tasks.backends.dummy import DummyBackend
         from django.tasks.backends.immediate import ImmediateBackend
-        from django.utils.module_loading import import_string
-
-        from otel_taskctx.conf import get_setting
-
-        if not get_setting("DJANGO_TASKS"):
-            return []
-    except Exception:  # Django before 6.0
+    except ImportError:  # Django before 6.0
         return []
     problems = []
-    for alias, config in (getattr(settings, "TASKS", None) or {}).items():
-        path = str((config or {}).get("BACKEND", ""))
-        try:
-            backend = import_string(path)
-        except Exception:
-            continue
-        if isinstance(backend, type) and issubclass(backend, ImmediateBackend | DummyBackend):
+    for alias, path, backend in _task_backends():
+        if issubclass(backend, ImmediateBackend | DummyBackend):
             problems.append(
                 Warning(
                     f"Nested launches fan out (OTEL_TASKCTX NESTED_POLICY/FAN_OUT) but "

@@ -52,6 +52,17 @@ def session_cookie(live_server):
     return [{"name": settings.SESSION_COOKIE_NAME, "value": value, "url": live_server.url}]
 
 
+def signed_in_page(browser, cookies):
+    """A page of a fresh 1400x900 browser context with the session cookies, and the list its
+    JavaScript errors go to."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    context.add_cookies(cookies)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return page, errors
+
+
 def bar_box(row):
     box = row.locator(".tc-bar").bounding_box()
     assert box is not None and box["width"] > 0 and box["height"] > 0
@@ -98,11 +109,7 @@ def test_a_running_job_of_short_steps_opens_at_the_step_it_is_in(
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with chromium() as browser:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
-            context.add_cookies(cookies)
-            page = context.new_page()
-            errors = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page, errors = signed_in_page(browser, cookies)
             page.goto(f"{live_server.url}/taskctx/job/{key}/")
             page.wait_for_selector('#taskctx-job[data-ready="1"]')
             assert page.locator("#tc-status").inner_text() == "running"
@@ -123,7 +130,7 @@ def test_a_running_job_of_short_steps_opens_at_the_step_it_is_in(
             assert page.locator(".tc-row[data-depth='2']").count() >= 1
             page.screenshot(path=str(ARTIFACTS / "viewer-running-steps.png"), full_page=True)
             assert errors == []
-            context.close()
+            page.context.close()
     finally:
         release.touch()
     cluster.wait_for(
@@ -135,11 +142,7 @@ def test_a_running_job_of_short_steps_opens_at_the_step_it_is_in(
 
 
 def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key, release):
-    context = browser.new_context(viewport={"width": 1400, "height": 900})
-    context.add_cookies(cookies)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page, errors = signed_in_page(browser, cookies)
 
     # a running job: shown where it is now, and the page refreshes itself until it ends
     page.goto(f"{live_server.url}/taskctx/job/{slow_key}/")
@@ -232,7 +235,7 @@ def check_pages(browser, live_server, cookies, ok_key, failed_key, slow_key, rel
     response = page.request.get(f"{live_server.url}/taskctx/api/job/{ok_key}")
     assert response.ok and response.json()["nested_steps"] == 3
     assert errors == []
-    context.close()
+    page.context.close()
 
 
 def test_fanned_out_children_in_the_browser(cluster_factory, cache, live_server, tmp_path):
@@ -260,11 +263,7 @@ def test_fanned_out_children_in_the_browser(cluster_factory, cache, live_server,
     )
     cookies = session_cookie(live_server)
     with chromium() as browser:
-        context = browser.new_context(viewport={"width": 1400, "height": 900})
-        context.add_cookies(cookies)
-        page = context.new_page()
-        errors = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page, errors = signed_in_page(browser, cookies)
         page.goto(f"{live_server.url}/taskctx/job/{key}/")
         page.wait_for_selector('#taskctx-job[data-ready="1"]')
         for _ in range(6):  # open every row

@@ -45,49 +45,24 @@ def fan_parent(
             from tests.testapp.models import Parent
 
             Parent.objects.filter(pk=parent_id).update(status="approved")
-        _launch_children(
-            label,
-            groups,
-            marker_dir,
-            sleep,
-            fail_child,
-            pause_child,
-            parent_id,
-            child_options,
-            child,
-        )
+        from powercrud.async_manager import AsyncManager
+
+        for n, ids in enumerate(groups):  # one nested launch per group
+            AsyncManager().launch_async_task(
+                child,
+                f"{label}-{n}",
+                ids,
+                marker_dir,
+                sleep,
+                fail=(n == fail_child),
+                pause_at=f"{label}-{n}-pause" if n == pause_child else None,
+                parent_id=parent_id,
+                conflict_ids={"testapp.child": set(ids)},
+                **(child_options or {}).get(n, {}),
+            )
         time.sleep(0.3 if parent_id is not None else 0)  # children must wait for the commit
     _write(marker_dir, f"{label}-parent", {"ended": time.time(), "pid": os.getpid()})
     return True
-
-
-def _launch_children(
-    label,
-    groups,
-    marker_dir,
-    sleep,
-    fail_child,
-    pause_child,
-    parent_id,
-    child_options=None,
-    child=CHILD,
-):
-    from powercrud.async_manager import AsyncManager
-
-    for n, ids in enumerate(groups):
-        extra = (child_options or {}).get(n, {})
-        AsyncManager().launch_async_task(
-            child,
-            f"{label}-{n}",
-            ids,
-            marker_dir,
-            sleep,
-            fail=(n == fail_child),
-            pause_at=f"{label}-{n}-pause" if n == pause_child else None,
-            parent_id=parent_id,
-            conflict_ids={"testapp.child": set(ids)},
-            **extra,
-        )
 
 
 def fan_child(

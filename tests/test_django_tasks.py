@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 CARRIER = "_otel_taskctx"
 
 
-def db_worker(span_dir: Path | None = None) -> str:
-    """Run every queued task in a real ``db_worker`` process (``--batch``); its output."""
+def _worker_command(span_dir: Path | None, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of a real ``manage.py db_worker`` on the test database."""
     from django.conf import settings
     from django.db import connections
 
@@ -45,24 +45,14 @@ def db_worker(span_dir: Path | None = None) -> str:
     if span_dir is not None:
         span_dir.mkdir(parents=True, exist_ok=True)
         env[SPAN_DIR_ENV] = str(span_dir)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.cluster",
-            "db_worker",
-            "--batch",
-            "--no-startup-delay",
-            "--no-reload",
-            "--interval",
-            "0.1",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    argv = [sys.executable, "-m", "tests.cluster", "db_worker", "--no-startup-delay"]
+    return [*argv, "--no-reload", "--interval", "0.1", *extra], env
+
+
+def db_worker(span_dir: Path | None = None) -> str:
+    """Run every queued task in a real ``db_worker`` process (``--batch``); its output."""
+    argv, env = _worker_command(span_dir, "--batch")
+    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -264,3 +254,41 @@ def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
         with override_settings(OTEL_TASKCTX={"DJANGO_TASKS": True, "NESTED_POLICY": "fan_out"}):
             found = [m for m in run_checks() if m.id == "otel_taskctx.W072"]
         assert len(found) == 1 and "ImmediateBackend" in found[0].msg
+
+
+def test_a_db_worker_killed_under_a_child_never_leaves_the_job_running(tmp_path):
+    import signal
+    import time
+
+    from django.core.management import call_command
+    from opentelemetry.instrumentation.taskctx import _barrier
+
+    from tests.testapp.reliability import wait_for_file
+
+    result = jobs.publish_parts.enqueue("lost", [[801], [802]], str(tmp_path), pause_part=0)
+    argv, env = _worker_command(None)
+    worker = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+    try:
+        wait_for_file(tmp_path / "lost-0-pause.reached")  # child 0 runs in the worker
+    finally:
+        worker.send_signal(signal.SIGKILL)  # ... which dies under it
+        worker.wait(timeout=30)
+    key = seen(tmp_path, "lost-parent")["task_key"]
+    db_worker()  # another worker runs the sibling (django-tasks-db never reruns child 0)
+    assert seen(tmp_path, "lost-1")["task_key"] == key
+    assert DBTaskResult.objects.get(id=result.id).status == "RUNNING"  # waiting for child 0
+    assert _barrier.has_children(key)
+    lock = "powercrud:conflict:model:testapp.child:801"
+    assert TaskManager().cache.get(lock) == key  # the lost child's lock is still held
+    timeout = 2
+    time.sleep(timeout + 0.5)
+    with override_settings(OTEL_TASKCTX={"FAN_OUT_TIMEOUT": timeout}):
+        call_command("taskctx_sweep", verbosity=0)
+    stored = DBTaskResult.objects.get(id=result.id)
+    assert stored.status == "FAILED"
+    assert stored.exception_class_path == "otel_taskctx.errors.FanOutChildFailed"
+    assert "no result within FAN_OUT_TIMEOUT (2 s)" in stored.traceback
+    held = TaskManager().cache.get_many(
+        [f"powercrud:conflict:model:testapp.child:{i}" for i in (801, 802)]
+    )
+    assert held == {} and not _barrier.has_children(key)

@@ -71,25 +71,43 @@ def sync_chapters(label: str, child_ids: list[int], marker_dir: str, fail: bool 
 @fan_out
 @task
 def sync_part(
-    label: str, child_ids: list[int], marker_dir: str, job_result_id: str, fail: bool = False
+    label: str,
+    child_ids: list[int],
+    marker_dir: str,
+    job_result_id: str,
+    fail: bool = False,
+    pause: bool = False,
 ) -> int:
     """A nested step that fans out (its decorator): a child task of its own, which also
-    records the status of its job's result while it runs."""
+    records the status of its job's result while it runs. ``pause``: it stops at the marker
+    ``<label>-pause`` first (see tests.testapp.reliability.pause)."""
     from django_tasks_db.models import DBTaskResult
 
+    from otel_taskctx import register_descendants
+    from tests.testapp.reliability import pause as stop_at
+
+    if pause:  # its children locked first, as a worker killed mid-way leaves them
+        register_descendants(CHILD, child_ids)
+        stop_at(marker_dir, f"{label}-pause")
     job_status = DBTaskResult.objects.get(id=job_result_id).status
     return _sync(label, child_ids, marker_dir, fail, job_status=job_status)
 
 
 @task(takes_context=True)
 def publish_parts(
-    context: Any, label: str, groups: list[list[int]], marker_dir: str, fail_part: int = -1
+    context: Any,
+    label: str,
+    groups: list[list[int]],
+    marker_dir: str,
+    fail_part: int = -1,
+    pause_part: int = -1,
 ) -> str:
     """A parent task that fans out one child task per group of children, then ends."""
     _write(marker_dir, f"{label}-parent", _seen())
     for n, ids in enumerate(groups):
+        job_id = str(context.task_result.id)
         sync_part.enqueue(
-            f"{label}-{n}", ids, marker_dir, str(context.task_result.id), fail=n == fail_part
+            f"{label}-{n}", ids, marker_dir, job_id, fail=n == fail_part, pause=n == pause_part
         )
     return label
 

@@ -171,6 +171,10 @@ def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any)
                 )
         if run.identity is not None:
             _end(run, task_result, _last_line(error_type, traceback) if error_type else "")
+        try:  # children lost with a killed worker (every 10 s at most)
+            _barrier.sweep(force=False)
+        except Exception:
+            log.warning("could not sweep fan-out jobs", exc_info=True)
     finally:
         run.span.end()
         try:

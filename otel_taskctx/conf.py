@@ -30,7 +30,8 @@ EXPORT_FROM_ENV             honour ``OTEL_TRACES_EXPORTER``/``OTEL_EXPORTER_OTLP
                             tracer provider otel_taskctx created (True)
 NESTED_POLICY               what a nested launch inside a job does: "inline" (run it now, under
                             the job's key) or "fan_out" (a child job on another worker; the
-                            job ends when its last child has) ("inline")
+                            job ends when its last child has) ("inline"); a function's
+                            ``@fan_out`` / ``@run_inline`` wins over it and FAN_OUT
 FAN_OUT                     dotted function paths that fan out under the "inline" policy (``[]``)
 FAN_OUT_TIMEOUT             seconds after which a fanned-out child with no result fails its
                             job (3600; 0: never)

@@ -241,6 +241,27 @@ def test_a_failed_fanned_out_task_fails_its_job_and_its_siblings_still_run(tmp_p
     assert held == {} and not _barrier.has_children(key)
 
 
+def test_a_job_that_raises_after_fanning_out_fails_with_its_own_error_after_its_children(
+    tmp_path,
+):
+    from opentelemetry.instrumentation.taskctx import _barrier
+
+    result = jobs.publish_parts.enqueue("self", [[651], [652]], str(tmp_path), fail_self=True)
+    db_worker()
+    parts = [seen(tmp_path, f"self-{n}") for n in range(2)]
+    assert {p["job_status"] for p in parts} == {"RUNNING"}  # held while its children ran
+    stored = DBTaskResult.objects.get(id=result.id)
+    assert stored.status == "FAILED" and stored.exception_class_path == "builtins.RuntimeError"
+    assert "self failed after fanning out" in stored.traceback
+    children = DBTaskResult.objects.exclude(id=result.id)
+    assert stored.finished_at >= max(c.finished_at for c in children)
+    key = seen(tmp_path, "self-parent")["task_key"]
+    held = TaskManager().cache.get_many(
+        [f"powercrud:conflict:model:testapp.child:{i}" for i in (651, 652)]
+    )
+    assert held == {} and not _barrier.has_children(key)
+
+
 def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
     from opentelemetry.instrumentation.taskctx import _barrier
 

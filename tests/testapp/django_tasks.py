@@ -101,14 +101,18 @@ def publish_parts(
     marker_dir: str,
     fail_part: int = -1,
     pause_part: int = -1,
+    fail_self: bool = False,
 ) -> str:
-    """A parent task that fans out one child task per group of children, then ends."""
+    """A parent task that fans out one child task per group of children, then ends (or,
+    ``fail_self``, raises)."""
     _write(marker_dir, f"{label}-parent", _seen())
     for n, ids in enumerate(groups):
         job_id = str(context.task_result.id)
         sync_part.enqueue(
             f"{label}-{n}", ids, marker_dir, job_id, fail=n == fail_part, pause=n == pause_part
         )
+    if fail_self:
+        raise RuntimeError(f"{label} failed after fanning out")
     return label
 
 

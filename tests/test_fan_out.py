@@ -93,6 +93,28 @@ def test_children_run_on_other_workers_and_the_parent_ends_after_the_last(
         assert len({n.process for n in runs}) >= 2
 
 
+def test_fan_out_needs_no_recorded_span(cluster_factory, tmp_path, cache):
+    """The barrier, locks and lineage ride on the signed identity, not on spans: a cluster
+    whose sampler drops every span fans out the same way."""
+    cluster_factory(
+        q_cluster={"workers": 2}, settings=FAN_OUT, env={"OTEL_TRACES_SAMPLER": "always_off"}
+    )
+    manager = AsyncManager()
+    key = manager.launch_async_task(PARENT, "n", [[61], [62]], str(tmp_path), 0.4)
+    completed_at = wait_for_completion(manager, key)
+    children, parent = [read(tmp_path, f"n-{i}") for i in range(2)], read(tmp_path, "n-parent")
+    assert parent and all(children)
+    assert {(c["task_key"], c["depth"]) for c in children} == {(key, 1)}
+    assert [c["held"] for c in children] == [{"61": key}, {"62": key}]
+    assert parent["ended"] < max(c["end"] for c in children) <= completed_at
+    assert Task.objects.get(name=key).success is True
+    assert locks_of(manager, [61, 62]) == set() and not _barrier.has_children(key)
+    from otel_taskctx.models import TaskSpan
+
+    time.sleep(1.5)  # the workers' span writers would have stored their runs by now
+    assert not TaskSpan.objects.filter(root_task_key=key, kind="CONSUMER").exists()
+
+
 def test_a_failed_child_fails_the_parent_with_its_error(cluster_factory, tmp_path, cache):
     cluster_factory(q_cluster={"workers": 2}, settings=FAN_OUT)
     groups = [[11], [12], [13]]

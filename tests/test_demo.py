@@ -186,6 +186,8 @@ def test_tasks_demo_runs_the_nested_bulk_edit_through_db_worker(tmp_path):
             "3",
             "--delay",
             "0.1",
+            "--fan-out-workers",
+            "2",
         ],
         cwd=REPO_ROOT,
         env=sample_env(tmp_path),
@@ -200,6 +202,12 @@ def test_tasks_demo_runs_the_nested_bulk_edit_through_db_worker(tmp_path):
     assert "nested tasks that reached the queue: 0" in out
     assert "locks after the task: 0" in out
     assert re.search(r"chapters seen locked under the task's key: [1-9]", out)
+    # then fanned out: a child task per book on both db_workers, the job ending after them
+    assert "fan-out job: SUCCESSFUL" in out
+    assert "child tasks 4, run by 2 db_worker(s)" in out
+    assert "the job ended after its last child task" in out
+    assert "chapters updated inside the job 12/12" in out and "locks after the job: 0" in out
+    assert "speed-up of the django.tasks job with fan-out:" in out
 
 
 @pytest.mark.cluster

@@ -193,9 +193,13 @@ OTEL_TASKCTX: dict = {}
 if os.environ.get("SAMPLE_INSTRUMENT", "1").lower() in {"0", "false", "no", "off"}:
     OTEL_TASKCTX["AUTO_INSTRUMENT"] = False
 # SAMPLE_FAN_OUT=1: Album.save()'s nested repricing job runs on other workers (fan-out), and
-# the bulk edit ends when the last of them has (manage.py taskctx_fan_out_demo)
+# the bulk edit ends when the last of them has (manage.py taskctx_fan_out_demo); likewise each
+# book's nested publish_book task of the django.tasks job (manage.py taskctx_tasks_demo)
 if os.environ.get("SAMPLE_FAN_OUT", "0").lower() in {"1", "true", "yes", "on"}:
-    OTEL_TASKCTX["FAN_OUT"] = ["sample.library.tasks.reprice_album_tracks"]
+    OTEL_TASKCTX["FAN_OUT"] = [
+        "sample.library.tasks.reprice_album_tracks",
+        "sample.library.django_tasks.publish_book",
+    ]
 
 #: seconds each descendant update sleeps (so that progress is visible in the demo and the UI)
 SAMPLE_SAVE_DELAY = float(os.environ.get("SAMPLE_SAVE_DELAY", "0.05"))

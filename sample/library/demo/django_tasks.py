@@ -28,6 +28,8 @@ class TasksReport:
     task_key: str = ""
     status: str = ""
     duration_s: float = 0.0
+    #: the job's own time (its result's start to its end)
+    job_s: float = 0.0
     books: int = 0
     books_published: int = 0
     chapters: int = 0
@@ -102,6 +104,8 @@ def run_tasks_demo(console: Console, options: dict[str, Any]) -> TasksReport:
         raise DemoFailure(f"db_worker exited with {worker.returncode}:\n{output[-2000:]}")
     stored = DBTaskResult.objects.get(id=result.id)
     report.status = str(stored.status)
+    if stored.started_at and stored.finished_at:
+        report.job_s = round((stored.finished_at - stored.started_at).total_seconds(), 2)
     report.queued_tasks = DBTaskResult.objects.count()
     report.books_published = Book.objects.filter(status=Book.Status.PUBLISHED).count()
     report.chapters_inline = Chapter.objects.filter(

@@ -58,20 +58,34 @@ def drop_sample_pg_database() -> None:
         connection.execute(f'DROP DATABASE IF EXISTS "{sample_pg_database()}" WITH (FORCE)')
 
 
-def run_demo(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 240):
+def run_command(
+    tmp_path: Path,
+    command: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+):
+    """``manage.py <command> *args`` of the sample, from a fresh database; (proc, output)."""
     if STACK == "redis-postgres":
         drop_sample_pg_database()  # a fresh machine: the demo creates the database
-    report = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "sample/manage.py", "taskctx_demo", "--report", str(report), *args],
+        [sys.executable, "sample/manage.py", command, *args],
         cwd=REPO_ROOT,
         env=env or sample_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+    return proc, proc.stdout + proc.stderr
+
+
+def run_demo(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 240):
+    report = tmp_path / "report.json"
+    proc, out = run_command(
+        tmp_path, "taskctx_demo", "--report", str(report), *args, env=env, timeout=timeout
+    )
     data = json.loads(report.read_text()) if report.exists() else None
-    return proc, proc.stdout + proc.stderr, data
+    return proc, out, data
 
 
 def fact(output: str, name: str) -> str:
@@ -173,29 +187,11 @@ def test_demo_rejects_bad_options(tmp_path):
 @pytest.mark.stack
 def test_tasks_demo_runs_the_nested_bulk_edit_through_db_worker(tmp_path):
     """``make demo``'s second command: the same nested bulk edit through django.tasks."""
-    if STACK == "redis-postgres":
-        drop_sample_pg_database()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "sample/manage.py",
-            "taskctx_tasks_demo",
-            "--books",
-            "4",
-            "--chapters",
-            "3",
-            "--delay",
-            "0.1",
-            "--fan-out-workers",
-            "2",
-        ],
-        cwd=REPO_ROOT,
-        env=sample_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    proc, out = run_command(
+        tmp_path,
+        "taskctx_tasks_demo",
+        *("--books", "4", "--chapters", "3", "--delay", "0.1", "--fan-out-workers", "2"),
     )
-    out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "django.tasks demo passed" in out
     assert "books published 4/4" in out and "chapters updated inside the task 12/12" in out
@@ -214,29 +210,12 @@ def test_tasks_demo_runs_the_nested_bulk_edit_through_db_worker(tmp_path):
 @pytest.mark.stack
 def test_fan_out_demo_runs_both_policies_correctly(tmp_path):
     """``make demo``'s last command: the bulk edit inline, then with fan-out."""
-    if STACK == "redis-postgres":
-        drop_sample_pg_database()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "sample/manage.py",
-            "taskctx_fan_out_demo",
-            "--albums",
-            "3",
-            "--tracks",
-            "2",
-            "--delay",
-            "0.05",
-            "--workers",
-            "2",
-        ],
-        cwd=REPO_ROOT,
-        env=sample_env(tmp_path),
-        capture_output=True,
-        text=True,
+    proc, out = run_command(
+        tmp_path,
+        "taskctx_fan_out_demo",
+        *("--albums", "3", "--tracks", "2", "--delay", "0.05", "--workers", "2"),
         timeout=300,
     )
-    out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "fan-out demo passed" in out
     assert re.search(r"inline\s+success\s+[\d.]+s\s+6/6\s+0", out), out[-2000:]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from tests.benchmarks._util import table
+from tests.benchmarks._util import run_child, table
 
 PARENT = "tests.testapp.fan_out.fan_parent"
 CHILD = "tests.testapp.fan_out.fan_child"
@@ -149,26 +148,11 @@ def main(argv: list[str]) -> int:
         return 0
     rows, ok = [], True
     for name in [stack] if stack else ["embedded", "redis-postgres"]:
-        env = {k: v for k, v in os.environ.items() if k not in ("TASKCTX_STACK", "TASKCTX_DB_NAME")}
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.benchmarks.bench_fan_out",
-                f"--stack={name}",
-                "--child=1",
-                *(["--quick"] if quick else []),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
+        r = run_child(
+            "tests.benchmarks.bench_fan_out", name, RESULT_TAG, *(["--quick"] if quick else [])
         )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-        if proc.returncode or not lines:
-            print(proc.stdout[-3000:])
-            print(f"{name}: benchmark failed (exit {proc.returncode})")
+        if r is None:
             return 1
-        r = json.loads(lines[-1][len(RESULT_TAG) :])
         ratio = r["fan-out"]["wall_s"] / r["inline"]["wall_s"]
         early = r["inline"]["early"] + r["fan-out"]["early"]
         locks = r["inline"]["locks_left"] + r["fan-out"]["locks_left"]

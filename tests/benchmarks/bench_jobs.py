@@ -64,13 +64,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
-from tests.benchmarks._util import table
+from tests.benchmarks._util import run_child, table
 
 TARGET = 1.05
 STACKS = {"embedded": "ORM broker (SQLite)", "redis-postgres": "Redis broker (PostgreSQL)"}
@@ -465,29 +464,16 @@ def main(argv: list[str]) -> int:
     stacks = [stack] if stack else list(STACKS)
     rows, ok = [], True
     for name in stacks:
-        env = {k: v for k, v in os.environ.items() if k not in ("TASKCTX_STACK", "TASKCTX_DB_NAME")}
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tests.benchmarks.bench_jobs",
-                f"--stack={name}",
-                f"--jobs={jobs}",
-                f"--rounds={rounds}",
-                f"--span-rows={rows_option}",
-                "--child=1",
-                *(["--breakdown"] if breakdown else []),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
+        options = [f"--jobs={jobs}", f"--rounds={rounds}", f"--span-rows={rows_option}"]
+        result = run_child(
+            "tests.benchmarks.bench_jobs",
+            name,
+            RESULT_TAG,
+            *options,
+            *(["--breakdown"] if breakdown else []),
         )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
-        if proc.returncode or not lines:
-            print(proc.stdout[-3000:])
-            print(f"{name}: benchmark failed (exit {proc.returncode})")
+        if result is None:
             return 1
-        result = json.loads(lines[-1][len(RESULT_TAG) :])
         for variant in variants_of(name, breakdown):
             run = result[variant]
             ratios = run["ratios"]

@@ -24,6 +24,7 @@ none is. Shared by django-q2 fan-out (:mod:`._fan_out`) and ``django.tasks`` fan
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -85,15 +86,22 @@ def _redis() -> Any:
     return found or None
 
 
+@functools.lru_cache(maxsize=1024)
+def _marked_path(path: str) -> str | None:
+    """The decorator's policy of the function at a dotted path (located once per path)."""
+    from otel_taskctx.policy import marked_policy
+
+    try:
+        return marked_policy(utils.resolve_callable(path))
+    except Exception:  # a dotted path that does not import: the settings decide
+        return None
+
+
 def wanted(func: Any) -> bool:
     """Fan ``func`` out (instead of running it inline)?"""
     from otel_taskctx.policy import FAN_OUT, marked_policy
 
-    try:
-        target = utils.resolve_callable(func)
-    except Exception:  # a dotted path that does not import: the settings decide
-        target = None
-    marked = marked_policy(target) if target is not None else None
+    marked = _marked_path(func) if isinstance(func, str) else marked_policy(func)
     if marked is not None:
         return marked == FAN_OUT
     try:
@@ -152,19 +160,25 @@ def child_ended(name: str, error: str, what: str = "") -> str | None:
     if redis is not None:
         job_key = job_key or redis.job_of(name)
         claimed = redis.child_ended(job_key, name, state, error[:4000]) if job_key else -1
-        if claimed == 1:
-            _complete(job_key, *redis.take(job_key))
+        _complete_claimed(redis, job_key, claimed)
+        job_key = job_key if claimed != -1 else None
     else:
-        claimed = _child_ended_in_database(job_key, name, state, error)
-        job_key = claimed if isinstance(claimed, str) else None
-    if claimed in (-1, None):
+        job_key = _child_ended_in_database(job_key, name, state, error)
+    if job_key is None:
         log.warning("fan-out child %s (%s) has no barrier record", name, what)
         return None
     sweep(force=False)
     return job_key
 
 
-def _child_ended_in_database(job_key: str | None, name: str, state: str, error: str) -> Any:
+def _complete_claimed(redis: Any, job_key: str | None, claimed: int) -> None:
+    """(Redis) run the completion of a job that a script claimed (``claimed == 1``)."""
+    if claimed == 1 and job_key:
+        _complete(job_key, *redis.take(job_key))
+
+
+def _child_ended_in_database(job_key: str | None, name: str, state: str, error: str) -> str | None:
+    """The job's key, once the child's row is updated (None: no such row)."""
     from django.utils import timezone
 
     from otel_taskctx.models import FanOutChild
@@ -200,8 +214,7 @@ def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> 
         if claimed == -1:
             return False
         sweep(force=False)
-        if claimed == 1:
-            _complete(job_key, *redis.take(job_key))
+        _complete_claimed(redis, job_key, claimed)
         return True
     from otel_taskctx.models import FanOutChild
 
@@ -297,8 +310,7 @@ def sweep(force: bool = True) -> int:
         for job_key, name in redis.stale(timeout):
             claimed = redis.child_ended(job_key, name, "failed", error)
             failed += claimed >= 0
-            if claimed == 1:
-                _complete(job_key, *redis.take(job_key))
+            _complete_claimed(redis, job_key, claimed)
         return failed
     from otel_taskctx.models import FanOutChild
 

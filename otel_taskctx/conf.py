@@ -35,6 +35,8 @@ NESTED_POLICY               what a nested launch inside a job does: "inline" (ru
 FAN_OUT                     dotted function paths that fan out under the "inline" policy (``[]``)
 FAN_OUT_TIMEOUT             seconds after which a fanned-out child with no result fails its
                             job (3600; 0: never)
+FAN_OUT_SWEEP_INTERVAL      seconds between two sweeps for lost children, in each process that
+                            launched, ran or waits for fan-out work while any is pending (10)
 DJANGO_TASKS                instrument Django's task framework (``django.tasks``) too (True)
 TASKS_CACHE                 cache alias of the locks and progress of ``django.tasks`` tasks
                             (None: powercrud's ``CACHE_NAME``, else "default")
@@ -67,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "NESTED_POLICY": "inline",
     "FAN_OUT": [],
     "FAN_OUT_TIMEOUT": 3600,
+    "FAN_OUT_SWEEP_INTERVAL": 10,
     "DJANGO_TASKS": True,
     "TASKS_CACHE": None,
 }

@@ -48,3 +48,8 @@ class FanOutUnavailable(TaskContextError):
 class FanOutChildFailed(TaskContextError):
     """A fanned-out child of a job failed; the job's result names it (``django.tasks`` results
     carry this class path; django-q2 Task rows say it in their result)."""
+
+
+class FanOutChildLost(TaskContextError):
+    """A fanned-out ``django.tasks`` child that never ended (its ``db_worker`` was killed or
+    lost): the timeout sweep fails its own result with this class path."""

@@ -5,7 +5,8 @@ The identity is one compact baggage entry (``taskctx``) whose value is a token::
     v1.<base64url(json payload)>.<base64url(hmac-sha256[:16])>
 
 The payload holds the task key, manager class path, parent and root task keys, the nesting
-depth and an expiry (unix seconds). The MAC is keyed with a key derived from a secret that
+depth, an expiry (unix seconds) and, for a queued ``django.tasks`` task, the id of the task it
+was issued for (``bound_to``). The MAC is keyed with a key derived from a secret that
 only this deployment knows (``OTEL_TASKCTX["SIGNING_KEY"]`` or Django's ``SECRET_KEY``), so
 a ``baggage`` header sent by any HTTP client cannot claim to be a task.
 
@@ -61,6 +62,9 @@ class TaskIdentity:
     depth: int = 0
     parent_task_key: str | None = None
     expires_at: float | None = None
+    #: the id of the one queued task this identity was issued for (a ``django.tasks`` result
+    #: id): a worker accepts it for that task only (see :func:`otel_taskctx.propagation.extract_bound`)
+    bound_to: str | None = None
 
     def __post_init__(self) -> None:
         if self.root_task_key is None:
@@ -257,6 +261,8 @@ def sign(identity: TaskIdentity, ttl_seconds: int | None = None, now: float | No
         payload["p"] = identity.parent_task_key
     if identity.depth:
         payload["d"] = identity.depth
+    if identity.bound_to:
+        payload["b"] = identity.bound_to
     body = _b64e(json.dumps(payload, separators=(",", ":")).encode("ascii"))
     signed = f"{TOKEN_VERSION}.{body}"
     signer = _keys.signer
@@ -282,6 +288,9 @@ def _parse_payload(data: object) -> TaskIdentity:
         parent = data.get("p")
         if parent is not None:
             validate_task_key(parent)
+        bound = data.get("b")
+        if bound is not None:
+            validate_task_key(bound)
     except ValueError as exc:
         raise InvalidIdentity(str(exc)) from None
     depth = data.get("d", 0)
@@ -297,6 +306,7 @@ def _parse_payload(data: object) -> TaskIdentity:
         depth=depth,
         parent_task_key=parent,
         expires_at=float(expires),
+        bound_to=bound,
     )
 
 

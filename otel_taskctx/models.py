@@ -1,4 +1,5 @@
-"""The otel_taskctx app's models: the span store and the descendant lock table.
+"""The otel_taskctx app's models: the span store, the descendant lock table, the fan-out
+barrier and the carriers of queued ``django.tasks`` tasks.
 
 **TaskSpan** — The span store: one row per span, written by :mod:`otel_taskctx.spans`.
 
@@ -157,3 +158,27 @@ class FanOutChild(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_key} <- {self.task_id or '(the job itself)'}: {self.state}"
+
+
+class TaskCarrier(models.Model):
+    """The trace context and signed identity of one queued ``django.tasks`` task, kept beside
+    the task instead of inside its arguments (the task's ``args``/``kwargs`` are the user's).
+
+    Written by the library, in the transaction that writes the task's own row, keyed by the
+    task result's id; read by the worker when the task starts (its identity counts only for
+    that id) and deleted when the task ends. ``fan_out`` names the barrier record of a
+    fanned-out child (empty for a job's own task).
+    """
+
+    result_id = models.CharField(max_length=64, primary_key=True)
+    carrier = models.JSONField()
+    fan_out = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        app_label = "otel_taskctx"
+        db_table = "otel_taskctx_task_carrier"
+        verbose_name = "task carrier"
+
+    def __str__(self) -> str:
+        return self.result_id

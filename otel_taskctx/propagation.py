@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import string
+import time
 from collections.abc import MutableMapping
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry import baggage, propagate, trace
@@ -22,8 +24,18 @@ from opentelemetry.context import Context, get_current
 from opentelemetry.propagators import textmap
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from otel_taskctx.context import remember_verified
-from otel_taskctx.identity import BAGGAGE_ENTRY, MAX_TOKEN_LENGTH
+from otel_taskctx.context import (
+    context_with_identity,
+    context_without_identity,
+    remember_verified,
+)
+from otel_taskctx.identity import (
+    BAGGAGE_ENTRY,
+    MAX_TOKEN_LENGTH,
+    InvalidIdentity,
+    TaskIdentity,
+    verify,
+)
 
 log = logging.getLogger("otel_taskctx.propagation")
 
@@ -157,6 +169,37 @@ def extract(carrier: Any, context: Context | None = None) -> Context:
         log.warning("could not extract trace context from carrier: %s", exc)
         return context
     return remember_verified(ctx)
+
+
+def extract_bound(carrier: Any, bound_to: str) -> tuple[Context, TaskIdentity | None, str]:
+    """Read a carrier that the library stored for the queued task ``bound_to`` (a
+    ``django.tasks`` result id): ``(context, identity, refusal)``.
+
+    The identity counts only if it verifies and was issued for ``bound_to``; otherwise it is
+    removed from the context and ``refusal`` says why ("" when there was no identity, or it was
+    accepted). The binding, not the expiry, is what ties the identity to its task, so an
+    identity that expired while its task waited (``run_after``) is issued again for the run.
+    """
+    clean = _clean_carrier(carrier)
+    try:
+        ctx = _read_baggage(clean, _read_traceparent(clean, Context()))
+    except Exception as exc:  # defensive: a propagator must never fail the task
+        log.warning("could not extract trace context from carrier: %s", exc)
+        return Context(), None, "the carrier could not be read"
+    token = baggage.get_baggage(BAGGAGE_ENTRY, ctx)
+    if token is None:
+        return ctx, None, ""
+    try:
+        identity = verify(token, now=0)  # signature and shape; the binding replaces the expiry
+    except InvalidIdentity as exc:
+        return context_without_identity(ctx), None, f"it does not verify ({exc})"
+    if identity.bound_to != bound_to:
+        issued = identity.bound_to or "no queued task"
+        return context_without_identity(ctx), None, f"it was issued for {issued}"
+    if identity.expires_at is not None and identity.expires_at < time.time():
+        identity = replace(identity, expires_at=None)
+        return context_with_identity(identity, ctx=ctx), identity, ""
+    return context_with_identity(identity, token, ctx), identity, ""
 
 
 def _read_baggage(carrier: dict[str, str], ctx: Context) -> Context:

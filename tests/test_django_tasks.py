@@ -1,6 +1,7 @@
 """Django's task framework (``django.tasks``) through a real ``manage.py db_worker``.
 
-The identity crosses into the worker in the task's arguments and is verified there; a nested
+The identity crosses into the worker beside the task (never in its arguments) and is verified
+there; a nested
 ``.enqueue()`` inside a running task runs inline under the task's key; the helpers lock and
 report progress without powercrud; the task's locks are released when it ends.
 """
@@ -11,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +21,17 @@ from django.test.utils import override_settings
 from django_tasks_db.models import DBTaskResult
 
 from otel_taskctx import task_context
+from otel_taskctx.models import TaskCarrier
 from otel_taskctx.task_manager import TASK_MANAGER_PATH, TaskManager, get_progress
 from tests.cluster import REPO_ROOT, SETTINGS_ENV, SPAN_DIR_ENV
 from tests.testapp import django_tasks as jobs
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
-CARRIER = "_otel_taskctx"
 
 
-def _worker_command(span_dir: Path | None, *extra: str) -> tuple[list[str], dict[str, str]]:
+def _worker_command(
+    span_dir: Path | None, *extra: str, overrides: dict | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The argv and environment of a real ``manage.py db_worker`` on the test database."""
     from django.conf import settings
     from django.db import connections
@@ -42,6 +46,8 @@ def _worker_command(span_dir: Path | None, *extra: str) -> tuple[list[str], dict
     )
     env.pop(SETTINGS_ENV, None)
     env.pop(SPAN_DIR_ENV, None)
+    if overrides:
+        env[SETTINGS_ENV] = json.dumps(overrides)
     if span_dir is not None:
         span_dir.mkdir(parents=True, exist_ok=True)
         env[SPAN_DIR_ENV] = str(span_dir)
@@ -49,9 +55,9 @@ def _worker_command(span_dir: Path | None, *extra: str) -> tuple[list[str], dict
     return [*argv, "--no-reload", "--interval", "0.1", *extra], env
 
 
-def db_worker(span_dir: Path | None = None) -> str:
+def db_worker(span_dir: Path | None = None, overrides: dict | None = None) -> str:
     """Run every queued task in a real ``db_worker`` process (``--batch``); its output."""
-    argv, env = _worker_command(span_dir, "--batch")
+    argv, env = _worker_command(span_dir, "--batch", overrides=overrides)
     proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
@@ -71,14 +77,15 @@ def test_identity_crosses_into_db_worker_and_nested_enqueue_runs_inline(tmp_path
     ids = [101, 102, 103]
     result = jobs.publish.enqueue("book", ids, str(tmp_path))
     stored = DBTaskResult.objects.get(id=result.id)
-    carrier = stored.args_kwargs["kwargs"][CARRIER]
+    assert stored.args_kwargs == {"args": ["book", ids, str(tmp_path)], "kwargs": {}}
+    carrier = TaskCarrier.objects.get(result_id=str(result.id)).carrier
     assert "taskctx=v1." in carrier["baggage"] and carrier["traceparent"]
 
     db_worker(tmp_path / "spans")
 
     parent, child = seen(tmp_path, "book-parent"), seen(tmp_path, "book-child")
     key = parent["task_key"]
-    assert key and key.startswith("task-") and parent["depth"] == 0
+    assert key == f"task-{result.id}" and parent["depth"] == 0
     assert parent["manager"] == TASK_MANAGER_PATH
     # the nested enqueue ran inline: same process, same key, one level deeper
     assert (child["task_key"], child["root"], child["depth"]) == (key, key, 1)
@@ -131,10 +138,12 @@ def test_a_failing_nested_task_fails_its_parent(tmp_path):
 
 def test_an_identity_that_does_not_verify_is_dropped_with_a_warning(tmp_path):
     forged = {"baggage": "taskctx=v1.eyJrIjoiZXZpbCIsIngiOjk5OTk5OTk5OTl9.AAAAAAAAAAAAAAAAAAAAAA"}
-    jobs.observe.enqueue("forged", str(tmp_path), **{CARRIER: forged})
+    result = jobs.observe.enqueue("forged", str(tmp_path))
+    TaskCarrier.objects.filter(result_id=str(result.id)).update(carrier=forged)
     output = db_worker()
     assert seen(tmp_path, "forged")["task_key"] is None
-    assert "carried a task identity that does not verify" in output
+    assert f"ignoring the task identity of task {result.id}" in output
+    assert "it does not verify (bad signature" in output
 
 
 def test_immediate_backend_runs_nested_work_inline_under_the_callers_key(tmp_path, settings):
@@ -278,16 +287,17 @@ def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
 
 
 def test_a_db_worker_killed_under_a_child_never_leaves_the_job_running(tmp_path):
+    """With no ``taskctx_sweep``: a long-running db_worker sweeps by itself."""
     import signal
-    import time
 
-    from django.core.management import call_command
     from opentelemetry.instrumentation.taskctx import _barrier
 
     from tests.testapp.reliability import wait_for_file
 
+    timeout = 2
+    fan_out = {"OTEL_TASKCTX": {"FAN_OUT_TIMEOUT": timeout, "FAN_OUT_SWEEP_INTERVAL": 0.5}}
     result = jobs.publish_parts.enqueue("lost", [[801], [802]], str(tmp_path), pause_part=0)
-    argv, env = _worker_command(None)
+    argv, env = _worker_command(None, overrides=fan_out)
     worker = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
     try:
         wait_for_file(tmp_path / "lost-0-pause.reached")  # child 0 runs in the worker
@@ -295,21 +305,36 @@ def test_a_db_worker_killed_under_a_child_never_leaves_the_job_running(tmp_path)
         worker.send_signal(signal.SIGKILL)  # ... which dies under it
         worker.wait(timeout=30)
     key = seen(tmp_path, "lost-parent")["task_key"]
-    db_worker()  # another worker runs the sibling (django-tasks-db never reruns child 0)
-    assert seen(tmp_path, "lost-1")["task_key"] == key
+    lost = TaskCarrier.objects.get(
+        fan_out__startswith="fan-out-",
+        result_id__in=[
+            r.id for r in DBTaskResult.objects.filter(status="RUNNING").exclude(id=result.id)
+        ],
+    )
     assert DBTaskResult.objects.get(id=result.id).status == "RUNNING"  # waiting for child 0
-    assert _barrier.has_children(key)
-    lock = "powercrud:conflict:model:testapp.child:801"
-    assert TaskManager().cache.get(lock) == key  # the lost child's lock is still held
-    timeout = 2
-    time.sleep(timeout + 0.5)
-    with override_settings(OTEL_TASKCTX={"FAN_OUT_TIMEOUT": timeout}):
-        call_command("taskctx_sweep", verbosity=0)
+    assert TaskManager().cache.get("powercrud:conflict:model:testapp.child:801") == key
+    # a db_worker that lives on runs the sibling, and then sweeps by itself
+    argv, env = _worker_command(None, overrides=fan_out)
+    worker = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while DBTaskResult.objects.get(id=result.id).status == "RUNNING":
+            assert time.monotonic() < deadline, "the job still waits for its lost child"
+            time.sleep(0.1)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert seen(tmp_path, "lost-1")["task_key"] == key
     stored = DBTaskResult.objects.get(id=result.id)
     assert stored.status == "FAILED"
     assert stored.exception_class_path == "otel_taskctx.errors.FanOutChildFailed"
     assert "no result within FAN_OUT_TIMEOUT (2 s)" in stored.traceback
+    child = DBTaskResult.objects.get(id=lost.result_id)  # the lost child's own result
+    assert child.status == "FAILED"
+    assert child.exception_class_path == "otel_taskctx.errors.FanOutChildLost"
+    assert "db_worker" in child.traceback and "broker" not in child.traceback
     held = TaskManager().cache.get_many(
         [f"powercrud:conflict:model:testapp.child:{i}" for i in (801, 802)]
     )
     assert held == {} and not _barrier.has_children(key)
+    assert not TaskCarrier.objects.exists()

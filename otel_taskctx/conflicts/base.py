@@ -27,6 +27,10 @@ from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict
 
 log = logging.getLogger("otel_taskctx.conflicts")
 
+#: task keys this process reserved locks for: a ``django.tasks`` task that reserved none (and
+#: fanned nothing out) has nothing to release, and its end asks the store nothing
+reserved_here: set[str] = set()
+
 
 # ---------------------------------------------------------------------------------------------
 # ids and results
@@ -176,6 +180,7 @@ class CacheConflictStore:
             return result
         if self.refusal:
             raise ConflictStoreUnavailable(self.refusal)
+        reserved_here.add(task_key)  # (before: a partial reservation is released too)
         try:
             result.reserved, result.already_held = self._reserve_groups(task_key, groups)
         except DescendantConflict:

@@ -128,6 +128,35 @@ def publish(label: str, child_ids: list[int], marker_dir: str, fail_child: bool 
 
 
 @task
+def observe_any(label: str, marker_dir: str, **extra: Any) -> str:
+    """Like :func:`observe`, and takes any other keyword argument (a carrier made by hand)."""
+    _write(marker_dir, label, {**_seen(), "extra": sorted(extra)})
+    return label
+
+
+@task
+def hold_children(
+    label: str, child_ids: list[int], marker_dir: str, seconds: float = 0.0, pause: bool = False
+) -> int:
+    """Lock the children under the task's key, work ``seconds`` (``pause``: stop at the
+    marker ``<label>-pause`` first), then say who holds them."""
+    import time
+
+    from otel_taskctx import get_conflict_store, register_descendants
+    from otel_taskctx.task_manager import TaskManager
+    from tests.testapp.reliability import pause as stop_at
+
+    registered = register_descendants(CHILD, child_ids)
+    if pause:
+        stop_at(marker_dir, f"{label}-pause")
+    time.sleep(seconds)  # the task's own work, while its locks must stay
+    holders = get_conflict_store(TaskManager()).holders({CHILD: child_ids}).get(CHILD, {})
+    held = {str(k): v for k, v in holders.items()}
+    _write(marker_dir, label, {**_seen(), "registered": bool(registered), "held": held})
+    return len(child_ids)
+
+
+@task
 def noop(n: int) -> int:
     """The benchmark's task (tests/benchmarks/bench_django_tasks.py)."""
     return n

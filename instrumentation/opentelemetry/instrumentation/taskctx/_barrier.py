@@ -19,7 +19,8 @@ none is. Shared by django-q2 fan-out (:mod:`._fan_out`) and ``django.tasks`` fan
   ``django.tasks`` result, else the job is a django-q2 task).
 * :func:`sweep` fails children with no result after ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]``
   seconds (their worker was killed and the broker did not deliver them again) and completes
-  their jobs.
+  their jobs; a lost ``django.tasks`` child's own result becomes ``FAILED`` too. The processes
+  that meet fan-out work run it by themselves (:mod:`.sweeper`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -129,8 +129,23 @@ def job_of_name(name: str) -> str | None:
     return None
 
 
+#: keys of the jobs that this process launched fanned-out children for: only their ends ask
+#: the barrier (a job that fanned out nothing costs no barrier query)
+_launched: set[str] = set()
+
+
+def launched_here(job_key: str) -> bool:
+    """Did this process launch a fanned-out child of ``job_key``?"""
+    return job_key in _launched
+
+
+def forget_launched(job_key: str) -> None:
+    _launched.discard(job_key)
+
+
 def add_child(job_key: str, name: str, func: str) -> None:
     """The pending record of a child about to be enqueued."""
+    _launched.add(job_key)
     redis = _redis()
     if redis is not None:
         return redis.add_child(job_key, name, func[:255], named=job_of_name(name) == job_key)
@@ -167,7 +182,6 @@ def child_ended(name: str, error: str, what: str = "") -> str | None:
     if job_key is None:
         log.warning("fan-out child %s (%s) has no barrier record", name, what)
         return None
-    sweep(force=False)
     return job_key
 
 
@@ -213,7 +227,6 @@ def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> 
         claimed = redis.job_ended(job_key, func[:255], result_id, error[:4000])
         if claimed == -1:
             return False
-        sweep(force=False)
         _complete_claimed(redis, job_key, claimed)
         return True
     from otel_taskctx.models import FanOutChild
@@ -230,7 +243,6 @@ def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> 
             "error": error[:4000],
         },
     )
-    sweep(force=False)
     maybe_complete(job_key)
     return True
 
@@ -276,51 +288,93 @@ def failure_message(failed: list[Any]) -> str:
     return f"fan-out child {first.func} (task {first.task_id}) failed: {first.error}{more}"
 
 
-#: seconds between two sweeps of one process from the barrier's own calls
-SWEEP_INTERVAL = 10.0
-_last_sweep = 0.0
+def any_pending() -> bool:
+    """Is any fanned-out child pending, of any job?"""
+    redis = _redis()
+    if redis is not None:
+        return redis.any_pending()
+    from otel_taskctx.models import FanOutChild
+
+    pending = FanOutChild.objects.filter(state=FanOutChild.State.PENDING)
+    return pending.exclude(task_id=JOB_ROW).exists()
+
+
+def _lost_message(timeout: float, tasks_child: bool) -> str:
+    if tasks_child:
+        return (
+            f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): the db_worker that ran it was "
+            "killed or lost (django-tasks-db never runs a task twice), or no db_worker took it "
+            "in time"
+        )
+    return (
+        f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): its worker was killed or lost, "
+        "and the broker did not deliver it again"
+    )
+
+
+def _fail_lost_result(result_id: str, error: str) -> None:
+    """A lost ``django.tasks`` child's own result: ``FAILED`` with ``error`` (through
+    django-tasks-db's ``set_failed``), unless it ended meanwhile; its carrier is dropped."""
+    from django.tasks.base import TaskResultStatus
+    from opentelemetry.instrumentation.taskctx import tasks_carriers
+
+    from otel_taskctx.errors import FanOutChildLost
+
+    model = tasks_carriers.result_model()
+    unfinished = (TaskResultStatus.READY, TaskResultStatus.RUNNING)
+    db_result = model.objects.filter(id=result_id, status__in=unfinished).first()
+    if db_result is not None:
+        db_result.set_failed(FanOutChildLost(error))
+    tasks_carriers.drop(result_id)
 
 
 def sweep(force: bool = True) -> int:
     """Fail children with no result after ``FAN_OUT_TIMEOUT`` seconds and complete their jobs.
-    Returns the number of children failed. ``force=False`` sweeps at most once every
-    :data:`SWEEP_INTERVAL` seconds per process."""
+    Returns the number of children failed. (``force`` is accepted for callers of earlier
+    versions; every call sweeps.)"""
     from datetime import timedelta
 
-    global _last_sweep
-    now = time.monotonic()
-    if not force and now - _last_sweep < SWEEP_INTERVAL:
-        return 0
-    _last_sweep = now
-
     from django.utils import timezone
+    from opentelemetry.instrumentation.taskctx import tasks_carriers
 
     from otel_taskctx.conf import get_setting
 
     timeout = float(get_setting("FAN_OUT_TIMEOUT") or 0)
     if timeout <= 0:
         return 0
-    error = (
-        f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): its worker was killed or lost, "
-        "and the broker did not deliver it again"
-    )
     redis = _redis()
     if redis is not None:
-        failed = 0
-        for job_key, name in redis.stale(timeout):
+        stale = redis.stale(timeout)
+    else:
+        from otel_taskctx.models import FanOutChild
+
+        rows = FanOutChild.objects.filter(
+            state=FanOutChild.State.PENDING,
+            created_at__lt=timezone.now() - timedelta(seconds=timeout),
+        ).exclude(task_id=JOB_ROW)
+        stale = list(rows.values_list("job_key", "task_id"))
+    if not stale:
+        return 0
+    results = tasks_carriers.results_of_children([name for _, name in stale])
+    failed = 0
+    for job_key, name in stale:
+        error = _lost_message(timeout, name in results)
+        if name in results:
+            try:
+                _fail_lost_result(results[name], error)
+            except Exception:
+                log.warning("could not fail the result of lost child %s", name, exc_info=True)
+        if redis is not None:
             claimed = redis.child_ended(job_key, name, "failed", error)
             failed += claimed >= 0
             _complete_claimed(redis, job_key, claimed)
-        return failed
-    from otel_taskctx.models import FanOutChild
+        else:
+            from otel_taskctx.models import FanOutChild
 
-    stale = FanOutChild.objects.filter(
-        state=FanOutChild.State.PENDING, created_at__lt=timezone.now() - timedelta(seconds=timeout)
-    ).exclude(task_id=JOB_ROW)
-    jobs = set(stale.values_list("job_key", flat=True))
-    if not jobs:
-        return 0
-    failed = stale.update(state=FanOutChild.State.FAILED, finished_at=timezone.now(), error=error)
-    for job_key in jobs:
-        maybe_complete(job_key)
+            failed += FanOutChild.objects.filter(
+                job_key=job_key, task_id=name, state=FanOutChild.State.PENDING
+            ).update(state=FanOutChild.State.FAILED, finished_at=timezone.now(), error=error)
+    if redis is None:
+        for job_key in {job_key for job_key, _ in stale}:
+            maybe_complete(job_key)
     return failed

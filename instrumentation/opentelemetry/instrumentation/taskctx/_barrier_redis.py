@@ -152,6 +152,10 @@ class RedisBarrier:
                     failed.append(Row(field[2:], c.get("f", ""), "failed", c.get("e", "")))
         return job, failed
 
+    def any_pending(self) -> bool:
+        """Is any child of any job pending?"""
+        return bool(self._redis().zcard(self._pending))
+
     def stale(self, timeout: float) -> list[tuple[str, str]]:
         """``(job key, child name)`` of the children pending for more than ``timeout`` s."""
         members = self._redis().zrangebyscore(self._pending, "-inf", time.time() - timeout)

@@ -18,7 +18,7 @@ from typing import Any
 
 from opentelemetry import baggage, context, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import utils
+from opentelemetry.instrumentation.taskctx import sweeper, utils
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
@@ -210,6 +210,8 @@ def on_pre_execute(
                     task.get("name"),
                 )
         fanned_out = identity is not None and task.get(utils.FAN_OUT_KEY) == identity.task_key
+        if fanned_out:
+            sweeper.ensure_running()
         if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
             log.warning(
                 "ignoring the identity of task %s: it names task %s",

@@ -1,30 +1,36 @@
 """Django's task framework (``django.tasks``), the enqueue side: the same task context as on
 django-q2 (the worker side is :mod:`._tasks_worker`).
 
-* **Enqueue outside a task** (``Task.enqueue``, patched: the framework has no seam that can
-  change a task's arguments): a root task. It gets a fresh task key and a signed identity that
-  names :class:`otel_taskctx.task_manager.TaskManager`; the identity and the trace context go
-  into a reserved keyword argument of the task (:data:`CARRIER_KWARG`), under a PRODUCER span.
+* **Enqueue outside a task** (``Task.enqueue``, wrapped for the PRODUCER span and the
+  decision below; the framework's ``task_enqueued`` signal, which names the new result, writes
+  the carrier): a root task. Its key is ``task-<result id>`` and its signed identity names
+  :class:`otel_taskctx.task_manager.TaskManager` and is **bound to the result's id**: a worker
+  accepts it for that task only. The carrier (trace context and identity) is kept beside the
+  task, never in its arguments (:mod:`.tasks_carriers`); with django-tasks-db it is written in
+  the transaction that writes the task's row.
 * **Enqueue inside a task**: by default the nested task runs inline, under the parent's key,
   as nested django-q2 launches do (``ENQUEUE_NESTED`` and ``allow_nested_async()`` opt out);
   the call returns a finished ``TaskResult``. An exception propagates to the parent, so the
   parent fails with it.
 * **Fan-out** (``@fan_out``, ``OTEL_TASKCTX["FAN_OUT"]`` or ``NESTED_POLICY="fan_out"``): the
-  nested task is enqueued as a real child task with an identity that keeps the job's key
-  (depth + 1) and the name of its row in the fan-out barrier (:mod:`._barrier`); the parent
-  task ends only when its last descendant has (see :mod:`._tasks_worker`). A backend that runs
-  tasks in the caller (``ImmediateBackend``) or never (``DummyBackend``) refuses it
-  (:class:`~otel_taskctx.errors.FanOutUnavailable`).
+  nested task is enqueued as a real child task whose identity keeps the job's key (depth + 1),
+  is bound to the child's own result id, and whose carrier names its record in the fan-out
+  barrier (:mod:`._barrier`); the parent task ends only when its last descendant has (see
+  :mod:`._tasks_worker`). A backend that runs tasks in the caller (``ImmediateBackend``) or
+  never (``DummyBackend``) refuses it (:class:`~otel_taskctx.errors.FanOutUnavailable`).
+* A ``_otel_taskctx`` keyword argument passed by the caller is the caller's argument, not an
+  identity: the task is enqueued as a plain task, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.taskctx import _barrier, _nested, utils
+from opentelemetry.instrumentation.taskctx import _barrier, _nested, sweeper, tasks_carriers, utils
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import semconv
@@ -36,9 +42,10 @@ from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
-#: the keyword argument that carries the trace context and identity to the worker
+#: the keyword argument name that earlier versions carried the context in: passed by a
+#: caller, it is a plain argument (and a warning)
 CARRIER_KWARG = "_otel_taskctx"
-#: the carrier's entry naming a fanned-out child's barrier row
+#: the carrier's entry naming a fanned-out child's barrier record
 FAN_OUT_FIELD = "fan_out"
 MESSAGING_SYSTEM_VALUE = "django_tasks"
 
@@ -53,67 +60,132 @@ def attributes_of(task: Any, operation: str) -> dict[str, Any]:
     }
 
 
+@dataclass(slots=True, eq=False)
+class _Plan:
+    """An instrumented enqueue in progress, for the ``task_enqueued`` receiver."""
+
+    task: Any
+    span: trace.Span
+    #: the identity of a fanned-out child (``bound_to`` is set from its result); None: a root
+    child: TaskIdentity | None = None
+    #: the child's barrier record ("" for a root)
+    fan_out: str = ""
+    done: bool = False
+
+
+_plan: ContextVar[_Plan | None] = ContextVar("otel_taskctx.tasks-enqueue", default=None)
+
+
 # --------------------------------------------------------------------------- enqueue
+
+
+def _hand_carrier(task: Any) -> None:
+    log.warning(
+        "task %s was enqueued with a %s keyword argument: a task identity is never taken from "
+        "a task's arguments (only otel_taskctx writes identities, beside the task), so it is "
+        "enqueued as a plain task and the argument is passed to it as it is",
+        task.module_path,
+        CARRIER_KWARG,
+    )
 
 
 def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of ``django.tasks.Task.enqueue(*args, **kwargs)``."""
-    if not utils.STATE.active or CARRIER_KWARG in kwargs:
+    if not utils.STATE.active:
+        return wrapped(*args, **kwargs)
+    if CARRIER_KWARG in kwargs:
+        _hand_carrier(instance)
         return wrapped(*args, **kwargs)
     identity = current_task()
     if _nested.should_run_inline(identity, instance.func):
         if _barrier.wanted(instance.func):
             return _enqueue_child(identity, instance, args, kwargs)
         return _run_nested(identity, instance, args, kwargs)
-    span, carrier = _start_send(
-        instance, TaskIdentity(f"task-{uuid.uuid4().hex}", TASK_MANAGER_PATH)
-    )
-    with utils.running_in(span, trace.set_span_in_context(span)):
-        result = wrapped(*args, **{**kwargs, CARRIER_KWARG: carrier})
-        if span.is_recording():
-            span.set_attribute(semconv.MESSAGING_MESSAGE_ID, str(result.id))
-        return result
+    plan = _Plan(instance, _start_send(instance))
+    return _send(plan, lambda: wrapped(*args, **kwargs))
 
 
 def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of ``Task.aenqueue``: the same as :func:`traced_enqueue`, awaited."""
-    if not utils.STATE.active or CARRIER_KWARG in kwargs:
+    if not utils.STATE.active:
+        return wrapped(*args, **kwargs)
+    from asgiref.sync import sync_to_async
+
+    if CARRIER_KWARG in kwargs:
+        _hand_carrier(instance)
         return wrapped(*args, **kwargs)
     identity = current_task()
     if _nested.should_run_inline(identity, instance.func):
-        from asgiref.sync import sync_to_async
-
         run = _enqueue_child if _barrier.wanted(instance.func) else _run_nested
         return sync_to_async(run, thread_sensitive=True)(identity, instance, args, kwargs)
+    if tasks_carriers.is_database_backend(instance.get_backend()):
+        # the row and its carrier in one transaction: the synchronous enqueue, in a thread
+        return sync_to_async(instance.enqueue, thread_sensitive=True)(*args, **kwargs)
     return _aenqueue_root(wrapped, instance, args, kwargs)
 
 
 async def _aenqueue_root(wrapped: Any, task: Any, args: tuple, kwargs: dict) -> Any:
-    span, carrier = _start_send(task, TaskIdentity(f"task-{uuid.uuid4().hex}", TASK_MANAGER_PATH))
-    with utils.running_in(span, trace.set_span_in_context(span)):
-        result = await wrapped(*args, **{**kwargs, CARRIER_KWARG: carrier})
-        if span.is_recording():
-            span.set_attribute(semconv.MESSAGING_MESSAGE_ID, str(result.id))
-        return result
+    plan = _Plan(task, _start_send(task))
+    token = _plan.set(plan)
+    try:
+        with utils.running_in(plan.span, trace.set_span_in_context(plan.span)):
+            return await wrapped(*args, **kwargs)
+    finally:
+        _plan.reset(token)
 
 
-def _start_send(
-    task: Any, identity: TaskIdentity, fan_out: str | None = None
-) -> tuple[trace.Span, dict[str, str]]:
-    """The PRODUCER span of a task sent with ``identity`` and the carrier of the identity."""
+def _send(plan: _Plan, enqueue: Any) -> Any:
+    """Run ``enqueue()`` under ``plan``'s span, in one transaction with the carrier's row."""
+    token = _plan.set(plan)
+    try:
+        with (
+            utils.running_in(plan.span, trace.set_span_in_context(plan.span)),
+            tasks_carriers.atomic_for(plan.task.get_backend()),
+        ):
+            return enqueue()
+    finally:
+        _plan.reset(token)
+
+
+def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
+    """``task_enqueued``: the result of an instrumented enqueue exists; bind the identity to
+    its id and keep the carrier beside the task (in the enqueue's transaction)."""
+    plan = _plan.get()
+    if plan is None or plan.done or task_result is None:
+        return
+    if getattr(task_result.task, "func", None) is not plan.task.func:
+        return
+    plan.done = True
+    result_id = str(task_result.id)
+    if plan.child is None:
+        identity = TaskIdentity(f"task-{result_id}", TASK_MANAGER_PATH, bound_to=result_id)
+    else:
+        identity = replace(plan.child, bound_to=result_id)
+    try:
+        carrier: dict[str, str] = {}
+        inject(carrier, context_with_identity(identity, ctx=trace.set_span_in_context(plan.span)))
+        if plan.fan_out:
+            carrier[FAN_OUT_FIELD] = plan.fan_out
+        with tasks_carriers.atomic_for(task_result.task.get_backend()):  # a savepoint
+            stored = tasks_carriers.store(task_result, carrier, plan.fan_out)
+    except Exception:  # the enqueue goes on: the task runs as a plain task
+        log.exception("could not keep the task context of task %s", result_id)
+        stored = False
+    if plan.span.is_recording():
+        plan.span.set_attribute(semconv.MESSAGING_MESSAGE_ID, result_id)
+        if stored:
+            plan.span.set_attribute(semconv.LAUNCHED_TASK_KEY, identity.task_key)
+
+
+def _start_send(task: Any, child: TaskIdentity | None = None) -> trace.Span:
+    """The PRODUCER span of a task being sent (``child``: a fanned-out child's identity)."""
     attributes = attributes_of(task, "send")
-    attributes[semconv.LAUNCHED_TASK_KEY] = identity.task_key
-    if fan_out is not None:
-        attributes.update(identity.lineage_attributes())
+    if child is not None:
+        attributes.update(child.lineage_attributes())
         attributes[semconv.NESTED_MODE] = "fan_out"
-    span = utils.STATE.tracer.start_span(
+    return utils.STATE.tracer.start_span(
         f"send {task.module_path}", kind=SpanKind.PRODUCER, attributes=attributes
     )
-    carrier: dict[str, str] = {}
-    inject(carrier, context=context_with_identity(identity, ctx=trace.set_span_in_context(span)))
-    if fan_out is not None:
-        carrier[FAN_OUT_FIELD] = fan_out
-    return span, carrier
 
 
 def _refuse_fan_out(identity: TaskIdentity, task: Any) -> None:
@@ -136,25 +208,22 @@ def _refuse_fan_out(identity: TaskIdentity, task: Any) -> None:
 def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:
     """Enqueue a nested task as a fanned-out child of ``identity``'s job; its ``TaskResult``.
 
-    With django_tasks_db's backend the child's row and its barrier row are written in the
-    caller's transaction: a child enqueued inside ``transaction.atomic()`` runs after the
-    commit, and never if it rolls back.
+    With django_tasks_db's backend the child's row and its carrier are written in one
+    transaction (and in the caller's: a child enqueued inside ``transaction.atomic()`` runs
+    after the commit, and never if it rolls back).
     """
     _refuse_fan_out(identity, task)
     name = _barrier.child_name(identity.task_key)
     _barrier.add_child(identity.task_key, name, task.module_path)
     child = identity.child(identity.task_key, identity.manager_class_path)
     try:
-        span, carrier = _start_send(task, child, fan_out=name)
-        with utils.running_in(span, trace.set_span_in_context(span)):
-            # the carrier makes the wrapper pass this call through to the backend
-            result = task.enqueue(*args, **{**kwargs, CARRIER_KWARG: carrier})
-            if span.is_recording():
-                span.set_attribute(semconv.MESSAGING_MESSAGE_ID, str(result.id))
-            return result
+        plan = _Plan(task, _start_send(task, child), child, name)
+        result = _send(plan, lambda: task.get_backend().enqueue(task, args, kwargs))
     except BaseException:
         _barrier.remove_child(identity.task_key, name)
         raise
+    sweeper.ensure_running()
+    return result
 
 
 def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:
@@ -189,10 +258,3 @@ def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) ->
     object.__setattr__(result, "finished_at", timezone.now())
     object.__setattr__(result, "_return_value", returned[0] if returned else None)
     return result
-
-
-def drop_carrier(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``Task.call``: a carrier no ``task_started`` took is not an argument."""
-    if CARRIER_KWARG in kwargs:
-        kwargs = {k: v for k, v in kwargs.items() if k != CARRIER_KWARG}
-    return wrapped(*args, **kwargs)

@@ -22,9 +22,10 @@ last of them has.
   ``Q_CLUSTER["retry"]`` seconds and the job waits for it. A child without a result after
   ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]`` seconds (the Redis broker does not redeliver) is failed
   by :func:`._barrier.sweep`, which fails its job and runs the job's completion (locks
-  released). Completion hooks sweep (at most every 10 s per process), and so does powercrud's
-  cleanup (``pcrud_cleanup_async``, which powercrud can schedule), whose
-  ``cleanup_completed_tasks`` is wrapped.
+  released). The processes that launch, run or wait for children sweep by themselves
+  (:mod:`.sweeper`: the worker that launched them, the workers that run them, the cluster's
+  monitor while the job waits), and so does powercrud's cleanup (``pcrud_cleanup_async``,
+  which powercrud can schedule), whose ``cleanup_completed_tasks`` is wrapped.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 from typing import Any
 
 from opentelemetry import context
-from opentelemetry.instrumentation.taskctx import _barrier, utils
+from opentelemetry.instrumentation.taskctx import _barrier, sweeper, utils
 
 from otel_taskctx.context import context_with_identity
 from otel_taskctx.errors import FanOutUnavailable
@@ -85,12 +86,14 @@ def launch(
         options = {**call_kwargs, "hook": CHILD_HOOK, "task_name": name}
         token = context.attach(context_with_identity(child))
         try:
-            return enqueue(original, func, args, options, fan_out=child)
+            task_id = enqueue(original, func, args, options, fan_out=child)
         except BaseException:
             _barrier.remove_child(identity.task_key, name)
             raise
         finally:
             context.detach(token)
+        sweeper.ensure_running()
+        return task_id
 
     if connection.in_atomic_block:
         # the child must see what the job committed: it is enqueued when the job's
@@ -134,7 +137,10 @@ def deferred_completion(wrapped: Any, instance: Any, args: tuple, kwargs: dict) 
     except Exception:  # the barrier table is unreachable: powercrud's completion still runs
         log.warning("could not check the fan-out children of job %s", task.name, exc_info=True)
         deferred = False
-    return None if deferred else wrapped(*args, **kwargs)
+    if deferred:  # the monitor lives as long as the cluster: it sweeps while the job waits
+        sweeper.ensure_running()
+        return None
+    return wrapped(*args, **kwargs)
 
 
 def complete(job_key: str, job: Any, failed: list[Any]) -> Any:

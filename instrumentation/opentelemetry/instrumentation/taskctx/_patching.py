@@ -10,8 +10,8 @@
   are pointed at the wrapper, and back at the original afterwards.
 * django-q2's signals: ``pre_enqueue``, ``pre_execute``, ``post_execute_in_worker``,
   ``post_spawn``, connected with a dispatch uid.
-* Django's task framework (``django.tasks``, Django 6+): ``Task.enqueue``, ``aenqueue`` and
-  ``Task.call`` wrapped, ``task_started`` / ``task_finished`` connected, and with
+* Django's task framework (``django.tasks``, Django 6+): ``Task.enqueue`` and ``aenqueue``
+  wrapped, ``task_enqueued`` / ``task_started`` / ``task_finished`` connected, and with
   django_tasks_db the ``pre_save`` of its ``DBTaskResult`` (see ``_django_tasks`` and
   ``_tasks_worker``).
 * If Django's app registry is not ready (``opentelemetry-instrument`` loads instrumentors
@@ -160,8 +160,8 @@ class Patches:
 
         self.wrap(Task, "enqueue", _django_tasks.traced_enqueue)
         self.wrap(Task, "aenqueue", _django_tasks.traced_aenqueue)
-        self.wrap(Task, "call", _django_tasks.drop_carrier)
         connect = [
+            (task_signals.task_enqueued, _django_tasks.on_task_enqueued, "task_enqueued", None),
             (task_signals.task_started, _tasks_worker.on_task_started, "task_started", None),
             (task_signals.task_finished, _tasks_worker.on_task_finished, "task_finished", None),
         ]

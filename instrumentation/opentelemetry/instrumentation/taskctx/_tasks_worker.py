@@ -1,19 +1,21 @@
 """Django's task framework (``django.tasks``), the worker side (``manage.py db_worker``, the
 ``ImmediateBackend``, any backend that sends the framework's signals).
 
-* ``task_started`` takes the carrier out of the task's keyword arguments before the function
-  is called, verifies the identity (one that does not verify is dropped with a warning),
-  starts the CONSUMER span and attaches both. ``Task.call`` drops a carrier that no signal
-  took (a backend that sends no ``task_started``), so the function never sees it.
+* ``task_started`` takes the task's carrier from beside the task (:mod:`.tasks_carriers`),
+  accepts its identity only if it verifies **and was issued for this very task** (its result
+  id; anything else runs as a plain task with a warning naming both ids: no lock is taken and
+  none is released), starts the CONSUMER span and attaches both; the locks of the job are
+  kept alive while the task runs (``LOCK_TTL`` / ``LOCK_REFRESH_INTERVAL``, as on django-q2).
 * ``task_finished`` ends the span with the outcome and ends the task: its held progress is
-  written and its locks are released.
+  written, the lock refresher stops, its locks are released and its carrier is dropped.
 * **Fan-out.** A fanned-out child's end is recorded in the barrier (:mod:`._barrier`); its
   locks belong to its job. A job with children is complete when the last of them has ended:
   only then are its locks released, and its result, held ``RUNNING`` until then
   (django_tasks_db's ``DBTaskResult``, through its ``pre_save``), becomes ``SUCCESSFUL`` or
   ``FAILED``: failed with its own error, or else with the first failed child's (exception
   class :class:`~otel_taskctx.errors.FanOutChildFailed`, the message in its traceback).
-  Siblings of a failed child keep running.
+  Siblings of a failed child keep running. Only a job that launched children in this process
+  asks the barrier anything.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import _barrier, utils
-from opentelemetry.instrumentation.taskctx._consumer import carries_identity
+from opentelemetry.instrumentation.taskctx import _barrier, sweeper, tasks_carriers, utils
 from opentelemetry.instrumentation.taskctx._django_tasks import (
     CARRIER_KWARG,
     FAN_OUT_FIELD,
@@ -34,9 +35,9 @@ from opentelemetry.instrumentation.taskctx._django_tasks import (
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
-from otel_taskctx.context import identity_from_context
-from otel_taskctx.identity import TaskIdentity
-from otel_taskctx.propagation import extract
+from otel_taskctx.conflicts.base import reserved_here
+from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
+from otel_taskctx.propagation import extract_bound
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
@@ -50,7 +51,7 @@ class _Run:
     span: trace.Span
     token: object
     identity: TaskIdentity | None
-    #: the barrier row of a fanned-out child ("" for a job's own run)
+    #: the barrier record of a fanned-out child ("" for a job's own run)
     fan_out: str = ""
     #: the job's result was held RUNNING because children of it are pending
     held: bool = False
@@ -58,44 +59,86 @@ class _Run:
     held_failure: tuple[str, str] | None = None
     #: ``held`` was decided (by the result's ``pre_save``)
     checked: bool = False
+    #: the refresher of the job's locks (None: not refreshed here)
+    lock_keeper: Any = None
+    #: a carrier row is stored for the task (a worker's run: dropped at its end)
+    stored: bool = False
 
 
 #: runs in progress, by the task result's id
 _runs: dict[str, _Run] = {}
 
 
-def _fan_out_name(carrier: Any, identity: TaskIdentity | None) -> str:
-    """The barrier row a verified identity's carrier names ("" for none)."""
+def _fan_out_name(carrier: Any, stored_name: str, identity: TaskIdentity | None) -> str:
+    """The barrier record of a fanned-out child ("" for none): named by the carrier the
+    library stored, and carrying the key of the job the identity names."""
     name = carrier.get(FAN_OUT_FIELD) if isinstance(carrier, dict) else None
-    if identity is None or not isinstance(name, str):
+    if identity is None or not isinstance(name, str) or (stored_name and name != stored_name):
         return ""
     job = _barrier.job_of_name(name)
     return name if job in (None, identity.task_key) else ""
 
 
+def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, bool]:
+    """``(context, identity, fan-out name, carrier row stored)`` of a starting task."""
+    result_id = str(task_result.id)
+    if CARRIER_KWARG in task_result.kwargs:
+        log.warning(
+            "task %s (%s) has a %s argument: a task identity is never taken from a task's "
+            "arguments, so it grants nothing (passed to the function as it is)",
+            result_id,
+            task_result.task.module_path,
+            CARRIER_KWARG,
+        )
+    found = tasks_carriers.take(task_result)
+    if found is None:
+        return Context(), None, "", False
+    carrier, stored_name, from_table = found
+    if not isinstance(carrier, dict):
+        log.warning(
+            "task %s (%s) has a malformed task carrier (%s): it runs as a plain task, without "
+            "locks or nesting",
+            result_id,
+            task_result.task.module_path,
+            type(carrier).__name__,
+        )
+        return Context(), None, "", from_table
+    ctx, identity, refusal = extract_bound(carrier, result_id)
+    sent = carrier.get("baggage")
+    if identity is None and not refusal and sent is not None:
+        if not isinstance(sent, str) or BAGGAGE_ENTRY in sent:  # the carrier dropped it
+            refusal = "its identity is malformed or oversized"
+    if refusal:
+        log.warning(
+            "ignoring the task identity of task %s (%s): %s; it runs as a plain task, without "
+            "locks or nesting",
+            result_id,
+            task_result.task.module_path,
+            refusal,
+        )
+    return ctx, identity, _fan_out_name(carrier, stored_name, identity), from_table
+
+
+def _keep_locks_alive(identity: TaskIdentity) -> Any:
+    from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
+    from otel_taskctx.descendants import resolve_manager
+
+    return start_keeping_locks_alive(identity.task_key, resolve_manager(identity))
+
+
 def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
     if not utils.STATE.active or task_result is None:
         return
-    carrier = task_result.kwargs.pop(CARRIER_KWARG, None)
-    fan_out = ""
+    stored, fan_out = False, ""
     try:
-        ctx = extract(carrier) if isinstance(carrier, dict) else Context()
-        identity = identity_from_context(ctx)
-        if identity is None and carries_identity(carrier):
-            log.warning(
-                "task %s (%s) carried a task identity that does not verify (forged, damaged, "
-                "or signed with another key): it runs as a plain task, without locks or "
-                "nesting",
-                task_result.id,
-                task_result.task.module_path,
-            )
-        fan_out = _fan_out_name(carrier, identity)
+        ctx, identity, fan_out, stored = _identity_of(task_result)
         attributes = attributes_of(task_result.task, "process")
         attributes[semconv.MESSAGING_MESSAGE_ID] = str(task_result.id)
         if identity is not None:
             attributes.update(identity.lineage_attributes())
         if fan_out:
             attributes[semconv.NESTED_MODE] = "fan_out"
+            sweeper.ensure_running()
         span = utils.STATE.tracer.start_span(
             f"process {task_result.task.module_path}",
             context=ctx,
@@ -106,7 +149,15 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
         log.exception("could not start the consumer span of task %s", task_result.id)
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
     token = context.attach(trace.set_span_in_context(span, ctx))
-    _runs[str(task_result.id)] = _Run(span, token, identity, fan_out)
+    keeper = None
+    if identity is not None and stored:  # a worker's run (not one in the enqueuing process)
+        try:
+            keeper = _keep_locks_alive(identity)
+        except Exception:
+            log.exception("could not start refreshing the locks of %s", identity.task_key)
+    _runs[str(task_result.id)] = _Run(
+        span, token, identity, fan_out, lock_keeper=keeper, stored=stored
+    )
 
 
 def hold_result(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
@@ -114,6 +165,9 @@ def hold_result(sender: Any = None, instance: Any = None, **kwargs: Any) -> None
     fanned-out children of it are pending stays ``RUNNING`` until the last has ended."""
     run = _runs.get(str(getattr(instance, "id", "")))
     if run is None or run.identity is None or run.fan_out:
+        return
+    if not _barrier.launched_here(run.identity.task_key):
+        run.checked = True  # no child of it was launched: nothing to ask the barrier
         return
     from django.tasks.base import TaskResultStatus
 
@@ -169,12 +223,18 @@ def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any)
                     "exception",
                     {"exception.type": error_type, "exception.stacktrace": traceback},
                 )
+        if run.lock_keeper is not None:
+            try:
+                run.lock_keeper.stop()
+            except Exception:
+                log.debug("could not stop the lock refresher", exc_info=True)
         if run.identity is not None:
             _end(run, task_result, _last_line(error_type, traceback) if error_type else "")
-        try:  # children lost with a killed worker (every 10 s at most)
-            _barrier.sweep(force=False)
-        except Exception:
-            log.warning("could not sweep fan-out jobs", exc_info=True)
+        if run.stored:
+            try:
+                tasks_carriers.drop(str(task_result.id))
+            except Exception:
+                log.debug("could not drop the carrier of task %s", task_result.id, exc_info=True)
     finally:
         run.span.end()
         try:
@@ -195,24 +255,28 @@ def _end(run: _Run, task_result: Any, error: str) -> None:
     except Exception:
         log.warning("could not write the progress of task %s", identity.task_key, exc_info=True)
     if run.fan_out:
+        _barrier.forget_launched(identity.task_key)
         try:
             _barrier.child_ended(run.fan_out, error, path)
         except Exception:
             log.warning("could not record the end of fan-out child %s", run.fan_out, exc_info=True)
         return
     deferred = False
-    if run.held or not run.checked:
+    if run.held or (not run.checked and _barrier.launched_here(identity.task_key)):
         try:
             deferred = _barrier.job_ended(identity.task_key, path, str(task_result.id), error)
         except Exception:  # the barrier table is unreachable: the task ends now
             log.warning("could not check the fan-out children of %s", path, exc_info=True)
+    _barrier.forget_launched(identity.task_key)
     if deferred:
+        sweeper.ensure_running()
         log.info(
             "task id=%s path=%s returned: it stays RUNNING until its fanned-out children end",
             task_result.id,
             path,
         )
-    if not deferred:
+    if not deferred and (run.held or identity.task_key in reserved_here):
+        reserved_here.discard(identity.task_key)
         try:
             _release(identity.task_key, identity.manager_class_path)
         except Exception:

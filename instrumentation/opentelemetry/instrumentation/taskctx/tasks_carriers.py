@@ -1,0 +1,127 @@
+"""Where a queued ``django.tasks`` task's carrier (trace context and signed identity) waits
+for its worker: beside the task, never in its arguments (``args``/``kwargs`` are the user's).
+
+* django-tasks-db's ``DatabaseBackend``: a :class:`otel_taskctx.models.TaskCarrier` row on
+  the database of the task's own row, written in the same transaction (the instrumented
+  enqueue runs in :func:`atomic_for`), read when the task starts (:func:`take`), deleted when
+  it ends (:func:`drop`).
+* A backend that runs the task in the enqueuing process (``ImmediateBackend``): memory of
+  that process, handed from ``task_enqueued`` to ``task_started``.
+* Any other backend: nothing is stored, and its tasks run as plain tasks (no identity).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from typing import Any
+
+log = logging.getLogger("otel_taskctx.instrumentation")
+
+#: carriers of in-process runs kept at most (a backend that never runs what it was given,
+#: such as the ``DummyBackend``, must not grow it without end)
+LOCAL_MAX = 1024
+_local: OrderedDict[str, tuple[Any, str]] = OrderedDict()
+
+
+def is_database_backend(backend: Any) -> bool:
+    """Is ``backend`` django-tasks-db's ``DatabaseBackend`` (its app installed)?"""
+    from django.apps import apps
+
+    if not apps.is_installed("django_tasks_db"):
+        return False
+    from django_tasks_db.backend import DatabaseBackend
+
+    return isinstance(backend, DatabaseBackend)
+
+
+def _in_process(backend: Any) -> bool:
+    from django.tasks.backends.immediate import ImmediateBackend
+
+    return isinstance(backend, ImmediateBackend)
+
+
+def result_model() -> Any:
+    """django-tasks-db's ``DBTaskResult`` model, found through the app registry."""
+    from django.apps import apps
+
+    config = next(c for c in apps.get_app_configs() if c.name == "django_tasks_db")
+    return config.get_model("DBTaskResult")
+
+
+def database() -> str:
+    """The database alias that django-tasks-db writes its results to."""
+    from django.db import router
+
+    return router.db_for_write(result_model())
+
+
+def atomic_for(backend: Any) -> Any:
+    """A transaction on the task rows' database for a ``DatabaseBackend`` enqueue (the task's
+    row and its carrier commit together), else nothing."""
+    if is_database_backend(backend):
+        from django.db import transaction
+
+        return transaction.atomic(using=database())
+    return contextlib.nullcontext()
+
+
+def store(task_result: Any, carrier: dict[str, str], fan_out: str = "") -> bool:
+    """Keep ``carrier`` for the task of ``task_result``; False where its backend's worker
+    could not read it."""
+    backend = task_result.task.get_backend()
+    result_id = str(task_result.id)
+    if is_database_backend(backend):
+        from otel_taskctx.models import TaskCarrier
+
+        TaskCarrier.objects.using(database()).create(
+            result_id=result_id, carrier=carrier, fan_out=fan_out
+        )
+        return True
+    if _in_process(backend):
+        _local[result_id] = (carrier, fan_out)
+        while len(_local) > LOCAL_MAX:
+            _local.popitem(last=False)
+        return True
+    return False
+
+
+def take(task_result: Any) -> tuple[Any, str, bool] | None:
+    """``(carrier, fan_out, from the table)`` stored for the task of ``task_result``, or
+    None."""
+    result_id = str(task_result.id)
+    found = _local.pop(result_id, None)
+    if found is not None:
+        return (*found, False)
+    if not is_database_backend(task_result.task.get_backend()):
+        return None
+    from otel_taskctx.models import TaskCarrier
+
+    row = (
+        TaskCarrier.objects.using(database())
+        .filter(result_id=result_id)
+        .values_list("carrier", "fan_out")
+        .first()
+    )
+    return (row[0], row[1], True) if row is not None else None
+
+
+def drop(result_id: str) -> None:
+    """Forget the carrier of a task that ended (``DatabaseBackend``)."""
+    from otel_taskctx.models import TaskCarrier
+
+    TaskCarrier.objects.using(database()).filter(result_id=result_id).delete()
+
+
+def results_of_children(names: list[str]) -> dict[str, str]:
+    """``{fan-out child name: result id}`` of the ``django.tasks`` children among ``names``
+    whose carrier is still stored (they never ended)."""
+    from django.apps import apps
+
+    if not names or not apps.is_installed("django_tasks_db"):
+        return {}
+    from otel_taskctx.models import TaskCarrier
+
+    rows = TaskCarrier.objects.using(database()).filter(fan_out__in=names)
+    return dict(rows.values_list("fan_out", "result_id"))

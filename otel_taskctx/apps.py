@@ -19,6 +19,7 @@ class OtelTaskCtxConfig(AppConfig):
         from otel_taskctx import (
             checks,  # noqa: F401  (registers the system checks)
             powercrud_cache,
+            tasks_checks,  # noqa: F401  (registers the django.tasks checks)
         )
         from otel_taskctx.conf import get_setting, signing_settings
         from otel_taskctx.descendants import clear_manager_cache

@@ -198,3 +198,20 @@ def test_control_without_refresh_the_locks_lapse_under_the_task(tmp_path):
     """Shows the test above can fail: with refreshing off, a 2 s TTL lapses mid-task."""
     key, long = _long_task(tmp_path, refresh_interval=0)
     assert long["registered"] and long["held"] == {}
+
+
+class _CarriersElsewhere:
+    """A router that sends every otel_taskctx model to another database."""
+
+    def allow_migrate(self, db, app_label, model_name=None, **hints):
+        return db == "other" if app_label == "otel_taskctx" else None
+
+
+def test_a_router_that_keeps_carriers_away_from_the_task_rows_gets_a_warning():
+    from django.core.checks import run_checks
+    from django.test.utils import override_settings
+
+    assert [m.id for m in run_checks() if m.id == "otel_taskctx.W061"] == []
+    with override_settings(DATABASE_ROUTERS=[_CarriersElsewhere()]):
+        found = [m for m in run_checks() if m.id == "otel_taskctx.W061"]
+    assert len(found) == 1 and "'default'" in found[0].msg

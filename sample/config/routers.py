@@ -9,9 +9,14 @@ RUNTIME_APPS = {"django_cache", "otel_taskctx"}
 #: single runtime models of other apps: powercrud's dashboard rows (written on every progress
 #: event, also by threads other than the job's)
 RUNTIME_MODELS = {("library", "asynctaskrecord")}
+#: models of the runtime apps that stay with the jobs' own tables: the carrier of a queued
+#: ``django.tasks`` task is written in the transaction that writes the task's row
+JOB_MODELS = {("otel_taskctx", "taskcarrier")}
 
 
 def is_runtime(app_label: str, model_name: str | None) -> bool:
+    if (app_label, model_name) in JOB_MODELS:
+        return False
     return app_label in RUNTIME_APPS or (app_label, model_name) in RUNTIME_MODELS
 
 

@@ -42,12 +42,12 @@ class TasksReport:
 
 
 def _task_key(db_result: Any) -> str:
-    """The job's task key, from the signed identity its arguments carry."""
-    from otel_taskctx.context import identity_from_context
-    from otel_taskctx.propagation import extract
+    """The job's task key, from the signed identity kept beside the task (bound to its id)."""
+    from otel_taskctx.models import TaskCarrier
+    from otel_taskctx.propagation import extract_bound
 
-    carrier = db_result.args_kwargs["kwargs"].get("_otel_taskctx")
-    identity = identity_from_context(extract(carrier)) if carrier else None
+    row = TaskCarrier.objects.filter(result_id=str(db_result.id)).first()
+    identity = extract_bound(row.carrier, str(db_result.id))[1] if row else None
     if identity is None:
         raise DemoFailure("the task carries no task identity: is otel_taskctx instrumenting?")
     return identity.task_key

@@ -26,7 +26,9 @@ def _enqueue_and_run(tmp_path, label: str) -> tuple[list[str], list[str]]:
         jobs.observe.enqueue(label, str(tmp_path))
     with CaptureQueriesContext(connection) as worked:
         call_command("db_worker", "--batch", "--no-startup-delay", "--interval", "0", "--no-reload")
-    return [q["sql"] for q in enqueued.captured_queries], [q["sql"] for q in worked.captured_queries]
+    return [q["sql"] for q in enqueued.captured_queries], [
+        q["sql"] for q in worked.captured_queries
+    ]
 
 
 def _ours(sql: list[str]) -> list[str]:

@@ -126,6 +126,17 @@ def _keep_locks_alive(identity: TaskIdentity) -> Any:
     return start_keeping_locks_alive(identity.task_key, resolve_manager(identity))
 
 
+def _stop_stale_runs() -> None:
+    """A ``db_worker`` runs one task at a time: a worker's run still open here never got its
+    ``task_finished`` (its result could not be saved): its lock refresher stops now."""
+    for result_id, run in list(_runs.items()):
+        if run.stored:
+            _runs.pop(result_id, None)
+            if run.lock_keeper is not None:
+                run.lock_keeper.stop()
+            run.span.end()
+
+
 def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
     if not utils.STATE.active or task_result is None:
         return
@@ -149,6 +160,8 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
         log.exception("could not start the consumer span of task %s", task_result.id)
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
     token = context.attach(trace.set_span_in_context(span, ctx))
+    if stored:
+        _stop_stale_runs()
     keeper = None
     if identity is not None and stored:  # a worker's run (not one in the enqueuing process)
         try:

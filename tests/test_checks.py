@@ -3,7 +3,8 @@
 import pytest
 from django_q.models import Task
 
-from otel_taskctx.checks import check_powercrud_cache, check_settings
+from otel_taskctx.cache_checks import check_powercrud_cache
+from otel_taskctx.checks import check_settings
 
 
 def ids(messages):
@@ -35,11 +36,26 @@ def test_no_secret_is_an_error(settings):
     assert "otel_taskctx.E002" not in ids(check_settings())
 
 
-def test_process_local_cache_is_an_error(settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-    msgs = check_powercrud_cache()
-    assert ids(msgs) == ["otel_taskctx.E004"]
-    assert "process-local" in msgs[0].msg
+@pytest.mark.parametrize(
+    ("backend", "what"),
+    [
+        ("django.core.cache.backends.locmem.LocMemCache", "lives in one process"),
+        ("django.core.cache.backends.dummy.DummyCache", "stores nothing"),
+    ],
+)
+def test_a_process_local_cache_is_a_warning_not_an_error(settings, backend, what):
+    from django.core.checks import WARNING, run_checks
+    from django.core.management import call_command
+
+    settings.CACHES = {"default": {"BACKEND": backend}}
+    (msg,) = check_powercrud_cache()
+    assert msg.id == "otel_taskctx.W004" and msg.level == WARNING
+    assert what in msg.msg and "not shared across processes" in msg.msg
+    assert "'otel_taskctx.cache.DatabaseCache'" in msg.hint and "django-redis" in msg.hint
+    found = [m for m in run_checks(tags=["caches"]) if m.id.startswith("otel_taskctx.")]
+    # W004 says it all: no Memcached (W031) or Redis finding for a LocMemCache
+    assert [(m.id, m.level) for m in found] == [("otel_taskctx.W004", WARNING)]
+    call_command("check", tags=["caches"])  # a warning does not stop check, test or runserver
 
 
 def test_missing_cache_alias_is_an_error(settings):
@@ -57,7 +73,7 @@ class CacheOnItsOwnConnection:
 
 
 def test_database_cache_on_the_models_connection_warns(settings):
-    from otel_taskctx.checks import check_lock_visibility
+    from otel_taskctx.cache_checks import check_lock_visibility
 
     msgs = check_lock_visibility()
     assert ids(msgs) == ["otel_taskctx.W040"]  # the test settings share one connection
@@ -67,7 +83,7 @@ def test_database_cache_on_the_models_connection_warns(settings):
 
 
 def test_a_redis_cache_does_not_warn_about_transactions(settings):
-    from otel_taskctx.checks import check_lock_visibility
+    from otel_taskctx.cache_checks import check_lock_visibility
 
     settings.CACHES = {
         "default": {

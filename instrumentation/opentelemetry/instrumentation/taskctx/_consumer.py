@@ -330,8 +330,12 @@ def release_through_store(wrapped: Any, instance: Any, args: tuple, kwargs: dict
     (powercrud's completion hook and cleanup call it): the conflict store's batched
     compare-and-delete of everything the task holds (one script or statement per 2,000 locks
     instead of a cache call per lock), which also leaves alone a lock that expired and was
-    taken by another task. Falls back to powercrud's own loop if the store cannot be reached."""
-    if not utils.STATE.active:
+    taken by another task. Falls back to powercrud's own loop if the store cannot be reached,
+    and steps aside on a cache whose locks cannot be kept (FileBasedCache, LocMem …: see
+    :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
+    from otel_taskctx.powercrud_cache import steps_aside
+
+    if not utils.STATE.active or steps_aside(instance):
         return wrapped(*args, **kwargs)
     task_name = args[0] if args else kwargs.get("task_name")
     try:

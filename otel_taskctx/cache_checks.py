@@ -48,15 +48,16 @@ def _lock_safe_backend() -> str:
 
 def _single_process(alias: str, path: str, kind: str) -> Warning:
     what = "lives in one process" if kind == "locmem" else "stores nothing"
-    fine = " (fine for tests, and for Q_CLUSTER['sync'] in one process)" if kind == "locmem" else ""
     return Warning(
         f"Cache {alias!r} ({path}) {what}: conflict locks and progress are not shared "
-        f"across processes{fine}. A job's locks are invisible to the web process and to the "
-        "other workers, so two jobs can edit the same objects. powercrud's AsyncManager "
-        "refuses this cache (ImproperlyConfigured), and register_descendants and nested "
-        "launches with conflict_ids refuse it (ConflictStoreUnavailable).",
+        "across processes, so a job's locks are invisible to the web process and to the "
+        "other workers, and two jobs can edit the same objects. powercrud's AsyncManager "
+        "refuses this cache (ImproperlyConfigured); register_descendants and nested launches "
+        "with conflict_ids refuse it too (ConflictStoreUnavailable). Nothing else changes: "
+        "the project starts, checks and runs its tests as before.",
         hint=f"Set CACHES[{alias!r}]['BACKEND'] = '{_lock_safe_backend()}' (run "
-        "createcachetable and migrate) or use a django-redis cache.",
+        "createcachetable and migrate) or use a django-redis cache; a project that runs no "
+        "powercrud async jobs can add 'otel_taskctx.W004' to SILENCED_SYSTEM_CHECKS.",
         id="otel_taskctx.W004",
         obj=alias,
     )

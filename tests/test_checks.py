@@ -1,6 +1,8 @@
 """System checks flag configurations that break identities or locks."""
 
 import pytest
+from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.memcached import PyMemcacheCache
 from django_q.models import Task
 
 from otel_taskctx.cache_checks import check_powercrud_cache
@@ -119,3 +121,57 @@ def test_span_database_must_exist_and_be_routed(settings):
     settings.OTEL_TASKCTX = {}
     assert router.db_for_write(TaskSpan) is None
     assert router.allow_migrate("default", "otel_taskctx", "taskspan") is None
+
+
+class MemcacheLikeName(LocMemCache):
+    """A LocMem cache whose name says 'memcache' and 'redis': names do not classify."""
+
+
+class RedisMemcacheByName(MemcacheLikeName):
+    pass
+
+
+class MyPyMemcache(PyMemcacheCache):
+    """A project's own Memcached backend: a Memcached cache by its class."""
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("django.core.cache.backends.locmem.LocMemCache", "locmem"),
+        ("tests.test_checks.MemcacheLikeName", "locmem"),
+        ("tests.test_checks.RedisMemcacheByName", "locmem"),
+        ("django.core.cache.backends.memcached.PyMemcacheCache", "memcached"),
+        ("django.core.cache.backends.memcached.PyLibMCCache", "memcached"),
+        ("tests.test_checks.MyPyMemcache", "memcached"),
+        ("django.core.cache.backends.redis.RedisCache", "redis"),
+        ("django_redis.cache.RedisCache", "redis"),
+        ("django.core.cache.backends.filebased.FileBasedCache", "filebased"),
+        ("django.core.cache.backends.dummy.DummyCache", "dummy"),
+        ("django.core.cache.backends.db.DatabaseCache", "database"),
+        ("otel_taskctx.cache.DatabaseCache", "lock-safe"),
+    ],
+)
+def test_caches_are_classified_by_class_not_by_name(path, kind):
+    from django.utils.module_loading import import_string
+
+    from otel_taskctx.cache import backend_kind
+
+    assert backend_kind(import_string(path)) == kind
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("tests.test_checks.MyPyMemcache", ["otel_taskctx.W031"]),
+        ("django.core.cache.backends.memcached.PyLibMCCache", ["otel_taskctx.W031"]),
+        ("tests.test_checks.MemcacheLikeName", ["otel_taskctx.W004"]),  # not Memcached
+        ("tests.test_checks.RedisMemcacheByName", ["otel_taskctx.W004"]),  # nor Redis
+    ],
+)
+def test_w031_names_memcached_only(settings, path, expected):
+    from otel_taskctx.cache_checks import check_lock_eviction
+
+    settings.CACHES = {"default": {"BACKEND": path}}  # (pymemcache/pylibmc are not installed:
+    found = check_powercrud_cache() + check_lock_eviction()  # the checks build no cache object)
+    assert ids(found) == expected

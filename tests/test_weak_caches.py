@@ -23,6 +23,7 @@ import pytest
 import wrapt
 from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
 from django.core.checks import WARNING, run_checks
+from django.core.management import call_command
 from django.test.utils import override_settings
 from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor
 from powercrud.async_manager import AsyncManager
@@ -30,7 +31,7 @@ from powercrud.async_manager import AsyncManager
 from otel_taskctx import powercrud_cache
 from tests.conflict_caches import ALIAS
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.stack, pytest.mark.django_db]
 BOOK, AUTHOR = "myapp.Book", "myapp.Author"
 LOCK = "powercrud:conflict:model:"
 TRACKING = "powercrud:async:conflict:"
@@ -87,6 +88,8 @@ def _run(scenario: Callable[[AsyncManager], Any], config: dict[str, Any]) -> Any
         CACHES={**settings.CACHES, ALIAS: config},
         POWERCRUD_SETTINGS={**settings.POWERCRUD_SETTINGS, "CACHE_NAME": ALIAS},
     ):
+        if "LOCATION" in config and "KEY_PREFIX" in config:  # the DatabaseCache subclass
+            call_command("createcachetable", verbosity=0)  # none on the Redis stack
         try:
             manager = AsyncManager()
         except Exception as exc:  # powercrud refuses LocMem and Dummy caches

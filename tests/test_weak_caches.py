@@ -230,6 +230,102 @@ def test_cleanup_completed_tasks_removes_artifacts(kind, tmp_path):
     assert same_as_plain(scenario, kind, tmp_path) == (1, 1, 1, [None], set())
 
 
+def test_launch_blocks_on_conflict(kind, tmp_path):
+    def scenario(m):
+        m.add_conflict_ids("existing_task_123", {BOOK: {2, 3}})
+        try:
+            m.launch_async_task(
+                "tests.testapp.reliability.report_context", "x", conflict_ids={BOOK: {1, 2, 4}}
+            )
+        except Exception as exc:  # powercrud raises a bare Exception; nothing is enqueued
+            locks = _get(m, *(f"{LOCK}{BOOK}:{i}" for i in (1, 2, 4)))
+            return str(exc), locks, m.get_active_tasks()
+        return None
+
+    assert same_as_plain(scenario, kind, tmp_path) == (
+        "Cannot launch task - conflicts detected with existing operations",
+        [None, "existing_task_123", None],
+        set(),
+    )
+
+
+def held_in_job(ids: list[int], task_key: str | None = None) -> dict[str, Any]:
+    """A job (run by django-q2 ``sync``): what powercrud's cache holds while it runs."""
+    m = AsyncManager()
+    return {
+        "locked": sorted(m.check_conflict({BOOK: ids})),
+        "lock": m.cache.get(f"{LOCK}{BOOK}:{ids[0]}") == task_key,
+        "tracking": len(m.cache.get(f"{TRACKING}{task_key}") or ()),
+        "progress": m.get_progress(task_key),
+    }
+
+
+@pytest.mark.usefixtures("export_spans_after_test")
+def test_launch_async_task_with_conflict_ids_success(kind, tmp_path):
+    """powercrud's launch locks, creates the progress key, runs the job (django-q2 ``sync``)
+    and registers the task; its completion hook has released the locks by then."""
+    from django_q.models import Task
+
+    def scenario(m):
+        key = m.launch_async_task(
+            "tests.test_weak_caches.held_in_job",
+            [1, 2, 3],
+            conflict_ids={BOOK: {1, 2, 3}},
+            sync=True,
+        )
+        task = Task.objects.get(name=key)
+        return (
+            len(key),
+            task.success,
+            task.result,
+            m.check_conflict({BOOK: [1, 2, 3]}),
+            key in m.get_active_tasks(),  # powercrud registers it after the sync run
+        )
+
+    assert same_as_plain(scenario, kind, tmp_path) == (
+        36,
+        True,
+        {"locked": [1, 2, 3], "lock": True, "tracking": 3, "progress": "pending"},
+        set(),
+        True,
+    )
+
+
+def test_add_active_task_no_double_locking(kind, tmp_path):
+    def scenario(m):
+        m.add_conflict_ids("no_double_lock_test", {BOOK: {50, 51}})
+        added = m.add_active_task("no_double_lock_test", conflict_ids=None)
+        locks = _get(m, f"{LOCK}{BOOK}:50", f"{LOCK}{BOOK}:51")
+        return added, "no_double_lock_test" in m.get_active_tasks(), locks
+
+    assert same_as_plain(scenario, kind, tmp_path) == (True, True, ["no_double_lock_test"] * 2)
+
+
+def test_progress_key_lifecycle(kind, tmp_path):
+    def scenario(m):
+        key = m.create_progress_key("progress_test_123")
+        seen = [m.get_progress("progress_test_123")]
+        for message in ("50% complete", "100% complete"):
+            m.update_progress("progress_test_123", message)
+            seen.append(m.get_progress("progress_test_123"))
+        m.remove_progress_key("progress_test_123")
+        return key, seen, m.get_progress("progress_test_123")
+
+    assert same_as_plain(scenario, kind, tmp_path) == (
+        "powercrud:async:progress:progress_test_123",
+        ["pending", "50% complete", "100% complete"],
+        None,
+    )
+
+
+def test_cache_add_atomicity(kind, tmp_path):
+    def scenario(m):
+        key = f"{LOCK}{BOOK}:999"
+        return m.cache.add(key, "task_1", 300), m.cache.add(key, "task_2", 300), _get(m, key)
+
+    assert same_as_plain(scenario, kind, tmp_path) == (True, False, ["task_1"])
+
+
 # ----------------------------------------------------------------------- beyond those names
 def test_remove_conflict_ids_deletes_every_tracked_key(kind, tmp_path):
     """powercrud deletes every key in the tracking set, also a lock another task took after
@@ -243,48 +339,6 @@ def test_remove_conflict_ids_deletes_every_tracked_key(kind, tmp_path):
         return taken, _get(m, f"{LOCK}{BOOK}:1")
 
     assert same_as_plain(scenario, kind, tmp_path) == (True, [None])
-
-
-def test_launch_async_task_with_conflicts_is_refused_as_by_powercrud(kind, tmp_path):
-    def scenario(m):
-        m.add_conflict_ids("holder", {BOOK: {7}})
-        try:
-            m.launch_async_task(
-                "tests.testapp.reliability.report_context", "x", conflict_ids={BOOK: {6, 7}}
-            )
-        except Exception as exc:  # powercrud raises a bare Exception; nothing is enqueued
-            return str(exc), _get(m, f"{LOCK}{BOOK}:6"), m.get_active_tasks()
-        return None
-
-    assert same_as_plain(scenario, kind, tmp_path) == (
-        "Cannot launch task - conflicts detected with existing operations",
-        [None],
-        set(),
-    )
-
-
-@pytest.mark.usefixtures("export_spans_after_test")
-def test_launch_async_task_sync_locks_runs_and_releases(kind, tmp_path):
-    """A launch with conflict_ids runs (django-q2 ``sync``), and its completion hook releases
-    the locks: powercrud's return value and end state, with our instrumentation on."""
-
-    def scenario(m):
-        key = str(uuid.uuid4())
-        returned = m.launch_async_task(
-            "tests.testapp.reliability.report_context",
-            "x",
-            conflict_ids={BOOK: {1, 2}},
-            task_key=key,
-            sync=True,
-        )
-        return (
-            returned == key,
-            m.check_conflict({BOOK: [1, 2]}),
-            m.get_active_tasks() == {key},  # powercrud registers it after the sync run
-            _get(m, f"{TRACKING}{key}"),
-        )
-
-    assert same_as_plain(scenario, kind, tmp_path) == (True, set(), True, [None])
 
 
 @pytest.mark.parametrize("backend", ["locmem.LocMemCache", "dummy.DummyCache"])

@@ -95,11 +95,17 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
 
 def _keep_locks_alive(identity: TaskIdentity) -> Any:
     """Refresh the TTL of the job's locks while it runs (they expire if the worker dies);
-    returns the keeper to stop, or None."""
+    returns the keeper to stop, or None (also on a cache whose locks cannot be kept, where
+    powercrud's locks keep powercrud's own TTL: see
+    :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
     from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
     from otel_taskctx.descendants import resolve_manager
+    from otel_taskctx.powercrud_cache import steps_aside
 
-    return start_keeping_locks_alive(identity.task_key, resolve_manager(identity))
+    manager = resolve_manager(identity)
+    if steps_aside(manager):
+        return None
+    return start_keeping_locks_alive(identity.task_key, manager)
 
 
 def _finish_job_side_effects(run: _Run) -> None:

@@ -156,30 +156,81 @@ def lock_safe(cache: Any, alias: str) -> Any:
     return safe
 
 
+#: what :func:`backend_kind` says of a cache backend class
+KINDS = (
+    "lock-safe",  # otel_taskctx.cache.DatabaseCache (or a subclass): locks never culled
+    "database",  # Django's own DatabaseCache: powercrud uses it through the lock-safe view
+    "culling-database",  # another DatabaseCache subclass: culls live locks at MAX_ENTRIES
+    "filebased",  # FileBasedCache: culls files at MAX_ENTRIES, add() is not atomic
+    "locmem",  # LocMemCache: one process
+    "dummy",  # DummyCache: stores nothing
+    "memcached",  # Django's memcached backends: evict least recently used items when full
+    "redis",  # Django's RedisCache or django-redis: keeps keys unless the server evicts
+    "other",
+)
+
+
+def _is_redis(backend: type) -> bool:
+    from django.core.cache.backends.redis import RedisCache
+
+    if issubclass(backend, RedisCache):
+        return True
+    if not any(c.__module__.startswith("django_redis.") for c in backend.__mro__):
+        return False  # no need to import django-redis (and redis) for other caches
+    try:
+        from django_redis.cache import RedisCache as DjangoRedisCache
+    except ImportError:  # pragma: no cover - a django_redis class without django_redis
+        return False
+    return issubclass(backend, DjangoRedisCache)
+
+
+def backend_kind(backend: type) -> str:
+    """Which of :data:`KINDS` the cache backend class ``backend`` is, by its class (its
+    bases), never by its name."""
+    from django.core.cache.backends.memcached import BaseMemcachedCache
+
+    if issubclass(backend, DatabaseCache):
+        return "lock-safe"
+    if backend is DjangoDatabaseCache:
+        return "database"
+    for base, kind in (
+        (DjangoDatabaseCache, "culling-database"),
+        (FileBasedCache, "filebased"),
+        (LocMemCache, "locmem"),
+        (DummyCache, "dummy"),
+        (BaseMemcachedCache, "memcached"),
+    ):
+        if issubclass(backend, base):
+            return kind
+    return "redis" if _is_redis(backend) else "other"
+
+
 def lock_loss(cache: Any) -> str | None:
     """Why ``cache`` would lose conflict locks for certain, or None where it keeps them.
 
     Caches that evict only under memory pressure (Redis with an evicting ``maxmemory-policy``,
-    Memcached) are not certain to: the system checks warn about those.
+    Memcached) are not certain to: the system checks warn about those. On a cache that
+    would lose them, otel_taskctx's own locking (``register_descendants``, nested launches
+    with ``conflict_ids``) refuses, and powercrud's own calls run unchanged
+    (:mod:`otel_taskctx.powercrud_cache`).
     """
-    if isinstance(cache, DatabaseCache):
-        return None
-    if isinstance(cache, DjangoDatabaseCache):
+    kind = backend_kind(type(cache))
+    if kind in ("database", "culling-database"):
         return (
             f"it deletes a third of its entries, oldest keys first, whenever it holds more "
             f"than MAX_ENTRIES ({cache._max_entries}), live locks with them"
         )
-    if isinstance(cache, FileBasedCache):
+    if kind == "filebased":
         return (
             f"it deletes a random share of its files whenever it holds more than MAX_ENTRIES "
-            f"({cache._max_entries}), live locks with them"
+            f"({cache._max_entries}), live locks with them, and its add() is not atomic"
         )
-    if isinstance(cache, LocMemCache):
+    if kind == "locmem":
         return (
             "it lives in one process: locks taken in a worker are invisible to the web "
             "process and to the other workers"
         )
-    if isinstance(cache, DummyCache):
+    if kind == "dummy":
         return "it stores nothing"
     return None
 

@@ -1,18 +1,20 @@
 """powercrud's conflict cache, kept lock-safe while ``otel_taskctx`` is installed.
 
-powercrud takes every cache through ``AsyncManager.get_cache()``. With the app installed
-(:meth:`otel_taskctx.apps.OtelTaskCtxConfig.ready` calls :func:`install`):
+powercrud takes every cache through ``AsyncManager.get_cache()``. With the app installed and
+``"powercrud"`` in ``INSTALLED_APPS`` (:meth:`otel_taskctx.apps.OtelTaskCtxConfig.ready`
+calls :func:`install`), ``get_cache()`` returns :func:`otel_taskctx.cache.lock_safe` of the
+cache: Django's own ``DatabaseCache`` is used through :class:`otel_taskctx.cache.DatabaseCache`
+on the same table, so powercrud's locks, tracking sets, progress and active-task keys live in
+the lock table that is never culled. ``check_conflict``, ``add_conflict_ids``, the completion
+hook and ``pcrud_cleanup_async`` all see them there. Every other cache is returned as it is.
 
-* ``get_cache()`` returns :func:`otel_taskctx.cache.lock_safe` of the cache: Django's own
-  ``DatabaseCache`` is used through :class:`otel_taskctx.cache.DatabaseCache` on the same table,
-  so powercrud's locks, tracking sets, progress and active-task keys live in the lock table that
-  is never culled. ``check_conflict``, ``add_conflict_ids``, the completion hook and
-  ``pcrud_cleanup_async`` all see them there.
-* ``add_conflict_ids()`` (the launch-time locks of ``launch_async_task``) raises
-  :class:`~otel_taskctx.errors.ConflictStoreUnavailable` on a cache that would lose the locks
-  for certain (:func:`otel_taskctx.cache.lock_loss`: FileBasedCache, LocMem, Dummy, a culling
-  DatabaseCache subclass), naming the alias, the reason and the settings fix. The launch
-  enqueues nothing.
+On a cache whose locks cannot be made safe (:func:`otel_taskctx.cache.lock_loss`:
+FileBasedCache, LocMem, Dummy, a culling ``DatabaseCache`` subclass) otel_taskctx steps aside
+(:func:`steps_aside`): powercrud's own methods run on the host's cache with their own
+behaviour and return values (``add_conflict_ids`` returns False on a conflict,
+``add_active_task`` True or False), and ``manage.py check`` warns what is at risk
+(``otel_taskctx.W030``, ``W004``). Only otel_taskctx's own locking (``register_descendants``,
+nested launches with ``conflict_ids``) refuses there, with ``ConflictStoreUnavailable``.
 
 This does not depend on the tracing configuration or on the instrumentation being on.
 """
@@ -24,9 +26,6 @@ from typing import Any
 import wrapt
 
 from otel_taskctx.cache import lock_loss, lock_safe, refusal
-from otel_taskctx.errors import ConflictStoreUnavailable
-
-_PATCHED = ("get_cache", "add_conflict_ids")
 
 
 def _get_cache(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
@@ -36,12 +35,11 @@ def _get_cache(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     return lock_safe(cache, instance.get_cache_name())
 
 
-def _add_conflict_ids(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    cache = instance.cache
-    reason = lock_loss(cache) if cache is not None else None
-    if reason:
-        raise ConflictStoreUnavailable(refusal(instance.cache_name, cache, reason))
-    return wrapped(*args, **kwargs)
+def steps_aside(manager: Any) -> bool:
+    """True where ``manager``'s cache would lose locks (:func:`otel_taskctx.cache.lock_loss`):
+    wrappers of powercrud's methods then run powercrud's own code, unchanged."""
+    cache = getattr(manager, "cache", None)
+    return cache is not None and lock_loss(cache) is not None
 
 
 def _async_manager() -> Any:
@@ -68,17 +66,24 @@ def refusal_for_alias() -> str | None:
 
 def installed() -> bool:
     manager = _async_manager()
-    return manager is not None and isinstance(vars(manager)["get_cache"], wrapt.FunctionWrapper)
+    if manager is None:
+        return False
+    current = vars(manager)["get_cache"]
+    return isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is _get_cache
 
 
 def install() -> bool:
-    """Wrap powercrud's ``AsyncManager`` (once). False when powercrud is not installed."""
+    """Wrap powercrud's ``AsyncManager.get_cache`` (once). False when powercrud is not in
+    ``INSTALLED_APPS`` (importable is not enough: the host does not use it then)."""
+    from django.apps import apps
+
+    if not apps.is_installed("powercrud"):
+        return False
     manager = _async_manager()
     if manager is None:
         return False
     if not installed():
         wrapt.wrap_function_wrapper(manager, "get_cache", _get_cache)
-        wrapt.wrap_function_wrapper(manager, "add_conflict_ids", _add_conflict_ids)
     return True
 
 
@@ -87,7 +92,6 @@ def uninstall() -> None:
     manager = _async_manager()
     if manager is None:
         return
-    for name in _PATCHED:
-        current = vars(manager)[name]
-        if isinstance(current, wrapt.FunctionWrapper):
-            setattr(manager, name, current.__wrapped__)
+    current = vars(manager)["get_cache"]
+    if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is _get_cache:
+        manager.get_cache = current.__wrapped__

@@ -1,9 +1,12 @@
 """System checks flag configurations that break identities or locks."""
 
 import pytest
+from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.memcached import PyMemcacheCache
 from django_q.models import Task
 
-from otel_taskctx.checks import check_powercrud_cache, check_settings
+from otel_taskctx.cache_checks import check_powercrud_cache
+from otel_taskctx.checks import check_settings
 
 
 def ids(messages):
@@ -35,11 +38,26 @@ def test_no_secret_is_an_error(settings):
     assert "otel_taskctx.E002" not in ids(check_settings())
 
 
-def test_process_local_cache_is_an_error(settings):
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-    msgs = check_powercrud_cache()
-    assert ids(msgs) == ["otel_taskctx.E004"]
-    assert "process-local" in msgs[0].msg
+@pytest.mark.parametrize(
+    ("backend", "what"),
+    [
+        ("django.core.cache.backends.locmem.LocMemCache", "lives in one process"),
+        ("django.core.cache.backends.dummy.DummyCache", "stores nothing"),
+    ],
+)
+def test_a_process_local_cache_is_a_warning_not_an_error(settings, backend, what):
+    from django.core.checks import WARNING, run_checks
+    from django.core.management import call_command
+
+    settings.CACHES = {"default": {"BACKEND": backend}}
+    (msg,) = check_powercrud_cache()
+    assert msg.id == "otel_taskctx.W004" and msg.level == WARNING
+    assert what in msg.msg and "not shared across processes" in msg.msg
+    assert "'otel_taskctx.cache.DatabaseCache'" in msg.hint and "django-redis" in msg.hint
+    found = [m for m in run_checks(tags=["caches"]) if m.id.startswith("otel_taskctx.")]
+    # W004 says it all: no Memcached (W031) or Redis finding for a LocMemCache
+    assert [(m.id, m.level) for m in found] == [("otel_taskctx.W004", WARNING)]
+    call_command("check", tags=["caches"])  # a warning does not stop check, test or runserver
 
 
 def test_missing_cache_alias_is_an_error(settings):
@@ -57,7 +75,7 @@ class CacheOnItsOwnConnection:
 
 
 def test_database_cache_on_the_models_connection_warns(settings):
-    from otel_taskctx.checks import check_lock_visibility
+    from otel_taskctx.cache_checks import check_lock_visibility
 
     msgs = check_lock_visibility()
     assert ids(msgs) == ["otel_taskctx.W040"]  # the test settings share one connection
@@ -67,7 +85,7 @@ def test_database_cache_on_the_models_connection_warns(settings):
 
 
 def test_a_redis_cache_does_not_warn_about_transactions(settings):
-    from otel_taskctx.checks import check_lock_visibility
+    from otel_taskctx.cache_checks import check_lock_visibility
 
     settings.CACHES = {
         "default": {
@@ -103,3 +121,57 @@ def test_span_database_must_exist_and_be_routed(settings):
     settings.OTEL_TASKCTX = {}
     assert router.db_for_write(TaskSpan) is None
     assert router.allow_migrate("default", "otel_taskctx", "taskspan") is None
+
+
+class MemcacheLikeName(LocMemCache):
+    """A LocMem cache whose name says 'memcache' and 'redis': names do not classify."""
+
+
+class RedisMemcacheByName(MemcacheLikeName):
+    pass
+
+
+class MyPyMemcache(PyMemcacheCache):
+    """A project's own Memcached backend: a Memcached cache by its class."""
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("django.core.cache.backends.locmem.LocMemCache", "locmem"),
+        ("tests.test_checks.MemcacheLikeName", "locmem"),
+        ("tests.test_checks.RedisMemcacheByName", "locmem"),
+        ("django.core.cache.backends.memcached.PyMemcacheCache", "memcached"),
+        ("django.core.cache.backends.memcached.PyLibMCCache", "memcached"),
+        ("tests.test_checks.MyPyMemcache", "memcached"),
+        ("django.core.cache.backends.redis.RedisCache", "redis"),
+        ("django_redis.cache.RedisCache", "redis"),
+        ("django.core.cache.backends.filebased.FileBasedCache", "filebased"),
+        ("django.core.cache.backends.dummy.DummyCache", "dummy"),
+        ("django.core.cache.backends.db.DatabaseCache", "database"),
+        ("otel_taskctx.cache.DatabaseCache", "lock-safe"),
+    ],
+)
+def test_caches_are_classified_by_class_not_by_name(path, kind):
+    from django.utils.module_loading import import_string
+
+    from otel_taskctx.cache import backend_kind
+
+    assert backend_kind(import_string(path)) == kind
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("tests.test_checks.MyPyMemcache", ["otel_taskctx.W031"]),
+        ("django.core.cache.backends.memcached.PyLibMCCache", ["otel_taskctx.W031"]),
+        ("tests.test_checks.MemcacheLikeName", ["otel_taskctx.W004"]),  # not Memcached
+        ("tests.test_checks.RedisMemcacheByName", ["otel_taskctx.W004"]),  # nor Redis
+    ],
+)
+def test_w031_names_memcached_only(settings, path, expected):
+    from otel_taskctx.cache_checks import check_lock_eviction
+
+    settings.CACHES = {"default": {"BACKEND": path}}  # (pymemcache/pylibmc are not installed:
+    found = check_powercrud_cache() + check_lock_eviction()  # the checks build no cache object)
+    assert ids(found) == expected

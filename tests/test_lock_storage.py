@@ -2,8 +2,9 @@
 
 Django's own ``DatabaseCache`` at its defaults (``MAX_ENTRIES=300``) culls a third of its rows
 whenever it grows past them. With ``otel_taskctx`` installed, powercrud's cache of that kind
-keeps its locks in the lock table that is never culled; caches that would lose locks for
-certain (FileBasedCache, LocMem) refuse every lock with ``ConflictStoreUnavailable``.
+keeps its locks in the lock table that is never culled; on caches that would lose locks for
+certain (FileBasedCache, LocMem) otel_taskctx's own locking refuses with
+``ConflictStoreUnavailable`` and the system checks warn.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def test_powercrud_launch_locks_1000_parents_on_plain_databasecache(
         ("django.core.cache.backends.locmem.LocMemCache", "lives in one process"),
     ],
 )
-def test_caches_that_lose_locks_refuse_them_loudly(backend, reason, tmp_path, settings):
+def test_our_locking_refuses_caches_that_lose_locks(backend, reason, tmp_path, settings):
     config = {"BACKEND": backend, "LOCATION": str(tmp_path / "cache")}
     with override_settings(
         CACHES={**settings.CACHES, ALIAS: config},
@@ -135,20 +136,9 @@ def test_caches_that_lose_locks_refuse_them_loudly(backend, reason, tmp_path, se
         message = str(exc.value)
         assert f"cache {ALIAS!r}" in message and reason in message
         assert "BACKEND'] = 'otel_taskctx.cache.DatabaseCache'" in message
-        if "filebased" in backend:  # powercrud accepts this cache; its launch is refused
-            manager = AsyncManager()
-            with pytest.raises(ConflictStoreUnavailable, match=reason):
-                manager.launch_async_task(
-                    "tests.testapp.reliability.report_context",
-                    "x",
-                    conflict_ids={CHILD: {1}},
-                )
-            assert manager.check_conflict({CHILD: [1]}) == set()
-            errors = [m.id for m in run_checks(tags=["caches"]) if m.id.startswith("otel")]
-            assert errors == ["otel_taskctx.E030"]
-        else:
-            errors = [m.id for m in run_checks(tags=["caches"]) if m.id.startswith("otel")]
-            assert "otel_taskctx.E004" in errors
+        found = [m.id for m in run_checks(tags=["caches"]) if m.id.startswith("otel")]
+        # a warning each (powercrud's own calls are powercrud's: tests/test_weak_caches.py)
+        assert found == ["otel_taskctx.W030" if "filebased" in backend else "otel_taskctx.W004"]
 
 
 def test_plain_databasecache_passes_the_checks(plain_db_cache):

@@ -95,11 +95,17 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
 
 def _keep_locks_alive(identity: TaskIdentity) -> Any:
     """Refresh the TTL of the job's locks while it runs (they expire if the worker dies);
-    returns the keeper to stop, or None."""
+    returns the keeper to stop, or None (also on a cache whose locks cannot be kept, where
+    powercrud's locks keep powercrud's own TTL: see
+    :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
     from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
     from otel_taskctx.descendants import resolve_manager
+    from otel_taskctx.powercrud_cache import steps_aside
 
-    return start_keeping_locks_alive(identity.task_key, resolve_manager(identity))
+    manager = resolve_manager(identity)
+    if steps_aside(manager):
+        return None
+    return start_keeping_locks_alive(identity.task_key, manager)
 
 
 def _finish_job_side_effects(run: _Run) -> None:
@@ -332,8 +338,12 @@ def release_through_store(wrapped: Any, instance: Any, args: tuple, kwargs: dict
     (powercrud's completion hook and cleanup call it): the conflict store's batched
     compare-and-delete of everything the task holds (one script or statement per 2,000 locks
     instead of a cache call per lock), which also leaves alone a lock that expired and was
-    taken by another task. Falls back to powercrud's own loop if the store cannot be reached."""
-    if not utils.STATE.active:
+    taken by another task. Falls back to powercrud's own loop if the store cannot be reached,
+    and steps aside on a cache whose locks cannot be kept (FileBasedCache, LocMem …: see
+    :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
+    from otel_taskctx.powercrud_cache import steps_aside
+
+    if not utils.STATE.active or steps_aside(instance):
         return wrapped(*args, **kwargs)
     task_name = args[0] if args else kwargs.get("task_name")
     try:

@@ -2,26 +2,22 @@
 
 The identity is one compact baggage entry (``taskctx``) whose value is a token::
 
-    v1.<base64url(json payload)>.<base64url(hmac-sha256[:16])>
+    v2.<base64url(json payload)>.<base64url(hmac-sha256)>
+
+signed and verified by Django's own :class:`django.core.signing.Signer` (separator ``.``,
+salt ``otel_taskctx.identity``, SHA-256) under ``OTEL_TASKCTX["SIGNING_KEY"]`` or Django's
+``SECRET_KEY``, and verified under the fallback keys too (key rotation). So a ``baggage``
+header sent by any HTTP client cannot claim to be a task.
 
 The payload holds the task key, manager class path, parent and root task keys, the nesting
 depth, an expiry (unix seconds) and, for a queued ``django.tasks`` task, the id of the task it
-was issued for (``bound_to``). The MAC is keyed with a key derived from a secret that
-only this deployment knows (``OTEL_TASKCTX["SIGNING_KEY"]`` or Django's ``SECRET_KEY``), so
-a ``baggage`` header sent by any HTTP client cannot claim to be a task.
-
-This module depends on the standard library (and the names in :mod:`otel_taskctx.semconv`) only. The secret is provided by
-:func:`configure_signing` (the Django app calls it from ``ready()``); if nobody configured
-it, the first use reads Django's settings lazily.
+was issued for (``bound_to``). The secret is provided by :func:`configure_signing` (the Django
+app calls it from ``ready()``); if nobody configured it, the first use reads Django's settings
+lazily.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import json
 import logging
 import re
 import time
@@ -29,7 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from threading import Lock
-from typing import Any
+
+from django.core import signing
 
 from otel_taskctx import semconv
 
@@ -37,13 +34,14 @@ log = logging.getLogger("otel_taskctx.identity")
 
 #: The single baggage entry that carries the identity.
 BAGGAGE_ENTRY = "taskctx"
-TOKEN_VERSION = "v1"
+TOKEN_VERSION = "v2"
 #: Tokens longer than this are rejected unread (W3C allows 8 KB for the whole header).
 MAX_TOKEN_LENGTH = 1024
 MAX_TASK_KEY_LENGTH = 200
 DEFAULT_TTL_SECONDS = 24 * 3600
-_MAC_BYTES = 16
-_KEY_SALT = b"otel_taskctx.identity.v1"
+#: the salt of Django's signer: keeps these signatures apart from every other use of the key
+SIGNING_SALT = "otel_taskctx.identity"
+_PREFIX = f"{TOKEN_VERSION}."
 _CLASS_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _FORBIDDEN_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -132,12 +130,8 @@ def validate_class_path(path: object) -> str | None:
 class _Keys:
     def __init__(self) -> None:
         self.lock = Lock()
-        self.current: bytes | None = None
-        #: keyed HMAC objects of the current key and of every key that verifies (the current
-        #: one and the fallbacks), copied per token (see :func:`_keyed`)
-        self.signer: Any = None
-        self.verifiers: tuple[Any, ...] = ()
-        self.generation = 0
+        #: Django's signer under the current key, verifying under the fallback keys too
+        self.signer: signing.Signer | None = None
         self.ttl = DEFAULT_TTL_SECONDS
         self.provider: Callable[[], tuple[str | bytes, Iterable[str | bytes], int]] | None = None
 
@@ -153,12 +147,6 @@ def _keys_changed() -> None:
         listener()
 
 
-def _derive(secret: str | bytes) -> bytes:
-    if isinstance(secret, str):
-        secret = secret.encode("utf-8")
-    return hashlib.sha256(_KEY_SALT + b"\x00" + secret).digest()
-
-
 def configure_signing(
     secret: str | bytes,
     fallbacks: Iterable[str | bytes] = (),
@@ -167,14 +155,16 @@ def configure_signing(
     """Set the secret that signs identities (``fallbacks`` still verify, for key rotation)."""
     if not secret:
         raise ValueError("the signing secret must not be empty")
-    derived = _derive(secret)
-    every = (derived, *(_derive(f) for f in fallbacks if f))
+    signer = signing.Signer(
+        key=secret,
+        sep=".",
+        salt=SIGNING_SALT,
+        algorithm="sha256",
+        fallback_keys=[f for f in fallbacks if f],
+    )
     with _keys.lock:
-        _keys.current = derived
-        _keys.signer = _keyed(derived)
-        _keys.verifiers = tuple(_keyed(key) for key in every)
+        _keys.signer = signer
         _keys.ttl = int(ttl_seconds)
-        _keys.generation += 1
     _keys_changed()
 
 
@@ -188,10 +178,7 @@ def set_key_provider(
 def reset_signing() -> None:
     """Forget the configured secret (tests; the provider is asked again on next use)."""
     with _keys.lock:
-        _keys.current = None
         _keys.signer = None
-        _keys.verifiers = ()
-        _keys.generation += 1
     _keys_changed()
 
 
@@ -201,51 +188,28 @@ def _django_provider() -> tuple[str | bytes, Iterable[str | bytes], int]:
     return signing_settings()
 
 
-def _ensure_keys() -> bool:
-    if _keys.current is not None:
-        return True
+def _ensure_keys() -> signing.Signer | None:
+    if _keys.signer is not None:
+        return _keys.signer
     provider = _keys.provider or _django_provider
     try:
         secret, fallbacks, ttl = provider()
     except Exception as exc:  # no Django, settings not configured, ...
         log.debug("no signing secret available: %s", exc)
-        return False
+        return None
     if not secret:
-        return False
+        return None
     configure_signing(secret, fallbacks, ttl)
-    return True
+    return _keys.signer
 
 
 # --------------------------------------------------------------------------- tokens
 
 
-def _b64e(data: bytes) -> str:
-    """base64url without padding (the token's encoding)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64d(text: str) -> bytes:
-    """The bytes of unpadded base64url ``text`` (``ValueError`` for anything else)."""
-    data = text.encode("ascii")
-    return base64.urlsafe_b64decode(data + b"=" * (-len(data) % 4))
-
-
-def _keyed(key: bytes) -> Any:
-    """An HMAC-SHA256 object keyed with ``key`` once; ``_keyed_mac`` copies it per message."""
-    return hmac.new(key, digestmod=hashlib.sha256)
-
-
-def _keyed_mac(keyed: Any, message: bytes) -> bytes:
-    """The token MAC of ``message``: HMAC-SHA256 under the key of ``keyed``, cut to
-    ``_MAC_BYTES``."""
-    mac = keyed.copy()
-    mac.update(message)
-    return mac.digest()[:_MAC_BYTES]
-
-
 def sign(identity: TaskIdentity, ttl_seconds: int | None = None, now: float | None = None) -> str:
     """Issue a token for ``identity``. Raises ``RuntimeError`` if no secret is configured."""
-    if not _ensure_keys():
+    signer = _ensure_keys()
+    if signer is None:
         raise RuntimeError(
             "otel_taskctx has no signing secret: add 'otel_taskctx' to INSTALLED_APPS with "
             "SECRET_KEY set, or call otel_taskctx.configure_signing(secret)"
@@ -263,11 +227,7 @@ def sign(identity: TaskIdentity, ttl_seconds: int | None = None, now: float | No
         payload["d"] = identity.depth
     if identity.bound_to:
         payload["b"] = identity.bound_to
-    body = _b64e(json.dumps(payload, separators=(",", ":")).encode("ascii"))
-    signed = f"{TOKEN_VERSION}.{body}"
-    signer = _keys.signer
-    assert signer is not None
-    token = f"{signed}.{_b64e(_keyed_mac(signer, signed.encode('ascii')))}"
+    token = _PREFIX + signer.sign_object(payload)
     if len(token) > MAX_TOKEN_LENGTH:
         raise ValueError(
             f"task identity is {len(token)} characters signed, over the {MAX_TOKEN_LENGTH} limit; "
@@ -316,24 +276,18 @@ def verify(token: object, now: float | None = None) -> TaskIdentity:
         raise InvalidIdentity(f"token is {type(token).__name__}, not str")
     if len(token) > MAX_TOKEN_LENGTH:
         raise InvalidIdentity(f"token is oversized ({len(token)} characters)")
-    parts = token.split(".")
-    if len(parts) != 3 or parts[0] != TOKEN_VERSION:
-        raise InvalidIdentity("not a v1 token")
-    if not _ensure_keys():
+    if not token.startswith(_PREFIX) or token.count(".") != 2:
+        raise InvalidIdentity(f"not a {TOKEN_VERSION} token")
+    signer = _ensure_keys()
+    if signer is None:
         raise InvalidIdentity("no signing secret configured")
-    signed = f"{parts[0]}.{parts[1]}".encode("ascii", "replace")
     try:
-        mac = _b64d(parts[2])
-    except (binascii.Error, ValueError):
-        raise InvalidIdentity("signature is not base64") from None
-    for keyed in _keys.verifiers:
-        if hmac.compare_digest(mac, _keyed_mac(keyed, signed)):
-            break
-    else:
-        raise InvalidIdentity("bad signature (forged, tampered or from another deployment)")
-    try:
-        data = json.loads(_b64d(parts[1]).decode("utf-8"))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        data = signer.unsign_object(token[len(_PREFIX) :])
+    except signing.BadSignature:
+        raise InvalidIdentity(
+            "bad signature (forged, tampered or from another deployment)"
+        ) from None
+    except Exception:  # signed by us, yet unreadable: never issued by this version
         raise InvalidIdentity("payload is not base64 JSON") from None
     identity = _parse_payload(data)
     if identity.expires_at is not None and identity.expires_at < (

@@ -51,7 +51,7 @@ def _bad_carriers(genuine_carrier: dict[str, str], other_key: str) -> dict[str, 
         "list": (["traceparent", TRACEPARENT], r"ignoring trace carrier of type list"),
         "str": (f"traceparent={TRACEPARENT}", r"ignoring trace carrier of type str"),
         "value-types": (
-            {"traceparent": 42, "baggage": b"taskctx=v1.x.y", "tracestate": ["a=b"]},
+            {"traceparent": 42, "baggage": b"taskctx=v2.x.y", "tracestate": ["a=b"]},
             r"ignoring malformed 'traceparent' entry in trace carrier",
         ),
         "huge-baggage": (
@@ -180,7 +180,7 @@ def test_truncated_identity_is_logged(caplog):
     [
         12345,
         ["traceparent", TRACEPARENT],
-        {"traceparent": 42, "baggage": b"taskctx=v1.x.y"},
+        {"traceparent": 42, "baggage": b"taskctx=v2.x.y"},
         {"baggage": "taskctx=" + "A" * 100_000},
         {"traceparent": "00-" + "f" * 9_000},
     ],

@@ -27,7 +27,7 @@ def test_identity_inside_and_restored_after():
         assert ident.parent_task_key is None
         assert skip_nested_async() is True
         # it really is baggage: one compact entry
-        assert baggage.get_baggage(BAGGAGE_ENTRY).startswith("v1.")
+        assert baggage.get_baggage(BAGGAGE_ENTRY).startswith("v2.")
     assert current_task() is None
     assert baggage.get_all() == {}
 

@@ -79,7 +79,7 @@ def test_identity_crosses_into_db_worker_and_nested_enqueue_runs_inline(tmp_path
     stored = DBTaskResult.objects.get(id=result.id)
     assert stored.args_kwargs == {"args": ["book", ids, str(tmp_path)], "kwargs": {}}
     carrier = TaskCarrier.objects.get(result_id=str(result.id)).carrier
-    assert "taskctx=v1." in carrier["baggage"] and carrier["traceparent"]
+    assert "taskctx=v2." in carrier["baggage"] and carrier["traceparent"]
 
     db_worker(tmp_path / "spans")
 
@@ -137,7 +137,7 @@ def test_a_failing_nested_task_fails_its_parent(tmp_path):
 
 
 def test_an_identity_that_does_not_verify_is_dropped_with_a_warning(tmp_path):
-    forged = {"baggage": "taskctx=v1.eyJrIjoiZXZpbCIsIngiOjk5OTk5OTk5OTl9.AAAAAAAAAAAAAAAAAAAAAA"}
+    forged = {"baggage": "taskctx=v2.eyJrIjoiZXZpbCIsIngiOjk5OTk5OTk5OTl9.AAAAAAAAAAAAAAAAAAAAAA"}
     result = jobs.observe.enqueue("forged", str(tmp_path))
     TaskCarrier.objects.filter(result_id=str(result.id)).update(carrier=forged)
     output = db_worker()

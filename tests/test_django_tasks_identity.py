@@ -145,8 +145,8 @@ def test_bad_carriers_run_the_task_as_a_plain_task_with_a_warning(tmp_path, capl
     put_carrier(cases["other-key"], {"baggage": f"taskctx={foreign}"})
     own = carrier_of(cases["truncated"])
     put_carrier(cases["truncated"], {**own, "baggage": own["baggage"][:-6]})
-    put_carrier(cases["oversized"], {"baggage": "taskctx=v1." + "A" * 9000})
-    put_carrier(cases["not-a-dict"], "taskctx=v1.forged")
+    put_carrier(cases["oversized"], {"baggage": "taskctx=v2." + "A" * 9000})
+    put_carrier(cases["not-a-dict"], "taskctx=v2.forged")
     put_carrier(cases["list"], [own])
 
     output = db_worker()

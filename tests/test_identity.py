@@ -1,6 +1,7 @@
 """Baggage is untrusted: forged, tampered, expired, oversized and garbage identity is ignored."""
 
 import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -20,14 +21,24 @@ from otel_taskctx.identity import (
     verify_cached,
 )
 
+SECRET = "tests-secret-key-not-for-production"
+
 
 def _with_token(token):
     return attached(baggage.set_baggage(BAGGAGE_ENTRY, token, context.Context()))
 
 
-def _mac(key: bytes, message: bytes) -> bytes:
-    """The token MAC by its definition: HMAC-SHA256, first 16 bytes (the test's oracle)."""
-    return hmac.digest(key, message, "sha256")[:16]
+def _mac(secret: str, message: str) -> str:
+    """The token MAC by its definition (the test's oracle): Django's signer's HMAC-SHA256 of
+    the body under ``sha256("otel_taskctx.identity" + "signer" + secret)``, base64url."""
+    key = hashlib.sha256(f"otel_taskctx.identitysigner{secret}".encode()).digest()
+    return _b64(hmac.digest(key, message.encode(), "sha256"))
+
+
+def _token(payload: object, secret: str = SECRET) -> str:
+    """A v2 token of ``payload`` signed by definition (not through the code under test)."""
+    body = _b64(json.dumps(payload, separators=(",", ":")).encode())
+    return f"v2.{body}.{_mac(secret, body)}"
 
 
 def _b64(data: bytes) -> str:
@@ -45,7 +56,7 @@ def test_a_token_we_issued_is_accepted():
 def test_unsigned_forgery_is_ignored(caplog):
     payload = _b64(json.dumps({"k": "evil", "x": 2**40}).encode())
     with caplog.at_level(logging.DEBUG, logger="otel_taskctx"):
-        with _with_token(f"v1.{payload}.{_b64(b'0' * 16)}"):
+        with _with_token(f"v2.{payload}.{_b64(b'0' * 32)}"):
             assert current_task() is None
             assert skip_nested_async() is False
     assert "bad signature" in caplog.text
@@ -113,9 +124,7 @@ def test_non_string_baggage_value_is_ignored():
 
 def test_signed_payload_with_bad_fields_is_rejected():
     """Even a correctly signed token must carry well-formed fields (defence in depth)."""
-    from otel_taskctx import identity as mod
-
-    mod._ensure_keys()
+    assert verify_cached(_token({"k": "ok", "x": 2**40})).task_key == "ok"  # the oracle signs
     for payload in (
         {"k": "", "x": 2**40},
         {"k": "ok", "x": "soon"},
@@ -123,10 +132,7 @@ def test_signed_payload_with_bad_fields_is_rejected():
         {"k": "ok", "x": 2**40, "m": "not a path"},
         ["k", "ok"],
     ):
-        body = _b64(json.dumps(payload).encode())
-        signed = f"v1.{body}"
-        token = f"{signed}.{_b64(_mac(mod._keys.current, signed.encode()))}"
-        assert verify_cached(token) is None, payload
+        assert verify_cached(_token(payload)) is None, payload
 
 
 def test_identity_is_one_compact_entry():
@@ -142,10 +148,10 @@ def test_identity_is_one_compact_entry():
 @given(
     st.one_of(
         st.text(max_size=2000),
-        st.binary(max_size=500).map(lambda b: "v1." + _b64(b) + "." + _b64(b[:16])),
-        st.tuples(st.text(max_size=50), st.text(max_size=50)).map(lambda t: f"v1.{t[0]}.{t[1]}"),
+        st.binary(max_size=500).map(lambda b: "v2." + _b64(b) + "." + _b64(b[:32])),
+        st.tuples(st.text(max_size=50), st.text(max_size=50)).map(lambda t: f"v2.{t[0]}.{t[1]}"),
         st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=20), max_size=6).map(
-            lambda d: "v1." + _b64(json.dumps(d).encode()) + "." + _b64(b"\x00" * 16)
+            lambda d: "v2." + _b64(json.dumps(d).encode()) + "." + _b64(b"\x00" * 32)
         ),
     )
 )
@@ -160,18 +166,16 @@ def test_garbage_baggage_never_counts_and_never_raises(value):
     secret=st.text(min_size=1, max_size=40),
     task_key=st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1),
 )
-def test_a_tokens_mac_is_hmac_sha256_under_the_derived_key(secret, task_key):
-    """The MAC by its definition (the test's oracle): HMAC-SHA256 of ``v1.<body>`` under
-    sha256(salt, 0, secret), cut to 16 bytes, base64url without padding."""
-    import hashlib
-
+def test_a_tokens_mac_is_djangos_signer_hmac_sha256_under_the_salted_key(secret, task_key):
+    """The MAC by its definition (the test's oracle): Django's ``Signer`` with separator
+    ``.`` and salt ``otel_taskctx.identity``: HMAC-SHA256 of the body under
+    sha256(salt + "signer" + secret), base64url without padding."""
     configure_signing(secret)
     try:
-        signed, _, mac = sign(TaskIdentity(task_key[:200]), now=1000).rpartition(".")
-        key = hashlib.sha256(b"otel_taskctx.identity.v1\x00" + secret.encode()).digest()
-        assert mac == _b64(_mac(key, signed.encode("ascii")))
+        version, body, mac = sign(TaskIdentity(task_key[:200]), now=1000).split(".")
+        assert version == "v2" and mac == _mac(secret, body)
     finally:
-        configure_signing("tests-secret-key-not-for-production")
+        configure_signing(SECRET)
 
 
 def test_tokens_are_the_documented_json_and_verify_under_every_configured_key():
@@ -189,7 +193,7 @@ def test_tokens_are_the_documented_json_and_verify_under_every_configured_key():
         "r": "r",
         "d": 2,
     }
-    assert mac == _b64(_mac(mod._keys.current, f"v1.{body}".encode()))
+    assert mac == _mac(SECRET, body)
     configure_signing("new-secret", fallbacks=["other"])
     old = sign(ident)
     configure_signing("rotated", fallbacks=["x"])

@@ -252,7 +252,7 @@ def test_sync_failure_marks_the_consumer_span_failed(cache, spans):
 @pytest.mark.stack
 @pytest.mark.django_db
 def test_consumer_ignores_forged_and_misbound_identities(cache):
-    forged = {"baggage": "taskctx=v1.eyJrIjoiZXZpbCJ9.AAAAAAAAAAAAAAAAAAAAAA"}
+    forged = {"baggage": "taskctx=v2.eyJrIjoiZXZpbCJ9.AAAAAAAAAAAAAAAAAAAAAA"}
     _run_sync(_package("tests.testapp.tasks.record_context", "forged", forged, "forged"))
     other = {}
     from otel_taskctx import inject

@@ -15,6 +15,7 @@ from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 from powercrud.async_manager import AsyncManager
 
 from otel_taskctx import current_task, task_context
+from otel_taskctx.context import start_detached
 from tests.test_django_tasks import db_worker, seen
 from tests.testapp.models import Invoice, InvoiceLine, Observation
 from tests.testapp.threads import LINE, publish_from_threads
@@ -60,6 +61,22 @@ def test_the_app_carries_the_task_into_threads_and_uninstrument_takes_it_back():
             assert _in_thread_and_pool() == (None, None)
     finally:
         _restore(instrumentor)
+
+
+def test_the_librarys_own_threads_start_outside_the_job():
+    """A long-lived thread of ours started lazily inside a job must not run as that job."""
+    found = {}
+
+    def look(name: str) -> None:
+        found[name] = getattr(current_task(), "task_key", None)
+
+    with task_context("job-own"):
+        plain = threading.Thread(target=look, args=("plain",))
+        plain.start()
+        plain.join()
+        start_detached(threading.Thread(target=look, args=("ours",))).join()
+        assert current_task().task_key == "job-own"  # the caller's context is back
+    assert found == {"plain": "job-own", "ours": None}
 
 
 def test_a_hosts_threading_instrumentation_stays_the_hosts():

@@ -27,8 +27,12 @@ SCENARIOS=${WHEEL_SCENARIOS:-"powercrud django-q2 tasks django52"}
 REDIS_URL=${WHEEL_REDIS_URL:-redis://127.0.0.1:6379/15}
 PG_DB=otel_taskctx_wheel_$$
 WORK=$(mktemp -d /tmp/otel-taskctx-wheel.XXXXXX)
+# the cache keys of this run (locks, progress) are its own, and deleted at the end
+export WHEEL_CACHE_PREFIX=${WORK##*/}
 cleanup() {
     dropdb --if-exists -h 127.0.0.1 -U postgres "$PG_DB" 2>/dev/null || true
+    redis-cli -u "$REDIS_URL" --scan --pattern "$WHEEL_CACHE_PREFIX:*" 2>/dev/null |
+        xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
     if [ -z "${WHEEL_KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
 }
 trap cleanup EXIT
@@ -73,7 +77,8 @@ print('django', django.get_version(), 'otel_taskctx from', otel_taskctx.__file__
     echo "--- $name: $((SECONDS - t0)) s"
 }
 
-for name in $SCENARIOS; do
+run() {  # one scenario, errexit intact (a function called in a condition would lose it)
+    local name=$1
     case $name in
         powercrud) scenario powercrud powercrud powercrud,redis,otlp WHEEL_REDIS_URL="$REDIS_URL" ;;
         django-q2)
@@ -87,5 +92,15 @@ for name in $SCENARIOS; do
             ;;
         *) echo "unknown scenario $name" >&2; exit 2 ;;
     esac
+}
+
+failed=()
+for name in $SCENARIOS; do
+    (run "$name") &
+    wait $! || failed+=("$name")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "wheel check FAILED: ${failed[*]} (of $SCENARIOS) in $((SECONDS - start)) s" >&2
+    exit 1
+fi
 echo "wheel check passed ($SCENARIOS) in $((SECONDS - start)) s"

@@ -3,8 +3,8 @@
 ``powercrud``: powercrud's AsyncManager on django-q2; ``django-q2``: django-q2 alone;
 ``tasks``: Django's task framework with django-tasks-db. django-q2 runs as a sync cluster
 (jobs run in the launching process, through django-q2's own worker code).
-``WHEEL_REDIS_URL``: the cache on Redis (django-redis, a key prefix of its own) instead of
-the DatabaseCache; ``WHEEL_PG_DB``: PostgreSQL (127.0.0.1:5432, user postgres) instead of
+``WHEEL_REDIS_URL``: the cache on Redis (django-redis, key prefix ``WHEEL_CACHE_PREFIX``)
+instead of the DatabaseCache; ``WHEEL_PG_DB``: PostgreSQL (127.0.0.1:5432, user postgres) instead of
 SQLite.
 """
 
@@ -55,7 +55,7 @@ if os.environ.get("WHEEL_REDIS_URL"):
     CACHES["default"] = {
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": os.environ["WHEEL_REDIS_URL"],
-        "KEY_PREFIX": f"wheel-check-{BASE_DIR.parent.name}",
+        "KEY_PREFIX": os.environ.get("WHEEL_CACHE_PREFIX", "wheel-check"),
     }
 if "django_q" in QUEUE_APPS:
     Q_CLUSTER = {"name": "wheel", "orm": "default", "sync": True, "timeout": 60, "retry": 120}

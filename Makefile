@@ -2,6 +2,7 @@
 #   make demo   - run the nested bulk-edit demo
 #   make serve  - the sample project in the browser (runserver + qcluster)
 #   make test   - run the whole test suite
+#   make wheel-check - build the wheel, install it outside the checkout, one project per queue
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
@@ -9,7 +10,7 @@ export UV_LINK_MODE := copy
 UV := $(shell uv --version >/dev/null 2>&1 && echo uv || echo .tools/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: env browser demo serve test lint bench clean
+.PHONY: env browser demo serve test lint bench wheel-check clean
 
 env:
 	@# uv missing: install it into a private tool venv (python 3.12, picked by .python-version)
@@ -43,6 +44,12 @@ test: env browser
 lint: env
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
+
+# the built wheel in fresh virtualenvs under /tmp (packages from PyPI, not the lock file): a
+# minimal project per queue and extra, Django 5.2 LTS too (tests/wheel/run.sh; needs the
+# Redis and PostgreSQL of the test stack)
+wheel-check: env
+	UV=$(UV) bash tests/wheel/run.sh
 
 bench: env
 	$(UV) run --frozen python -m tests.benchmarks $(BENCH_ARGS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -184,6 +185,20 @@ def attached(ctx: context.Context) -> Iterator[context.Context]:
         yield ctx
     finally:
         context.detach(token)
+
+
+def start_detached(thread: threading.Thread) -> threading.Thread:
+    """Start one of the library's own long-lived threads (span writer, progress, lock
+    refresher) with an empty context. Threads inherit the context they are started in where
+    threading is instrumented (see ``_threads`` in the instrumentation): started lazily inside
+    a job, such a thread would otherwise run as that job for the rest of the process, and a
+    span it caused (a host's database or Redis instrumentation) would join that job's trace."""
+    token = context.attach(context.Context())
+    try:
+        thread.start()
+    finally:
+        context.detach(token)
+    return thread
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from typing import Any
 from opentelemetry import trace
 
 from otel_taskctx import semconv
-from otel_taskctx.context import current_task
+from otel_taskctx.context import current_task, start_detached
 from otel_taskctx.descendants import log_outside_task, resolve_manager
 from otel_taskctx.identity import TaskIdentity
 
@@ -241,7 +241,7 @@ class _ProgressThrottle:
             self._thread = threading.Thread(
                 target=self._run, name="otel-taskctx-progress", daemon=True
             )
-            self._thread.start()
+            start_detached(self._thread)
 
     def _run(self) -> None:
         idle = True

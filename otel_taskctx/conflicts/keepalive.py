@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from otel_taskctx.context import start_detached
+
 log = logging.getLogger("otel_taskctx.conflicts")
 
 #: the refresher closes its database connections when nothing is due within this many seconds
@@ -108,7 +110,7 @@ class _Refresher:
                 self._thread = threading.Thread(
                     target=self._run, name="otel-taskctx-lock-refresher", daemon=True
                 )
-                self._thread.start()
+                start_detached(self._thread)
             elif sooner:
                 self.wakeups += 1
                 self._cond.notify()

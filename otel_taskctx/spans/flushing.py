@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from otel_taskctx.context import start_detached
 from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
 
 log = logging.getLogger("otel_taskctx.spans")
@@ -83,7 +84,7 @@ def _flush_in_background(processors: list[Any], timeout: float) -> None:
         finally:
             lock.release()
 
-    threading.Thread(target=run, name="otel-taskctx-export-flush", daemon=True).start()
+    start_detached(threading.Thread(target=run, name="otel-taskctx-export-flush", daemon=True))
 
 
 class _SoonFlusher:
@@ -111,9 +112,11 @@ class _SoonFlusher:
             with self._lock:
                 if self._pid != pid:  # first use in this (possibly forked) process
                     self._wake = threading.Event()
-                    threading.Thread(
-                        target=self._run, name="otel-taskctx-span-flush", daemon=True
-                    ).start()
+                    start_detached(
+                        threading.Thread(
+                            target=self._run, name="otel-taskctx-span-flush", daemon=True
+                        )
+                    )
                     self._pid = pid
         elif self._wake.is_set():
             return  # already asked for (the end signal and the span's end both ask)

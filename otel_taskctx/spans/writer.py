@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from otel_taskctx.context import start_detached
 from otel_taskctx.spans import postgres, sqlite
 from otel_taskctx.spans.live import LiveSpans
 from otel_taskctx.spans.rows import current_pid, span_row
@@ -116,7 +117,7 @@ class SpanWriter:
                     self._thread = threading.Thread(
                         target=self._run, name="otel-taskctx-span-writer", daemon=True
                     )
-                    self._thread.start()
+                    start_detached(self._thread)
 
     def submit(self, rows: list[dict[str, Any]], finished: bool = True) -> _Request:
         self._ensure_thread()

@@ -42,7 +42,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.taskctx import _patching, utils
+from opentelemetry.instrumentation.taskctx import _patching, _threads, utils
 from opentelemetry.instrumentation.taskctx.package import _instruments
 from opentelemetry.instrumentation.taskctx.version import __version__
 
@@ -84,6 +84,7 @@ class TaskContextInstrumentor(BaseInstrumentor):
         utils.STATE.active = False
         if self._patches is not None:
             self._patches.remove()
+        _threads.uninstrument_threads()
         self._fork_anchor = None  # drops the after-fork hook (weakly registered)
 
     def apply_deferred(self) -> bool:
@@ -101,5 +102,6 @@ class TaskContextInstrumentor(BaseInstrumentor):
     def _apply(self) -> None:
         assert self._patches is not None
         self._patches.apply()
+        _threads.instrument_threads()  # after opentelemetry-instrument's own, if it runs
         self._fork_anchor = _ForkAnchor()
         mp_util.register_after_fork(self._fork_anchor, _patching.flush_spans_after_fork)

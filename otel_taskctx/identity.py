@@ -25,10 +25,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from threading import Lock
-
-from django.core import signing
+from typing import TYPE_CHECKING
 
 from otel_taskctx import semconv
+
+if TYPE_CHECKING:  # Django is imported when a key is configured, not with this module
+    from django.core import signing
 
 log = logging.getLogger("otel_taskctx.identity")
 
@@ -155,6 +157,8 @@ def configure_signing(
     """Set the secret that signs identities (``fallbacks`` still verify, for key rotation)."""
     if not secret:
         raise ValueError("the signing secret must not be empty")
+    from django.core import signing
+
     signer = signing.Signer(
         key=secret,
         sep=".",
@@ -281,9 +285,11 @@ def verify(token: object, now: float | None = None) -> TaskIdentity:
     signer = _ensure_keys()
     if signer is None:
         raise InvalidIdentity("no signing secret configured")
+    from django.core.signing import BadSignature
+
     try:
         data = signer.unsign_object(token[len(_PREFIX) :])
-    except signing.BadSignature:
+    except BadSignature:
         raise InvalidIdentity(
             "bad signature (forged, tampered or from another deployment)"
         ) from None

@@ -68,7 +68,7 @@ def test_the_arguments_stay_the_users_and_the_identity_is_bound_to_the_task(tmp_
     output = db_worker()
     assert seen(tmp_path, "own")["task_key"] == f"task-{result.id}"
     assert "ignoring the task identity" not in output
-    assert not TaskCarrier.objects.filter(result_id=str(result.id)).exists()  # dropped at its end
+    assert not TaskCarrier.objects.filter(result_id=str(result.id)).exists()  # gone at its end
 
 
 def test_a_carrier_copied_from_a_finished_task_runs_as_a_plain_task(tmp_path):

@@ -325,7 +325,7 @@ def _fail_lost_result(result_id: str, error: str) -> None:
     db_result = model.objects.filter(id=result_id, status__in=unfinished).first()
     if db_result is not None:
         db_result.set_failed(FanOutChildLost(error))
-    tasks_carriers.drop(result_id)
+    tasks_carriers.drop_now(result_id)
 
 
 def sweep(force: bool = True) -> int:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
+from otel_taskctx.tracer_provider import registered_processors
 
 log = logging.getLogger("otel_taskctx.spans")
 
@@ -45,10 +45,7 @@ def flush_span_store(
 
     With ``running`` spans still running get their "running" row now too.
     """
-    provider = sdk_tracer_provider(create=False)
-    if provider is None:
-        return True
-    processors = added_processors(provider)
+    processors = registered_processors()
     ok = True
     store = processors.get(STORE)
     running_processor = processors.get(RUNNING)

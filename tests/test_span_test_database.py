@@ -1,0 +1,111 @@
+"""A project's test run keeps its spans in its test database, and leaves its configured
+database as it was: no span row, no journal switch.
+
+Runs a real ``django-admin test`` of a tiny test module in a subprocess, against a configured
+SQLite file (migrated, so a span written there would land) and a test database in a file of
+its own. Its tests make spans (jobs enqueued, or run inline by django-q2) and end at once, so
+spans are still queued when the test database is destroyed and when the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SETTINGS = textwrap.dedent(
+    """
+    from tests.settings import *  # noqa: F403
+
+    DATABASES = {{
+        "default": {{
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": {configured!r},
+            "TEST": {{"NAME": {test!r}}},
+        }}
+    }}
+    OTEL_TASKCTX = {{}}
+    """
+)
+
+TESTS = textwrap.dedent(
+    """
+    from django.test import TransactionTestCase
+    from django_q.tasks import async_task
+
+    from otel_taskctx.models import TaskSpan
+    from otel_taskctx.spans import flush_span_store
+
+
+    class JobsTest(TransactionTestCase):
+        def test_spans_go_to_the_test_database(self):
+            async_task("math.floor", 1.5, sync=True)
+            self.assertTrue(flush_span_store(10))
+            self.assertTrue(TaskSpan.objects.filter(name="process math.floor").exists())
+
+        def test_spans_still_queued_when_the_run_ends(self):
+            for n in range(3):  # enqueued only (no worker runs): spans nothing flushes
+                async_task("math.floor", n + 0.5)
+    """
+)
+
+
+def _sqlite(path: Path, sql: str) -> object:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
+@pytest.mark.parametrize(
+    "label, count",
+    [
+        # nothing written during the run: the writer's first connection comes after the test
+        # database has gone (the configured database's settings are back)
+        ("host_tests.JobsTest.test_spans_still_queued_when_the_run_ends", 1),
+        # the writer's connection was opened to the test database during the run
+        ("host_tests", 2),
+    ],
+    ids=["queued-only", "written-then-queued"],
+)
+def test_a_test_run_leaves_the_configured_database_alone(tmp_path, label, count):
+    configured, test_db = tmp_path / "configured.sqlite3", tmp_path / "test_run.sqlite3"
+    (tmp_path / "host_settings.py").write_text(
+        SETTINGS.format(configured=str(configured), test=str(test_db))
+    )
+    (tmp_path / "host_tests.py").write_text(TESTS)
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="host_settings",
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
+    )
+    env.pop("TASKCTX_DB_NAME", None)
+    admin = [sys.executable, "-m", "django"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*admin, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+        )
+
+    migrated = run("migrate", "--verbosity", "0")
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    assert _sqlite(configured, "SELECT count(*) FROM otel_taskctx_span") == 0
+    journal = _sqlite(configured, "PRAGMA journal_mode")
+
+    out = run("test", label, "--verbosity", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"Ran {count} test" in out.stderr and "OK" in out.stderr, out.stderr
+
+    assert not test_db.exists()  # the test database is gone, with its spans
+    assert _sqlite(configured, "SELECT count(*) FROM otel_taskctx_span") == 0
+    assert _sqlite(configured, "PRAGMA journal_mode") == journal == "delete"
+    assert not Path(f"{configured}-wal").exists()

@@ -24,7 +24,7 @@ connection opened before the test database was set up is not reused for it. The 
 changes no setting of the database or its connections.
 
 The statements are in :mod:`otel_taskctx.spans.sqlite` and :mod:`otel_taskctx.spans.postgres`;
-other databases get the ORM's portable upsert.
+other databases get the ORM's portable upsert (:mod:`otel_taskctx.spans.orm`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from otel_taskctx.spans import postgres, sqlite
+from otel_taskctx.spans import orm, postgres, sqlite
 from otel_taskctx.spans.live import LiveSpans
 from otel_taskctx.spans.rows import current_pid, span_row
-from otel_taskctx.spans.table import SPAN_KEY, span_database
+from otel_taskctx.spans.table import span_database, span_target
 
 log = logging.getLogger("otel_taskctx.spans")
 
@@ -138,15 +138,8 @@ class SpanWriter:
                     self._thread.start()
 
     def target(self) -> Any:
-        """The database the span table is written to now: ``(alias, NAME)``, read from the
-        settings Django's test runner switches to the test database and back."""
-        try:
-            from django.conf import settings
-
-            alias = self._alias()
-            return (alias, settings.DATABASES[alias].get("NAME"))
-        except Exception:  # settings not configured: no check
-            return None
+        """The database the span table is written to now (see :func:`span_target`)."""
+        return span_target(self.using)
 
     def submit(self, rows: list[dict[str, Any]], finished: bool = True) -> _Request:
         self._ensure_thread()
@@ -237,32 +230,11 @@ class SpanWriter:
         if not requests and not running_spans and not ended:
             return
         target = self.target()
-        elsewhere = 0
         max_len = self.max_len()
-        running_rows = []
-        for span, made_for in running_spans:
-            if made_for != target:
-                elsewhere += 1
-                continue
-            try:
-                row = span_row(span, max_len, running=span.end_time is None)
-            except Exception:  # a span we cannot read: skip it
-                log.debug("could not snapshot a running span", exc_info=True)
-                continue
-            if row is not None:
-                running_rows.append(row)
-        finished_rows: dict[tuple[str, str], dict[str, Any]] = {}
-        for span, made_for in ended:
-            if made_for != target:
-                elsewhere += 1
-                continue
-            try:
-                row = span_row(span, max_len)
-            except Exception:
-                log.debug("could not convert span %r", getattr(span, "name", span), exc_info=True)
-                continue
-            if row is not None:
-                finished_rows[(row["trace_id"], row["span_id"])] = row
+        running_rows, elsewhere = _rows_for(running_spans, target, max_len, running=True)
+        rows, more = _rows_for(ended, target, max_len, running=False)
+        elsewhere += more
+        finished_rows = {(row["trace_id"], row["span_id"]): row for row in rows}
         for request in requests:
             if request.target != target:
                 elsewhere += len(request.rows)
@@ -271,22 +243,14 @@ class SpanWriter:
             else:
                 for row in request.rows:
                     finished_rows[(row["trace_id"], row["span_id"])] = row
-        if elsewhere:
-            self._drop_elsewhere(elsewhere, target)
+        if elsewhere:  # made for a test database that has gone
+            self.dropped += elsewhere
+            self.dropped_elsewhere += elsewhere
+            log.debug("dropped %d span(s) made for another database than %r", elsewhere, target)
         ok = self._write(list(finished_rows.values()), running_rows)
         for request in requests:
             request.ok = ok and request.target == target
             request.done.set()
-
-    def _drop_elsewhere(self, count: int, target: Any) -> None:
-        self.dropped += count
-        self.dropped_elsewhere += count
-        log.debug(
-            "otel_taskctx: dropped %d span(s) made for another database than %r "
-            "(a test database that has gone)",
-            count,
-            target,
-        )
 
     def _write(self, finished: list[dict[str, Any]], running: list[dict[str, Any]]) -> bool:
         if not finished and not running:
@@ -357,7 +321,7 @@ class SpanWriter:
         elif connection.vendor == "postgresql":
             postgres.write(connection.connection, finished, running, self._running_rows)
         else:
-            _write_with_orm(alias, finished, running)
+            orm.write(alias, finished, running)
 
     def _after_batch(self) -> None:
         """SQLite: keep the file open (a local file: nothing to give back to a server).
@@ -387,27 +351,23 @@ class SpanWriter:
             pass
 
 
-def _write_with_orm(
-    alias: str, finished: list[dict[str, Any]], running: list[dict[str, Any]]
-) -> None:
-    """Databases other than SQLite and PostgreSQL: the ORM's (slower) portable upsert."""
-    from django.db import transaction
-
-    from otel_taskctx.models import TaskSpan
-
-    with transaction.atomic(using=alias):
-        if running:
-            TaskSpan.objects.using(alias).bulk_create(
-                [TaskSpan(**row) for row in running], ignore_conflicts=True
-            )
-        if finished:
-            fields = [k for k in finished[0] if k not in SPAN_KEY]
-            TaskSpan.objects.using(alias).bulk_create(
-                [TaskSpan(**row) for row in finished],
-                update_conflicts=True,
-                unique_fields=list(SPAN_KEY),
-                update_fields=fields,
-            )
+def _rows_for(
+    spans: list[tuple[Any, Any]], target: Any, max_len: int, running: bool
+) -> tuple[list[dict[str, Any]], int]:
+    """The rows of the spans made for ``target``, and how many were made for another one."""
+    rows, elsewhere = [], 0
+    for span, made_for in spans:
+        if made_for != target:
+            elsewhere += 1
+            continue
+        try:
+            row = span_row(span, max_len, running=running and span.end_time is None)
+        except Exception:  # a span we cannot read: skip it
+            log.debug("could not convert span %r", getattr(span, "name", span), exc_info=True)
+            continue
+        if row is not None:
+            rows.append(row)
+    return rows, elsewhere
 
 
 _writer: SpanWriter | None = None

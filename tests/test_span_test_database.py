@@ -2,8 +2,8 @@
 database as it was: no span row, no journal switch.
 
 Runs a real ``django-admin test`` of a tiny test module in a subprocess, against a configured
-SQLite file (migrated, so a span written there would land) and a test database in a file of
-its own. Its tests make spans (jobs enqueued, or run inline by django-q2) and end at once, so
+database (migrated, so a span written there would land): an SQLite file with a test database
+in a file of its own, or (stack) a PostgreSQL database of its own. Its tests make spans (jobs enqueued, or run inline by django-q2) and end at once, so
 spans are still queued when the test database is destroyed and when the process exits.
 """
 
@@ -24,16 +24,16 @@ SETTINGS = textwrap.dedent(
     """
     from tests.settings import *  # noqa: F403
 
-    DATABASES = {{
-        "default": {{
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": {configured!r},
-            "TEST": {{"NAME": {test!r}}},
-        }}
-    }}
+    DATABASES = {{"default": {database!r}}}
     OTEL_TASKCTX = {{}}
     """
 )
+PG = {
+    "ENGINE": "django.db.backends.postgresql",
+    "USER": os.environ.get("TASKCTX_PG_USER", "postgres"),
+    "HOST": os.environ.get("TASKCTX_PG_HOST", "127.0.0.1"),
+    "PORT": os.environ.get("TASKCTX_PG_PORT", "5432"),
+}
 
 TESTS = textwrap.dedent(
     """
@@ -65,8 +65,35 @@ def _sqlite(path: Path, sql: str) -> object:
         db.close()
 
 
-@pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
-@pytest.mark.parametrize(
+def _run_tests(tmp_path: Path, database: dict, label: str, count: int) -> None:
+    """Migrate the configured database, then ``django-admin test label`` (must pass)."""
+    (tmp_path / "host_settings.py").write_text(SETTINGS.format(database=database))
+    (tmp_path / "host_tests.py").write_text(TESTS)
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="host_settings",
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
+    )
+    env.pop("TASKCTX_DB_NAME", None)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "django", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+    migrated = run("migrate", "--verbosity", "0")
+    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
+    out = run("test", label, "--verbosity", "2", "--noinput")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"Ran {count} test" in out.stderr and "OK" in out.stderr, out.stderr
+
+
+LABELS = pytest.mark.parametrize(
     "label, count",
     [
         # nothing written during the run: the writer's first connection comes after the test
@@ -77,35 +104,51 @@ def _sqlite(path: Path, sql: str) -> object:
     ],
     ids=["queued-only", "written-then-queued"],
 )
-def test_a_test_run_leaves_the_configured_database_alone(tmp_path, label, count):
+
+
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
+@LABELS
+def test_a_test_run_leaves_the_configured_sqlite_file_alone(tmp_path, label, count):
     configured, test_db = tmp_path / "configured.sqlite3", tmp_path / "test_run.sqlite3"
-    (tmp_path / "host_settings.py").write_text(
-        SETTINGS.format(configured=str(configured), test=str(test_db))
-    )
-    (tmp_path / "host_tests.py").write_text(TESTS)
-    env = dict(
-        os.environ,
-        DJANGO_SETTINGS_MODULE="host_settings",
-        PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]),
-    )
-    env.pop("TASKCTX_DB_NAME", None)
-    admin = [sys.executable, "-m", "django"]
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*admin, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
-        )
-
-    migrated = run("migrate", "--verbosity", "0")
-    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    assert _sqlite(configured, "SELECT count(*) FROM otel_taskctx_span") == 0
+    database = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(configured),
+        "TEST": {"NAME": str(test_db)},
+    }
+    sqlite3.connect(configured).close()
     journal = _sqlite(configured, "PRAGMA journal_mode")
-
-    out = run("test", label, "--verbosity", "2")
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"Ran {count} test" in out.stderr and "OK" in out.stderr, out.stderr
-
+    _run_tests(tmp_path, database, label, count)
     assert not test_db.exists()  # the test database is gone, with its spans
     assert _sqlite(configured, "SELECT count(*) FROM otel_taskctx_span") == 0
     assert _sqlite(configured, "PRAGMA journal_mode") == journal == "delete"
     assert not Path(f"{configured}-wal").exists()
+
+
+@pytest.mark.stack
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK") != "redis-postgres", reason="PostgreSQL")
+@LABELS
+def test_a_test_run_leaves_the_configured_postgres_database_alone(tmp_path, label, count):
+    import psycopg
+
+    name = f"taskctx_host_{os.environ.get('TASKCTX_INSTANCE', 'main')}"
+    database = {**PG, "NAME": name, "TEST": {"NAME": f"test_{name}"}}
+    server = psycopg.connect(
+        host=PG["HOST"], port=PG["PORT"], user=PG["USER"], dbname="postgres", autocommit=True
+    )
+    try:
+        for db in (name, f"test_{name}"):
+            server.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        server.execute(f'CREATE DATABASE "{name}"')
+        _run_tests(tmp_path, database, label, count)
+        with psycopg.connect(
+            host=PG["HOST"], port=PG["PORT"], user=PG["USER"], dbname=name
+        ) as configured:
+            rows = configured.execute("SELECT count(*) FROM otel_taskctx_span").fetchone()[0]
+        assert rows == 0
+        gone = server.execute(
+            "SELECT count(*) FROM pg_database WHERE datname = %s", (f"test_{name}",)
+        ).fetchone()[0]
+        assert gone == 0  # the test database was dropped (our connection did not hold it)
+    finally:
+        server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        server.close()

@@ -23,7 +23,8 @@ STORE = "otel_taskctx.span_store"
 RUNNING = "otel_taskctx.span_store.running"
 #: the names of the exporters added for ``OTEL_TRACES_EXPORTER`` start with this
 ENV_PREFIX = "otel_taskctx.env_exporter."
-#: milliseconds between two exports of finished spans to the store
+#: milliseconds between two writes of finished spans to the store (the writer's
+#: ``FINISHED_INTERVAL``): the soon-flusher's pace under a steady stream of jobs
 STORE_SCHEDULE_DELAY_MS = 1000
 _signals_connected = False
 _async_flush_lock = threading.Lock()

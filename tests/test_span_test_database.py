@@ -152,3 +152,74 @@ def test_a_test_run_leaves_the_configured_postgres_database_alone(tmp_path, labe
     finally:
         server.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         server.close()
+
+
+SWITCH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import django
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connections
+    from opentelemetry.sdk.trace import TracerProvider
+    from otel_taskctx.spans.writer import SpanWriter
+
+    first, second = sys.argv[1:3]
+    spans_db = settings.DATABASES["spans"]
+    call_command("migrate", verbosity=0)
+    for name in (second, first):  # both migrated: a row written to either would land
+        spans_db["NAME"] = name
+        call_command("migrate", database="spans", verbosity=0)
+        connections["spans"].close()
+    writer = SpanWriter(lambda: 256, using="spans", interval=0.05)
+    tracer = TracerProvider().get_tracer("t")
+
+    def end(name):
+        span = tracer.start_span(name)
+        span.end()
+        writer.add_finished(span)
+
+    end("for the first")
+    assert writer.flush(10)  # the writer's connection is open to the first database now
+    end("queued for the first")
+    spans_db["NAME"] = second  # what create_test_db() (or its teardown) does to the settings
+    end("for the second")
+    assert writer.flush(10)
+    print("DROPPED", writer.dropped_elsewhere)
+    """
+)
+
+
+@pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
+def test_rows_go_to_the_database_they_were_made_for_or_nowhere(tmp_path):
+    first, second = tmp_path / "first.sqlite3", tmp_path / "second.sqlite3"
+    env = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        TASKCTX_DB_NAME=str(tmp_path / "jobs.sqlite3"),
+        TASKCTX_SPAN_DB=str(first),
+        PYTHONPATH=str(ROOT),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SWITCH_SCRIPT, str(first), str(second)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "DROPPED 1" in out.stdout, out.stdout + out.stderr
+
+    def names(path: Path) -> list[str]:
+        db = sqlite3.connect(path)
+        try:
+            return [r[0] for r in db.execute("SELECT name FROM otel_taskctx_span ORDER BY name")]
+        finally:
+            db.close()
+
+    # the connection opened to the first database was not used for the second one's rows,
+    # and the row queued for the first one went nowhere once the settings named the second
+    assert names(first) == ["for the first"]
+    assert names(second) == ["for the second"]

@@ -24,6 +24,7 @@ from otel_taskctx.policy import fan_out, run_inline
 from otel_taskctx.processor import TaskContextSpanProcessor, install_span_processor
 from otel_taskctx.progress import flush_progress, report_progress
 from otel_taskctx.propagation import extract, inject, install_propagator_filter
+from otel_taskctx.tracer_provider import join_tracer_provider
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "inject",
     "install_propagator_filter",
     "install_span_processor",
+    "join_tracer_provider",
     "keep_locks_alive",
     "register_descendants",
     "report_progress",

@@ -203,13 +203,14 @@ class TaskContextSpanProcessor(SpanProcessor):
         return True
 
 
-def install_span_processor(create_provider: bool = True, **kwargs: Any) -> Any | None:
-    """Add a :class:`TaskContextSpanProcessor` to the SDK tracer provider (once).
+def install_span_processor(create_provider: bool = False, **kwargs: Any) -> Any | None:
+    """Add a :class:`TaskContextSpanProcessor` to the tracer providers otel_taskctx uses (once).
 
-    Uses the provider the application configured, or sets one up if there is none
-    (``create_provider=False``: only an existing one). Never replaces exporters, processors or
-    the sampler. Returns the processor, or None when there is no SDK provider (another
-    provider implementation is in use).
+    It joins the host's SDK provider (configured now or set later, see
+    :mod:`otel_taskctx.tracer_provider`) and otel_taskctx's private one; it never sets a
+    global provider and never replaces exporters, processors or the sampler
+    (``create_provider=True``: set up the private provider now rather than at our first span).
+    Returns the processor, or None when the OpenTelemetry SDK is missing.
     """
     from otel_taskctx.tracer_provider import add_span_processor_once
 

@@ -282,20 +282,22 @@ class _JsonLinesSpanExporter:
 
 
 def _setup_tracing() -> None:
-    directory = os.environ.get(SPAN_DIR_ENV)
-    if not directory:
+    """The cluster's host sets up its tracer provider (as the test suite does), exporting to
+    ``TASKCTX_SPAN_DIR`` if set; ``TASKCTX_NO_PROVIDER=1``: none (otel_taskctx's own)."""
+    if os.environ.get("TASKCTX_NO_PROVIDER") == "1":
         return
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
-    exporter = _JsonLinesSpanExporter(directory)
-    if os.environ.get(SPAN_PROCESSOR_ENV, "batch") == "simple":
-        processor = SimpleSpanProcessor(exporter)
-    else:
-        processor = BatchSpanProcessor(exporter)
     provider = TracerProvider()
-    provider.add_span_processor(processor)
+    directory = os.environ.get(SPAN_DIR_ENV)
+    if directory:
+        exporter = _JsonLinesSpanExporter(directory)
+        if os.environ.get(SPAN_PROCESSOR_ENV, "batch") == "simple":
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+        else:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
 
 

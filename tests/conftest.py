@@ -9,6 +9,22 @@ from tests.cluster import cluster_factory, qcluster  # noqa: F401  (fixtures: a 
 STACK = os.environ.get("TASKCTX_STACK", "embedded")
 
 
+def _host_tracer_provider() -> None:
+    """The test suite is a host with its own SDK tracer provider, set after pytest-django ran
+    ``django.setup()``: the one-liner of docs/core.md has otel_taskctx's processors join it."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_taskctx import join_tracer_provider
+
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    join_tracer_provider()
+
+
+_host_tracer_provider()
+
+
 def pytest_collection_modifyitems(config, items):
     """On the production stack, only the tests marked ``stack`` run (the rest ran embedded)."""
     if STACK == "embedded":

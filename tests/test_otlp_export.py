@@ -237,12 +237,13 @@ def test_job_tree_arrives_intact_across_the_producer_worker_boundary():
             "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
             "OTEL_BSP_SCHEDULE_DELAY": "200",
         }
-        # no span_dir: the cluster configures no tracing itself, so otel_taskctx creates the
-        # provider and adds the OTLP exporter the environment asks for
+        # the cluster configures no tracing itself, so otel_taskctx's private provider gets
+        # the OTLP exporter the environment asks for
         with run_cluster(
             span_dir=None,
             env={
                 **otel_env,
+                "TASKCTX_NO_PROVIDER": "1",
                 "OTEL_SERVICE_NAME": "worker",
                 "DJANGO_SETTINGS_MODULE": "tests.settings",
             },

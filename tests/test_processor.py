@@ -27,6 +27,7 @@ from otel_taskctx import (
 )
 from otel_taskctx.conflicts import get_conflict_store
 from otel_taskctx.processor import PROCESSOR_NAME, span_items
+from otel_taskctx.tracer_provider import added_processors
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db]
 MANAGER = "powercrud.async_manager.AsyncManager"
@@ -231,7 +232,8 @@ def test_install_adds_one_processor_and_keeps_the_users():
     assert install_span_processor() is first
     assert list(provider._active_span_processor._span_processors) == processors
     assert sum(isinstance(p, TaskContextSpanProcessor) for p in processors) == 1
-    assert provider._otel_taskctx_processors[PROCESSOR_NAME] is first
+    assert added_processors(provider)[PROCESSOR_NAME] is first
+    assert not [k for k in vars(provider) if "taskctx" in k]  # bookkeeping kept at home
 
 
 INSTALL_SCRIPT = """

@@ -1,5 +1,6 @@
-"""The span store: rows, the exporter behind the SDK's BatchSpanProcessor, running spans,
-failure handling, concurrent writers, retention and ``taskctx_tree``."""
+"""The span store: rows, the store's processors and exporter, running spans, failure
+handling, the host's database settings left alone, concurrent writers, retention and
+``taskctx_tree``."""
 
 from __future__ import annotations
 
@@ -22,14 +23,17 @@ from django.db import connection
 from django.utils import timezone
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv, task_context
 from otel_taskctx.models import TaskSpan
-from otel_taskctx.spans import sqlite as sqlite_module
 from otel_taskctx.spans import writer as writer_module
-from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
+from otel_taskctx.spans.exporter import (
+    DatabaseSpanExporter,
+    RunningSpanProcessor,
+    StoreSpanProcessor,
+)
 from otel_taskctx.spans.flushing import RUNNING, STORE
 from otel_taskctx.spans.rows import bound_attributes, span_row
 from otel_taskctx.spans.writer import SpanWriter
@@ -41,9 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def store():
     """A private provider with the store's processors and a private writer."""
-    writer = SpanWriter(lambda: 256, running_delay=0.05, interval=0.05)
+    writer = SpanWriter(lambda: 256, running_delay=0.05, interval=0.05, finished_interval=0.05)
     exporter = DatabaseSpanExporter(writer)
-    batch = BatchSpanProcessor(exporter, schedule_delay_millis=50)
+    batch = StoreSpanProcessor(writer)
     running = RunningSpanProcessor(writer)
     provider = TracerProvider()
     provider.add_span_processor(batch)
@@ -394,7 +398,8 @@ def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
 @pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite lock")
 @pytest.mark.django_db(transaction=True)
 def test_database_locked_is_retried_then_dropped_and_the_next_batch_is_written(store, monkeypatch):
-    monkeypatch.setattr(sqlite_module, "SQLITE_BUSY_TIMEOUT", 0.05)
+    # the busy timeout is the project's (OPTIONS "timeout"): a short one for this test
+    monkeypatch.setitem(connection.settings_dict["OPTIONS"], "timeout", 0.05)
     monkeypatch.setattr(writer_module, "LOCK_RETRIES", 1)
     plain = TracerProvider().get_tracer("no store")  # spans handed to the exporter directly
     blocker = sqlite3.connect(connection.settings_dict["NAME"], timeout=5)
@@ -416,32 +421,28 @@ def test_database_locked_is_retried_then_dropped_and_the_next_batch_is_written(s
     assert list(TaskSpan.objects.values_list("name", flat=True)) == ["after the lock"]
 
 
+def _journal_mode(path: str) -> str:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        db.close()
+
+
 @pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
 @pytest.mark.django_db(transaction=True)
-def test_the_writer_keeps_trying_to_switch_sqlite_to_wal_until_it_succeeds(store, monkeypatch):
-    tracer = TracerProvider().get_tracer("tests")
-    real = sqlite_module.prepare_connection
-    attempts = []
-
-    def switch_fails_the_first_time(conn):
-        attempts.append(conn.settings_dict["NAME"])
-        if len(attempts) == 1:
-            return  # as when another process holds a lock: the journal stays as it is
-        real(conn)
-
-    monkeypatch.setattr(sqlite_module, "_prepared", set())
-    monkeypatch.setattr(sqlite_module, "prepare_connection", switch_fails_the_first_time)
-    for label in ("first", "second", "third"):
-        span = tracer.start_span(label, attributes=lineage("W1", "W1"))
-        span.end()
-        assert store.writer.submit([span_row(span, 256)]).done.wait(10)
-    # tried again on the same connection's next batch, and not after it succeeded
-    assert len(attempts) == 2
-    assert str(connection.settings_dict["NAME"]) in sqlite_module._prepared
-    with connection.cursor() as cursor:
-        cursor.execute("PRAGMA journal_mode")
-        assert cursor.fetchone()[0] == "wal"
-    assert TaskSpan.objects.filter(root_task_key="W1").count() == 3
+def test_the_writer_leaves_the_sqlite_journal_mode_as_the_project_set_it(store):
+    path = str(connection.settings_dict["NAME"])
+    assert "init_command" not in connection.settings_dict["OPTIONS"]  # the SQLite default
+    before = _journal_mode(path)
+    assert before == "delete"
+    for label in ("first", "second"):
+        with store.tracer.start_as_current_span(label, attributes=lineage("W1", "W1")):
+            pass
+        store.flush()
+    assert TaskSpan.objects.filter(root_task_key="W1").count() == 2
+    assert _journal_mode(path) == before  # persistent: any connection would see a switch
+    assert not Path(path + "-wal").exists()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -470,8 +471,7 @@ def test_ready_installs_the_store_next_to_user_processors():
     assert provider is not None
     marks = added_processors(provider)
     assert STORE in marks and RUNNING in marks
-    assert isinstance(marks[STORE], BatchSpanProcessor)
-    assert isinstance(marks[STORE].span_exporter, DatabaseSpanExporter)
+    assert isinstance(marks[STORE], StoreSpanProcessor)
     assert isinstance(marks[RUNNING], RunningSpanProcessor)
     from otel_taskctx.spans import install_span_store
 
@@ -555,8 +555,10 @@ WRITER_SCRIPT = textwrap.dedent(
     """
     import os, sys, time
     import django
-    django.setup()
     from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())  # the process's own (otel_taskctx sets none)
+    django.setup()
     from otel_taskctx.spans import flush_span_store
     from tests.testapp.models import Parent
 
@@ -615,10 +617,12 @@ def test_several_processes_write_spans_while_jobs_write_without_database_locked(
 OWN_FILE_SCRIPT = textwrap.dedent(
     """
     import django, sys
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())  # the process's own (otel_taskctx sets none)
     django.setup()
     from django.core.management import call_command
     from django.conf import settings
-    from opentelemetry import trace
     from otel_taskctx import task_context
     from otel_taskctx.spans import flush_span_store
 

@@ -6,13 +6,18 @@ See :mod:`otel_taskctx.spans.provider` for how it is put on the tracer provider,
 :mod:`otel_taskctx.spans.queries` for reading trees back.
 """
 
-from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
+from otel_taskctx.spans.exporter import (
+    DatabaseSpanExporter,
+    RunningSpanProcessor,
+    StoreSpanProcessor,
+)
 from otel_taskctx.spans.flushing import flush_span_store
 from otel_taskctx.spans.provider import install_env_exporters, install_span_store
 
 __all__ = [
     "DatabaseSpanExporter",
     "RunningSpanProcessor",
+    "StoreSpanProcessor",
     "flush_span_store",
     "install_env_exporters",
     "install_span_store",

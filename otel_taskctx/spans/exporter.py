@@ -1,7 +1,12 @@
-"""The span exporter (finished spans) and span processor (running spans) of the store.
+"""The span processors of the store (finished spans, running spans) and an exporter.
 
-Both hand rows to the process's :class:`~otel_taskctx.spans.writer.SpanWriter`; the processor
-also has a job's spans written soon after its django-q2 run ends.
+:class:`StoreSpanProcessor` (finished spans) and :class:`RunningSpanProcessor` (running spans)
+are what ``install_span_store()`` puts on the tracer providers: both hand spans to the
+process's :class:`~otel_taskctx.spans.writer.SpanWriter`, whose thread starts with the first
+span of the process that uses it (never in a parent that forks workers) and batches the
+writes. The running processor also has a job's spans written soon after its django-q2 run ends.
+:class:`DatabaseSpanExporter` is the same store behind a processor of your choice (e.g. the
+SDK's ``BatchSpanProcessor``).
 """
 
 from __future__ import annotations
@@ -81,6 +86,48 @@ class DatabaseSpanExporter(SpanExporter):
                 pass
 
 
+class StoreSpanProcessor(SpanProcessor):
+    """Hands each finished (sampled) span to the writer, noting the database it is for; the
+    writer turns them into rows and writes them at its next pass (every ``interval``)."""
+
+    def __init__(self, writer: SpanWriter | None = None) -> None:
+        self._writer = writer
+        self._shutdown = False
+
+    @property
+    def writer(self) -> SpanWriter:
+        return self._writer or get_writer()
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._shutdown:
+            return
+        try:
+            ctx = span.context
+            if ctx is not None and ctx.trace_flags.sampled:
+                self.writer.add_finished(span)
+        except Exception:  # pragma: no cover - never into the caller
+            log.debug("could not queue a span for the store", exc_info=True)
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            if sqlite.caller_holds_transaction(self.writer.using):
+                return True  # written once the caller commits
+            return self.writer.flush(timeout_millis / 1000, running=False)
+        except Exception:  # pragma: no cover
+            return False
+
+    def shutdown(self) -> None:
+        if not self._shutdown:
+            self._shutdown = True
+            try:
+                self.writer.flush(2.0, running=False)
+            except Exception:  # pragma: no cover
+                pass
+
+
 class RunningSpanProcessor(SpanProcessor):
     """Records spans when they start, so a running job shows up before it ends.
 
@@ -106,8 +153,8 @@ class RunningSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         """A django-q2 job run (CONSUMER span) ended: have its spans written now.
 
-        This processor sits after the store's batch processor, so the run's own span is
-        already queued. The write happens on a background thread (the job does not wait for
+        This processor sits after the store's processor, so the run's own span is already
+        queued. The write happens on a background thread (the job does not wait for
         the database); a worker recycled right after the job flushes on exit.
         """
         try:

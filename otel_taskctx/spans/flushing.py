@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from otel_taskctx.context import start_detached
-from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
+from otel_taskctx.tracer_provider import registered_processors
 
 log = logging.getLogger("otel_taskctx.spans")
 
@@ -24,7 +24,8 @@ STORE = "otel_taskctx.span_store"
 RUNNING = "otel_taskctx.span_store.running"
 #: the names of the exporters added for ``OTEL_TRACES_EXPORTER`` start with this
 ENV_PREFIX = "otel_taskctx.env_exporter."
-#: milliseconds between two exports of finished spans to the store
+#: milliseconds between two writes of finished spans to the store (the writer's
+#: ``FINISHED_INTERVAL``): the soon-flusher's pace under a steady stream of jobs
 STORE_SCHEDULE_DELAY_MS = 1000
 _signals_connected = False
 _async_flush_lock = threading.Lock()
@@ -46,10 +47,7 @@ def flush_span_store(
 
     With ``running`` spans still running get their "running" row now too.
     """
-    provider = sdk_tracer_provider(create=False)
-    if provider is None:
-        return True
-    processors = added_processors(provider)
+    processors = registered_processors()
     ok = True
     store = processors.get(STORE)
     running_processor = processors.get(RUNNING)

@@ -12,8 +12,9 @@ connection (see :mod:`otel_taskctx.spans.writer`) is used directly (:func:`write
   (``DO UPDATE``) use one prepared single-row ``INSERT ... ON CONFLICT`` sent as a pipelined
   ``executemany``.
 
-The connection is in autocommit mode: each statement commits on its own (with
-``synchronous_commit`` off for this session: :func:`prepare_session`).
+The connection is in autocommit mode: each statement commits on its own. The session keeps
+the host's settings (nothing is ``SET``: with Django's connection pool a session setting would
+outlive the writer's use of the connection).
 """
 
 from __future__ import annotations
@@ -27,16 +28,6 @@ from otel_taskctx.spans.table import SPAN_KEY, row_value, written_fields
 
 #: running rows remembered (to complete them with an upsert rather than a COPY)
 MAX_TRACKED_RUNNING_ROWS = 100_000
-
-
-def prepare_session(connection: Any) -> None:
-    """Set up a new session of the writer's (Django) ``connection``.
-
-    The session writes telemetry only: it need not wait for the WAL flush (a crash may lose
-    the last few milliseconds of spans, never the jobs' data or locks).
-    """
-    with connection.cursor() as cursor:
-        cursor.execute("SET synchronous_commit TO OFF")
 
 
 def write(

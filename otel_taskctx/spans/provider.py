@@ -1,13 +1,14 @@
-"""Putting the span store (and the standard OTLP exporter) on the tracer provider.
+"""Putting the span store (and the standard OTLP exporter) on the tracer providers we use.
 
 ``install_span_store()`` runs from the app's ``ready()`` when ``OTEL_TASKCTX["SPAN_STORE"]`` is
-true. It adds processors to the SDK provider (creating one only if none was configured) and
-never replaces an exporter the application set up.
+true. Its processors join the host's SDK provider (set before or after ``django.setup()``) or
+otel_taskctx's private one (see :mod:`otel_taskctx.tracer_provider`); it never sets a global
+provider and never replaces an exporter the application set up.
 
 ``install_env_exporters()`` honours the standard ``OTEL_TRACES_EXPORTER`` /
-``OTEL_EXPORTER_OTLP_*`` environment variables, but only on a provider that otel_taskctx
-created (nobody configured one before Django started): a provider set up by the application
-or by ``opentelemetry-instrument`` already exports what those variables ask for.
+``OTEL_EXPORTER_OTLP_*`` environment variables, but only on otel_taskctx's private provider
+(used while the host has none): a provider set up by the application or by
+``opentelemetry-instrument`` already exports what those variables ask for.
 """
 
 from __future__ import annotations
@@ -17,38 +18,31 @@ import logging
 import os
 from typing import Any
 
-from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
-from otel_taskctx.spans.flushing import (
-    ENV_PREFIX,
-    RUNNING,
-    STORE,
-    STORE_SCHEDULE_DELAY_MS,
-    connect_flush_signals,
-)
+from otel_taskctx.spans.exporter import RunningSpanProcessor, StoreSpanProcessor
+from otel_taskctx.spans.flushing import ENV_PREFIX, RUNNING, STORE, connect_flush_signals
 from otel_taskctx.tracer_provider import (
     add_span_processor_once,
     added_processors,
     created_here,
-    sdk_tracer_provider,
+    host_tracer_provider,
 )
 
 log = logging.getLogger("otel_taskctx.spans")
 
 
 def install_span_store() -> bool:
-    """Store spans in the database. Returns False when there is no SDK tracer provider."""
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    """Store spans in the database. Returns False when the OpenTelemetry SDK is missing.
 
-    store = add_span_processor_once(
-        STORE,
-        lambda: BatchSpanProcessor(
-            DatabaseSpanExporter(), schedule_delay_millis=STORE_SCHEDULE_DELAY_MS
-        ),
-    )
+    No thread starts here: the writer's starts with the first span of the process that uses it.
+    """
+    store = add_span_processor_once(STORE, StoreSpanProcessor, create=False)
     if store is None:
-        log.info("otel_taskctx: no OpenTelemetry SDK tracer provider; spans are not stored")
+        log.info("otel_taskctx: no OpenTelemetry SDK; spans are not stored")
         return False
-    add_span_processor_once(RUNNING, RunningSpanProcessor)
+    add_span_processor_once(RUNNING, RunningSpanProcessor, create=False)
+    host = host_tracer_provider()
+    if host is not None and not hasattr(host, "add_span_processor"):
+        log.info("otel_taskctx: the tracer provider is not the SDK's; spans are not stored")
     connect_flush_signals()
     return True
 
@@ -118,7 +112,9 @@ def _make_exporter(name: str, env: dict[str, str]) -> Any | None:
 def install_env_exporters(environ: dict[str, str] | None = None, provider: Any = None) -> list[str]:
     """Add the exporters named by the standard environment variables; returns their names.
 
-    Does nothing on a provider configured by someone else.
+    Without ``provider``: to otel_taskctx's private provider (made when it is set up, at our
+    first span), and nothing when the host has a provider of its own. With ``provider``: only
+    if otel_taskctx created it.
     """
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
@@ -127,9 +123,10 @@ def install_env_exporters(environ: dict[str, str] | None = None, provider: Any =
     if not names:
         return []
     if provider is None:
-        provider = sdk_tracer_provider(create=True)
-        if provider is None:
+        if host_tracer_provider() is not None:
+            log.debug("otel_taskctx: the host configured a tracer provider; not adding %s", names)
             return []
+        return _register_private_exporters(names, env)
     if not provider_is_unconfigured(provider):
         log.debug(
             "otel_taskctx: the tracer provider was configured elsewhere; not adding %s", names
@@ -145,5 +142,26 @@ def install_env_exporters(environ: dict[str, str] | None = None, provider: Any =
             continue
         kind = SimpleSpanProcessor if name == "console" else BatchSpanProcessor
         add_span_processor_once(key, functools.partial(kind, exporter), provider=provider)
+        added.append(name)
+    return added
+
+
+def _register_private_exporters(names: list[str], env: dict[str, str]) -> list[str]:
+    """The exporters for our private provider; their processors are made when it is set up
+    (at our first span: a batch processor's thread starts in the process that makes spans)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    added = []
+    for name in names:
+        exporter = _make_exporter(name, env)
+        if exporter is None:
+            continue
+        kind = SimpleSpanProcessor if name == "console" else BatchSpanProcessor
+        add_span_processor_once(
+            ENV_PREFIX + name,
+            functools.partial(kind, exporter),
+            create=False,
+            private_only=True,
+        )
         added.append(name)
     return added

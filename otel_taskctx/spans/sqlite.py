@@ -1,9 +1,9 @@
-"""SQLite writes of span rows: the connection's journal and timeouts, and a raw upsert.
+"""SQLite writes of span rows: a raw upsert.
 
-The writer's connection is switched to WAL journalling (readers never block the writer) and
-waits up to :data:`SQLITE_BUSY_TIMEOUT` for another writer. Rows go in with
-``INSERT ... ON CONFLICT`` statements of up to :data:`UPSERT_CHUNK` rows, sent to the
-``sqlite3`` cursor directly (see :func:`upsert`).
+Rows go in with ``INSERT ... ON CONFLICT`` statements of up to :data:`UPSERT_CHUNK` rows, sent
+to the ``sqlite3`` cursor directly (see :func:`upsert`). The database and its connections keep
+the host's settings: no PRAGMA is sent (the journal mode, ``synchronous`` and the busy timeout
+are the project's, e.g. ``DATABASES[...]["OPTIONS"]["init_command"]`` and ``"timeout"``).
 """
 
 from __future__ import annotations
@@ -14,14 +14,10 @@ from typing import Any
 
 from otel_taskctx.spans.table import SPAN_KEY, span_database, written_fields
 
-#: seconds SQLite waits for another writer before a try fails
-SQLITE_BUSY_TIMEOUT = 5.0
 #: rows per INSERT statement of the raw upsert
 UPSERT_CHUNK = 500
 #: column types whose values the backend adapts (the rest go to SQLite as they are)
 _ADAPTED = ("JSONField", "DateTimeField")
-#: database files switched to WAL journalling
-_prepared: set[str] = set()
 
 
 def caller_holds_transaction(using: str | None = None) -> bool:
@@ -36,26 +32,6 @@ def caller_holds_transaction(using: str | None = None) -> bool:
         return connection.vendor == "sqlite" and connection.in_atomic_block
     except Exception:
         return False
-
-
-def in_wal_mode(connection: Any) -> bool:
-    return str(connection.settings_dict.get("NAME")) in _prepared
-
-
-def prepare_connection(connection: Any) -> None:
-    """WAL journal (readers never block the writer) and a generous busy timeout."""
-    with connection.cursor() as cursor:
-        name = str(connection.settings_dict.get("NAME"))
-        if name not in _prepared and name != ":memory:" and "mode=memory" not in name:
-            cursor.execute("PRAGMA busy_timeout = 0")  # never wait for the journal switch
-            try:
-                cursor.execute("PRAGMA journal_mode = WAL")
-                _prepared.add(name)
-            except Exception:  # another connection holds a lock: try again next batch
-                pass
-        cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT * 1000)}")
-        # this connection only: in WAL mode NORMAL is safe and skips an fsync per batch
-        cursor.execute("PRAGMA synchronous = NORMAL")
 
 
 def write(connection: Any, finished: list[dict[str, Any]], running: list[dict[str, Any]]) -> None:

@@ -1,5 +1,5 @@
 """The span table as the writer's statements see it: its unique key, the columns a write sets,
-a row's value for each, and the database alias the table is written to."""
+a row's value for each, and the database the table is written to."""
 
 from __future__ import annotations
 
@@ -34,3 +34,16 @@ def span_database(using: str | None = None) -> str:
     from otel_taskctx.models import TaskSpan
 
     return router.db_for_write(TaskSpan)
+
+
+def span_target(using: str | None = None) -> Any:
+    """The database the span table is written to now, ``(alias, NAME)`` (None without
+    settings): read from the settings Django's test runner switches to the test database and
+    back, so a row made for a test database is never written once it has gone."""
+    try:
+        from django.conf import settings
+
+        alias = span_database(using)
+        return (alias, settings.DATABASES[alias].get("NAME"))
+    except Exception:  # settings not configured: no check
+        return None

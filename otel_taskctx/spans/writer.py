@@ -16,8 +16,15 @@ span.
 Start rows (spans still running) are written only for spans that are still running
 ``running_delay`` seconds after they started, so short spans cost one write, not two.
 
+Each span is written to the database it was made for: the writer notes the span database's
+``NAME`` when a span ends (or starts running, or a batch is submitted) and drops what was made
+for another one. A test run's spans still queued when Django's test database has gone (its
+``NAME`` is the configured database's again) never reach the configured database, and a
+connection opened before the test database was set up is not reused for it. The writer
+changes no setting of the database or its connections.
+
 The statements are in :mod:`otel_taskctx.spans.sqlite` and :mod:`otel_taskctx.spans.postgres`;
-other databases get the ORM's portable upsert.
+other databases get the ORM's portable upsert (:mod:`otel_taskctx.spans.orm`).
 """
 
 from __future__ import annotations
@@ -32,10 +39,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otel_taskctx.context import start_detached
-from otel_taskctx.spans import postgres, sqlite
+from otel_taskctx.spans import orm, postgres, sqlite
 from otel_taskctx.spans.live import LiveSpans
 from otel_taskctx.spans.rows import current_pid, span_row
-from otel_taskctx.spans.table import SPAN_KEY, span_database
+from otel_taskctx.spans.table import span_database, span_target
 
 log = logging.getLogger("otel_taskctx.spans")
 
@@ -43,6 +50,9 @@ log = logging.getLogger("otel_taskctx.spans")
 WARN_INTERVAL = 60.0
 LOCK_RETRIES = 3
 
+#: seconds between two writes of ended spans (a flush, or this many queued, writes them now)
+FINISHED_INTERVAL = 1.0
+FINISHED_BATCH = 512
 #: seconds the writer keeps its connection after the last batch: longer than the span store's
 #: export schedule (1 s), so a process exporting once a second does not reconnect (a
 #: PostgreSQL backend start) for every batch, and short enough for ``DROP DATABASE``
@@ -54,6 +64,7 @@ class _Request:
     rows: list[dict[str, Any]]
     finished: bool  # True: upsert complete rows; False: insert running rows if absent
     force_running: bool = False  # also write every tracked running span now
+    target: Any = None  # the database the rows are for (see ``SpanWriter.target``)
     done: threading.Event = field(default_factory=threading.Event)
     ok: bool = False
 
@@ -68,19 +79,24 @@ class SpanWriter:
         interval: float = 0.5,
         using: str | None = None,
         keep_alive: float = KEEP_ALIVE,
+        finished_interval: float = FINISHED_INTERVAL,
     ) -> None:
         self.running_delay = running_delay
         self.interval = interval
+        self.finished_interval = finished_interval
+        self._finished_due = 0.0
         self.keep_alive = keep_alive
         self._last_write = 0.0
-        self._session_ready: Any = None  # the raw connection set up for telemetry writes
+        self._session_ready: Any = None  # the raw connection last used for a write
+        self._session_target: Any = None  # the database it was opened to
         self._running_rows: set[tuple[str, str]] = set()  # (trace, span) with a running row
         self.using = using
         self._max_len_getter = max_len_getter
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._requests: deque[_Request] = deque()
-        self._running: deque[tuple[float, Any]] = deque()  # (due time, live span)
+        self._running: deque[tuple[float, Any, Any]] = deque()  # (due time, live span, target)
+        self._finished: deque[tuple[Any, Any]] = deque()  # (ended span, target)
         self._live = LiveSpans()  # open spans with a running row
         self._thread: threading.Thread | None = None
         self._pid = current_pid()
@@ -88,6 +104,8 @@ class SpanWriter:
         self.dropped = 0
         self.written = 0
         self.max_running_queue = 100_000
+        self.max_finished_queue = 100_000
+        self.dropped_elsewhere = 0  # rows made for another database (a test database gone)
 
     # ------------------------------------------------------------------ producer side
     def max_len(self) -> int:
@@ -105,6 +123,7 @@ class SpanWriter:
             self._wake = threading.Event()
             self._requests = deque()
             self._running = deque()
+            self._finished = deque()
             self._live = LiveSpans()
             self._running_rows = set()
             self._session_ready = None
@@ -119,9 +138,13 @@ class SpanWriter:
                     )
                     start_detached(self._thread)
 
+    def target(self) -> Any:
+        """The database the span table is written to now (see :func:`span_target`)."""
+        return span_target(self.using)
+
     def submit(self, rows: list[dict[str, Any]], finished: bool = True) -> _Request:
         self._ensure_thread()
-        request = _Request(rows, finished)
+        request = _Request(rows, finished, target=self.target())
         with self._lock:
             self._requests.append(request)
         self._wake.set()
@@ -135,7 +158,16 @@ class SpanWriter:
             # (once per process: a thread that died is restarted by the next submit or flush,
             # and this runs for every span started)
             self._ensure_thread()
-        self._running.append((time.monotonic() + self.running_delay, span))
+        self._running.append((time.monotonic() + self.running_delay, span, self.target()))
+
+    def add_finished(self, span: Any) -> None:
+        """Write the row of ``span`` (ended) at the writer's next pass."""
+        if len(self._finished) >= self.max_finished_queue:
+            self.dropped += 1
+            return
+        if self._thread is None or self._pid != current_pid():
+            self._ensure_thread()
+        self._finished.append((span, self.target()))
 
     def flush(self, timeout: float | None = 5.0, running: bool = True) -> bool:
         """Write everything queued now (running rows too, with ``running``); wait for it."""
@@ -161,22 +193,33 @@ class SpanWriter:
             except Exception:  # pragma: no cover - never let the thread die
                 log.exception("otel_taskctx span writer failed")
 
-    def _take_running(self, force: bool) -> list[Any]:
+    def _take_running(self, force: bool) -> list[tuple[Any, Any]]:
         now = time.monotonic()
-        due: list[Any] = []
+        due: list[tuple[Any, Any]] = []
         queue = self._running
         while queue:
-            when, span = queue[0]
+            when, span, target = queue[0]
             if not force and when > now:
                 break
             queue.popleft()
             if span.end_time is None and span not in self._live:
-                due.append(span)
-        self._live.add(due)
+                due.append((span, target))
+        self._live.add(span for span, _ in due)
         self._live.prune()
         if len(self._live):  # spans open under one with a running row: recorded now
-            due.extend(self._live.open_under([span for _, span in list(queue)]))
+            waiting = list(queue)
+            targets = {id(span): target for _, span, target in waiting}
+            opened = self._live.open_under([span for _, span, _ in waiting])
+            due.extend((span, targets[id(span)]) for span in opened)
         return due
+
+    def _take_finished(self, force: bool) -> list[tuple[Any, Any]]:
+        queue = self._finished
+        now = time.monotonic()
+        if not queue or not (force or now >= self._finished_due or len(queue) >= FINISHED_BATCH):
+            return []
+        self._finished_due = now + self.finished_interval
+        return [queue.popleft() for _ in range(len(queue))]
 
     def _cycle(self) -> None:
         with self._lock:
@@ -184,28 +227,30 @@ class SpanWriter:
             self._requests.clear()
         force = any(r.force_running for r in requests)
         running_spans = self._take_running(force)
-        if not requests and not running_spans:
+        ended = self._take_finished(bool(requests))
+        if not requests and not running_spans and not ended:
             return
+        target = self.target()
         max_len = self.max_len()
-        running_rows = []
-        for span in running_spans:
-            try:
-                row = span_row(span, max_len, running=span.end_time is None)
-            except Exception:  # a span we cannot read: skip it
-                log.debug("could not snapshot a running span", exc_info=True)
-                continue
-            if row is not None:
-                running_rows.append(row)
-        finished_rows: dict[tuple[str, str], dict[str, Any]] = {}
+        running_rows, elsewhere = _rows_for(running_spans, target, max_len, running=True)
+        rows, more = _rows_for(ended, target, max_len, running=False)
+        elsewhere += more
+        finished_rows = {(row["trace_id"], row["span_id"]): row for row in rows}
         for request in requests:
-            if not request.finished:
+            if request.target != target:
+                elsewhere += len(request.rows)
+            elif not request.finished:
                 running_rows.extend(request.rows)
-                continue
-            for row in request.rows:
-                finished_rows[(row["trace_id"], row["span_id"])] = row
+            else:
+                for row in request.rows:
+                    finished_rows[(row["trace_id"], row["span_id"])] = row
+        if elsewhere:  # made for a test database that has gone
+            self.dropped += elsewhere
+            self.dropped_elsewhere += elsewhere
+            log.debug("dropped %d span(s) made for another database than %r", elsewhere, target)
         ok = self._write(list(finished_rows.values()), running_rows)
         for request in requests:
-            request.ok = ok
+            request.ok = ok and request.target == target
             request.done.set()
 
     def _write(self, finished: list[dict[str, Any]], running: list[dict[str, Any]]) -> bool:
@@ -261,23 +306,26 @@ class SpanWriter:
 
         alias = self._alias()
         connection = connections[alias]
+        target = (alias, connection.settings_dict.get("NAME"))
+        if connection.connection is not None and self._session_target != target:
+            # opened to another database: before the test database was set up, or to the
+            # test database that has gone since
+            connection.close()
         connection.ensure_connection()
-        new_session = connection.connection is not self._session_ready
-        if connection.vendor == "sqlite":
-            if new_session or not sqlite.in_wal_mode(connection):
-                sqlite.prepare_connection(connection)  # (until the WAL switch succeeds)
+        if connection.connection is not self._session_ready:
+            if self._session_target != target:
+                self._running_rows.clear()  # rows this writer wrote to another database
             self._session_ready = connection.connection
+            self._session_target = target
+        if connection.vendor == "sqlite":
             sqlite.write(connection, finished, running)
         elif connection.vendor == "postgresql":
-            if new_session:
-                postgres.prepare_session(connection)
-            self._session_ready = connection.connection
             postgres.write(connection.connection, finished, running, self._running_rows)
         else:
-            _write_with_orm(alias, finished, running)
+            orm.write(alias, finished, running)
 
     def _after_batch(self) -> None:
-        """SQLite: keep the file open (closing a WAL database checkpoints it every time).
+        """SQLite: keep the file open (a local file: nothing to give back to a server).
 
         Server databases: keep the connection while batches keep coming; the writer thread
         closes it after ``keep_alive`` idle seconds (``keep_alive = 0``: after each batch).
@@ -304,27 +352,23 @@ class SpanWriter:
             pass
 
 
-def _write_with_orm(
-    alias: str, finished: list[dict[str, Any]], running: list[dict[str, Any]]
-) -> None:
-    """Databases other than SQLite and PostgreSQL: the ORM's (slower) portable upsert."""
-    from django.db import transaction
-
-    from otel_taskctx.models import TaskSpan
-
-    with transaction.atomic(using=alias):
-        if running:
-            TaskSpan.objects.using(alias).bulk_create(
-                [TaskSpan(**row) for row in running], ignore_conflicts=True
-            )
-        if finished:
-            fields = [k for k in finished[0] if k not in SPAN_KEY]
-            TaskSpan.objects.using(alias).bulk_create(
-                [TaskSpan(**row) for row in finished],
-                update_conflicts=True,
-                unique_fields=list(SPAN_KEY),
-                update_fields=fields,
-            )
+def _rows_for(
+    spans: list[tuple[Any, Any]], target: Any, max_len: int, running: bool
+) -> tuple[list[dict[str, Any]], int]:
+    """The rows of the spans made for ``target``, and how many were made for another one."""
+    rows, elsewhere = [], 0
+    for span, made_for in spans:
+        if made_for != target:
+            elsewhere += 1
+            continue
+        try:
+            row = span_row(span, max_len, running=running and span.end_time is None)
+        except Exception:  # a span we cannot read: skip it
+            log.debug("could not convert span %r", getattr(span, "name", span), exc_info=True)
+            continue
+        if row is not None:
+            rows.append(row)
+    return rows, elsewhere
 
 
 _writer: SpanWriter | None = None

@@ -220,3 +220,16 @@ LOGGING = {
         "django-q": {"handlers": ["console"], "level": "INFO", "propagate": False},
     },
 }
+
+
+def _tracing() -> None:
+    """The sample's own spans (``sample.library``'s steps) are recorded and stored: a project
+    sets up its tracer provider (otel_taskctx never does; its processors join this one)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        trace.set_tracer_provider(TracerProvider())  # (unless opentelemetry-instrument did)
+
+
+_tracing()

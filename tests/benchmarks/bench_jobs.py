@@ -149,7 +149,7 @@ def setup_database() -> None:
 
     if connection.vendor == "sqlite":
         # WAL, as the sample configures its SQLite files: every variant, the baseline too,
-        # runs on the same journal (the span writer would switch a file it writes to WAL)
+        # runs on the same journal
         with connection.cursor() as cursor:
             cursor.execute("PRAGMA journal_mode = WAL")
     call_command("createcachetable", verbosity=0)
@@ -186,7 +186,7 @@ def set_local_span_store(on: bool) -> None:
     from otel_taskctx.spans.flushing import RUNNING, STORE
     from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
 
-    provider = sdk_tracer_provider(create=False)
+    provider = sdk_tracer_provider()  # the host's, or otel_taskctx's private one
     if provider is None:
         return
     marks = added_processors(provider)

@@ -77,7 +77,7 @@ def main(argv: list[str]) -> int:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from otel_taskctx.models import TaskSpan
-    from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
+    from otel_taskctx.spans.exporter import RunningSpanProcessor, StoreSpanProcessor
     from otel_taskctx.spans.writer import SpanWriter
 
     call_command("migrate", verbosity=0)
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
     base_tracer = baseline.get_tracer("b")
 
     writer = SpanWriter(lambda: 4096)
-    store_batch = BatchSpanProcessor(DatabaseSpanExporter(writer), schedule_delay_millis=1000)
+    store_batch = StoreSpanProcessor(writer)
     store = TracerProvider()
     store.add_span_processor(store_batch)
     store.add_span_processor(RunningSpanProcessor(writer))

@@ -46,6 +46,8 @@ from opentelemetry.instrumentation.taskctx import _patching, _threads, utils
 from opentelemetry.instrumentation.taskctx.package import _instruments
 from opentelemetry.instrumentation.taskctx.version import __version__
 
+from otel_taskctx.tracer_provider import TASKCTX_TRACER_PROVIDER
+
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 __all__ = ["TaskContextInstrumentor", "__version__"]
@@ -65,7 +67,9 @@ class TaskContextInstrumentor(BaseInstrumentor):
         return _instruments
 
     def _instrument(self, **kwargs: Any) -> None:
-        provider = kwargs.get("tracer_provider")
+        # none given: otel_taskctx's provider, which follows the host's global one once set
+        # and keeps our spans on a private one until then (never set globally)
+        provider = kwargs.get("tracer_provider") or TASKCTX_TRACER_PROVIDER
         utils.STATE.tracer_provider = provider
         utils.STATE.tracer = trace.get_tracer(
             __name__,

@@ -58,10 +58,12 @@ def ensure_running() -> None:
             return
         _stop.clear()
         _pid = os.getpid()
+        from otel_taskctx.context import start_detached
+
         _thread = threading.Thread(
             target=_run, args=(interval,), name="otel_taskctx-fan-out-sweeper", daemon=True
         )
-        _thread.start()
+        start_detached(_thread)  # outside the job that happened to start it
 
 
 def stop(timeout: float = 10.0) -> None:

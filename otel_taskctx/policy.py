@@ -1,9 +1,17 @@
-"""How a nested launch of a function runs, chosen on the function itself.
+"""How a launch runs: the one decision for every queue (:func:`nested_launch`).
 
-Inside a running task, a nested launch runs inline under the job's key (the default) or fans
-out to another worker as a child job the job waits for (see docs/fan_out.md). Settings choose
-for many functions at once (``OTEL_TASKCTX["NESTED_POLICY"]``, ``["FAN_OUT"]``); these
-decorators choose for one, and win over the settings::
+Outside a task a launch is enqueued as a job of its own. Inside a running task, a nested
+launch runs inline under the job's key (the default) or fans out to another worker as a child
+job the job waits for (see docs/fan_out.md), in this order of precedence:
+
+1. ``allow_nested_async()`` around the launch, or the function listed in
+   ``OTEL_TASKCTX["ENQUEUE_NESTED"]``: enqueued as a separate job;
+2. the function's decorator, ``@fan_out`` or ``@run_inline``;
+3. ``OTEL_TASKCTX["NESTED_POLICY"] = "fan_out"``, or the function listed in ``["FAN_OUT"]``:
+   fan-out;
+4. otherwise inline.
+
+The decorators choose for one function and win over the fan-out settings::
 
     from otel_taskctx import fan_out, run_inline
 
@@ -19,10 +27,14 @@ below ``@task``. They only mark the function: nothing changes when it is called 
 
 from __future__ import annotations
 
+import functools
+import pydoc
+from collections.abc import Callable
 from typing import Any
 
 FAN_OUT = "fan_out"
 INLINE = "inline"
+ENQUEUE = "enqueue"
 #: the attribute the decorators set on the function
 ATTRIBUTE = "__otel_taskctx_nested__"
 
@@ -51,3 +63,65 @@ def marked_policy(func: Any) -> str | None:
         if policy in (FAN_OUT, INLINE):
             return policy
     return None
+
+
+def func_path(func: Any) -> str:
+    """Dotted path of a task function (django-q2 accepts a callable or a dotted string)."""
+    if isinstance(func, str):
+        return func
+    module = getattr(func, "__module__", None)
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if module and name:
+        return f"{module}.{name}"
+    return repr(func)
+
+
+def resolve_callable(func: Any) -> Callable[..., Any]:
+    """The callable for ``func``; a dotted path is located like django-q2's worker does."""
+    if callable(func):
+        return func
+    target = pydoc.locate(func) if isinstance(func, str) else None
+    if target is None or not callable(target):
+        raise ValueError(f"Function {func} is not defined")
+    return target
+
+
+@functools.lru_cache(maxsize=1024)
+def _marked_path(path: str) -> str | None:
+    """The decorator's policy of the function at a dotted path (located once per path)."""
+    try:
+        return marked_policy(resolve_callable(path))
+    except Exception:  # a dotted path that does not import: the settings decide
+        return None
+
+
+def _listed(setting: str, func: Any) -> bool:
+    from otel_taskctx.conf import get_setting
+
+    listed = get_setting(setting) or ()
+    if not listed:
+        return False
+    path = func_path(func)
+    return any(path == (item if isinstance(item, str) else func_path(item)) for item in listed)
+
+
+def nested_launch(identity: Any, func: Any) -> str:
+    """How a launch of ``func`` runs in the task ``identity`` (None: outside any task):
+    :data:`ENQUEUE`, :data:`INLINE` or :data:`FAN_OUT` (see the module's docstring)."""
+    from otel_taskctx.context import nested_async_allowed
+
+    if identity is None or nested_async_allowed():
+        return ENQUEUE
+    try:
+        if _listed("ENQUEUE_NESTED", func):
+            return ENQUEUE
+        marked = _marked_path(func) if isinstance(func, str) else marked_policy(func)
+        if marked is not None:
+            return marked
+        from otel_taskctx.conf import get_setting
+
+        if get_setting("NESTED_POLICY") == FAN_OUT or _listed("FAN_OUT", func):
+            return FAN_OUT
+    except Exception:  # settings not configured: the default
+        return INLINE
+    return INLINE

@@ -297,18 +297,30 @@ def _over() -> None: ...
 
 def test_decorators_mark_functions_and_django_tasks_either_way_round():
     from django.tasks import task
-    from opentelemetry.instrumentation.taskctx import _barrier
 
     from otel_taskctx import fan_out, run_inline
+    from otel_taskctx.identity import TaskIdentity
+    from otel_taskctx.policy import ENQUEUE, FAN_OUT, INLINE, nested_launch
 
-    assert not _barrier.wanted(_plain)
-    assert fan_out(_plain) is _plain and _barrier.wanted(_plain)
+    job = TaskIdentity("job-1")
+
+    def wanted(func):
+        return nested_launch(job, func) == FAN_OUT
+
+    assert not wanted(_plain)
+    assert fan_out(_plain) is _plain and wanted(_plain)
     below, above = task(fan_out(_under)), fan_out(task(_over))
-    assert _barrier.wanted(below.func) and _barrier.wanted(above.func)
-    assert _barrier.wanted(MARKED_CHILD) and not _barrier.wanted(CHILD)  # dotted paths too
+    assert wanted(below.func) and wanted(above.func)
+    assert wanted(MARKED_CHILD) and not wanted(CHILD)  # dotted paths too
     with override_settings(OTEL_TASKCTX={"NESTED_POLICY": "fan_out"}):
-        assert _barrier.wanted(CHILD) and not _barrier.wanted(INLINE_CHILD)
-        assert not _barrier.wanted(run_inline(_plain))
+        assert wanted(CHILD) and not wanted(INLINE_CHILD)
+        assert not wanted(run_inline(_plain))
+    # the one decision, in order: outside a task, ENQUEUE_NESTED, the decorator, the settings
+    assert nested_launch(None, MARKED_CHILD) == ENQUEUE
+    with override_settings(OTEL_TASKCTX={"ENQUEUE_NESTED": [MARKED_CHILD], "FAN_OUT": [CHILD]}):
+        assert nested_launch(job, MARKED_CHILD) == ENQUEUE
+        assert nested_launch(job, CHILD) == FAN_OUT
+        assert nested_launch(job, INLINE_CHILD) == INLINE
 
 
 def test_a_childs_name_carries_its_job_key_and_long_keys_still_find_their_job(cache):

@@ -2,9 +2,7 @@
 none is. Shared by django-q2 fan-out (:mod:`._fan_out`) and ``django.tasks`` fan-out
 (:mod:`._tasks_fan_out`).
 
-* :func:`wanted` decides whether a nested launch fans out: the function's decorator
-  (:mod:`otel_taskctx.policy`) first, then ``OTEL_TASKCTX["FAN_OUT"]``, then
-  ``["NESTED_POLICY"]``.
+* Whether a nested launch fans out is decided by :func:`otel_taskctx.policy.nested_launch`.
 * The state lives beside the locks: in Redis where the conflict store is Redis (the
   ``TASKS_CACHE`` / powercrud cache is a django-redis cache; :mod:`._barrier_redis`), else in
   the database (:class:`otel_taskctx.models.FanOutChild`). Either way it survives a worker
@@ -25,14 +23,11 @@ none is. Shared by django-q2 fan-out (:mod:`._fan_out`) and ``django.tasks`` fan
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import uuid
 from collections.abc import Callable
 from typing import Any
-
-from opentelemetry.instrumentation.taskctx import utils
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
@@ -84,35 +79,6 @@ def _redis() -> Any:
         _redis_barriers.clear()
         _redis_barriers[pid] = found
     return found or None
-
-
-@functools.lru_cache(maxsize=1024)
-def _marked_path(path: str) -> str | None:
-    """The decorator's policy of the function at a dotted path (located once per path)."""
-    from otel_taskctx.policy import marked_policy
-
-    try:
-        return marked_policy(utils.resolve_callable(path))
-    except Exception:  # a dotted path that does not import: the settings decide
-        return None
-
-
-def wanted(func: Any) -> bool:
-    """Fan ``func`` out (instead of running it inline)?"""
-    from otel_taskctx.policy import FAN_OUT, marked_policy
-
-    marked = _marked_path(func) if isinstance(func, str) else marked_policy(func)
-    if marked is not None:
-        return marked == FAN_OUT
-    try:
-        from otel_taskctx.conf import get_setting
-
-        if get_setting("NESTED_POLICY") == "fan_out":
-            return True
-        listed = get_setting("FAN_OUT") or ()
-    except Exception:  # settings not configured
-        return False
-    return bool(listed) and utils.func_path(func) in set(listed)
 
 
 def child_name(job_key: str) -> str:

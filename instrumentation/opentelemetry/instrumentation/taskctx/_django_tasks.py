@@ -33,7 +33,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.taskctx import _barrier, _nested, sweeper, tasks_carriers, utils
 from opentelemetry.trace import SpanKind
 
-from otel_taskctx import semconv
+from otel_taskctx import policy, semconv
 from otel_taskctx.context import context_with_identity, current_task
 from otel_taskctx.errors import FanOutUnavailable
 from otel_taskctx.identity import TaskIdentity
@@ -97,9 +97,10 @@ def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
         _hand_carrier(instance)
         return wrapped(*args, **kwargs)
     identity = current_task()
-    if _nested.should_run_inline(identity, instance.func):
-        if _barrier.wanted(instance.func):
-            return _enqueue_child(identity, instance, args, kwargs)
+    how = policy.nested_launch(identity, instance.func)
+    if how == policy.FAN_OUT:
+        return _enqueue_child(identity, instance, args, kwargs)
+    if how == policy.INLINE:
         return _run_nested(identity, instance, args, kwargs)
     plan = _Plan(instance, _start_send(instance))
     return _send(plan, lambda: wrapped(*args, **kwargs))
@@ -115,8 +116,9 @@ def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
         _hand_carrier(instance)
         return wrapped(*args, **kwargs)
     identity = current_task()
-    if _nested.should_run_inline(identity, instance.func):
-        run = _enqueue_child if _barrier.wanted(instance.func) else _run_nested
+    how = policy.nested_launch(identity, instance.func)
+    if how != policy.ENQUEUE:
+        run = _enqueue_child if how == policy.FAN_OUT else _run_nested
         return sync_to_async(run, thread_sensitive=True)(identity, instance, args, kwargs)
     if tasks_carriers.is_database_backend(instance.get_backend()):
         # the row and its carrier in one transaction: the synchronous enqueue, in a thread

@@ -16,18 +16,9 @@ from opentelemetry.instrumentation.taskctx import utils
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import semconv
-from otel_taskctx.context import context_with_identity, nested_async_allowed
+from otel_taskctx.context import context_with_identity
 from otel_taskctx.descendants import register_for
 from otel_taskctx.identity import TaskIdentity
-
-
-def should_run_inline(identity: TaskIdentity | None, func: Any) -> bool:
-    """Suppress this launch? Only inside a verified task, unless the policy says enqueue."""
-    if identity is None:
-        return False
-    if nested_async_allowed():
-        return False
-    return not utils.enqueued_when_nested(func)
 
 
 def run_inline(

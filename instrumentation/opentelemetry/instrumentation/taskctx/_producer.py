@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, trace
-from opentelemetry.instrumentation.taskctx import _barrier, _fan_out, _nested, utils
+from opentelemetry.instrumentation.taskctx import _fan_out, _nested, utils
 from opentelemetry.trace import SpanKind
 
-from otel_taskctx import semconv
+from otel_taskctx import policy, semconv
 from otel_taskctx.context import (
     context_without_identity,
     current_task,
@@ -185,10 +185,10 @@ def _enqueue(
 
 
 def _nested_launch(
-    identity: TaskIdentity, func: Any, args: tuple, kwargs: dict, launch: bool
+    identity: TaskIdentity, func: Any, args: tuple, kwargs: dict, launch: bool, how: str
 ) -> Any:
     """A launch inside a task: fanned out to another worker, or run inline (the default)."""
-    if _barrier.wanted(func):
+    if how == policy.FAN_OUT:
         return _fan_out.launch(identity, func, args, kwargs, _enqueue, powercrud_launch=launch)
     if launch:
         return _nested.run_suppressed_launch(identity, func, args, kwargs)
@@ -202,8 +202,9 @@ def traced_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) ->
         return wrapped(*args, **kwargs)
     func, rest = args[0], args[1:]
     identity = current_task()
-    if _nested.should_run_inline(identity, func):
-        return _nested_launch(identity, func, rest, kwargs, launch=False)
+    how = policy.nested_launch(identity, func)
+    if how != policy.ENQUEUE:
+        return _nested_launch(identity, func, rest, kwargs, launch=False, how=how)
     return _enqueue(wrapped, func, rest, kwargs)
 
 
@@ -214,8 +215,9 @@ def traced_launch_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: d
         return wrapped(*args, **kwargs)
     func, rest = args[0], args[1:]
     identity = current_task()
-    if _nested.should_run_inline(identity, func):
-        return _nested_launch(identity, func, rest, kwargs, launch=True)
+    how = policy.nested_launch(identity, func)
+    if how != policy.ENQUEUE:
+        return _nested_launch(identity, func, rest, kwargs, launch=True, how=how)
     user_id, user_label = _user_of(kwargs.get("user"))
     launch = _Launch(utils.class_path(type(instance)), user_id=user_id, user_label=user_label)
     token = context.attach(context.set_value(_LAUNCH_KEY, launch))

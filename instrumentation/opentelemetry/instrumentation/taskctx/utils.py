@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import pydoc
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +15,7 @@ from opentelemetry import context, trace
 from opentelemetry.trace import Status, StatusCode
 
 from otel_taskctx import semconv
+from otel_taskctx.policy import func_path, resolve_callable  # noqa: F401  (re-exported)
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
@@ -79,29 +79,8 @@ STATE = _State()
 # --------------------------------------------------------------------------- functions
 
 
-def func_path(func: Any) -> str:
-    """Dotted path of a task function (django-q2 accepts a callable or a dotted string)."""
-    if isinstance(func, str):
-        return func
-    module = getattr(func, "__module__", None)
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    if module and name:
-        return f"{module}.{name}"
-    return repr(func)
-
-
 def short_name(path: str) -> str:
     return path.rsplit(".", 1)[-1] or path
-
-
-def resolve_callable(func: Any) -> Callable[..., Any]:
-    """The callable for ``func``; a dotted path is located like django-q2's worker does."""
-    if callable(func):
-        return func
-    target = pydoc.locate(func) if isinstance(func, str) else None
-    if target is None or not callable(target):
-        raise ValueError(f"Function {func} is not defined")
-    return target
 
 
 def class_path(cls: type) -> str:
@@ -116,20 +95,6 @@ def is_uuid_text(value: object) -> bool:
     except (TypeError, ValueError):
         return False
     return True
-
-
-def enqueued_when_nested(func: Any) -> bool:
-    """True when ``OTEL_TASKCTX["ENQUEUE_NESTED"]`` lists ``func`` (still enqueued in a task)."""
-    try:
-        from otel_taskctx.conf import get_setting
-
-        listed = get_setting("ENQUEUE_NESTED") or ()
-    except Exception:  # settings not configured: nothing is listed
-        return False
-    if not listed:
-        return False
-    path = func_path(func)
-    return any(path == (item if isinstance(item, str) else func_path(item)) for item in listed)
 
 
 # --------------------------------------------------------------------------- nested ids

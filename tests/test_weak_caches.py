@@ -344,19 +344,19 @@ def test_remove_conflict_ids_deletes_every_tracked_key(kind, tmp_path):
 def test_the_worker_leaves_powercrud_lock_ttls_alone_on_a_weak_cache(kind, tmp_path, settings):
     """A job's worker refreshes its locks' TTL where they are kept; on a weak cache it
     starts no refresher, so powercrud's locks keep powercrud's CONFLICT_TTL."""
-    from opentelemetry.instrumentation.taskctx import _consumer
+    from opentelemetry.instrumentation.taskctx import runs
 
     from otel_taskctx.identity import TaskIdentity
 
     identity = TaskIdentity("job-ttl", "powercrud.async_manager.AsyncManager")
-    keeper = _consumer._keep_locks_alive(identity)  # the test settings' lock-safe cache
+    keeper = runs.keep_locks_alive(identity)  # the test settings' lock-safe cache
     assert keeper is not None and keeper.is_alive()
     keeper.stop()
     settings.CACHES = {**settings.CACHES, ALIAS: _config(kind, tmp_path)}
     settings.POWERCRUD_SETTINGS = {**settings.POWERCRUD_SETTINGS, "CACHE_NAME": ALIAS}
     if kind == "culling-db":
         call_command("createcachetable", verbosity=0)
-    assert _consumer._keep_locks_alive(identity) is None
+    assert runs.keep_locks_alive(identity) is None
 
 
 @pytest.mark.parametrize("backend", ["locmem.LocMemCache", "dummy.DummyCache"])

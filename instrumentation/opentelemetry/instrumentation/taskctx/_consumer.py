@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import baggage, context, trace
+from opentelemetry import baggage, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import sweeper, utils
+from opentelemetry.instrumentation.taskctx import runs, sweeper, utils
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
@@ -34,13 +34,10 @@ log = logging.getLogger("otel_taskctx.instrumentation")
 
 
 @dataclass
-class _Run:
-    span: trace.Span
-    token: object
-    identity: TaskIdentity | None
-    powercrud_cm: Any
-    sync: bool
-    lock_keeper: Any = None
+class _Run(runs.Run):
+    #: powercrud's own ``task_context``, entered for the run
+    powercrud_cm: Any = None
+    sync: bool = False
 
 
 #: Runs in progress, by ``id()`` of the task dict that both signals receive.
@@ -93,40 +90,6 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
     return cm
 
 
-def _keep_locks_alive(identity: TaskIdentity) -> Any:
-    """Refresh the TTL of the job's locks while it runs (they expire if the worker dies);
-    returns the keeper to stop, or None (also on a cache whose locks cannot be kept, where
-    powercrud's locks keep powercrud's own TTL: see
-    :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
-    from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
-    from otel_taskctx.descendants import resolve_manager
-    from otel_taskctx.powercrud_cache import steps_aside
-
-    manager = resolve_manager(identity)
-    if steps_aside(manager):
-        return None
-    return start_keeping_locks_alive(identity.task_key, manager)
-
-
-def _finish_job_side_effects(run: _Run) -> None:
-    """Before django-q2 reports the result: last progress written, lock refresher stopped.
-    Called once per run, before :func:`_end` (by the end signal, or for a stale run)."""
-    if run.identity is None:
-        return
-    try:
-        from otel_taskctx.progress import flush_progress
-
-        flush_progress(run.identity.task_key)
-    except Exception:
-        log.exception("could not write the last progress of task %s", run.identity.task_key)
-    if run.lock_keeper is not None:
-        try:
-            run.lock_keeper.stop()
-        except Exception:
-            log.debug("could not stop the lock refresher", exc_info=True)
-        run.lock_keeper = None
-
-
 def _end(run: _Run) -> None:
     """Leave the run's contexts (powercrud's first, then ours) and end its span."""
     try:
@@ -134,12 +97,7 @@ def _end(run: _Run) -> None:
             run.powercrud_cm.__exit__(None, None, None)
     except Exception:  # pragma: no cover - a reset of a foreign ContextVar
         log.debug("could not leave powercrud's task context", exc_info=True)
-    try:
-        context.detach(run.token)
-    finally:
-        run.span.end()
-        if run.identity is not None:
-            utils.nested_counters.forget(run.identity.task_key)
+    run.close()
 
 
 def _drop_stale_runs() -> None:
@@ -151,7 +109,7 @@ def _drop_stale_runs() -> None:
         if run.span.is_recording():
             run.span.set_status(Status(StatusCode.ERROR, "the worker never reported the end"))
         try:
-            _finish_job_side_effects(run)
+            run.finish()
             _end(run)
         except Exception:
             log.debug("could not close a stale run", exc_info=True)
@@ -239,19 +197,13 @@ def on_pre_execute(
         log.exception("could not start the consumer span of task %s", task.get("name"))
         # still isolate the run from whatever context the process had
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
-    token = context.attach(trace.set_span_in_context(span, ctx))
-    powercrud_cm = lock_keeper = None
+    run = runs.start(_Run, span, ctx, identity, keep_locks=not sync, sync=sync)
     if identity is not None:
         try:
-            powercrud_cm = _enter_powercrud_context(identity)
+            run.powercrud_cm = _enter_powercrud_context(identity)
         except Exception:
             log.exception("could not enter powercrud's task context")
-        if not sync:
-            try:
-                lock_keeper = _keep_locks_alive(identity)
-            except Exception:
-                log.exception("could not start refreshing the locks of %s", identity.task_key)
-    _runs[id(task)] = _Run(span, token, identity, powercrud_cm, sync, lock_keeper)
+    _runs[id(task)] = run
 
 
 def _powercrud_reported_errors(run: _Run, task: dict[str, Any]) -> str:
@@ -315,7 +267,7 @@ def on_post_execute(
     if run is None:
         return
     timed_out = False
-    _finish_job_side_effects(run)  # powercrud's failure report reads the last progress
+    run.finish()  # powercrud's failure report reads the last progress
     try:
         timed_out = _record_outcome(run, func, task)
     except Exception:

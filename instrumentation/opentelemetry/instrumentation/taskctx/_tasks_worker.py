@@ -24,9 +24,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import context, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import _barrier, sweeper, tasks_carriers, utils
+from opentelemetry.instrumentation.taskctx import _barrier, runs, sweeper, tasks_carriers, utils
 from opentelemetry.instrumentation.taskctx._django_tasks import (
     CARRIER_KWARG,
     FAN_OUT_FIELD,
@@ -47,10 +47,7 @@ CHILD_FAILED = "otel_taskctx.errors.FanOutChildFailed"
 
 
 @dataclass
-class _Run:
-    span: trace.Span
-    token: object
-    identity: TaskIdentity | None
+class _Run(runs.Run):
     #: the barrier record of a fanned-out child ("" for a job's own run)
     fan_out: str = ""
     #: the job's result was held RUNNING because children of it are pending
@@ -59,8 +56,6 @@ class _Run:
     held_failure: tuple[str, str] | None = None
     #: ``held`` was decided (by the result's ``pre_save``)
     checked: bool = False
-    #: the refresher of the job's locks (None: not refreshed here)
-    lock_keeper: Any = None
     #: a carrier row is stored for the task (a worker's run: dropped at its end)
     stored: bool = False
 
@@ -119,22 +114,14 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
     return ctx, identity, _fan_out_name(carrier, stored_name, identity), from_table
 
 
-def _keep_locks_alive(identity: TaskIdentity) -> Any:
-    from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
-    from otel_taskctx.descendants import resolve_manager
-
-    return start_keeping_locks_alive(identity.task_key, resolve_manager(identity))
-
-
 def _stop_stale_runs() -> None:
     """A ``db_worker`` runs one task at a time: a worker's run still open here never got its
     ``task_finished`` (its result could not be saved): its lock refresher stops now."""
     for result_id, run in list(_runs.items()):
         if run.stored:
             _runs.pop(result_id, None)
-            if run.lock_keeper is not None:
-                run.lock_keeper.stop()
-            run.span.end()
+            run.finish()
+            run.close()
 
 
 def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
@@ -159,18 +146,11 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
     except Exception:
         log.exception("could not start the consumer span of task %s", task_result.id)
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
-    token = context.attach(trace.set_span_in_context(span, ctx))
     if stored:
         _stop_stale_runs()
-    keeper = None
-    if identity is not None and stored:  # a worker's run (not one in the enqueuing process)
-        try:
-            keeper = _keep_locks_alive(identity)
-        except Exception:
-            log.exception("could not start refreshing the locks of %s", identity.task_key)
-    _runs[str(task_result.id)] = _Run(
-        span, token, identity, fan_out, lock_keeper=keeper, stored=stored
-    )
+    # a worker's run (not one in the enqueuing process) keeps the job's locks alive
+    run = runs.start(_Run, span, ctx, identity, keep_locks=stored, fan_out=fan_out, stored=stored)
+    _runs[str(task_result.id)] = run
 
 
 def hold_result(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
@@ -236,11 +216,7 @@ def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any)
                     "exception",
                     {"exception.type": error_type, "exception.stacktrace": traceback},
                 )
-        if run.lock_keeper is not None:
-            try:
-                run.lock_keeper.stop()
-            except Exception:
-                log.debug("could not stop the lock refresher", exc_info=True)
+        run.finish()  # the last progress written, the lock refresher stopped
         if run.identity is not None:
             _end(run, task_result, _last_line(error_type, traceback) if error_type else "")
         if run.stored:
@@ -249,24 +225,14 @@ def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any)
             except Exception:
                 log.debug("could not drop the carrier of task %s", task_result.id, exc_info=True)
     finally:
-        run.span.end()
-        try:
-            context.detach(run.token)
-        except Exception:  # pragma: no cover - detached elsewhere
-            log.debug("could not detach the context of task %s", task_result.id)
+        run.close()
 
 
 def _end(run: _Run, task_result: Any, error: str) -> None:
     """A task with an identity ended: a child reports to its job's barrier; a job with
     pending children waits for them; any other job completes now."""
-    from otel_taskctx.progress import flush_progress
-
     identity = run.identity
     path = task_result.task.module_path
-    try:
-        flush_progress(identity.task_key)
-    except Exception:
-        log.warning("could not write the progress of task %s", identity.task_key, exc_info=True)
     if run.fan_out:
         _barrier.forget_launched(identity.task_key)
         try:

@@ -72,6 +72,14 @@ def test_children_run_on_other_workers_and_the_parent_ends_after_the_last(
     assert Task.objects.get(name=key).success is True
     assert locks_of(manager, [i for g in groups for i in g]) == set()
     assert not _barrier.has_children(key)  # the barrier forgot the job
+    # only a job that fanned out asks the barrier: its worker gave it the fan-out job hook;
+    # a job that fanned nothing out keeps powercrud's own
+    from opentelemetry.instrumentation.taskctx._fan_out import JOB_HOOK, POWERCRUD_HOOK
+
+    assert Task.objects.get(name=key).hook == JOB_HOOK
+    plain = manager.launch_async_task(CHILD, "plain", [9], str(tmp_path), 0)
+    wait_for_completion(manager, plain)
+    assert Task.objects.get(name=plain).hook == POWERCRUD_HOOK
 
     # the job's tree holds every child's run, with the worker that ran it
     from otel_taskctx.spans import flush_span_store

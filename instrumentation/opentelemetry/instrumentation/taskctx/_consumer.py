@@ -18,7 +18,7 @@ from typing import Any
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import runs, sweeper, utils
+from opentelemetry.instrumentation.taskctx import _fan_out, runs, sweeper, utils
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
@@ -267,6 +267,7 @@ def on_post_execute(
     if run is None:
         return
     timed_out = False
+    _fan_out.defer_completion(task, run.identity)
     run.finish()  # powercrud's failure report reads the last progress
     try:
         timed_out = _record_outcome(run, func, task)

@@ -11,10 +11,11 @@ last of them has.
   commits, so the child sees what the job wrote) with an identity that keeps the job's key
   (depth + 1), so its own locks, progress and fan-outs count against the same job. Its
   completion hook is :func:`child_done`.
-* powercrud's ``task_completion_hook`` is wrapped (:func:`deferred_completion`): when the
-  job's own function ends while children are pending, its end is recorded and the hook
-  returns; the last child's :func:`child_done` runs powercrud's completion then
-  (:func:`complete`). No worker waits, so a 1-worker cluster cannot deadlock.
+* A job that fanned out gets :func:`job_done` as its hook in place of powercrud's
+  ``task_completion_hook``, set by its worker as the job's function ends
+  (:func:`defer_completion`): its end is recorded, and powercrud's completion runs when no
+  child is pending, by the last child's :func:`child_done` (:func:`complete`). A job that
+  fanned nothing out keeps powercrud's hook and costs the barrier nothing. No worker waits, so a 1-worker cluster cannot deadlock.
 * A failed child (an exception, or ``False`` returned) fails the job: its Task row gets
   ``success=False`` and a result naming the child, its exception and message. Siblings keep
   running; the job ends when all have.
@@ -43,6 +44,9 @@ from otel_taskctx.identity import TaskIdentity
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 CHILD_HOOK = f"{__name__}.child_done"
+#: the hook of a job that fanned out (:func:`job_done`); both names are stored in Task rows
+JOB_HOOK = f"{__name__}.job_done"
+POWERCRUD_HOOK = "powercrud.async_hooks.task_completion_hook"
 
 
 def launch(
@@ -126,21 +130,31 @@ def child_done(task: Any) -> None:
     _barrier.child_ended(str(task.name), _failure(task), str(task.func))
 
 
-def deferred_completion(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of powercrud's ``task_completion_hook(task)``: deferred while children of
-    the job are pending (one indexed query for a job that fanned nothing out)."""
-    task = args[0] if args else kwargs.get("task")
-    if task is None:
-        return wrapped(*args, **kwargs)
+def defer_completion(task: dict[str, Any], identity: TaskIdentity | None) -> None:
+    """In the worker, as a job's function ends (``post_execute_in_worker``): a job that
+    launched fanned-out children from this process gets :data:`JOB_HOOK` in place of
+    powercrud's completion hook, so that only such a job asks the barrier anything."""
+    if identity is None or not _barrier.launched_here(identity.task_key):
+        return
+    _barrier.forget_launched(identity.task_key)
+    if task.get("hook") == POWERCRUD_HOOK and str(task.get("name")) == identity.task_key:
+        task["hook"] = JOB_HOOK  # the package's documented hook option, before it is saved
+
+
+def job_done(task: Any) -> None:
+    """django-q2 hook (in the cluster's monitor) of a job that fanned out: powercrud's
+    completion runs when its last child has ended (now, if none is pending)."""
     try:
         deferred = _barrier.job_ended(str(task.name), str(task.func))
-    except Exception:  # the barrier table is unreachable: powercrud's completion still runs
+    except Exception:  # the barrier is unreachable: powercrud's completion still runs
         log.warning("could not check the fan-out children of job %s", task.name, exc_info=True)
         deferred = False
     if deferred:  # the monitor lives as long as the cluster: it sweeps while the job waits
         sweeper.ensure_running()
-        return None
-    return wrapped(*args, **kwargs)
+        return
+    from powercrud import async_hooks
+
+    async_hooks.task_completion_hook(task)
 
 
 def complete(job_key: str, job: Any, failed: list[Any]) -> Any:
@@ -156,8 +170,7 @@ def complete(job_key: str, job: Any, failed: list[Any]) -> Any:
     if task is None:  # pragma: no cover - the job's row is written before its hook runs
         log.warning("fan-out job %s has no Task row: its completion cannot run", job_key)
         return None
-    original = getattr(async_hooks.task_completion_hook, "__wrapped__", None)
-    return (original or async_hooks.task_completion_hook)(task)
+    return async_hooks.task_completion_hook(task)
 
 
 _barrier.register_completion(_barrier.DJANGO_Q, complete)

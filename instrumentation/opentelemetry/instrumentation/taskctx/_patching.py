@@ -1,8 +1,8 @@
 """What the instrumentor patches, and how it is undone.
 
 * ``django_q.tasks.async_task`` and powercrud's ``AsyncManager.launch_async_task`` /
-  ``remove_conflict_ids`` / ``check_conflict``, and powercrud's ``task_completion_hook``
-  (deferred while fanned-out children run): wrapt function wrappers
+  ``remove_conflict_ids`` / ``check_conflict`` / ``cleanup_completed_tasks``: wrapt function
+  wrappers
   (``wrap_function_wrapper``), removed with
   ``opentelemetry.instrumentation.utils.unwrap``, as in opentelemetry-python-contrib.
 * Module-level copies of ``async_task`` made by ``from django_q.tasks import async_task``
@@ -121,9 +121,6 @@ class Patches:
             self.wrap(AsyncManager, "launch_async_task", _producer.traced_launch_async_task)
             if "remove_conflict_ids" in vars(AsyncManager):
                 self.wrap(AsyncManager, "remove_conflict_ids", _consumer.release_through_store)
-            from powercrud import async_hooks
-
-            self.wrap(async_hooks, "task_completion_hook", _fan_out.deferred_completion)
             if "cleanup_completed_tasks" in vars(AsyncManager):
                 self.wrap(AsyncManager, "cleanup_completed_tasks", _fan_out.swept_cleanup)
             if "check_conflict" in vars(AsyncManager):

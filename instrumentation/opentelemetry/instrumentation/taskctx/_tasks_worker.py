@@ -272,39 +272,46 @@ def _release(task_key: str, manager_class_path: str = TASK_MANAGER_PATH) -> None
 
 def complete(job_key: str, job: Any, failed: list[Any]) -> None:
     """The end of a ``django.tasks`` job whose last fanned-out child has ended: its locks are
-    released and its held result gets its final status."""
-    from django.tasks.base import TaskResultStatus
-    from django.utils import timezone
-
+    released and its held result gets its final status, through django-tasks-db's own
+    ``set_successful`` / ``set_failed`` (the job's own failure, already recorded, only gets
+    its status and end time back)."""
     try:
         _release(job_key)
     finally:
-        fields: dict[str, Any] = {"finished_at": timezone.now()}
-        if job.error:  # the job's own function failed: its error stays
-            fields["status"] = TaskResultStatus.FAILED
-        elif failed:
-            message = _barrier.failure_message(failed)
-            fields.update(
-                status=TaskResultStatus.FAILED,
-                exception_class_path=CHILD_FAILED,
-                traceback=f"{CHILD_FAILED}: {message}",
-                return_value=None,
-            )
-        else:
-            fields["status"] = TaskResultStatus.SUCCESSFUL
-        try:
-            from django_tasks_db.models import DBTaskResult
-        except ImportError:  # another backend: its own status stands
-            return
-        DBTaskResult.objects.filter(id=job.result_id).update(**fields)
-        log.log(
-            logging.ERROR if fields["status"] == TaskResultStatus.FAILED else logging.INFO,
-            "Task id=%s path=%s state=%s (after its fanned-out children)%s",
-            job.result_id,
-            job.func,
-            fields["status"],
-            f": {fields['traceback']}" if "traceback" in fields else "",
-        )
+        _finish_result(job_key, job, failed)
+
+
+def _finish_result(job_key: str, job: Any, failed: list[Any]) -> None:
+    from django.apps import apps
+    from django.tasks.base import TaskResultStatus
+    from django.utils import timezone
+
+    from otel_taskctx.errors import FanOutChildFailed
+
+    if not apps.is_installed("django_tasks_db"):  # another backend: its own status stands
+        return
+    db_result = tasks_carriers.result_model().objects.filter(id=job.result_id).first()
+    if db_result is None:
+        log.warning("fan-out job %s has no task result %s", job_key, job.result_id)
+        return
+    message = ""
+    if job.error:  # the job's own function failed: its error stays
+        db_result.status = TaskResultStatus.FAILED
+        db_result.finished_at = timezone.now()
+        db_result.save(update_fields=["status", "finished_at"])
+    elif failed:
+        message = _barrier.failure_message(failed)
+        db_result.set_failed(FanOutChildFailed(message))
+    else:
+        db_result.set_successful(db_result.return_value)
+    log.log(
+        logging.ERROR if db_result.status == TaskResultStatus.FAILED else logging.INFO,
+        "Task id=%s path=%s state=%s (after its fanned-out children)%s",
+        job.result_id,
+        job.func,
+        db_result.status,
+        f": {CHILD_FAILED}: {message}" if message else "",
+    )
 
 
 _barrier.register_completion(_barrier.DJANGO_TASKS, complete)

@@ -45,10 +45,12 @@ def _add_conflict_ids(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> An
 
 
 def _async_manager() -> Any:
-    try:
-        from powercrud.async_manager import AsyncManager
-    except ImportError:  # powercrud is optional
+    from otel_taskctx import hosts
+
+    if not hosts.powercrud_async():  # powercrud is optional (and needs django-q2)
         return None
+    from powercrud.async_manager import AsyncManager
+
     return AsyncManager
 
 

@@ -31,6 +31,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -55,7 +56,8 @@ Q_DESELECT = (
     "test_brokers.py::test_sqs",
     "test_brokers.py::test_ironmq",
 )
-RUN_TIMEOUT = 1800
+#: one run of one suite; they take 30 to 90 s here
+RUN_TIMEOUT = 900
 
 
 @dataclass
@@ -168,12 +170,24 @@ def compile_all() -> None:
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[int, float]:
+    """Run one suite in a process group of its own; past ``RUN_TIMEOUT`` the whole group
+    (the runner and the workers it started) is killed and the run reports what it recorded."""
     started = time.monotonic()
     with log.open("w") as out:
-        proc = subprocess.run(
-            argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return proc.returncode, time.monotonic() - started
+        try:
+            returncode = proc.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            returncode = proc.wait()
+            out.write(f"\nhost-suites: killed after {RUN_TIMEOUT} s\n")
+        try:  # workers a test left running would hold the next run's database
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return returncode, time.monotonic() - started
 
 
 def run_tasks_db(
@@ -184,6 +198,7 @@ def run_tasks_db(
     shutil.copy(HERE / "outcome_runner.py", root / "outcome_runner.py")
     name = f"django-tasks-db-{variant}-{'with' if with_us else 'plain'}{'-rerun' if only else ''}"
     outcomes_file = logs / f"{name}.json"
+    outcomes_file.unlink(missing_ok=True)  # a run that records nothing must not read old ones
     env = _env(
         HOST_SUITE_DB=variant,
         HOST_SUITE_OUTCOMES=str(outcomes_file),
@@ -234,6 +249,7 @@ def run_django_q(
     )
     name = f"django-q2-{variant}-{'with' if with_us else 'plain'}{'-rerun' if only else ''}"
     junit = logs / f"{name}.xml"
+    junit.unlink(missing_ok=True)
     env = _env(
         REDIS_HOST=os.environ.get("HOST_SUITE_REDIS_HOST", "127.0.0.1"),
         HOST_SUITE_Q_BROKER=variant,

@@ -402,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     broken = [r for r in results if not r.plain.outcomes or not r.with_us.outcomes]
     for r in broken:
-        print(f"{r.suite} [{r.variant}]: a run reported no test (see its log)", file=sys.stderr)
+        run = r.plain if not r.plain.outcomes else r.with_us
+        tail = run.log.read_text(errors="replace").splitlines()[-12:] if run.log.exists() else []
+        print(f"{r.suite} [{r.variant}]: a run reported no test; {run.log} ends:", file=sys.stderr)
+        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
     regressions = sum(len(r.regressions) for r in results)
     print(f"host suites: {regressions} regression(s)")
     return 1 if regressions or broken else 0

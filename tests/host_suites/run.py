@@ -57,7 +57,10 @@ Q_DESELECT = (
     "test_brokers.py::test_ironmq",
 )
 #: one run of one suite; they take 30 to 90 s here
-RUN_TIMEOUT = 900
+RUN_TIMEOUT = 600
+#: pytest's faulthandler dumps every thread's stack when one test runs this long (a hang
+#: then shows where it is in the log; the run goes on until RUN_TIMEOUT)
+Q_TEST_STACK_DUMP = 120
 
 
 @dataclass
@@ -263,6 +266,7 @@ def run_django_q(
     targets = [_node_id(t) for t in only] if only else ["django_q/tests"]
     argv = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider"]
     argv += ["--ds", "host_suite_settings", "-o", "addopts=", f"--junitxml={junit}", "-q"]
+    argv += ["-o", f"faulthandler_timeout={Q_TEST_STACK_DUMP}"]
     argv += [f"--deselect=django_q/tests/{t}" for t in Q_DESELECT]
     log = logs / f"{name}.log"
     rc, seconds = _run(argv, root, env, log)

@@ -3,6 +3,8 @@
 #   make serve  - the sample project in the browser (runserver + qcluster)
 #   make test   - run the whole test suite
 #   make wheel-check - build the wheel, install it outside the checkout, one project per queue
+#   make host-suites - django-tasks-db's and django-q2's own test suites, plain and with
+#                  otel_taskctx installed; fails on a test that passes plain only
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
@@ -10,7 +12,7 @@ export UV_LINK_MODE := copy
 UV := $(shell uv --version >/dev/null 2>&1 && echo uv || echo .tools/bin/uv)
 PYTEST_ARGS ?=
 
-.PHONY: env browser demo serve test lint bench wheel-check clean
+.PHONY: env browser demo serve test lint bench wheel-check host-suites clean
 
 env:
 	@# uv missing: install it into a private tool venv (python 3.12, picked by .python-version)
@@ -53,6 +55,11 @@ wheel-check: env
 
 bench: env
 	$(UV) run --frozen python -m tests.benchmarks $(BENCH_ARGS)
+
+# the released sdists of the installed versions (PyPI), cached under .tools/host-suites
+# (HOST_SUITES_ARGS="--only django-q2:redis" runs one suite on one broker)
+host-suites: env
+	UV=$(UV) $(UV) run --frozen python tests/host_suites/run.py $(HOST_SUITES_ARGS)
 
 clean:
 	rm -rf .venv .tools

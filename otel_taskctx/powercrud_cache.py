@@ -43,10 +43,12 @@ def steps_aside(manager: Any) -> bool:
 
 
 def _async_manager() -> Any:
-    try:
-        from powercrud.async_manager import AsyncManager
-    except ImportError:  # powercrud is optional
+    from otel_taskctx import hosts
+
+    if not hosts.powercrud_async():  # powercrud is optional (and needs django-q2)
         return None
+    from powercrud.async_manager import AsyncManager
+
     return AsyncManager
 
 

@@ -159,10 +159,12 @@ def connect_flush_signals() -> None:
     global _signals_connected
     if _signals_connected:
         return
-    try:
-        from django_q.signals import post_execute, post_execute_in_worker
-    except Exception:  # django-q2 not installed
+    from otel_taskctx import hosts
+
+    if not hosts.django_q():  # django-q2 not in use (importing it warns without Q_CLUSTER)
         return
+    from django_q.signals import post_execute, post_execute_in_worker
+
     post_execute_in_worker.connect(
         _flush_after_job, dispatch_uid="otel_taskctx.spans.flush_worker", weak=False
     )

@@ -80,7 +80,11 @@ class TaskContextInstrumentor(BaseInstrumentor):
         utils.STATE.active = True
         self._patches = _patching.Patches()
         if _patching.django_models_ready():
-            self._apply()
+            try:
+                self._apply()
+            except BaseException:  # nothing is patched (Patches.apply undid it): not active
+                utils.STATE.active = False
+                raise
         else:
             self._patches.defer(self.apply_deferred)
 

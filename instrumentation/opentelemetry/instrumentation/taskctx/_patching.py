@@ -1,5 +1,7 @@
 """What the instrumentor patches, and how it is undone.
 
+* Only what the project uses, asked of ``INSTALLED_APPS`` (:mod:`otel_taskctx.hosts`): an
+  optional package that is importable but not installed as an app is never imported.
 * ``django_q.tasks.async_task`` and powercrud's ``AsyncManager.launch_async_task`` /
   ``remove_conflict_ids`` / ``check_conflict`` / ``cleanup_completed_tasks``: wrapt function
   wrappers
@@ -105,27 +107,38 @@ class Patches:
         return installed
 
     def apply(self) -> None:
-        """Wrap django-q2 and powercrud, connect the signals."""
+        """Wrap what the project uses (asked of ``INSTALLED_APPS``), connect the signals.
+
+        All or nothing: a patch that fails undoes the ones before it and raises.
+        """
+        from otel_taskctx import hosts
+
+        self.applied = True
+        try:
+            if hosts.django_q():
+                self._apply_django_q()
+            if hosts.powercrud_async():
+                self._apply_powercrud()
+            self._apply_django_tasks()
+        except BaseException:
+            self.remove()
+            raise
+        for module in _WORKER_MODULES:
+            if module.startswith("powercrud.") and not hosts.powercrud_async():
+                continue
+            try:
+                importlib.import_module(module)
+            except Exception:
+                log.debug("could not preload %s", module, exc_info=True)
+
+    def _apply_django_q(self) -> None:
+        """django-q2's ``async_task`` (and copies of it) and its signals."""
         from django_q import signals as q_signals
         from django_q import tasks as q_tasks
 
-        self.applied = True
         wrapper = self.wrap(q_tasks, "async_task", _producer.traced_async_task)
         self.async_task = (wrapper.__wrapped__, wrapper)
         _point_names(wrapper.__wrapped__, wrapper)
-        try:
-            from powercrud.async_manager import AsyncManager
-        except Exception:  # powercrud is optional
-            AsyncManager = None
-        if AsyncManager is not None:
-            self.wrap(AsyncManager, "launch_async_task", _producer.traced_launch_async_task)
-            if "remove_conflict_ids" in vars(AsyncManager):
-                self.wrap(AsyncManager, "remove_conflict_ids", _consumer.release_through_store)
-            if "cleanup_completed_tasks" in vars(AsyncManager):
-                self.wrap(AsyncManager, "cleanup_completed_tasks", _fan_out.swept_cleanup)
-            if "check_conflict" in vars(AsyncManager):
-                self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
-                _conflict_log.install_filter()
         for signal, receiver, name in (
             (q_signals.pre_enqueue, _producer.on_pre_enqueue, "pre_enqueue"),
             (q_signals.pre_execute, _consumer.on_pre_execute, "pre_execute"),
@@ -135,15 +148,23 @@ class Patches:
             uid = f"{_DISPATCH_PREFIX}.{name}"
             signal.connect(receiver, weak=False, dispatch_uid=uid)
             self.signals.append((signal, uid, None))
-        self._apply_django_tasks()
-        for module in _WORKER_MODULES:
-            try:
-                importlib.import_module(module)
-            except Exception:  # optional pieces (powercrud) may be missing
-                log.debug("could not preload %s", module, exc_info=True)
+
+    def _apply_powercrud(self) -> None:
+        """powercrud's ``AsyncManager``."""
+        from powercrud.async_manager import AsyncManager
+
+        self.wrap(AsyncManager, "launch_async_task", _producer.traced_launch_async_task)
+        if "remove_conflict_ids" in vars(AsyncManager):
+            self.wrap(AsyncManager, "remove_conflict_ids", _consumer.release_through_store)
+        if "cleanup_completed_tasks" in vars(AsyncManager):
+            self.wrap(AsyncManager, "cleanup_completed_tasks", _fan_out.swept_cleanup)
+        if "check_conflict" in vars(AsyncManager):
+            self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
+            _conflict_log.install_filter()
 
     def _apply_django_tasks(self) -> None:
         """Django's task framework (``OTEL_TASKCTX["DJANGO_TASKS"]``, Django 6+)."""
+        from otel_taskctx import hosts
         from otel_taskctx.conf import get_setting
 
         try:
@@ -162,13 +183,11 @@ class Patches:
             (task_signals.task_started, _tasks_worker.on_task_started, "task_started", None),
             (task_signals.task_finished, _tasks_worker.on_task_finished, "task_finished", None),
         ]
-        try:  # a fan-out job's result stays RUNNING until its children end
+        if hosts.django_tasks_db():  # a fan-out job's result stays RUNNING until its children end
             from django.db.models.signals import pre_save
             from django_tasks_db.models import DBTaskResult
 
             connect.append((pre_save, _tasks_worker.hold_result, "hold_result", DBTaskResult))
-        except ImportError:  # another backend
-            pass
         for signal, receiver, name, sender in connect:
             uid = f"{_DISPATCH_PREFIX}.{name}"
             signal.connect(receiver, sender=sender, weak=False, dispatch_uid=uid)

@@ -1,0 +1,10 @@
+"""``python -m manage`` in the unpacked sdist (its worker tests start ``db_worker`` so)."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

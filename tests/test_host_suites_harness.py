@@ -1,0 +1,135 @@
+"""``tests/host_suites/run.py`` reads each test's outcome right and counts only what passes
+plain and fails with us, twice, as a regression.
+
+The suites themselves run under ``make host-suites`` (minutes); here the harness's parts run
+on small real inputs: a pytest run's junit file, Django's runner with the outcome recorder on
+the tiny app of ``tests/configs``, and the comparison of two runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.cluster import REPO_ROOT
+
+HARNESS = REPO_ROOT / "tests" / "host_suites"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("host_suites_run", HARNESS / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+SAMPLE = """
+import pytest
+
+def test_ok():
+    pass
+
+def test_fails():
+    assert False
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("setup")
+
+def test_errors(broken):
+    pass
+
+@pytest.mark.skip(reason="no service")
+def test_skipped():
+    pass
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_param(n):
+    assert n == 1
+"""
+
+
+def test_junit_outcomes_of_a_real_pytest_run(harness, tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "test_sample.py").write_text(SAMPLE)
+    junit = tmp_path / "junit.xml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PYTEST_"))}
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "pkg", "-p", "no:django", "-p", "no:cacheprovider"]
+        + ["-o", "addopts=", "-q", f"--junitxml={junit}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    outcomes = harness.junit_outcomes(junit)
+    assert outcomes == {
+        "pkg.test_sample::test_ok": "passed",
+        "pkg.test_sample::test_fails": "failed",
+        "pkg.test_sample::test_errors": "error",
+        "pkg.test_sample::test_skipped": "skipped",
+        "pkg.test_sample::test_param[1]": "passed",
+        "pkg.test_sample::test_param[2]": "failed",
+    }
+    # the rerun addresses a test by its pytest node id
+    assert harness._node_id("pkg.test_sample::test_param[2]") == "pkg/test_sample.py::test_param[2]"
+
+
+def test_outcome_runner_records_each_test_of_a_real_django_run(tmp_path):
+    outcomes = tmp_path / "outcomes.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "TASKCTX_"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.configs.tasks_db_unused_settings",
+        TASKCTX_CONFIG_DIR=str(tmp_path),
+        HOST_SUITE_OUTCOMES=str(outcomes),
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(HARNESS)]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "django", "test", "tests.configs.tinyapp"]
+        + ["--testrunner", "outcome_runner.OutcomeRunner"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prefix = "tests.configs.tinyapp.tests.NoteTests."
+    assert json.loads(outcomes.read_text()) == {
+        f"{prefix}test_a_note_is_saved_and_read_back": "passed",
+        f"{prefix}test_each_test_starts_empty": "passed",
+    }
+
+
+def test_only_tests_that_fail_with_us_again_are_regressions(harness, tmp_path, monkeypatch):
+    """Plain: a, b, c, d pass, e fails. With us: a passes, b and c fail, d is missing, e
+    passes. Run again alone with us: b fails again, c passes, d fails."""
+    runs = {
+        (False, None): {"a": "passed", "b": "passed", "c": "passed", "d": "passed", "e": "failed"},
+        (True, None): {"a": "passed", "b": "failed", "c": "error", "e": "passed"},
+        (True, ("b", "c", "d")): {"b": "failed", "c": "passed", "d": "failed"},
+    }
+    calls = []
+
+    def runner(variant, with_us, work, logs, only=None):
+        key = (with_us, tuple(only) if only else None)
+        calls.append(key)
+        return harness.Run(runs[key], 1.0, 0, logs / "x.log")
+
+    monkeypatch.setitem(harness.SUITES, ("suite", "db"), runner)
+    result = harness.run_suite("suite", "db", tmp_path)
+    assert calls == [(False, None), (True, None), (True, ("b", "c", "d"))]
+    assert result.regressions == ["b", "d"] and result.flaky == ["c"]
+    table = harness.table([result])
+    assert "REGRESSION suite [db] b: failed" in table
+    assert "REGRESSION suite [db] d: did not run" in table
+    assert "flaky     suite [db] c: passed when run again" in table

@@ -1,0 +1,90 @@
+"""Patching is all or nothing: a patch that fails undoes the ones applied before it.
+
+Run in a subprocess (a project of ``tests/configs`` with the app's own instrumentation off),
+so that undoing patches cannot touch the instrumented test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.cluster import REPO_ROOT
+
+SCRIPT = """
+import json
+import django
+from django.conf import settings
+settings.OTEL_TASKCTX = {"AUTO_INSTRUMENT": False, "SPAN_STORE": False}
+django.setup()
+import wrapt
+from django_q import signals, tasks
+from powercrud.async_manager import AsyncManager
+from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, _conflict_log, utils
+
+def ours():
+    return sorted(
+        str(key[0]) for signal in (signals.pre_enqueue, signals.pre_execute)
+        for key, *_ in signal.receivers if "otel_taskctx.instrumentation" in str(key[0])
+    )
+
+def wrapped():
+    return {
+        "async_task": isinstance(tasks.async_task, wrapt.FunctionWrapper),
+        "launch": isinstance(vars(AsyncManager)["launch_async_task"], wrapt.FunctionWrapper),
+    }
+
+def boom():
+    raise RuntimeError("patching failed on purpose")
+
+real = _conflict_log.install_filter
+_conflict_log.install_filter = boom  # powercrud's last patch fails
+error = None
+try:
+    TaskContextInstrumentor().instrument()
+except RuntimeError as exc:
+    error = str(exc)
+after_failure = {
+    "error": error, "wrapped": wrapped(), "receivers": ours(), "active": utils.STATE.active
+}
+TaskContextInstrumentor().uninstrument()
+_conflict_log.install_filter = real
+TaskContextInstrumentor().instrument()
+print("RESULT " + json.dumps({
+    "after_failure": after_failure,
+    "after_retry": {"wrapped": wrapped(), "receivers": ours()},
+}))
+"""
+
+
+def test_a_failing_patch_leaves_nothing_half_applied(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "TASKCTX_"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.configs.q_powercrud_settings",
+        TASKCTX_CONFIG_DIR=str(tmp_path),
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["after_failure"] == {
+        "error": "patching failed on purpose",
+        "wrapped": {"async_task": False, "launch": False},
+        "receivers": [],
+        "active": False,
+    }
+    assert result["after_retry"]["wrapped"] == {"async_task": True, "launch": True}
+    assert result["after_retry"]["receivers"] == [
+        "otel_taskctx.instrumentation.pre_enqueue",
+        "otel_taskctx.instrumentation.pre_execute",
+    ]

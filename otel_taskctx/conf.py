@@ -38,6 +38,8 @@ FAN_OUT_TIMEOUT             seconds after which a fanned-out child with no resul
 FAN_OUT_SWEEP_INTERVAL      seconds between two sweeps for lost children, in each process that
                             launched, ran or waits for fan-out work while any is pending (10)
 DJANGO_TASKS                instrument Django's task framework (``django.tasks``) too (True)
+DJANGO_TASKS_TRACE_CONTEXT  carry a root ``django.tasks`` task's trace context to its
+                            ``db_worker`` (a row beside the task, one read per task) (False)
 TASKS_CACHE                 cache alias of the locks and progress of ``django.tasks`` tasks
                             (None: powercrud's ``CACHE_NAME``, else "default")
 ==========================  =========================================================
@@ -71,6 +73,7 @@ DEFAULTS: dict[str, Any] = {
     "FAN_OUT_TIMEOUT": 3600,
     "FAN_OUT_SWEEP_INTERVAL": 10,
     "DJANGO_TASKS": True,
+    "DJANGO_TASKS_TRACE_CONTEXT": False,
     "TASKS_CACHE": None,
 }
 

@@ -125,3 +125,16 @@ def nested_launch(identity: Any, func: Any) -> str:
     except Exception:  # settings not configured: the default
         return INLINE
     return INLINE
+
+
+def may_fan_out(func: Any) -> bool:
+    """Could a run of ``func`` be a fanned-out child (a worker then looks for its carrier)?"""
+    try:
+        marked = _marked_path(func) if isinstance(func, str) else marked_policy(func)
+        if marked is not None:
+            return marked == FAN_OUT
+        from otel_taskctx.conf import get_setting
+
+        return get_setting("NESTED_POLICY") == FAN_OUT or _listed("FAN_OUT", func)
+    except Exception:  # settings not configured
+        return False

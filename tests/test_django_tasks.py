@@ -27,6 +27,8 @@ from tests.cluster import REPO_ROOT, SETTINGS_ENV, SPAN_DIR_ENV
 from tests.testapp import django_tasks as jobs
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
+#: a root task's trace context crosses into db_worker (off by default: it costs a row per task)
+TRACE_CONTEXT = {"OTEL_TASKCTX": {"DJANGO_TASKS_TRACE_CONTEXT": True}}
 
 
 def _worker_command(
@@ -75,13 +77,14 @@ def spans(span_dir: Path) -> list[dict]:
 
 def test_identity_crosses_into_db_worker_and_nested_enqueue_runs_inline(tmp_path):
     ids = [101, 102, 103]
-    result = jobs.publish.enqueue("book", ids, str(tmp_path))
+    with override_settings(**TRACE_CONTEXT):
+        result = jobs.publish.enqueue("book", ids, str(tmp_path))
     stored = DBTaskResult.objects.get(id=result.id)
     assert stored.args_kwargs == {"args": ["book", ids, str(tmp_path)], "kwargs": {}}
     carrier = TaskCarrier.objects.get(result_id=str(result.id)).carrier
-    assert "taskctx=v2." in carrier["baggage"] and carrier["traceparent"]
+    assert carrier["traceparent"] and "taskctx=" not in carrier.get("baggage", "")
 
-    db_worker(tmp_path / "spans")
+    db_worker(tmp_path / "spans", overrides=TRACE_CONTEXT)
 
     parent, child = seen(tmp_path, "book-parent"), seen(tmp_path, "book-child")
     key = parent["task_key"]
@@ -137,9 +140,12 @@ def test_a_failing_nested_task_fails_its_parent(tmp_path):
 
 
 def test_an_identity_that_does_not_verify_is_dropped_with_a_warning(tmp_path):
-    forged = {"baggage": "taskctx=v2.eyJrIjoiZXZpbCIsIngiOjk5OTk5OTk5OTl9.AAAAAAAAAAAAAAAAAAAAAA"}
-    result = jobs.observe.enqueue("forged", str(tmp_path))
-    TaskCarrier.objects.filter(result_id=str(result.id)).update(carrier=forged)
+    forged = "taskctx=v2.eyJrIjoiZXZpbCIsIngiOjk5OTk5OTk5OTl9.AAAAAAAAAAAAAAAAAAAAAA"
+    with task_context("job-1", TASK_MANAGER_PATH):  # a fanned-out child of job-1
+        result = jobs.observe_child.enqueue("forged", str(tmp_path))
+    row = TaskCarrier.objects.get(result_id=str(result.id))
+    row.carrier = {**row.carrier, "baggage": forged}
+    row.save()
     output = db_worker()
     assert seen(tmp_path, "forged")["task_key"] is None
     assert f"ignoring the task identity of task {result.id}" in output

@@ -156,6 +156,22 @@ def hold_children(
     return len(child_ids)
 
 
+@fan_out
+@task
+def observe_child(label: str, marker_dir: str, **extra: Any) -> str:
+    """:func:`observe_any`, marked to fan out (a worker looks for its carrier)."""
+    return observe_any.call(label, marker_dir, **extra)
+
+
+@fan_out
+@task
+def hold_child(
+    label: str, child_ids: list[int], marker_dir: str, seconds: float = 0.0, pause: bool = False
+) -> int:
+    """:func:`hold_children`, marked to fan out (a worker looks for its carrier)."""
+    return hold_children.call(label, child_ids, marker_dir, seconds, pause)
+
+
 @task
 def noop(n: int) -> int:
     """The benchmark's task (tests/benchmarks/bench_django_tasks.py)."""

@@ -2,20 +2,22 @@
 django-q2 (the worker side is :mod:`._tasks_worker`).
 
 * **Enqueue outside a task** (``Task.enqueue``, wrapped for the PRODUCER span and the
-  decision below; the framework's ``task_enqueued`` signal, which names the new result, writes
-  the carrier): a root task. Its key is ``task-<result id>`` and its signed identity names
-  :class:`otel_taskctx.task_manager.TaskManager` and is **bound to the result's id**: a worker
-  accepts it for that task only. The carrier (trace context and identity) is kept beside the
-  task, never in its arguments (:mod:`.tasks_carriers`); with django-tasks-db it is written in
-  the transaction that writes the task's row.
+  decision below): a root task. Nothing of its identity travels: its worker derives it from
+  the task's own result id (key ``task-<result id>``, manager
+  :class:`otel_taskctx.task_manager.TaskManager`), so there is nothing to copy or forge, and
+  the enqueue costs no statement. Its trace context reaches a ``db_worker`` only where
+  ``OTEL_TASKCTX["DJANGO_TASKS_TRACE_CONTEXT"]`` is on (a carrier row beside the task, written
+  in the task row's transaction; an in-process backend gets it in memory). The task's
+  arguments are never touched (:mod:`.tasks_carriers`).
 * **Enqueue inside a task**: by default the nested task runs inline, under the parent's key,
   as nested django-q2 launches do (``ENQUEUE_NESTED`` and ``allow_nested_async()`` opt out);
   the call returns a finished ``TaskResult``. An exception propagates to the parent, so the
   parent fails with it.
 * **Fan-out** (``@fan_out``, ``OTEL_TASKCTX["FAN_OUT"]`` or ``NESTED_POLICY="fan_out"``): the
   nested task is enqueued as a real child task whose identity keeps the job's key (depth + 1),
-  is bound to the child's own result id, and whose carrier names its record in the fan-out
-  barrier (:mod:`._barrier`); the parent task ends only when its last descendant has (see
+  is **bound to the child's own result id** (a worker accepts it for that task only), and whose
+  carrier, kept beside the task in the transaction that writes its row, names its record in
+  the fan-out barrier (:mod:`._barrier`); the parent task ends only when its last descendant has (see
   :mod:`._tasks_worker`). A backend that runs tasks in the caller (``ImmediateBackend``) or
   never (``DummyBackend``) refuses it (:class:`~otel_taskctx.errors.FanOutUnavailable`).
 * A ``_otel_taskctx`` keyword argument passed by the caller is the caller's argument, not an
@@ -24,6 +26,7 @@ django-q2 (the worker side is :mod:`._tasks_worker`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -34,11 +37,10 @@ from opentelemetry.instrumentation.taskctx import _barrier, _nested, sweeper, ta
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import policy, semconv
-from otel_taskctx.context import context_with_identity, current_task
+from otel_taskctx.context import context_with_identity, context_without_identity, current_task
 from otel_taskctx.errors import FanOutUnavailable
 from otel_taskctx.identity import TaskIdentity
 from otel_taskctx.propagation import inject
-from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
@@ -120,7 +122,7 @@ def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> A
     if how != policy.ENQUEUE:
         run = _enqueue_child if how == policy.FAN_OUT else _run_nested
         return sync_to_async(run, thread_sensitive=True)(identity, instance, args, kwargs)
-    if tasks_carriers.is_database_backend(instance.get_backend()):
+    if tasks_carriers.carries_roots(instance.get_backend()):
         # the row and its carrier in one transaction: the synchronous enqueue, in a thread
         return sync_to_async(instance.enqueue, thread_sensitive=True)(*args, **kwargs)
     return _aenqueue_root(wrapped, instance, args, kwargs)
@@ -137,12 +139,15 @@ async def _aenqueue_root(wrapped: Any, task: Any, args: tuple, kwargs: dict) -> 
 
 
 def _send(plan: _Plan, enqueue: Any) -> Any:
-    """Run ``enqueue()`` under ``plan``'s span, in one transaction with the carrier's row."""
+    """Run ``enqueue()`` under ``plan``'s span (in one transaction with the carrier's row
+    where one is written)."""
     token = _plan.set(plan)
+    backend = plan.task.get_backend()
+    written = plan.child is not None or tasks_carriers.carries_roots(backend)
     try:
         with (
             utils.running_in(plan.span, trace.set_span_in_context(plan.span)),
-            tasks_carriers.atomic_for(plan.task.get_backend()),
+            tasks_carriers.atomic_for(backend) if written else contextlib.nullcontext(),
         ):
             return enqueue()
     finally:
@@ -150,8 +155,10 @@ def _send(plan: _Plan, enqueue: Any) -> Any:
 
 
 def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
-    """``task_enqueued``: the result of an instrumented enqueue exists; bind the identity to
-    its id and keep the carrier beside the task (in the enqueue's transaction)."""
+    """``task_enqueued``: the result of an instrumented enqueue exists. A fanned-out child's
+    identity is bound to its id and its carrier kept beside the task (in the enqueue's
+    transaction); a root task needs no identity to travel (its worker derives it from the
+    result id), only its trace context where the deployment carries it."""
     plan = _plan.get()
     if plan is None or plan.done or task_result is None:
         return
@@ -159,24 +166,28 @@ def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any)
         return
     plan.done = True
     result_id = str(task_result.id)
-    if plan.child is None:
-        identity = TaskIdentity(f"task-{result_id}", TASK_MANAGER_PATH, bound_to=result_id)
-    else:
-        identity = replace(plan.child, bound_to=result_id)
+    backend = task_result.task.get_backend()
+    key = f"task-{result_id}"
     try:
+        ctx = trace.set_span_in_context(plan.span)
         carrier: dict[str, str] = {}
-        inject(carrier, context_with_identity(identity, ctx=trace.set_span_in_context(plan.span)))
-        if plan.fan_out:
+        if plan.child is not None:
+            identity = replace(plan.child, bound_to=result_id)
+            key = identity.task_key
+            inject(carrier, context_with_identity(identity, ctx=ctx))
             carrier[FAN_OUT_FIELD] = plan.fan_out
-        with tasks_carriers.atomic_for(task_result.task.get_backend()):  # a savepoint
-            stored = tasks_carriers.store(task_result, carrier, plan.fan_out)
-    except Exception:  # the enqueue goes on: the task runs as a plain task
+        else:
+            inject(carrier, context_without_identity(ctx))
+        if plan.child is not None or tasks_carriers.carries_roots(backend):
+            with tasks_carriers.atomic_for(backend):  # a savepoint
+                tasks_carriers.store(task_result, carrier, plan.fan_out)
+        else:
+            tasks_carriers.hand_over(task_result, carrier)  # in-process runs only: no query
+    except Exception:  # the enqueue goes on: a child then runs as a plain task
         log.exception("could not keep the task context of task %s", result_id)
-        stored = False
     if plan.span.is_recording():
         plan.span.set_attribute(semconv.MESSAGING_MESSAGE_ID, result_id)
-        if stored:
-            plan.span.set_attribute(semconv.LAUNCHED_TASK_KEY, identity.task_key)
+        plan.span.set_attribute(semconv.LAUNCHED_TASK_KEY, key)
 
 
 def _start_send(task: Any, child: TaskIdentity | None = None) -> trace.Span:

@@ -36,8 +36,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.conflicts.base import reserved_here
+from otel_taskctx.context import context_with_identity, context_without_identity
 from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
-from otel_taskctx.propagation import extract_bound
+from otel_taskctx.propagation import extract, extract_bound
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
@@ -56,8 +57,10 @@ class _Run(runs.Run):
     held_failure: tuple[str, str] | None = None
     #: ``held`` was decided (by the result's ``pre_save``)
     checked: bool = False
-    #: a carrier row is stored for the task (a worker's run: dropped at its end)
+    #: a carrier row was read for the task (dropped after its end)
     stored: bool = False
+    #: a ``db_worker``'s run (not one in the enqueuing process)
+    worker: bool = False
 
 
 #: runs in progress, by the task result's id
@@ -74,8 +77,29 @@ def _fan_out_name(carrier: Any, stored_name: str, identity: TaskIdentity | None)
     return name if job in (None, identity.task_key) else ""
 
 
+def _carries_identity(carrier: Any) -> bool:
+    """Does ``carrier`` hold a task identity, readable or not?"""
+    sent = carrier.get("baggage") if isinstance(carrier, dict) else None
+    return sent is not None and (not isinstance(sent, str) or BAGGAGE_ENTRY in sent)
+
+
+def _refused(task_result: Any, why: str) -> None:
+    log.warning(
+        "ignoring the task identity of task %s (%s): %s; it runs as a plain task, without "
+        "locks or nesting",
+        task_result.id,
+        task_result.task.module_path,
+        why,
+    )
+
+
 def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, bool]:
-    """``(context, identity, fan-out name, carrier row stored)`` of a starting task."""
+    """``(context, identity, fan-out name, carrier row read)`` of a starting task.
+
+    A root task's identity is derived from its own result id (key ``task-<id>``): nothing
+    that travels can change it. A fanned-out child's comes from its carrier, and counts only
+    if it verifies, was issued for this very task and names the child's barrier record.
+    """
     result_id = str(task_result.id)
     if CARRIER_KWARG in task_result.kwargs:
         log.warning(
@@ -85,11 +109,8 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
             task_result.task.module_path,
             CARRIER_KWARG,
         )
-    found = tasks_carriers.take(task_result)
-    if found is None:
-        return Context(), None, "", False
-    carrier, stored_name, from_table = found
-    if not isinstance(carrier, dict):
+    carrier, stored_name, stored = tasks_carriers.take(task_result) or (None, "", False)
+    if carrier is not None and not isinstance(carrier, dict):
         log.warning(
             "task %s (%s) has a malformed task carrier (%s): it runs as a plain task, without "
             "locks or nesting",
@@ -97,28 +118,35 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
             task_result.task.module_path,
             type(carrier).__name__,
         )
-        return Context(), None, "", from_table
+        return Context(), None, "", stored
+    if carrier is None or not (stored_name or carrier.get(FAN_OUT_FIELD)):  # a root task
+        ctx = extract(carrier) if carrier else Context()
+        if _carries_identity(carrier):
+            log.warning(
+                "task %s (%s): its carrier holds a task identity, which a root task never "
+                "gets; ignored (the task runs under its own key)",
+                result_id,
+                task_result.task.module_path,
+            )
+        identity = TaskIdentity(f"task-{result_id}", TASK_MANAGER_PATH, bound_to=result_id)
+        return context_with_identity(identity, ctx=ctx), identity, "", stored
     ctx, identity, refusal = extract_bound(carrier, result_id)
-    sent = carrier.get("baggage")
-    if identity is None and not refusal and sent is not None:
-        if not isinstance(sent, str) or BAGGAGE_ENTRY in sent:  # the carrier dropped it
-            refusal = "its identity is malformed or oversized"
+    if identity is None and not refusal and _carries_identity(carrier):
+        refusal = "its identity is malformed or oversized"  # the carrier's reader dropped it
+    fan_out = _fan_out_name(carrier, stored_name, identity)
+    if identity is not None and not fan_out:
+        refusal = "its carrier names another task's barrier record"
     if refusal:
-        log.warning(
-            "ignoring the task identity of task %s (%s): %s; it runs as a plain task, without "
-            "locks or nesting",
-            result_id,
-            task_result.task.module_path,
-            refusal,
-        )
-    return ctx, identity, _fan_out_name(carrier, stored_name, identity), from_table
+        _refused(task_result, refusal)
+        return context_without_identity(ctx), None, "", stored
+    return ctx, identity, fan_out, stored
 
 
 def _stop_stale_runs() -> None:
     """A ``db_worker`` runs one task at a time: a worker's run still open here never got its
     ``task_finished`` (its result could not be saved): its lock refresher stops now."""
     for result_id, run in list(_runs.items()):
-        if run.stored:
+        if run.worker:
             _runs.pop(result_id, None)
             run.finish()
             run.close()
@@ -128,6 +156,7 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
     if not utils.STATE.active or task_result is None:
         return
     stored, fan_out = False, ""
+    worker = tasks_carriers.is_database_backend(task_result.task.get_backend())
     try:
         ctx, identity, fan_out, stored = _identity_of(task_result)
         attributes = attributes_of(task_result.task, "process")
@@ -146,10 +175,12 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
     except Exception:
         log.exception("could not start the consumer span of task %s", task_result.id)
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
-    if stored:
+    if worker:
         _stop_stale_runs()
     # a worker's run (not one in the enqueuing process) keeps the job's locks alive
-    run = runs.start(_Run, span, ctx, identity, keep_locks=stored, fan_out=fan_out, stored=stored)
+    run = runs.start(
+        _Run, span, ctx, identity, keep_locks=worker, fan_out=fan_out, stored=stored, worker=worker
+    )
     _runs[str(task_result.id)] = run
 
 

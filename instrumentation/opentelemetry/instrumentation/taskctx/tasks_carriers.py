@@ -1,13 +1,20 @@
-"""Where a queued ``django.tasks`` task's carrier (trace context and signed identity) waits
-for its worker: beside the task, never in its arguments (``args``/``kwargs`` are the user's).
+"""Where a queued ``django.tasks`` task's carrier waits for its worker: beside the task, never
+in its arguments (``args``/``kwargs`` are the user's).
+
+What needs a carrier: a fanned-out child (its identity names its job, and is bound to the
+child's result id) and, where ``OTEL_TASKCTX["DJANGO_TASKS_TRACE_CONTEXT"]`` is on, a root
+task's trace context. A root task's identity never travels: its worker derives it from the
+result id. So a deployment that does not fan out pays no statement for any of this.
 
 * django-tasks-db's ``DatabaseBackend``: a :class:`otel_taskctx.models.TaskCarrier` row on
   the database of the task's own row, written in the same transaction (the instrumented
-  enqueue runs in :func:`atomic_for`), read when the task starts (:func:`take`), deleted after
-  it ended (:func:`drop`: in batches, so a task pays no commit of its own for it).
+  enqueue runs in :func:`atomic_for`), read when the task starts (:func:`take`; only for a
+  function that may be fanned out, or with the trace-context setting on), deleted after it
+  ended (:func:`drop`: in batches, so a task pays no commit of its own for it).
 * A backend that runs the task in the enqueuing process (``ImmediateBackend``): memory of
-  that process, handed from ``task_enqueued`` to ``task_started``.
-* Any other backend: nothing is stored, and its tasks run as plain tasks (no identity).
+  that process, handed from ``task_enqueued`` to ``task_started`` (:func:`hand_over`).
+* Any other backend: nothing is stored; its tasks run under their derived identity, and it
+  cannot run fanned-out children (refused at the launch).
 """
 
 from __future__ import annotations
@@ -35,6 +42,21 @@ def is_database_backend(backend: Any) -> bool:
     from django_tasks_db.backend import DatabaseBackend
 
     return isinstance(backend, DatabaseBackend)
+
+
+def carries_roots(backend: Any) -> bool:
+    """Does a root task enqueued on ``backend`` get a carrier row (its trace context)?"""
+    from otel_taskctx.conf import get_setting
+
+    return bool(get_setting("DJANGO_TASKS_TRACE_CONTEXT")) and is_database_backend(backend)
+
+
+def hand_over(task_result: Any, carrier: dict[str, str]) -> None:
+    """Keep a root task's carrier in memory for a run in this process (no query)."""
+    if _in_process(task_result.task.get_backend()):
+        _local[str(task_result.id)] = (carrier, "")
+        while len(_local) > LOCAL_MAX:
+            _local.popitem(last=False)
 
 
 def _in_process(backend: Any) -> bool:
@@ -90,12 +112,18 @@ def store(task_result: Any, carrier: dict[str, str], fan_out: str = "") -> bool:
 
 def take(task_result: Any) -> tuple[Any, str, bool] | None:
     """``(carrier, fan_out, from the table)`` stored for the task of ``task_result``, or
-    None."""
+    None. The table is asked only where a carrier can be there: for a function that may be
+    fanned out, or with the trace-context setting on."""
     result_id = str(task_result.id)
     found = _local.pop(result_id, None)
     if found is not None:
         return (*found, False)
-    if not is_database_backend(task_result.task.get_backend()):
+    task = task_result.task
+    if not is_database_backend(task.get_backend()):
+        return None
+    from otel_taskctx import policy
+
+    if not carries_roots(task.get_backend()) and not policy.may_fan_out(task.func):
         return None
     from otel_taskctx.models import TaskCarrier
 

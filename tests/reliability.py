@@ -32,12 +32,8 @@ def _db_rows(cache: Any, pattern: str) -> dict[str, Any]:
 
     cache = lock_safe(cache)
     prefix = cache.make_key("")
-    keys = [
-        key[len(prefix) :]
-        for key in locks().filter(cache_key__startswith=prefix + pattern).values_list(
-            "cache_key", flat=True
-        )
-    ]
+    rows = locks().filter(cache_key__startswith=prefix + pattern)
+    keys = [key[len(prefix) :] for key in rows.values_list("cache_key", flat=True)]
     found = cache.get_many(keys) if keys else {}
     return {k: found.get(k, "<expired>") for k in keys}
 

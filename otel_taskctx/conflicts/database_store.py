@@ -49,6 +49,10 @@ class _Contention(Exception):
     """A row changed under the transaction: roll back and start over."""
 
 
+class _Taken(Exception):
+    """Some ids are held already (by this task or another): read them before taking."""
+
+
 class _Conflict(Exception):
     def __init__(self, conflicts: dict[str, dict[Any, str]]) -> None:
         self.conflicts = conflicts
@@ -98,11 +102,15 @@ class DatabaseConflictStore(CacheConflictStore):
 
     # reserve ---------------------------------------------------------------------------------
     def _reserve(self, task_key: str, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
+        optimistic = True  # first: take every id at once, without reading them
         for attempt in range(self.attempts):
             try:
-                return self._reserve_once(task_key, items)
+                return self._reserve_once(task_key, items, optimistic)
             except _Conflict as exc:
                 raise DescendantConflict(task_key, exc.conflicts) from None
+            except _Taken:
+                optimistic = False  # some are held (by us or another task): read them first
+                continue
             except (_Contention, IntegrityError):
                 pass
             except OperationalError as exc:
@@ -113,18 +121,18 @@ class DatabaseConflictStore(CacheConflictStore):
             f"task {task_key}: lock rows kept changing under the reservation; try again"
         )
 
-    def _reserve_once(self, task_key: str, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
+    def _reserve_once(
+        self, task_key: str, items: list[_Item], optimistic: bool
+    ) -> tuple[list[_Item], list[_Item]]:
         from otel_taskctx.models import DescendantLock
 
         rows = locks(self.db)
         holder = encode(task_key)
         moment, exp = now(), self._expiry(self.ttl)
         by_key = {self._db_key(i.key): i for i in items}
+        keys = sorted(by_key)
         tracking = self._db_key(self.tracking_key(task_key))
-        fresh: list[str] = []
-        expired: list[str] = []
         held: list[str] = []
-        conflicts: dict[str, dict[Any, str]] = {}
         with transaction.atomic(using=self.db):
             # 1. the tracking row first (write lock / row lock; an expired one starts empty)
             rows.filter(cache_key=tracking, expires__lt=moment).delete()
@@ -132,42 +140,79 @@ class DatabaseConflictStore(CacheConflictStore):
             rows.bulk_create([empty], ignore_conflicts=True)
             tracked = rows.select_for_update().filter(cache_key=tracking)
             tracked_value, tracked_exp = tracked.values_list("value", "expires").get()
-            # 2. who holds what
-            for batch in chunked(sorted(by_key), self.batch_size):
-                found = dict.fromkeys(batch)
-                query = rows.select_for_update().filter(cache_key__in=batch).order_by("cache_key")
-                for key, value, expires in query.values_list("cache_key", "value", "expires"):
-                    found[key] = (value, expires)
-                for key, row in found.items():
-                    if row is None or row[1] < moment:
-                        fresh.append(key)
-                        if row is not None:
-                            expired.append(key)
-                    elif row[0] == holder or decode(row[0]) == task_key:
-                        held.append(key)
-                    else:
-                        item = by_key[key]
-                        conflicts.setdefault(item.model, {})[item.obj_id] = str(decode(row[0]))
-            if conflicts:
-                raise _Conflict(conflicts)  # rolls back the tracking row too
-            # 3. take the free ones; an insert that fails means someone else was faster
-            for batch in chunked(expired, self.batch_size):
-                rows.filter(cache_key__in=batch, expires__lt=moment).delete()
-            rows.bulk_create(
-                [DescendantLock(cache_key=k, value=holder, expires=exp) for k in fresh],
-                batch_size=self.batch_size,
-            )
-            # 4. ids the task already held: fresh TTL
-            for batch in chunked(held, self.batch_size):
-                rows.filter(cache_key__in=batch, expires__lt=exp).update(expires=exp)
-            # 5. the new lock keys join the tracking set
+            if optimistic:  # 2a. take them all; one held already sends us to 2b
+                fresh = keys
+                for batch in chunked(keys, self.batch_size):
+                    if self._take(batch, holder, exp, moment) != len(batch):
+                        raise _Taken()
+            else:  # 2b. who holds what, then take the free ones
+                fresh, held = self._classify(task_key, holder, by_key, keys, moment)
+                for batch in chunked(fresh, self.batch_size):
+                    if self._take(batch, holder, exp, moment) != len(batch):
+                        raise _Contention()  # another transaction was faster
+                for batch in chunked(held, self.batch_size):  # ours already: fresh TTL
+                    rows.filter(cache_key__in=batch, expires__lt=exp).update(expires=exp)
+            # 3. the new lock keys join the tracking set
             if fresh or tracked_exp < exp:
-                keys = set(decode(tracked_value) or ()) | {by_key[k].key for k in fresh}
+                tracked_keys = set(decode(tracked_value) or ()) | {by_key[k].key for k in fresh}
                 rows.filter(cache_key=tracking).update(
-                    value=encode(keys), expires=max(tracked_exp, exp)
+                    value=encode(tracked_keys), expires=max(tracked_exp, exp)
                 )
         purge_expired(self.db)
         return [by_key[k] for k in fresh], [by_key[k] for k in held]
+
+    def _classify(
+        self, task_key: str, holder: str, by_key: dict[str, _Item], keys: list[str], moment: Any
+    ) -> tuple[list[str], list[str]]:
+        """``(free keys, keys the task holds)``; raises _Conflict naming the other holders."""
+        fresh: list[str] = []
+        held: list[str] = []
+        conflicts: dict[str, dict[Any, str]] = {}
+        for batch in chunked(keys, self.batch_size):
+            found = dict.fromkeys(batch)
+            query = locks(self.db).select_for_update().filter(cache_key__in=batch)
+            for key, value, expires in query.order_by("cache_key").values_list(
+                "cache_key", "value", "expires"
+            ):
+                found[key] = (value, expires)
+            for key, row in found.items():
+                if row is None or row[1] < moment:
+                    fresh.append(key)
+                elif row[0] == holder or decode(row[0]) == task_key:
+                    held.append(key)
+                else:
+                    item = by_key[key]
+                    conflicts.setdefault(item.model, {})[item.obj_id] = str(decode(row[0]))
+        if conflicts:
+            raise _Conflict(conflicts)  # rolls back the tracking row too
+        return fresh, held
+
+    def _take(self, keys: list[str], holder: str, exp: Any, moment: Any) -> int:
+        """Lock ``keys`` for ``holder`` where they are absent or expired, in one statement;
+        returns how many rows it wrote (short: some are held).
+
+        The one statement in raw SQL: an atomic add-or-take-over-if-expired of many rows,
+        ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires < now``, which the ORM's
+        ``bulk_create(update_conflicts=True)`` cannot make conditional (and costs ~20 us a
+        row in the compiler: 8x the whole reservation at 10,000 ids).
+        """
+        from otel_taskctx.models import DescendantLock
+
+        connection = connections[self.db]
+        qn, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
+        table, key, value, expires = map(
+            qn, (DescendantLock._meta.db_table, "cache_key", "value", "expires")
+        )
+        exp = adapt(exp)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} ({key}, {value}, {expires}) VALUES "
+                + ", ".join(["(%s, %s, %s)"] * len(keys))
+                + f" ON CONFLICT ({key}) DO UPDATE SET {value} = excluded.{value}, "
+                f"{expires} = excluded.{expires} WHERE {table}.{expires} < %s",
+                [p for k in keys for p in (k, holder, exp)] + [adapt(moment)],
+            )
+            return cursor.rowcount
 
     # release / refresh -----------------------------------------------------------------------
     def _release(self, task_key: str) -> int:

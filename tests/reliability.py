@@ -1,7 +1,7 @@
 """Helpers shared by the reliability tests (tests/test_reliability*.py, tests/test_carriers.py).
 
 Lock inspection works on both stacks: django-redis (key patterns) and otel_taskctx's
-DatabaseCache (the cache and lock tables, expired rows included: a leftover is a leftover).
+DatabaseCache (the rows of the lock model, expired ones included: a leftover is a leftover).
 """
 
 from __future__ import annotations

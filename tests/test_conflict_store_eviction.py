@@ -67,7 +67,7 @@ def test_lock_safe_databasecache_keeps_locks_and_passes_the_check(locks_cache):
     for i in range(400):
         manager.cache.set(f"unrelated:{i}", i)
     assert len(manager.check_conflict({CHILD: list(range(400))})) == 400
-    # ordinary keys still live in the culled cache table; locks in the lock table
+    # ordinary keys still live in the culled cache table; locks in the lock model
     cache = manager.cache
     assert not cache.is_lock_key("unrelated:1")
     assert cache.is_lock_key(f"powercrud:conflict:model:{CHILD}:1")

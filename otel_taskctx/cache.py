@@ -1,26 +1,14 @@
 """A cache backend that keeps powercrud's locks on a model of our own, never culled.
 
 Django's ``DatabaseCache`` culls a third of its rows whenever it holds more than
-``MAX_ENTRIES`` (300 by default), oldest key names first, and powercrud's conflict locks go
-with them: a second job could then take objects the first one still edits. :class:`LockCache`
-is a Django cache backend (the public ``BaseCache`` API) whose keys starting with one of
-``LOCK_KEY_PREFIXES`` (powercrud's lock keys, tracking sets, progress and active-task keys)
-are rows of :class:`otel_taskctx.models.DescendantLock` (table ``otel_taskctx_lock``, created
-by ``migrate``), written through the ORM, where only *expired* rows are ever deleted. Every
-other key goes to the ``fallback`` cache, through its own public methods, untouched.
-
-With ``otel_taskctx`` installed, powercrud's cache configured as Django's own
-``DatabaseCache`` is used through ``LockCache(fallback=<that cache>)`` (:func:`lock_safe`, see
-:mod:`otel_taskctx.powercrud_cache`); naming :class:`DatabaseCache` in settings makes the same
-true for every user of the cache alias::
-
-    CACHES = {
-        "default": {
-            "BACKEND": "otel_taskctx.cache.DatabaseCache",
-            "LOCATION": "my_cache_table",          # python manage.py createcachetable
-            # optional: "OPTIONS": {"LOCK_KEY_PREFIXES": ["powercrud:conflict:", "powercrud:async:"]},
-        }
-    }
+``MAX_ENTRIES``, oldest keys first, live locks with them. :class:`LockCache` (the public
+``BaseCache`` API) keeps keys that start with ``LOCK_KEY_PREFIXES`` (powercrud's locks,
+tracking sets, progress, active tasks) as rows of :class:`otel_taskctx.models.DescendantLock`,
+written through the ORM, where only expired rows are deleted; every other key goes to the
+``fallback`` cache's own methods. powercrud's Django ``DatabaseCache`` is used through
+``LockCache(fallback=<it>)`` (:func:`lock_safe`, :mod:`otel_taskctx.powercrud_cache`);
+``"BACKEND": "otel_taskctx.cache.DatabaseCache"`` in ``CACHES`` does the same for every user
+of the alias (Django's ``DatabaseCache`` on ``LOCATION`` for the other keys).
 """
 
 from __future__ import annotations
@@ -38,6 +26,7 @@ from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.filebased import FileBasedCache
 from django.core.cache.backends.locmem import LocMemCache
+from django.utils.timezone import now
 
 DEFAULT_LOCK_KEY_PREFIXES = ("powercrud:conflict:", "powercrud:async:")
 #: seconds between two deletions of expired lock rows (per process and database)
@@ -71,23 +60,6 @@ def decode(text: str) -> Any:
     return pickle.loads(base64.b64decode(text.encode()))
 
 
-def expiry(timestamp: float | None) -> datetime:
-    """The ``expires`` of a row for an absolute timestamp (None: never), whole seconds."""
-    from django.conf import settings
-
-    tz = UTC if settings.USE_TZ else None
-    if timestamp is None:
-        return datetime.max.replace(microsecond=0, tzinfo=tz)
-    return datetime.fromtimestamp(int(timestamp), tz=tz)
-
-
-def now() -> datetime:
-    """Now, as rows are compared with it: a row whose ``expires`` is earlier has expired."""
-    from django.utils.timezone import now as tz_now
-
-    return tz_now()
-
-
 def purge_expired(db: str | None = None) -> None:
     """Now and then (every :data:`PURGE_INTERVAL` s per process), delete expired lock rows."""
     db = db or lock_db()
@@ -108,17 +80,12 @@ class LockCache(BaseCache):
     ``KEY_PREFIX``, ``VERSION`` and ``KEY_FUNCTION`` (a view takes the fallback's).
     """
 
-    def __init__(
-        self, location: str = "", params: dict[str, Any] | None = None, *, fallback: Any = None
-    ) -> None:
-        params = dict(params or {})
-        options = dict(params.get("OPTIONS") or {})
-        prefixes = options.pop("LOCK_KEY_PREFIXES", DEFAULT_LOCK_KEY_PREFIXES)
-        options.pop("LOCK_TABLE", None)  # an option of the former backend: one model now
-        self.lock_key_prefixes: tuple[str, ...] = (
-            (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
-        )
-        BaseCache.__init__(self, dict(params, OPTIONS=options))
+    def __init__(self, location: str = "", params: Any = None, *, fallback: Any = None) -> None:
+        params = params or {}
+        BaseCache.__init__(self, params)
+        options = params.get("OPTIONS") or {}
+        prefixes = options.get("LOCK_KEY_PREFIXES", DEFAULT_LOCK_KEY_PREFIXES)
+        self.lock_key_prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
         self.fallback = fallback
         if fallback is not None:  # the same keys as the cache it stands in front of
             for name in ("default_timeout", "key_prefix", "version", "key_func"):
@@ -130,13 +97,19 @@ class LockCache(BaseCache):
         )
 
     def expiry(self, timeout: Any = DEFAULT_TIMEOUT) -> datetime:
-        return expiry(self.get_backend_timeout(timeout))
+        """A row's ``expires`` for ``timeout``, in whole seconds, as Django's DatabaseCache."""
+        from django.conf import settings
+
+        timestamp, tz = self.get_backend_timeout(timeout), UTC if settings.USE_TZ else None
+        if timestamp is None:
+            return datetime.max.replace(microsecond=0, tzinfo=tz)
+        return datetime.fromtimestamp(int(timestamp), tz=tz)
 
     def _split(self, keys: Any) -> tuple[list[Any], list[Any]]:
-        keys = list(keys)
-        return [k for k in keys if self.is_lock_key(k)], [
-            k for k in keys if not self.is_lock_key(k)
-        ]
+        split: tuple[list[Any], list[Any]] = ([], [])
+        for key in keys:
+            split[not self.is_lock_key(key)].append(key)
+        return split
 
     # reads -----------------------------------------------------------------------------------
     def get(self, key, default=None, version=None):  # type: ignore[no-untyped-def]
@@ -159,12 +132,6 @@ class LockCache(BaseCache):
             if expired:  # as Django's DatabaseCache does: an expired row read is deleted
                 locks().filter(cache_key__in=expired, expires__lt=moment).delete()
         return found
-
-    def has_key(self, key, version=None):  # type: ignore[no-untyped-def]
-        if not self.is_lock_key(key):
-            return self.fallback.has_key(key, version)
-        db_key = self.make_and_validate_key(key, version)
-        return locks().filter(cache_key=db_key, expires__gte=now()).exists()
 
     # writes ----------------------------------------------------------------------------------
     def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
@@ -226,29 +193,11 @@ class LockCache(BaseCache):
             db_keys = [self.make_and_validate_key(k, version) for k in mine]
             locks().filter(cache_key__in=db_keys).delete()
 
-    def set_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
-        mine, others = self._split(data)
-        failed = (
-            self.fallback.set_many({k: data[k] for k in others}, timeout, version) if others else []
-        )
-        for key in mine:
-            self.set(key, data[key], timeout, version)
-        return failed or []
-
-    def incr(self, key, delta=1, version=None):  # type: ignore[no-untyped-def]
-        if not self.is_lock_key(key):
-            return self.fallback.incr(key, delta, version)
-        return super().incr(key, delta, version)
-
     def clear(self) -> None:
         """Clear the fallback cache and every lock row (as Django's ``clear`` its table)."""
         if self.fallback is not None:
             self.fallback.clear()
         locks().all().delete()
-
-    def close(self, **kwargs: Any) -> None:
-        if self.fallback is not None:
-            self.fallback.close(**kwargs)
 
 
 class DatabaseCache(LockCache, BaseDatabaseCache):
@@ -256,18 +205,8 @@ class DatabaseCache(LockCache, BaseDatabaseCache):
     as before; ``createcachetable`` creates its table), lock keys in the lock model."""
 
     def __init__(self, table: str, params: dict[str, Any]) -> None:
-        options = dict(params.get("OPTIONS") or {})
-        prefixes = options.pop("LOCK_KEY_PREFIXES", DEFAULT_LOCK_KEY_PREFIXES)
-        options.pop("LOCK_TABLE", None)
-        plain = dict(params, OPTIONS=options)
-        BaseDatabaseCache.__init__(self, table, plain)
-        lock_options = {"LOCK_KEY_PREFIXES": prefixes}
-        LockCache.__init__(
-            self,
-            table,
-            dict(plain, OPTIONS=lock_options),
-            fallback=DjangoDatabaseCache(table, plain),
-        )
+        BaseDatabaseCache.__init__(self, table, params)
+        LockCache.__init__(self, table, params, fallback=DjangoDatabaseCache(table, params))
 
 
 # --- which caches keep conflict locks -------------------------------------------------------

@@ -71,11 +71,7 @@ _installed: Any = None
 
 def installed() -> bool:
     manager = _async_manager()
-    return (
-        manager is not None
-        and _installed is not None
-        and (vars(manager).get("get_cache") is _installed)
-    )
+    return _installed is not None and vars(manager).get("get_cache") is _installed
 
 
 def install() -> bool:

@@ -1,23 +1,17 @@
-"""The database backend of the conflict store: set-based ORM statements on our lock model.
+"""The database backend of the conflict store: set-based statements on our lock model.
 
 Used where powercrud's cache is a :class:`otel_taskctx.cache.LockCache` (the lock-safe view of
 Django's ``DatabaseCache``, or :class:`otel_taskctx.cache.DatabaseCache`) on SQLite or
-PostgreSQL: locks and tracking sets are :class:`otel_taskctx.models.DescendantLock` rows,
-written through the ORM with the cache's own key and value encoding, so powercrud's
-``cache.get``/``cache.delete`` read and release them.
+PostgreSQL. Locks and tracking sets are :class:`otel_taskctx.models.DescendantLock` rows in
+the cache's key and value encoding, so powercrud's ``cache.get``/``cache.delete`` see them.
 
-One transaction per reservation:
-
-1. the task's tracking row first (deleted if expired, inserted if absent, then read
-   ``FOR UPDATE``): this takes SQLite's write lock and PostgreSQL's row lock, so
-   registrations of one task queue up instead of deadlocking on each other's lock rows;
-2. read the requested lock rows in batches (``FOR UPDATE`` on PostgreSQL): ids held by
-   another task are a conflict and the transaction is rolled back;
-3. delete the expired ones among the free ids and ``bulk_create`` the new locks; a row
-   another transaction inserted meanwhile fails the insert on the primary key, the
-   transaction is rolled back and the reservation starts over;
-4. the tracking row gets the union of its set and the new lock keys (under the row lock of
-   step 1, so concurrent registrations of one task never lose each other's keys).
+One transaction per reservation: the task's tracking row first (SQLite's write lock,
+PostgreSQL's row lock: registrations of one task queue up instead of deadlocking), then every
+id taken at once (:meth:`DatabaseConflictStore._take`); if some are held, the reservation
+starts over reading them first (``FOR UPDATE`` on PostgreSQL) to tell its own (re-entrant)
+from another task's (a conflict, rolled back). The tracking set is rewritten under the
+tracking row's lock, so concurrent registrations of one task never lose each other's keys.
+Everything but :meth:`~DatabaseConflictStore._take` is the ORM.
 """
 
 from __future__ import annotations
@@ -27,17 +21,9 @@ from typing import Any
 
 from django.db import IntegrityError, OperationalError, connections, transaction
 from django.db.models import F
+from django.utils.timezone import now
 
-from otel_taskctx.cache import (
-    LockCache,
-    decode,
-    encode,
-    expiry,
-    lock_db,
-    locks,
-    now,
-    purge_expired,
-)
+from otel_taskctx.cache import LockCache, decode, encode, lock_db, locks, purge_expired
 from otel_taskctx.conflicts.base import CacheConflictStore, _Item
 from otel_taskctx.conflicts.tracking import chunked
 from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict
@@ -97,9 +83,6 @@ class DatabaseConflictStore(CacheConflictStore):
             return self._key_prefix + key
         return self.cache.make_and_validate_key(key)
 
-    def _expiry(self, ttl: int | None) -> Any:
-        return expiry(self.cache.get_backend_timeout(ttl))
-
     # reserve ---------------------------------------------------------------------------------
     def _reserve(self, task_key: str, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
         optimistic = True  # first: take every id at once, without reading them
@@ -128,7 +111,7 @@ class DatabaseConflictStore(CacheConflictStore):
 
         rows = locks(self.db)
         holder = encode(task_key)
-        moment, exp = now(), self._expiry(self.ttl)
+        moment, exp = now(), self.cache.expiry(self.ttl)
         by_key = {self._db_key(i.key): i for i in items}
         keys = sorted(by_key)
         tracking = self._db_key(self.tracking_key(task_key))
@@ -223,7 +206,7 @@ class DatabaseConflictStore(CacheConflictStore):
         )
 
     def _refresh(self, task_key: str, ttl: int) -> int:
-        exp = self._expiry(ttl)
+        exp = self.cache.expiry(ttl)
         return self._on_tracked_locks(
             task_key,
             lambda mine: mine.update(expires=exp),

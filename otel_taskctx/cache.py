@@ -220,7 +220,8 @@ def lock_safe(cache: Any, alias: str | None = None) -> Any:
     Django's own ``DatabaseCache`` culls live locks with its other entries; for it this returns
     ``LockCache(fallback=cache)`` (one per cache object, so one per thread, as Django's): its
     lock keys are rows of the lock model, every other key goes to ``cache`` itself. Every
-    other cache is returned as it is.
+    other cache is returned as it is. (``alias`` is accepted for callers of the former
+    signature, and unused.)
     """
     if type(cache) is not DjangoDatabaseCache:
         return cache

@@ -182,18 +182,16 @@ class DatabaseConflictStore(CacheConflictStore):
         from otel_taskctx.models import DescendantLock
 
         connection = connections[self.db]
-        qn, adapt = connection.ops.quote_name, connection.ops.adapt_datetimefield_value
-        table, key, value, expires = map(
-            qn, (DescendantLock._meta.db_table, "cache_key", "value", "expires")
-        )
-        exp = adapt(exp)
+        field = DescendantLock._meta.get_field("expires")
+        exp, moment = (field.get_db_prep_value(t, connection) for t in (exp, moment))
+        table = f'"{DescendantLock._meta.db_table}"'  # standard SQL quoting, both vendors
         with connection.cursor() as cursor:
             cursor.execute(
-                f"INSERT INTO {table} ({key}, {value}, {expires}) VALUES "
+                f'INSERT INTO {table} ("cache_key", "value", "expires") VALUES '
                 + ", ".join(["(%s, %s, %s)"] * len(keys))
-                + f" ON CONFLICT ({key}) DO UPDATE SET {value} = excluded.{value}, "
-                f"{expires} = excluded.{expires} WHERE {table}.{expires} < %s",
-                [p for k in keys for p in (k, holder, exp)] + [adapt(moment)],
+                + ' ON CONFLICT ("cache_key") DO UPDATE SET "value" = excluded."value", '
+                f'"expires" = excluded."expires" WHERE {table}."expires" < %s',
+                [p for k in keys for p in (k, holder, exp)] + [moment],
             )
             return cursor.rowcount
 

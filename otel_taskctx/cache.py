@@ -1,164 +1,240 @@
-"""A Django ``DatabaseCache`` that never evicts powercrud's locks.
+"""A cache backend that keeps powercrud's locks on a model of our own, never culled.
 
 Django's ``DatabaseCache`` culls a third of its rows whenever it holds more than
-``MAX_ENTRIES`` (300 by default), oldest key names first, and powercrud's conflict locks go
-with them: a second job could then take objects the first one still edits. This backend keeps
-every key that starts with one of ``LOCK_KEY_PREFIXES`` (powercrud's lock keys, tracking sets,
-progress and active-task keys) in a table of their own, ``otel_taskctx_lock`` (created by
-``migrate``), where only *expired* rows are ever deleted. Every other key behaves exactly as
-in Django's backend, culling included. powercrud reads and writes its keys through the normal
-cache API, so it sees the same locks as before. With ``otel_taskctx`` installed, a
-powercrud cache configured as Django's own ``DatabaseCache`` is used through this backend
-(:func:`lock_safe`, see :mod:`otel_taskctx.powercrud_cache`); naming it in settings makes the
-same true for every user of the cache alias::
-
-    CACHES = {
-        "default": {
-            "BACKEND": "otel_taskctx.cache.DatabaseCache",
-            "LOCATION": "my_cache_table",          # python manage.py createcachetable
-            # optional:
-            # "OPTIONS": {"LOCK_TABLE": "otel_taskctx_lock",
-            #             "LOCK_KEY_PREFIXES": ["powercrud:conflict:", "powercrud:async:"]},
-        }
-    }
+``MAX_ENTRIES``, oldest keys first, live locks with them. :class:`LockCache` (the public
+``BaseCache`` API) keeps keys that start with ``LOCK_KEY_PREFIXES`` (powercrud's locks,
+tracking sets, progress, active tasks) as rows of :class:`otel_taskctx.models.DescendantLock`,
+written through the ORM, where only expired rows are deleted; every other key goes to the
+``fallback`` cache's own methods. powercrud's Django ``DatabaseCache`` is used through
+``LockCache(fallback=<it>)`` (:func:`lock_safe`, :mod:`otel_taskctx.powercrud_cache`);
+``"BACKEND": "otel_taskctx.cache.DatabaseCache"`` in ``CACHES`` does the same for every user
+of the alias (Django's ``DatabaseCache`` on ``LOCATION`` for the other keys).
 """
 
 from __future__ import annotations
 
+import base64
+import pickle
+import threading
+import time
+from datetime import UTC, datetime
 from typing import Any
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.cache.backends.db import BaseDatabaseCache
 from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.filebased import FileBasedCache
 from django.core.cache.backends.locmem import LocMemCache
-from django.db import connections
+from django.utils.timezone import now
 
-DEFAULT_LOCK_TABLE = "otel_taskctx_lock"
 DEFAULT_LOCK_KEY_PREFIXES = ("powercrud:conflict:", "powercrud:async:")
-#: rows in the lock table above which a write first deletes the expired ones
-LOCK_PURGE_THRESHOLD = 1000
+#: seconds between two deletions of expired lock rows (per process and database)
+PURGE_INTERVAL = 300.0
+_purged: dict[str, float] = {}
+_purge_lock = threading.Lock()
 
 
-class LockTable(DjangoDatabaseCache):
-    """The lock table: a cache table whose ``_cull`` deletes expired rows only."""
+def lock_db() -> str:
+    """The database alias the lock rows are written to (the routers decide)."""
+    from django.db import router
 
-    def _cull(self, db: str, cursor: Any, now: Any, num: int) -> None:
-        connection = connections[db]
-        table = connection.ops.quote_name(self._table)
-        expires = connection.ops.quote_name("expires")
-        cursor.execute(
-            f"DELETE FROM {table} WHERE {expires} < %s",
-            [connection.ops.adapt_datetimefield_value(now)],
-        )
+    from otel_taskctx.models import DescendantLock
+
+    return router.db_for_write(DescendantLock)
 
 
-class DatabaseCache(DjangoDatabaseCache):
-    """``DatabaseCache`` that stores lock keys in a lock table that is never culled."""
+def locks(db: str | None = None) -> Any:
+    """``DescendantLock.objects`` on the lock database."""
+    from otel_taskctx.models import DescendantLock
 
-    def __init__(self, table: str, params: dict[str, Any]) -> None:
-        params = dict(params)
-        options = dict(params.get("OPTIONS") or {})
-        self.lock_table = options.pop("LOCK_TABLE", DEFAULT_LOCK_TABLE)
-        prefixes = options.pop("LOCK_KEY_PREFIXES", DEFAULT_LOCK_KEY_PREFIXES)
-        if isinstance(prefixes, str):
-            prefixes = [prefixes]
-        self.lock_key_prefixes: tuple[str, ...] = tuple(prefixes)
-        params["OPTIONS"] = options
-        super().__init__(table, params)
-        lock_options = dict(options, MAX_ENTRIES=LOCK_PURGE_THRESHOLD)
-        self.locks = LockTable(self.lock_table, dict(params, OPTIONS=lock_options))
+    return DescendantLock.objects.using(db or lock_db())
+
+
+def encode(value: Any) -> str:
+    """A row's ``value``: ``base64(pickle(value))``, as Django's DatabaseCache encodes it."""
+    return base64.b64encode(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)).decode("latin1")
+
+
+def decode(text: str) -> Any:
+    return pickle.loads(base64.b64decode(text.encode()))
+
+
+def purge_expired(db: str | None = None) -> None:
+    """Now and then (every :data:`PURGE_INTERVAL` s per process), delete expired lock rows."""
+    db = db or lock_db()
+    moment = time.monotonic()
+    with _purge_lock:
+        if moment - _purged.get(db, float("-inf")) < PURGE_INTERVAL:
+            return
+        _purged[db] = moment
+    locks(db).filter(expires__lt=now()).delete()
+
+
+class LockCache(BaseCache):
+    """A Django cache whose lock keys are :class:`~otel_taskctx.models.DescendantLock` rows.
+
+    ``fallback`` (a cache object) gets every other key; without one, every key is a row.
+    ``OPTIONS["LOCK_KEY_PREFIXES"]`` names the lock keys (default powercrud's
+    ``powercrud:conflict:`` and ``powercrud:async:``). Keys are made with this cache's
+    ``KEY_PREFIX``, ``VERSION`` and ``KEY_FUNCTION`` (a view takes the fallback's).
+    """
+
+    def __init__(self, location: str = "", params: Any = None, *, fallback: Any = None) -> None:
+        params = params or {}
+        BaseCache.__init__(self, params)
+        options = params.get("OPTIONS") or {}
+        prefixes = options.get("LOCK_KEY_PREFIXES", DEFAULT_LOCK_KEY_PREFIXES)
+        self.lock_key_prefixes = (prefixes,) if isinstance(prefixes, str) else tuple(prefixes)
+        self.fallback = fallback
+        if fallback is not None:  # the same keys as the cache it stands in front of
+            for name in ("default_timeout", "key_prefix", "version", "key_func"):
+                setattr(self, name, getattr(fallback, name))
 
     def is_lock_key(self, key: Any) -> bool:
-        return isinstance(key, str) and key.startswith(self.lock_key_prefixes)
+        return self.fallback is None or (
+            isinstance(key, str) and key.startswith(self.lock_key_prefixes)
+        )
 
-    def storage_for(self, key: str) -> DjangoDatabaseCache:
-        """The table (as a DatabaseCache) that holds ``key``: the lock table or this one."""
-        return self.locks if self.is_lock_key(key) else self
+    def expiry(self, timeout: Any = DEFAULT_TIMEOUT) -> datetime:
+        """A row's ``expires`` for ``timeout``, in whole seconds, as Django's DatabaseCache."""
+        from django.conf import settings
 
-    # routing: lock keys to the lock table, everything else to Django's implementation -------
+        timestamp, tz = self.get_backend_timeout(timeout), UTC if settings.USE_TZ else None
+        if timestamp is None:
+            return datetime.max.replace(microsecond=0, tzinfo=tz)
+        return datetime.fromtimestamp(int(timestamp), tz=tz)
+
+    def _split(self, keys: Any) -> tuple[list[Any], list[Any]]:
+        split: tuple[list[Any], list[Any]] = ([], [])
+        for key in keys:
+            split[not self.is_lock_key(key)].append(key)
+        return split
+
+    # reads -----------------------------------------------------------------------------------
+    def get(self, key, default=None, version=None):  # type: ignore[no-untyped-def]
+        if not self.is_lock_key(key):
+            return self.fallback.get(key, default, version)
+        return self.get_many([key], version).get(key, default)
+
     def get_many(self, keys, version=None):  # type: ignore[no-untyped-def]
-        keys = list(keys)
-        locks = [k for k in keys if self.is_lock_key(k)]
-        others = [k for k in keys if not self.is_lock_key(k)]
-        result = super().get_many(others, version) if others else {}
-        if locks:
-            result.update(self.locks.get_many(locks, version))
-        return result
+        mine, others = self._split(keys)
+        found = self.fallback.get_many(others, version) if others else {}
+        if mine:
+            by_db_key = {self.make_and_validate_key(k, version): k for k in mine}
+            moment, expired = now(), []
+            rows = locks().filter(cache_key__in=list(by_db_key))
+            for db_key, value, expires in rows.values_list("cache_key", "value", "expires"):
+                if expires < moment:
+                    expired.append(db_key)
+                else:
+                    found[by_db_key[db_key]] = decode(value)
+            if expired:  # as Django's DatabaseCache does: an expired row read is deleted
+                locks().filter(cache_key__in=expired, expires__lt=moment).delete()
+        return found
 
+    # writes ----------------------------------------------------------------------------------
     def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
-        if self.is_lock_key(key):
-            return self.locks.set(key, value, timeout, version)
-        return super().set(key, value, timeout, version)
+        if not self.is_lock_key(key):
+            return self.fallback.set(key, value, timeout, version)
+        from otel_taskctx.models import DescendantLock
+
+        row = DescendantLock(
+            cache_key=self.make_and_validate_key(key, version),
+            value=encode(value),
+            expires=self.expiry(timeout),
+        )
+        locks().bulk_create(
+            [row],
+            update_conflicts=True,
+            unique_fields=["cache_key"],
+            update_fields=["value", "expires"],
+        )
+        purge_expired()
 
     def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
-        if self.is_lock_key(key):
-            return self.locks.add(key, value, timeout, version)
-        return super().add(key, value, timeout, version)
+        """Set ``key`` if it is absent or expired; atomic across processes (the insert fails
+        on the primary key when another one got there first)."""
+        if not self.is_lock_key(key):
+            return self.fallback.add(key, value, timeout, version)
+        from django.db import IntegrityError, transaction
+
+        db = lock_db()
+        db_key = self.make_and_validate_key(key, version)
+        try:
+            with transaction.atomic(using=db):
+                locks(db).filter(cache_key=db_key, expires__lt=now()).delete()
+                locks(db).create(
+                    cache_key=db_key, value=encode(value), expires=self.expiry(timeout)
+                )
+        except IntegrityError:
+            return False
+        purge_expired(db)
+        return True
 
     def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
-        if self.is_lock_key(key):
-            return self.locks.touch(key, timeout, version)
-        return super().touch(key, timeout, version)
+        if not self.is_lock_key(key):
+            return self.fallback.touch(key, timeout, version)
+        db_key = self.make_and_validate_key(key, version)
+        rows = locks().filter(cache_key=db_key, expires__gte=now())
+        return bool(rows.update(expires=self.expiry(timeout)))
 
     def delete(self, key, version=None):  # type: ignore[no-untyped-def]
-        if self.is_lock_key(key):
-            return self.locks.delete(key, version)
-        return super().delete(key, version)
-
-    def has_key(self, key, version=None):  # type: ignore[no-untyped-def]
-        if self.is_lock_key(key):
-            return self.locks.has_key(key, version)
-        return super().has_key(key, version)
+        if not self.is_lock_key(key):
+            return self.fallback.delete(key, version)
+        db_key = self.make_and_validate_key(key, version)
+        return bool(locks().filter(cache_key=db_key).delete()[0])
 
     def delete_many(self, keys, version=None):  # type: ignore[no-untyped-def]
-        keys = list(keys)
-        locks = [k for k in keys if self.is_lock_key(k)]
-        others = [k for k in keys if not self.is_lock_key(k)]
+        mine, others = self._split(keys)
         if others:
-            super().delete_many(others, version)
-        if locks:
-            self.locks.delete_many(locks, version)
+            self.fallback.delete_many(others, version)
+        if mine:
+            db_keys = [self.make_and_validate_key(k, version) for k in mine]
+            locks().filter(cache_key__in=db_keys).delete()
 
     def clear(self) -> None:
-        super().clear()
-        self.locks.clear()
+        """Clear the fallback cache and every lock row (as Django's ``clear`` its table)."""
+        if self.fallback is not None:
+            self.fallback.clear()
+        locks().all().delete()
+
+
+class DatabaseCache(LockCache, BaseDatabaseCache):
+    """For ``CACHES``: Django's ``DatabaseCache`` on ``LOCATION`` for ordinary keys (culled
+    as before; ``createcachetable`` creates its table), lock keys in the lock model."""
+
+    def __init__(self, table: str, params: dict[str, Any]) -> None:
+        BaseDatabaseCache.__init__(self, table, params)
+        LockCache.__init__(self, table, params, fallback=DjangoDatabaseCache(table, params))
 
 
 # --- which caches keep conflict locks -------------------------------------------------------
 _LOCK_SAFE_ATTR = "_otel_taskctx_lock_safe"
-#: Django's own backend, which powercrud uses through :func:`lock_safe`
-DJANGO_DATABASE_CACHE = "django.core.cache.backends.db.DatabaseCache"
 LOCK_SAFE_BACKEND = f"{__name__}.DatabaseCache"
 
 
-def lock_safe(cache: Any, alias: str) -> Any:
-    """``cache`` (the cache of ``alias``), or a view of it that keeps conflict locks.
+def lock_safe(cache: Any, alias: str | None = None) -> Any:
+    """``cache``, or a view of it that keeps conflict locks.
 
     Django's own ``DatabaseCache`` culls live locks with its other entries; for it this returns
-    a :class:`DatabaseCache` on the same table and settings (one per cache object, so one per
-    thread, as Django's), whose lock keys live in the lock table that is never culled. Every
-    other cache is returned as it is.
+    ``LockCache(fallback=cache)`` (one per cache object, so one per thread, as Django's): its
+    lock keys are rows of the lock model, every other key goes to ``cache`` itself. Every
+    other cache is returned as it is. (``alias`` is accepted for callers of the former
+    signature, and unused.)
     """
     if type(cache) is not DjangoDatabaseCache:
         return cache
     safe = vars(cache).get(_LOCK_SAFE_ATTR)
     if safe is None:
-        from django.core.cache import caches
-
-        params = dict(caches.settings.get(alias) or {})
-        backend = params.pop("BACKEND", "")
-        location = params.pop("LOCATION", "")
-        if backend != DJANGO_DATABASE_CACHE or location != cache._table:
-            return cache  # not the alias's own cache object: leave it alone
-        safe = DatabaseCache(location, params)
+        safe = LockCache(fallback=cache)
         vars(cache)[_LOCK_SAFE_ATTR] = safe
     return safe
 
 
 #: what :func:`backend_kind` says of a cache backend class
 KINDS = (
-    "lock-safe",  # otel_taskctx.cache.DatabaseCache (or a subclass): locks never culled
+    "lock-safe",  # otel_taskctx.cache.LockCache (DatabaseCache, or a subclass): never culled
     "database",  # Django's own DatabaseCache: powercrud uses it through the lock-safe view
     "culling-database",  # another DatabaseCache subclass: culls live locks at MAX_ENTRIES
     "filebased",  # FileBasedCache: culls files at MAX_ENTRIES, add() is not atomic
@@ -189,7 +265,7 @@ def backend_kind(backend: type) -> str:
     bases), never by its name."""
     from django.core.cache.backends.memcached import BaseMemcachedCache
 
-    if issubclass(backend, DatabaseCache):
+    if issubclass(backend, LockCache):
         return "lock-safe"
     if backend is DjangoDatabaseCache:
         return "database"
@@ -205,6 +281,9 @@ def backend_kind(backend: type) -> str:
     return "redis" if _is_redis(backend) else "other"
 
 
+_CULLS = "whenever it holds more than its MAX_ENTRIES (OPTIONS; 300 by default)"
+
+
 def lock_loss(cache: Any) -> str | None:
     """Why ``cache`` would lose conflict locks for certain, or None where it keeps them.
 
@@ -217,13 +296,12 @@ def lock_loss(cache: Any) -> str | None:
     kind = backend_kind(type(cache))
     if kind in ("database", "culling-database"):
         return (
-            f"it deletes a third of its entries, oldest keys first, whenever it holds more "
-            f"than MAX_ENTRIES ({cache._max_entries}), live locks with them"
+            f"it deletes a third of its entries, oldest keys first, {_CULLS}, live locks with them"
         )
     if kind == "filebased":
         return (
-            f"it deletes a random share of its files whenever it holds more than MAX_ENTRIES "
-            f"({cache._max_entries}), live locks with them, and its add() is not atomic"
+            f"it deletes a random share of its files {_CULLS}, live locks with them, and its "
+            "add() is not atomic"
         )
     if kind == "locmem":
         return (

@@ -205,8 +205,9 @@ def check_lock_visibility(app_configs=None, **kwargs):
     if alias is None:
         return []
     from django.core.cache import caches
-    from django.core.cache.backends.db import DatabaseCache as DjangoDatabaseCache
     from django.db import DEFAULT_DB_ALIAS, router
+
+    from otel_taskctx.cache import backend_kind, lock_db
 
     if alias not in getattr(settings, "CACHES", {}):
         return []  # otel_taskctx.E003
@@ -214,9 +215,13 @@ def check_lock_visibility(app_configs=None, **kwargs):
         cache = caches[alias]
     except Exception:
         return []
-    if not isinstance(cache, DjangoDatabaseCache):
+    kind = backend_kind(type(cache))
+    if kind in ("lock-safe", "database"):
+        db = lock_db()  # locks are rows of our lock model
+    elif kind == "culling-database":
+        db = router.db_for_write(cache.cache_model_class)
+    else:
         return []
-    db = router.db_for_write(cache.cache_model_class)
     if db != DEFAULT_DB_ALIAS:
         return []
     return [

@@ -15,12 +15,11 @@ past day in the table, 1,000 new spans dirty ~180 distinct pages instead of ~1,4
 written to the WAL and again at the checkpoint). Lookups name the hours to seek (see
 :func:`otel_taskctx.spans.queries.stored_hours`).
 
-**DescendantLock** — The lock table behind :class:`otel_taskctx.cache.DatabaseCache`.
-
-Same schema as a Django cache table (``createcachetable``), so the cache backend reads and
-writes it with Django's own DatabaseCache code: ``value`` is ``base64(pickle(value))``. Rows
-are powercrud's lock keys, tracking sets, progress and active-task keys; only expired rows are
-ever deleted, never live ones.
+**DescendantLock** — The lock rows of :class:`otel_taskctx.cache.LockCache` and of the
+database conflict store: powercrud's lock keys, tracking sets, progress and active-task keys
+(``cache_key`` with the cache's key prefix and version), written through the ORM. ``value``
+is ``base64(pickle(value))``, the encoding of Django's DatabaseCache (rows written before
+this model took over stay readable). Only expired rows are ever deleted, never live ones.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 powercrud takes every cache through ``AsyncManager.get_cache()``. With the app installed and
 ``"powercrud"`` in ``INSTALLED_APPS`` (:meth:`otel_taskctx.apps.OtelTaskCtxConfig.ready`
 calls :func:`install`), ``get_cache()`` returns :func:`otel_taskctx.cache.lock_safe` of the
-cache: Django's own ``DatabaseCache`` is used through :class:`otel_taskctx.cache.DatabaseCache`
-on the same table, so powercrud's locks, tracking sets, progress and active-task keys live in
-the lock table that is never culled. ``check_conflict``, ``add_conflict_ids``, the completion
-hook and ``pcrud_cleanup_async`` all see them there. Every other cache is returned as it is.
+cache: Django's own ``DatabaseCache`` is used through ``LockCache(fallback=<that cache>)``, so
+powercrud's locks, tracking sets, progress and active-task keys are rows of our lock model
+(never culled) and its other keys go to Django's cache object as before. ``check_conflict``,
+``add_conflict_ids``, the completion hook and ``pcrud_cleanup_async`` all see them there.
+Every other cache is returned as it is.
 
 On a cache whose locks cannot be made safe (:func:`otel_taskctx.cache.lock_loss`:
 FileBasedCache, LocMem, Dummy, a culling ``DatabaseCache`` subclass) otel_taskctx steps aside
@@ -66,17 +67,19 @@ def refusal_for_alias() -> str | None:
     return refusal(alias, cache, reason) if reason else None
 
 
+#: the wrapper :func:`install` put on ``AsyncManager.get_cache`` (None: not installed)
+_installed: Any = None
+
+
 def installed() -> bool:
     manager = _async_manager()
-    if manager is None:
-        return False
-    current = vars(manager)["get_cache"]
-    return isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is _get_cache
+    return _installed is not None and vars(manager).get("get_cache") is _installed
 
 
 def install() -> bool:
     """Wrap powercrud's ``AsyncManager.get_cache`` (once). False when powercrud is not in
     ``INSTALLED_APPS`` (importable is not enough: the host does not use it then)."""
+    global _installed
     from django.apps import apps
 
     if not apps.is_installed("powercrud"):
@@ -86,14 +89,14 @@ def install() -> bool:
         return False
     if not installed():
         wrapt.wrap_function_wrapper(manager, "get_cache", _get_cache)
+        _installed = vars(manager)["get_cache"]
     return True
 
 
 def uninstall() -> None:
-    """Restore powercrud's own methods."""
+    """Restore powercrud's own method."""
+    global _installed
     manager = _async_manager()
-    if manager is None:
-        return
-    current = vars(manager)["get_cache"]
-    if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is _get_cache:
-        manager.get_cache = current.__wrapped__
+    if manager is not None and installed():
+        manager.get_cache = _installed.__wrapped__
+    _installed = None

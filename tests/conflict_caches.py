@@ -62,43 +62,33 @@ def wipe(kind: str) -> None:
 
     from otel_taskctx.cache import lock_safe
 
-    cache = lock_safe(caches[ALIAS], ALIAS)  # Django's own DatabaseCache: the lock table too
+    cache = lock_safe(caches[ALIAS], ALIAS)  # Django's own DatabaseCache: the lock model too
     if kind == "redis":
         cache.delete_pattern("*")
-    else:
-        from django.core.management import call_command
-        from django.db import connections, router
+        return
+    from django.core.management import call_command
+    from django.db import connection
 
-        call_command("createcachetable", verbosity=0)  # the PostgreSQL run has none yet
-        prefix = cache.make_key("")
-        for target in {cache, getattr(cache, "locks", cache)}:
-            db = router.db_for_write(target.cache_model_class)
-            with connections[db].cursor() as cursor:
-                table = connections[db].ops.quote_name(target._table)
-                cursor.execute(f"DELETE FROM {table} WHERE cache_key LIKE %s", [prefix + "%"])
+    from otel_taskctx.cache import locks
+
+    call_command("createcachetable", verbosity=0)  # the PostgreSQL run has none yet
+    prefix = cache.make_key("")
+    locks().filter(cache_key__startswith=prefix).delete()
+    with connection.cursor() as cursor:  # the ordinary keys: Django's cache table
+        cursor.execute("DELETE FROM taskctx_cache WHERE cache_key LIKE %s", [prefix + "%"])
 
 
 def lock_keys_left(kind: str, model: str) -> int:
     """How many lock keys of ``model`` exist in the ``locks`` alias (expired or not)."""
     from django.core.cache import caches
 
-    from otel_taskctx.cache import lock_safe
+    from otel_taskctx.cache import lock_safe, locks
 
     cache = lock_safe(caches[ALIAS], ALIAS)
     pattern = f"powercrud:conflict:model:{model}:"
     if kind == "redis":
         return len(cache.keys(pattern + "*"))
-    from django.db import connections, router
-
-    target = cache.storage_for(pattern) if hasattr(cache, "storage_for") else cache
-    db = router.db_for_write(target.cache_model_class)
-    with connections[db].cursor() as cursor:
-        table = connections[db].ops.quote_name(target._table)
-        cursor.execute(
-            f"SELECT COUNT(*) FROM {table} WHERE cache_key LIKE %s",
-            [cache.make_key(pattern) + "%"],
-        )
-        return cursor.fetchone()[0]
+    return locks().filter(cache_key__startswith=cache.make_key(pattern)).count()
 
 
 def suffix_key(key: str, key_prefix: str, version: int) -> str:

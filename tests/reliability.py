@@ -1,7 +1,7 @@
 """Helpers shared by the reliability tests (tests/test_reliability*.py, tests/test_carriers.py).
 
 Lock inspection works on both stacks: django-redis (key patterns) and otel_taskctx's
-DatabaseCache (the cache and lock tables, expired rows included: a leftover is a leftover).
+DatabaseCache (the rows of the lock model, expired ones included: a leftover is a leftover).
 """
 
 from __future__ import annotations
@@ -27,28 +27,15 @@ def is_redis(cache: Any) -> bool:
 
 
 def _db_rows(cache: Any, pattern: str) -> dict[str, Any]:
-    """``{key without the cache's prefix: value}`` of every row matching ``pattern``."""
-    from django.db import connections, router
+    """``{key without the cache's prefix: value}`` of every lock row matching ``pattern``."""
+    from otel_taskctx.cache import lock_safe, locks
 
+    cache = lock_safe(cache)
     prefix = cache.make_key("")
-    found: dict[str, Any] = {}
-    tables = [cache]
-    locks = getattr(cache, "locks", None)
-    if locks is not None:
-        tables.append(locks)
-    for table in tables:
-        db = router.db_for_read(table.cache_model_class)
-        connection = connections[db]
-        with connection.cursor() as cursor:
-            name = connection.ops.quote_name(table._table)
-            cursor.execute(
-                f"SELECT cache_key FROM {name} WHERE cache_key LIKE %s", [prefix + pattern + "%"]
-            )
-            keys = [row[0][len(prefix) :] for row in cursor.fetchall()]
-        if keys:
-            found.update({k: table.get(k) for k in keys})
-            found.update({k: "<expired>" for k in keys if found.get(k) is None})
-    return found
+    rows = locks().filter(cache_key__startswith=prefix + pattern)
+    keys = [key[len(prefix) :] for key in rows.values_list("cache_key", flat=True)]
+    found = cache.get_many(keys) if keys else {}
+    return {k: found.get(k, "<expired>") for k in keys}
 
 
 def keys_like(prefix: str, alias: str = "default") -> dict[str, Any]:

@@ -66,10 +66,11 @@ def test_missing_cache_alias_is_an_error(settings):
 
 
 class CacheOnItsOwnConnection:
-    """Routes the cache table to a second connection alias (like sample/config/routers.py)."""
+    """Routes the cache table and the lock model to a second connection alias (like
+    sample/config/routers.py)."""
 
     def db_for_write(self, model, **hints):
-        return "runtime" if model._meta.app_label == "django_cache" else None
+        return "runtime" if model._meta.app_label in ("django_cache", "otel_taskctx") else None
 
     db_for_read = db_for_write
 

@@ -172,6 +172,30 @@ def test_release_is_compare_and_delete(env):
     assert env.left() == 0
 
 
+def test_an_expired_lock_of_another_task_is_taken_over_in_place(env):
+    """The database takes an expired row over in its one conditional insert; the task that
+    let it expire cannot release it any more."""
+    if env.store.kind != "database":
+        pytest.skip("the database backend's rows")
+    from django.utils import timezone
+
+    from otel_taskctx.cache import locks
+
+    get_conflict_store(env.manager, backend="database", ttl=1).reserve("job-30", {CHILD: [1, 2]})
+    row = locks().filter(cache_key__endswith=f"conflict:model:{CHILD}:1")
+    deadline = time.monotonic() + 5
+    while row.filter(expires__gte=timezone.now()).exists():  # until its TTL has passed
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert row.exists()  # expired, and still there
+    result = env.store.reserve("job-31", {CHILD: [1, 3]})
+    assert sorted(result.reserved[CHILD]) == [1, 3] and not result.already_held
+    assert row.get().expires > timezone.now()
+    assert env.store.release("job-30") == 1  # its own (expired) lock on 2; 1 is job-31's
+    assert env.holder(1) == "job-31"
+    assert env.store.release("job-31") == 2
+
+
 def test_a_task_without_locks_is_released_and_refreshed_with_one_read_and_no_write(env):
     """Most jobs take no lock: powercrud's completion hook must not open a write transaction
     for them (on SQLite every process of the cluster queues on that one write lock)."""

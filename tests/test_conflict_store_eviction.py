@@ -48,11 +48,11 @@ def test_a_store_on_a_culling_databasecache_refuses_to_lock(locks_cache):
     manager.cache = caches[ALIAS]  # Django's own object, not the lock-safe view powercrud gets
     assert type(manager.cache) is DjangoDatabaseCache
     store = get_conflict_store(manager)
-    assert store.kind == "database" and store.culled
+    assert store.kind == "cache"  # the generic path, which refuses
     with pytest.raises(ConflictStoreUnavailable) as refused:
         store.reserve("job-1", {CHILD: range(10)})
     message = str(refused.value)
-    assert f"cache {ALIAS!r}" in message and "MAX_ENTRIES (300)" in message
+    assert f"cache {ALIAS!r}" in message and "MAX_ENTRIES" in message
     assert "'otel_taskctx.cache.DatabaseCache'" in message
     assert store.holders({CHILD: range(10)}) == {}  # nothing was locked
     # powercrud's own path is powercrud's: it locks (and its lock can be culled later)
@@ -67,10 +67,10 @@ def test_lock_safe_databasecache_keeps_locks_and_passes_the_check(locks_cache):
     for i in range(400):
         manager.cache.set(f"unrelated:{i}", i)
     assert len(manager.check_conflict({CHILD: list(range(400))})) == 400
-    # ordinary keys still live in the culled cache table; locks in the lock table
+    # ordinary keys still live in the culled cache table; locks in the lock model
     cache = manager.cache
-    assert cache.storage_for("unrelated:1") is cache
-    assert cache.storage_for(f"powercrud:conflict:model:{CHILD}:1") is cache.locks
+    assert not cache.is_lock_key("unrelated:1")
+    assert cache.is_lock_key(f"powercrud:conflict:model:{CHILD}:1")
     assert sum(1 for _ in cache.get_many([f"unrelated:{i}" for i in range(400)])) < 400
 
 
@@ -81,7 +81,8 @@ def test_lock_safe_databasecache_routes_every_cache_operation(locks_cache):
     cache.set(other, 1)
     assert cache.get_many([lock, other, "missing"]) == {lock: "a", other: 1}
     assert cache.has_key(lock) and cache.touch(lock, 60)
-    assert cache.locks.get(lock) == "a"
+    assert cache.fallback.get(lock) is None  # the lock key is a row of our model
+    assert cache.fallback.get(other) == 1
     assert cache.incr(other) == 2
     cache.set_many({lock: "c", other: 3})
     assert cache.get(lock) == "c" and cache.get(other) == 3

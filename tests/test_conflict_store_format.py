@@ -1,8 +1,7 @@
-"""The appendable tracking-set pickle: what lets Redis and SQL append lock keys in place."""
+"""The appendable tracking-set pickle: what lets Redis append lock keys in place."""
 
 from __future__ import annotations
 
-import base64
 import pickle
 
 from hypothesis import given
@@ -24,23 +23,12 @@ def test_appended_chunks_load_as_the_union(batches):
     assert pickle.loads(data) == expected
 
 
-@given(st.lists(keys, min_size=1, max_size=5))
-def test_base64_text_is_appendable_too(batches):
-    """The database cache stores base64(pickle): appending base64 chunks must stay valid."""
-    text = base64.b64encode(encode_tracking(batches[0])).decode()
-    tail = base64.b64encode(TRACKING_TAIL).decode()
-    for batch in batches[1:]:
-        text = text[: -len(tail)] + base64.b64encode(tracking_chunk(batch)).decode() + tail
-    expected = {k for batch in batches for k in batch}
-    assert pickle.loads(base64.b64decode(text.encode(), validate=True)) == expected
-
-
 @given(keys, keys)
 def test_a_powercrud_pickle_can_be_appended_to(existing, added):
     """powercrud writes a plain pickled set; its STOP is replaced by a chunk and our tail."""
     for protocol in (4, 5):
         data = pickle.dumps(set(existing), protocol)
-        data = data[:-1] + tracking_chunk(added, align=False) + TRACKING_TAIL
+        data = data[:-1] + tracking_chunk(added) + TRACKING_TAIL
         assert pickle.loads(data) == set(existing) | set(added)
 
 
@@ -68,5 +56,5 @@ def test_normalise_ids_keeps_types_and_deduplicates_by_text():
 def test_the_prefixed_chunk_is_the_generic_chunk(prefix, suffixes):
     from otel_taskctx.conflicts.tracking import prefixed_chunk
 
-    expected = tracking_chunk([prefix + s for s in suffixes], align=False)
+    expected = tracking_chunk([prefix + s for s in suffixes])
     assert prefixed_chunk(prefix, suffixes) == expected

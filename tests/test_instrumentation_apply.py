@@ -88,3 +88,25 @@ def test_a_failing_patch_leaves_nothing_half_applied(tmp_path):
         "otel_taskctx.instrumentation.pre_enqueue",
         "otel_taskctx.instrumentation.pre_execute",
     ]
+
+
+def test_a_stale_wrapper_of_ours_is_replaced_not_wrapped_again():
+    """An instrumentor that was never uninstrumented left its wrapper: the next one takes its
+    place instead of wrapping it (no double span, no double decision per call)."""
+    from opentelemetry.instrumentation.taskctx import _patching
+
+    class Target:
+        def f(self):
+            return 1
+
+    def plus_one(wrapped, instance, args, kwargs):
+        return wrapped(*args, **kwargs) + 1
+
+    stale, fresh = _patching.Patches(), _patching.Patches()
+    stale.wrap(Target, "f", plus_one)  # never removed
+    fresh.wrap(Target, "f", plus_one)
+    assert Target().f() == 2  # wrapped once, not twice
+    fresh.remove()
+    assert Target().f() == 1
+    stale.remove()  # its wrapper is gone already: nothing to undo
+    assert Target().f() == 1

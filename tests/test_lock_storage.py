@@ -20,7 +20,7 @@ from django.test.utils import override_settings
 from powercrud.async_manager import AsyncManager
 
 from otel_taskctx import DescendantConflict, register_descendants, task_context
-from otel_taskctx.cache import DatabaseCache as LockSafeDatabaseCache
+from otel_taskctx.cache import LockCache
 from otel_taskctx.conflicts import get_conflict_store
 from otel_taskctx.errors import ConflictStoreUnavailable
 from tests.conflict_caches import ALIAS, cache_config, lock_keys_left, use_locks_cache, wipe
@@ -53,7 +53,8 @@ def unrelated_traffic(count: int) -> None:
 
 def test_plain_databasecache_keeps_2000_descendant_locks(plain_db_cache):
     manager = AsyncManager()
-    assert isinstance(manager.cache, LockSafeDatabaseCache)  # the view powercrud is given
+    assert isinstance(manager.cache, LockCache)  # the view powercrud is given
+    assert manager.cache.fallback is caches[ALIAS]  # other keys: Django's own cache object
     ids = list(range(1, 2001))
     with task_context("job-a", MANAGER):
         reg = register_descendants(CHILD, ids)

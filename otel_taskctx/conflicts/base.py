@@ -8,9 +8,10 @@ locks:
 * tracking set ``powercrud:async:conflict:<task key>`` -> python ``set`` of lock keys
   (read by powercrud with ``cache.get``)
 
-The tracking set is written as a pickle that can be *appended to* (see
-:mod:`otel_taskctx.conflicts.tracking`), which is what lets the Redis and database backends add lock keys to
-it atomically, in the same round trip that takes the locks, without rewriting it.
+The Redis backend writes the tracking set as a pickle that can be *appended to* (see
+:mod:`otel_taskctx.conflicts.tracking`), so its script adds lock keys to it atomically in the
+round trip that takes the locks; the database backend rewrites it under the tracking row's
+lock, in the transaction that takes the locks.
 """
 
 from __future__ import annotations

@@ -1,60 +1,42 @@
-"""The database backend of the conflict store: set-based SQL on the cache's own table.
+"""The database backend of the conflict store: set-based statements on our lock model.
 
-Used for Django's ``DatabaseCache`` (and :class:`otel_taskctx.cache.DatabaseCache`, whose lock
-table has the same schema) on SQLite and PostgreSQL. Rows are written exactly as the cache
-writes them (``base64(pickle(value))``, the same ``expires`` encoding), so powercrud's
-``cache.get``/``cache.delete`` read and release them.
+Used where powercrud's cache is a :class:`otel_taskctx.cache.LockCache` (the lock-safe view of
+Django's ``DatabaseCache``, or :class:`otel_taskctx.cache.DatabaseCache`) on SQLite or
+PostgreSQL. Locks and tracking sets are :class:`otel_taskctx.models.DescendantLock` rows in
+the cache's key and value encoding, so powercrud's ``cache.get``/``cache.delete`` see them.
 
-One transaction per reservation:
-
-1. upsert the task's tracking row: this takes SQLite's write lock and PostgreSQL's row lock,
-   so registrations of one task queue up instead of deadlocking on each other's lock rows;
-2. read the requested lock rows in batches (``SELECT ... FOR UPDATE`` on PostgreSQL): ids
-   held by another task are a conflict and the transaction is rolled back;
-3. ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires < now`` for the free ids, a batch of
-   ``batch_size`` rows per statement; a row another transaction took meanwhile makes the row
-   count come up short, the transaction is rolled back and the reservation starts over;
-4. append the new lock keys to the tracking set in place (its base64 text is appendable, see
-   :func:`otel_taskctx.conflicts.tracking.encode_tracking`).
+One transaction per reservation: the task's tracking row first (SQLite's write lock,
+PostgreSQL's row lock: registrations of one task queue up instead of deadlocking), then every
+id taken at once (:meth:`DatabaseConflictStore._take`); if some are held, the reservation
+starts over reading them first (``FOR UPDATE`` on PostgreSQL) to tell its own (re-entrant)
+from another task's (a conflict, rolled back). The tracking set is rewritten under the
+tracking row's lock, so concurrent registrations of one task never lose each other's keys.
+Everything but :meth:`~DatabaseConflictStore._take` is the ORM.
 """
 
 from __future__ import annotations
 
-import base64
-import logging
-import pickle
-import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
-from django.conf import settings
-from django.db import OperationalError, connections, router, transaction
-from django.utils.timezone import now as tz_now
+from django.db import IntegrityError, OperationalError, connections, transaction
+from django.db.models import F
+from django.utils.timezone import now
 
+from otel_taskctx.cache import LockCache, decode, encode, lock_db, locks, purge_expired
 from otel_taskctx.conflicts.base import CacheConflictStore, _Item
-from otel_taskctx.conflicts.tracking import (
-    TRACKING_HEADER,
-    TRACKING_TAIL,
-    chunked,
-    encode_tracking,
-    tracking_chunk,
-)
+from otel_taskctx.conflicts.tracking import chunked
 from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict
 
-log = logging.getLogger("otel_taskctx.conflicts")
-
 VENDORS = ("sqlite", "postgresql")
-_TAIL_B64 = base64.b64encode(TRACKING_TAIL).decode("ascii")
-_EMPTY_B64 = base64.b64encode(TRACKING_HEADER + TRACKING_TAIL).decode("ascii")
-#: seconds between two purges of expired rows from the lock table (per process)
-PURGE_INTERVAL = 300.0
-_purged: dict[tuple[str, str], float] = {}
-_purge_lock = threading.Lock()
 
 
 class _Contention(Exception):
     """A row changed under the transaction: roll back and start over."""
+
+
+class _Taken(Exception):
+    """Some ids are held already (by this task or another): read them before taking."""
 
 
 class _Conflict(Exception):
@@ -62,22 +44,15 @@ class _Conflict(Exception):
         self.conflicts = conflicts
 
 
-def storage_for(cache: Any, key: str) -> Any:
-    """The DatabaseCache (cache table or lock table) that holds ``key``."""
-    pick = getattr(cache, "storage_for", None)
-    return pick(key) if pick is not None else cache
-
-
 def supports(cache: Any, manager: Any) -> bool:
-    from django.core.cache.backends.db import DatabaseCache
-
-    if not isinstance(cache, DatabaseCache):
+    if not isinstance(cache, LockCache):
         return False
-    lock = storage_for(cache, f"{manager.conflict_model_prefix}x:1")
-    if storage_for(cache, f"{manager.conflict_prefix}x") is not lock:
-        return False  # locks and tracking sets in different tables: generic path
-    db = router.db_for_write(lock.cache_model_class)
-    return connections[db].vendor in VENDORS
+    if not (
+        cache.is_lock_key(f"{manager.conflict_model_prefix}x:1")
+        and cache.is_lock_key(f"{manager.conflict_prefix}x")
+    ):
+        return False  # locks or tracking sets elsewhere: generic path
+    return connections[lock_db()].vendor in VENDORS
 
 
 def _is_deadlock(exc: BaseException) -> bool:
@@ -89,61 +64,37 @@ class DatabaseConflictStore(CacheConflictStore):
     """All-or-nothing reservations with set-based statements, in one transaction."""
 
     kind = "database"
-    #: rows per statement (3 parameters a row: SQLite allows 32766 parameters)
+    #: rows per statement
     batch_size = 2000
     attempts = 8
 
     def __init__(self, manager: Any, ttl: int | None = None) -> None:
         super().__init__(manager, ttl)
-        self.storage = storage_for(self.cache, self.lock_key("x", 1))
-        self.table = self.storage._table
-        self.db = router.db_for_write(self.storage.cache_model_class)
-        #: True when the rows live in a cache table Django culls (plain DatabaseCache)
-        self.culled = self.storage is self.cache and not hasattr(self.cache, "lock_table")
+        self.db = lock_db()
         # Django's default KEY_FUNCTION prepends "<prefix>:<version>:": build keys by
         # concatenation instead of validating 10,000 keys one by one
-        self._key_prefix: str | None = self.storage.make_key("")
+        self._key_prefix: str | None = self.cache.make_key("")
         probe = self.lock_key("probe.model", "x-1")
-        if self.storage.make_and_validate_key(probe) != self._key_prefix + probe:
+        if self.cache.make_and_validate_key(probe) != self._key_prefix + probe:
             self._key_prefix = None
-
-    # encoding --------------------------------------------------------------------------------
-    def _encode(self, value: Any) -> str:
-        return base64.b64encode(pickle.dumps(value, self.storage.pickle_protocol)).decode("latin1")
-
-    def _decode(self, connection: Any, value: Any) -> Any:
-        value = connection.ops.process_clob(value)
-        return pickle.loads(base64.b64decode(value.encode(), validate=True))
 
     def _db_key(self, key: str) -> str:
         if self._key_prefix is not None and len(key) < 200:
             return self._key_prefix + key
-        return self.storage.make_and_validate_key(key)
-
-    def _times(self, connection: Any, ttl: int | None) -> tuple[Any, Any]:
-        """(now, expiry) adapted for the database, encoded as the cache encodes them."""
-        now = tz_now().replace(microsecond=0)
-        timeout = self.storage.get_backend_timeout(ttl)
-        if timeout is None:
-            exp = datetime.max
-        else:
-            exp = datetime.fromtimestamp(timeout, tz=UTC if settings.USE_TZ else None)
-        exp = exp.replace(microsecond=0)
-        adapt = connection.ops.adapt_datetimefield_value
-        return adapt(now), adapt(exp)
-
-    def _sql(self, connection: Any) -> tuple[str, str, str, str]:
-        qn = connection.ops.quote_name
-        return qn(self.table), qn("cache_key"), qn("value"), qn("expires")
+        return self.cache.make_and_validate_key(key)
 
     # reserve ---------------------------------------------------------------------------------
     def _reserve(self, task_key: str, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
+        optimistic = True  # first: take every id at once, without reading them
         for attempt in range(self.attempts):
             try:
-                return self._reserve_once(task_key, items)
+                return self._reserve_once(task_key, items, optimistic)
             except _Conflict as exc:
                 raise DescendantConflict(task_key, exc.conflicts) from None
-            except _Contention:
+            except _Taken:
+                optimistic = False  # some are held (by us or another task): read them first
+                continue
+            except (_Contention, IntegrityError):
                 pass
             except OperationalError as exc:
                 if not _is_deadlock(exc):
@@ -153,191 +104,131 @@ class DatabaseConflictStore(CacheConflictStore):
             f"task {task_key}: lock rows kept changing under the reservation; try again"
         )
 
-    def _reserve_once(self, task_key: str, items: list[_Item]) -> tuple[list[_Item], list[_Item]]:
-        connection = connections[self.db]
-        table, key_col, value_col, exp_col = self._sql(connection)
-        holder = self._encode(task_key)
-        now, exp = self._times(connection, self.ttl)
+    def _reserve_once(
+        self, task_key: str, items: list[_Item], optimistic: bool
+    ) -> tuple[list[_Item], list[_Item]]:
+        from otel_taskctx.models import DescendantLock
+
+        rows = locks(self.db)
+        holder = encode(task_key)
+        moment, exp = now(), self.cache.expiry(self.ttl)
         by_key = {self._db_key(i.key): i for i in items}
         keys = sorted(by_key)
         tracking = self._db_key(self.tracking_key(task_key))
-        for_update = f" ORDER BY {key_col} FOR UPDATE"
-        if not connection.features.has_select_for_update:
-            for_update = ""
+        held: list[str] = []
+        with transaction.atomic(using=self.db):
+            # 1. the tracking row first (write lock / row lock; an expired one starts empty)
+            rows.filter(cache_key=tracking, expires__lt=moment).delete()
+            empty = DescendantLock(cache_key=tracking, value=encode(set()), expires=exp)
+            rows.bulk_create([empty], ignore_conflicts=True)
+            tracked = rows.select_for_update().filter(cache_key=tracking)
+            tracked_value, tracked_exp = tracked.values_list("value", "expires").get()
+            if optimistic:  # 2a. take them all; one held already sends us to 2b
+                fresh = keys
+                for batch in chunked(keys, self.batch_size):
+                    if self._take(batch, holder, exp, moment) != len(batch):
+                        raise _Taken()
+            else:  # 2b. who holds what, then take the free ones
+                fresh, held = self._classify(task_key, holder, by_key, keys, moment)
+                for batch in chunked(fresh, self.batch_size):
+                    if self._take(batch, holder, exp, moment) != len(batch):
+                        raise _Contention()  # another transaction was faster
+                for batch in chunked(held, self.batch_size):  # ours already: fresh TTL
+                    rows.filter(cache_key__in=batch, expires__lt=exp).update(expires=exp)
+            # 3. the new lock keys join the tracking set
+            if fresh or tracked_exp < exp:
+                tracked_keys = set(decode(tracked_value) or ()) | {by_key[k].key for k in fresh}
+                rows.filter(cache_key=tracking).update(
+                    value=encode(tracked_keys), expires=max(tracked_exp, exp)
+                )
+        purge_expired(self.db)
+        return [by_key[k] for k in fresh], [by_key[k] for k in held]
+
+    def _classify(
+        self, task_key: str, holder: str, by_key: dict[str, _Item], keys: list[str], moment: Any
+    ) -> tuple[list[str], list[str]]:
+        """``(free keys, keys the task holds)``; raises _Conflict naming the other holders."""
         fresh: list[str] = []
         held: list[str] = []
         conflicts: dict[str, dict[Any, str]] = {}
-        with transaction.atomic(using=self.db), connection.cursor() as cursor:
-            # 1. the tracking row first (write lock / row lock; an expired one starts empty)
+        for batch in chunked(keys, self.batch_size):
+            found = dict.fromkeys(batch)
+            query = locks(self.db).select_for_update().filter(cache_key__in=batch)
+            for key, value, expires in query.order_by("cache_key").values_list(
+                "cache_key", "value", "expires"
+            ):
+                found[key] = (value, expires)
+            for key, row in found.items():
+                if row is None or row[1] < moment:
+                    fresh.append(key)
+                elif row[0] == holder or decode(row[0]) == task_key:
+                    held.append(key)
+                else:
+                    item = by_key[key]
+                    conflicts.setdefault(item.model, {})[item.obj_id] = str(decode(row[0]))
+        if conflicts:
+            raise _Conflict(conflicts)  # rolls back the tracking row too
+        return fresh, held
+
+    def _take(self, keys: list[str], holder: str, exp: Any, moment: Any) -> int:
+        """Lock ``keys`` for ``holder`` where they are absent or expired, in one statement;
+        returns how many rows it wrote (short: some are held).
+
+        The one statement in raw SQL: an atomic add-or-take-over-if-expired of many rows,
+        ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires < now``, which the ORM's
+        ``bulk_create(update_conflicts=True)`` cannot make conditional (and costs ~20 us a
+        row in the compiler: 8x the whole reservation at 10,000 ids).
+        """
+        from otel_taskctx.models import DescendantLock
+
+        connection = connections[self.db]
+        field = DescendantLock._meta.get_field("expires")
+        exp, moment = (field.get_db_prep_value(t, connection) for t in (exp, moment))
+        table = f'"{DescendantLock._meta.db_table}"'  # standard SQL quoting, both vendors
+        with connection.cursor() as cursor:
             cursor.execute(
-                f"INSERT INTO {table} ({key_col}, {value_col}, {exp_col}) VALUES (%s, %s, %s) "
-                f"ON CONFLICT ({key_col}) DO UPDATE SET "
-                f"{value_col} = CASE WHEN {table}.{exp_col} < %s THEN excluded.{value_col} "
-                f"ELSE {table}.{value_col} END, "
-                f"{exp_col} = CASE WHEN {table}.{exp_col} < excluded.{exp_col} "
-                f"THEN excluded.{exp_col} ELSE {table}.{exp_col} END",
-                [tracking, _EMPTY_B64, exp, now],
+                f'INSERT INTO {table} ("cache_key", "value", "expires") VALUES '
+                + ", ".join(["(%s, %s, %s)"] * len(keys))
+                + ' ON CONFLICT ("cache_key") DO UPDATE SET "value" = excluded."value", '
+                f'"expires" = excluded."expires" WHERE {table}."expires" < %s',
+                [p for k in keys for p in (k, holder, exp)] + [moment],
             )
-            # 2. who holds what
-            for batch in chunked(keys, self.batch_size):
-                marks = ", ".join(["%s"] * len(batch))
-                cursor.execute(
-                    f"SELECT {key_col}, {value_col}, "
-                    f"CASE WHEN {exp_col} < %s THEN 1 ELSE 0 END "
-                    f"FROM {table} WHERE {key_col} IN ({marks}){for_update}",
-                    [now, *batch],
-                )
-                found = {row[0]: row for row in cursor.fetchall()}
-                for key in batch:
-                    row = found.get(key)
-                    if row is None or row[2]:
-                        fresh.append(key)
-                        continue
-                    value = connection.ops.process_clob(row[1])
-                    owner = task_key if value == holder else self._decode(connection, value)
-                    if owner == task_key:
-                        held.append(key)
-                    else:
-                        item = by_key[key]
-                        conflicts.setdefault(item.model, {})[item.obj_id] = str(owner)
-            if conflicts:
-                raise _Conflict(conflicts)  # rolls back the tracking upsert too
-            # 3. take the free ones; a short row count means someone else was faster
-            for batch in chunked(fresh, self.batch_size):
-                rows = ", ".join(["(%s, %s, %s)"] * len(batch))
-                params = [p for key in batch for p in (key, holder, exp)]
-                cursor.execute(
-                    f"INSERT INTO {table} ({key_col}, {value_col}, {exp_col}) VALUES {rows} "
-                    f"ON CONFLICT ({key_col}) DO UPDATE SET {value_col} = excluded.{value_col}, "
-                    f"{exp_col} = excluded.{exp_col} WHERE {table}.{exp_col} < %s",
-                    [*params, now],
-                )
-                if cursor.rowcount != len(batch):
-                    raise _Contention()
-            # 4. ids the task already held: fresh TTL
-            for batch in chunked(held, self.batch_size):
-                marks = ", ".join(["%s"] * len(batch))
-                cursor.execute(
-                    f"UPDATE {table} SET {exp_col} = %s "
-                    f"WHERE {key_col} IN ({marks}) AND {exp_col} < %s",
-                    [exp, *batch, exp],
-                )
-            # 5. the new lock keys join the tracking set
-            if fresh:
-                self._append_tracking(connection, cursor, tracking, [by_key[k].key for k in fresh])
-        self._maybe_purge(connection)
-        return [by_key[k] for k in fresh], [by_key[k] for k in held]
-
-    def _append_tracking(
-        self, connection: Any, cursor: Any, tracking: str, keys: list[str]
-    ) -> None:
-        table, key_col, value_col, _ = self._sql(connection)
-        chunk = base64.b64encode(tracking_chunk(keys, align=True)).decode("ascii")
-        cursor.execute(
-            f"UPDATE {table} SET {value_col} = "
-            f"SUBSTR({value_col}, 1, LENGTH({value_col}) - 4) || %s || %s "
-            f"WHERE {key_col} = %s AND SUBSTR({value_col}, LENGTH({value_col}) - 3) = %s",
-            [chunk, _TAIL_B64, tracking, _TAIL_B64],
-        )
-        if cursor.rowcount == 1:
-            return
-        # written by powercrud (a plain pickled set): rewrite it once in the appendable format
-        cursor.execute(f"SELECT {value_col} FROM {table} WHERE {key_col} = %s", [tracking])
-        row = cursor.fetchone()
-        current = set(self._decode(connection, row[0]) or ()) if row else set()
-        value = base64.b64encode(encode_tracking(sorted(current | set(keys)))).decode("ascii")
-        cursor.execute(
-            f"UPDATE {table} SET {value_col} = %s WHERE {key_col} = %s", [value, tracking]
-        )
-
-    def _maybe_purge(self, connection: Any) -> None:
-        """Now and then, delete expired rows from our lock table (never culled otherwise)."""
-        if self.culled:
-            return
-        marker = (self.db, self.table)
-        now = time.monotonic()
-        with _purge_lock:
-            if now - _purged.get(marker, 0.0) < PURGE_INTERVAL:
-                return
-            _purged[marker] = now
-        table, _, _, exp_col = self._sql(connection)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    f"DELETE FROM {table} WHERE {exp_col} < %s",
-                    [self._times(connection, None)[0]],
-                )
-        except Exception:  # pragma: no cover - best effort
-            log.debug("could not purge expired locks", exc_info=True)
+            return cursor.rowcount
 
     # release / refresh -----------------------------------------------------------------------
-    def _tracked_in_tx(self, connection: Any, cursor: Any, tracking: str) -> set[str]:
-        table, key_col, value_col, exp_col = self._sql(connection)
-        # a write first: SQLite's write lock, PostgreSQL's row lock
-        cursor.execute(f"UPDATE {table} SET {exp_col} = {exp_col} WHERE {key_col} = %s", [tracking])
-        cursor.execute(f"SELECT {value_col} FROM {table} WHERE {key_col} = %s", [tracking])
-        row = cursor.fetchone()
-        return set(self._decode(connection, row[0]) or ()) if row else set()
-
-    def _has_tracking_row(self, connection: Any, tracking: str) -> bool:
-        """Whether the task's tracking row exists (expired or not), read without a lock.
-
-        A row that is absent here cannot matter to a release or a refresh: locks are only
-        taken with the tracking row written in the same transaction, and a task's locks are
-        released or refreshed by the task itself or after it ended.
-        """
-        table, key_col, _, _ = self._sql(connection)
-        with connection.cursor() as cursor:
-            cursor.execute(f"SELECT 1 FROM {table} WHERE {key_col} = %s", [tracking])
-            return cursor.fetchone() is not None
-
     def _release(self, task_key: str) -> int:
-        table, key_col, value_col, _ = self._sql(connections[self.db])
         return self._on_tracked_locks(
             task_key,
-            lambda marks: f"DELETE FROM {table} WHERE {key_col} IN ({marks}) AND {value_col} = %s",
-            lambda batch, holder: [*batch, holder],
-            lambda tracking: (f"DELETE FROM {table} WHERE {key_col} = %s", [tracking]),
+            lambda mine: mine.delete()[0],
+            lambda tracking: tracking.delete(),
         )
 
     def _refresh(self, task_key: str, ttl: int) -> int:
-        connection = connections[self.db]
-        table, key_col, value_col, exp_col = self._sql(connection)
-        _, exp = self._times(connection, ttl)
+        exp = self.cache.expiry(ttl)
         return self._on_tracked_locks(
             task_key,
-            lambda marks: (
-                f"UPDATE {table} SET {exp_col} = %s "
-                f"WHERE {key_col} IN ({marks}) AND {value_col} = %s"
-            ),
-            lambda batch, holder: [exp, *batch, holder],
-            lambda tracking: (
-                f"UPDATE {table} SET {exp_col} = CASE WHEN {exp_col} < %s THEN %s "
-                f"ELSE {exp_col} END WHERE {key_col} = %s",
-                [exp, exp, tracking],
-            ),
+            lambda mine: mine.update(expires=exp),
+            lambda tracking: tracking.filter(expires__lt=exp).update(expires=exp),
         )
 
-    def _on_tracked_locks(self, task_key, batch_sql, batch_params, tracking_statement) -> int:
-        """Run ``batch_sql`` (compare-and-act on the holder) over the task's tracked lock keys,
-        in batches, then ``tracking_statement`` on the tracking entry; one transaction.
-        Returns the number of lock rows the batches touched."""
-        connection = connections[self.db]
-        tracking = self._db_key(self.tracking_key(task_key))
-        if not self._has_tracking_row(connection, tracking):
+    def _on_tracked_locks(self, task_key: str, on_mine: Any, on_tracking: Any) -> int:
+        """``on_mine`` (a queryset of the task's tracked locks that it still holds: the
+        compare-and-act) in batches, then ``on_tracking`` on the tracking row; one
+        transaction. Returns the number of lock rows ``on_mine`` touched."""
+        rows = locks(self.db)
+        tracking = rows.filter(cache_key=self._db_key(self.tracking_key(task_key)))
+        if not tracking.exists():
             # the task never took a lock (most jobs): nothing to act on, and no write
             # transaction (on SQLite, the one write lock every process of a cluster queues on)
             return 0
-        holder = self._encode(task_key)
+        holder = encode(task_key)
         count = 0
-        with transaction.atomic(using=self.db), connection.cursor() as cursor:
-            keys = sorted(
-                self._db_key(k) for k in self._tracked_in_tx(connection, cursor, tracking)
-            )
+        with transaction.atomic(using=self.db):
+            # a write first: SQLite's write lock, PostgreSQL's row lock
+            tracking.update(expires=F("expires"))
+            value = tracking.values_list("value", flat=True).first()
+            keys = sorted(self._db_key(k) for k in (decode(value) or ())) if value else []
             for batch in chunked(keys, self.batch_size):
-                cursor.execute(
-                    batch_sql(", ".join(["%s"] * len(batch))), batch_params(batch, holder)
-                )
-                count += cursor.rowcount
-            cursor.execute(*tracking_statement(tracking))
+                count += on_mine(rows.filter(cache_key__in=batch, value=holder))
+            on_tracking(tracking)
         return count

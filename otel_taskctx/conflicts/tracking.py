@@ -1,9 +1,10 @@
 """The tracking set's format: a pickle of a python ``set`` that can be appended to.
 
 powercrud reads ``powercrud:async:conflict:<task key>`` with ``cache.get`` and gets a ``set``
-of lock keys. The Redis and database backends add keys to it atomically, in the same round
-trip that takes the locks, without rewriting it: the pickle is built so that appending is
-overwriting its 3-byte tail.
+of lock keys. The Redis backend's Lua script adds keys to it atomically, in the same round
+trip that takes the locks, without reading it back: the pickle is built so that appending is
+overwriting its 3-byte tail (``SETRANGE``). The database backend does not need this: it
+rewrites the set with ``pickle.dumps`` under the tracking row's lock.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from typing import Any
 # ---------------------------------------------------------------------------------------------
 # the appendable tracking-set pickle
 #
-#   PROTO 4, EMPTY_SET | MARK, item..., ADDITEMS, [padding] | ... | NONE, POP, STOP
+#   PROTO 4, EMPTY_SET | MARK, item..., ADDITEMS | ... | NONE, POP, STOP
 #
 # Every chunk between the header and the 3-byte tail adds items to the set on the stack. To
-# append, overwrite the tail with ``chunk + tail``. Chunks padded to a multiple of 3 bytes
-# (with NONE+POP no-ops) keep the base64 text of the database cache appendable too:
-# base64(a + b) == base64(a) + base64(b) when len(a) % 3 == 0.
+# append, overwrite the tail with ``chunk + tail``.
 # ---------------------------------------------------------------------------------------------
 TRACKING_HEADER = b"\x80\x04\x8f"
 TRACKING_TAIL = b"N0."
-_PAD = {0: b"", 1: b"N0N0", 2: b"N0"}
 
 
 _SHORT = [b"\x8c" + bytes((n,)) for n in range(256)]  # SHORT_BINUNICODE <length byte>
@@ -35,22 +33,19 @@ def _pickled_parts(raw: bytes) -> tuple[bytes, bytes]:
     return b"X" + len(raw).to_bytes(4, "little"), raw  # BINUNICODE
 
 
-def tracking_chunk(keys: Iterable[str], align: bool = True) -> bytes:
+def tracking_chunk(keys: Iterable[str]) -> bytes:
     """Pickle opcodes that add ``keys`` to the set below them on the unpickler's stack."""
-    body = b"".join(
+    return b"".join(
         [b"("] + [p for k in keys for p in _pickled_parts(k.encode("utf-8"))] + [b"\x90"]
     )
-    if align:
-        body += _PAD[(-len(body)) % 3]
-    return body
 
 
 def prefixed_chunk(prefix: str, texts: list[str]) -> bytes:
-    """``tracking_chunk([prefix + t for t in texts], align=False)``, faster."""
+    """``tracking_chunk([prefix + t for t in texts])``, faster."""
     head = prefix.encode("utf-8")
     encoded = "\x00".join(texts).encode("utf-8").split(b"\x00")
     if len(encoded) != len(texts) or len(head) + max(map(len, encoded), default=0) >= 256:
-        return tracking_chunk([prefix + t for t in texts], align=False)
+        return tracking_chunk([prefix + t for t in texts])
     size = len(head)
     parts = [b"("]
     for raw in encoded:
@@ -59,9 +54,9 @@ def prefixed_chunk(prefix: str, texts: list[str]) -> bytes:
     return b"".join(parts)
 
 
-def encode_tracking(keys: Iterable[str], align: bool = True) -> bytes:
+def encode_tracking(keys: Iterable[str]) -> bytes:
     """A pickle of ``set(keys)`` that stays loadable after :func:`tracking_chunk` appends."""
-    return TRACKING_HEADER + tracking_chunk(keys, align) + TRACKING_TAIL
+    return TRACKING_HEADER + tracking_chunk(keys) + TRACKING_TAIL
 
 
 def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

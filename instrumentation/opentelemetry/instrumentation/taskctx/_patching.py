@@ -87,6 +87,15 @@ def _point_names(old: Any, new: Any) -> list[tuple[Any, str]]:
     return changed
 
 
+#: every wrapper an instrumentor installed and has not removed (by identity: wrapt's own
+#: record of the wrapper function is private)
+_installed: list[Any] = []
+
+
+def _forget(wrapper: Any) -> None:
+    _installed[:] = [w for w in _installed if w is not wrapper]
+
+
 class Patches:
     """The patches one instrumentor applied, undone in reverse order."""
 
@@ -99,11 +108,13 @@ class Patches:
 
     def wrap(self, target: Any, name: str, wrapper: Any) -> Any:
         current = vars(target)[name] if isinstance(target, type) else getattr(target, name)
-        if isinstance(current, wrapt.FunctionWrapper) and current._self_wrapper is wrapper:
+        if any(current is ours for ours in _installed):
             unwrap(target, name)  # a stale wrapper of ours (an instrumentor not uninstrumented)
+            _forget(current)
         wrapt.wrap_function_wrapper(target, name, wrapper)
         installed = vars(target)[name] if isinstance(target, type) else getattr(target, name)
         self.wrapped.append((target, name, installed))
+        _installed.append(installed)
         return installed
 
     def apply(self) -> None:
@@ -217,6 +228,7 @@ class Patches:
         while self.wrapped:
             target, name, installed = self.wrapped.pop()
             current = vars(target).get(name) if isinstance(target, type) else getattr(target, name)
+            _forget(installed)
             if current is installed:
                 unwrap(target, name)
             else:

@@ -57,6 +57,21 @@ def _complete(job_key: str, job: Any, failed: list[Any]) -> Any:
 _redis_barriers: dict[int, Any] = {}
 
 
+def _forget_redis(setting: str = "", **kwargs: Any) -> None:
+    """Settings changed (tests): the barrier's store is looked up again."""
+    if setting in ("CACHES", "OTEL_TASKCTX", "POWERCRUD_SETTINGS"):
+        _redis_barriers.clear()
+
+
+def _connect_setting_changed() -> None:
+    from django.core.signals import setting_changed
+
+    setting_changed.connect(_forget_redis, dispatch_uid="otel_taskctx.fan_out_barrier")
+
+
+_connect_setting_changed()
+
+
 def _redis() -> Any:
     """The Redis barrier where the conflict store is Redis, else None (per process)."""
     pid = os.getpid()

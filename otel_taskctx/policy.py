@@ -115,20 +115,15 @@ def nested_launch(identity: Any, func: Any) -> str:
     try:
         if _listed("ENQUEUE_NESTED", func):
             return ENQUEUE
-        marked = _marked_path(func) if isinstance(func, str) else marked_policy(func)
-        if marked is not None:
-            return marked
-        from otel_taskctx.conf import get_setting
-
-        if get_setting("NESTED_POLICY") == FAN_OUT or _listed("FAN_OUT", func):
-            return FAN_OUT
     except Exception:  # settings not configured: the default
         return INLINE
-    return INLINE
+    return FAN_OUT if may_fan_out(func) else INLINE
 
 
 def may_fan_out(func: Any) -> bool:
-    """Could a run of ``func`` be a fanned-out child (a worker then looks for its carrier)?"""
+    """Does a nested launch of ``func`` fan out (its decorator, then ``NESTED_POLICY`` or
+    ``FAN_OUT``)? So: could a run of it be a fanned-out child (a worker then looks for its
+    carrier)?"""
     try:
         marked = _marked_path(func) if isinstance(func, str) else marked_policy(func)
         if marked is not None:

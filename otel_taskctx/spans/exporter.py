@@ -27,7 +27,36 @@ from otel_taskctx.spans.writer import SpanWriter, get_writer
 log = logging.getLogger("otel_taskctx.spans")
 
 
-class DatabaseSpanExporter(SpanExporter):
+class _Writing:
+    """What the store's exporter and processor share: the writer (the process's, unless one
+    was given), a flush that never raises into the caller, and a shutdown that flushes once."""
+
+    def __init__(self, writer: SpanWriter | None = None) -> None:
+        self._writer = writer
+        self._shutdown = False
+
+    @property
+    def writer(self) -> SpanWriter:
+        return self._writer or get_writer()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            if sqlite.caller_holds_transaction(self.writer.using):
+                return True  # written once the caller commits
+            return self.writer.flush(timeout_millis / 1000, running=False)
+        except Exception:  # pragma: no cover
+            return False
+
+    def shutdown(self) -> None:
+        if not self._shutdown:
+            self._shutdown = True
+            try:
+                self.writer.flush(2.0, running=False)
+            except Exception:  # pragma: no cover
+                pass
+
+
+class DatabaseSpanExporter(_Writing, SpanExporter):
     """Writes finished spans to :class:`~otel_taskctx.models.TaskSpan`.
 
     Use it behind a ``BatchSpanProcessor``. ``export`` never raises: rows that cannot be
@@ -35,13 +64,8 @@ class DatabaseSpanExporter(SpanExporter):
     """
 
     def __init__(self, writer: SpanWriter | None = None, timeout: float = 10.0) -> None:
-        self._writer = writer
+        super().__init__(writer)
         self.timeout = timeout
-        self._shutdown = False
-
-    @property
-    def writer(self) -> SpanWriter:
-        return self._writer or get_writer()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._shutdown:
@@ -72,31 +96,10 @@ class DatabaseSpanExporter(SpanExporter):
             log.warning("otel_taskctx span export failed", exc_info=True)
             return SpanExportResult.FAILURE
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        if sqlite.caller_holds_transaction(self.writer.using):
-            return True
-        return self.writer.flush(timeout_millis / 1000, running=False)
 
-    def shutdown(self) -> None:
-        if not self._shutdown:
-            self._shutdown = True
-            try:
-                self.writer.flush(2.0, running=False)
-            except Exception:  # pragma: no cover
-                pass
-
-
-class StoreSpanProcessor(SpanProcessor):
+class StoreSpanProcessor(_Writing, SpanProcessor):
     """Hands each finished (sampled) span to the writer, noting the database it is for; the
     writer turns them into rows and writes them at its next pass (every ``interval``)."""
-
-    def __init__(self, writer: SpanWriter | None = None) -> None:
-        self._writer = writer
-        self._shutdown = False
-
-    @property
-    def writer(self) -> SpanWriter:
-        return self._writer or get_writer()
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         pass
@@ -110,22 +113,6 @@ class StoreSpanProcessor(SpanProcessor):
                 self.writer.add_finished(span)
         except Exception:  # pragma: no cover - never into the caller
             log.debug("could not queue a span for the store", exc_info=True)
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        try:
-            if sqlite.caller_holds_transaction(self.writer.using):
-                return True  # written once the caller commits
-            return self.writer.flush(timeout_millis / 1000, running=False)
-        except Exception:  # pragma: no cover
-            return False
-
-    def shutdown(self) -> None:
-        if not self._shutdown:
-            self._shutdown = True
-            try:
-                self.writer.flush(2.0, running=False)
-            except Exception:  # pragma: no cover
-                pass
 
 
 class RunningSpanProcessor(SpanProcessor):

@@ -90,24 +90,13 @@ def atomic_for(backend: Any) -> Any:
     return contextlib.nullcontext()
 
 
-def store(task_result: Any, carrier: dict[str, str], fan_out: str = "") -> bool:
-    """Keep ``carrier`` for the task of ``task_result``; False where its backend's worker
-    could not read it."""
-    backend = task_result.task.get_backend()
-    result_id = str(task_result.id)
-    if is_database_backend(backend):
-        from otel_taskctx.models import TaskCarrier
+def store(task_result: Any, carrier: dict[str, str], fan_out: str = "") -> None:
+    """Keep ``carrier`` beside a ``DatabaseBackend`` task, in the enqueue's transaction."""
+    from otel_taskctx.models import TaskCarrier
 
-        TaskCarrier.objects.using(database()).create(
-            result_id=result_id, carrier=carrier, fan_out=fan_out
-        )
-        return True
-    if _in_process(backend):
-        _local[result_id] = (carrier, fan_out)
-        while len(_local) > LOCAL_MAX:
-            _local.popitem(last=False)
-        return True
-    return False
+    TaskCarrier.objects.using(database()).create(
+        result_id=str(task_result.id), carrier=carrier, fan_out=fan_out
+    )
 
 
 def take(task_result: Any) -> tuple[Any, str, bool] | None:

@@ -45,10 +45,8 @@ def django_db_setup(django_db_setup, django_db_blocker):
 def _signing_from_settings():
     """Every test starts with the signing secret of the test settings."""
     identity.reset_signing()
-    identity.set_key_provider(None)
     yield
     identity.reset_signing()
-    identity.set_key_provider(None)
 
 
 @pytest.fixture

@@ -156,8 +156,8 @@ def test_identity_is_frozen():
 def test_signing_secret_missing_is_a_clear_error(settings):
     from otel_taskctx import identity
 
+    settings.SECRET_KEY = ""  # Django refuses to hand out an empty SECRET_KEY
     identity.reset_signing()
-    identity.set_key_provider(lambda: (None, [], 60))
     with pytest.raises(RuntimeError, match="signing secret"):
         with task_context("job"):
             pass

@@ -1,16 +1,13 @@
 """otel-taskctx: task identity as OpenTelemetry baggage for nested async work in Django.
 
-Importing this package needs only ``opentelemetry-api``; the helpers that talk to powercrud
-import Django and powercrud when they are called.
+Importing the package needs ``opentelemetry-api`` only; the span processor (an SDK
+``SpanProcessor``) is imported on first use of its names, Django and the hosts when called.
 """
 
+import importlib
+
 from otel_taskctx.conflicts import get_conflict_store, keep_locks_alive
-from otel_taskctx.context import (
-    allow_nested_async,
-    current_task,
-    skip_nested_async,
-    task_context,
-)
+from otel_taskctx.context import allow_nested_async, current_task, skip_nested_async, task_context
 from otel_taskctx.descendants import Registration, register_descendants
 from otel_taskctx.errors import (
     ConflictStoreUnavailable,
@@ -21,7 +18,6 @@ from otel_taskctx.errors import (
 )
 from otel_taskctx.identity import TaskIdentity, configure_signing
 from otel_taskctx.policy import fan_out, run_inline
-from otel_taskctx.processor import TaskContextSpanProcessor, install_span_processor
 from otel_taskctx.progress import flush_progress, report_progress
 from otel_taskctx.propagation import extract, inject, install_propagator_filter
 from otel_taskctx.tracer_provider import join_tracer_provider
@@ -55,3 +51,9 @@ __all__ = [
     "skip_nested_async",
     "task_context",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in ("TaskContextSpanProcessor", "install_span_processor"):
+        return getattr(importlib.import_module("otel_taskctx.processor"), name)
+    raise AttributeError(f"module 'otel_taskctx' has no attribute {name!r}")

@@ -1,10 +1,6 @@
 from __future__ import annotations
 
-import logging
-
 from django.apps import AppConfig
-
-log = logging.getLogger("otel_taskctx")
 
 
 class OtelTaskCtxConfig(AppConfig):
@@ -14,23 +10,17 @@ class OtelTaskCtxConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        """Checks, lock-safe caches, the propagator filter, the instrumentation and the span
+        processor and store, as the settings ask (the signing keys are read on first use)."""
         from django.core.signals import setting_changed
 
-        from otel_taskctx import (
-            checks,  # noqa: F401  (registers the system checks)
-            powercrud_cache,
-            tasks_checks,  # noqa: F401  (registers the django.tasks checks)
-        )
-        from otel_taskctx.conf import get_setting, signing_settings
+        from otel_taskctx import checks, powercrud_cache, tasks_checks  # noqa: F401 (checks)
+        from otel_taskctx.conf import get_setting
         from otel_taskctx.descendants import clear_manager_cache
-        from otel_taskctx.identity import configure_signing
         from otel_taskctx.propagation import install_propagator_filter
 
         powercrud_cache.install()  # locks kept where nothing culls them, whatever else is on
         setting_changed.connect(clear_manager_cache, dispatch_uid="otel_taskctx.managers")
-        secret, fallbacks, ttl = signing_settings()
-        if secret:
-            configure_signing(secret, fallbacks, ttl)
         if get_setting("FILTER_GLOBAL_PROPAGATOR"):
             install_propagator_filter()
         if get_setting("AUTO_INSTRUMENT"):

@@ -1,8 +1,7 @@
 """The current task: its identity in the OpenTelemetry context (OpenTelemetry API only).
 
-The identity is one signed baggage entry, so it follows the context into threads, asyncio
-tasks and, through :func:`otel_taskctx.inject` / :func:`otel_taskctx.extract`, into workers.
-Beside it the context keeps the identity verified for that entry, so reading it costs no HMAC.
+One signed baggage entry, so it follows the context into threads, asyncio tasks and (through
+``inject`` / ``extract``) workers; the identity verified for it is kept beside it.
 """
 
 from __future__ import annotations
@@ -40,13 +39,11 @@ def identity_from_context(ctx: context.Context | None = None) -> TaskIdentity | 
         return last[1]
     token = baggage.get_baggage(BAGGAGE_ENTRY, ctx)
     verified = ctx.get(_VERIFIED_KEY)
-    if token is None:
-        _last = (ctx, None)
-        return None
-    if verified is not None and verified[0] is token:
-        _last = (ctx, verified[1])
-        return verified[1]
-    return verify_cached(token)  # a raw token: its expiry is checked on every call
+    if token is not None and (verified is None or verified[0] is not token):
+        return verify_cached(token)  # a raw token: its expiry is checked on every call
+    identity = None if token is None else verified[1]
+    _last = (ctx, identity)
+    return identity
 
 
 def current_task() -> TaskIdentity | None:
@@ -77,11 +74,8 @@ def context_without_identity(ctx: context.Context | None = None) -> context.Cont
 def task_context(
     task_key: str, manager_class_path: str | None = None
 ) -> AbstractContextManager[TaskIdentity]:
-    """Run a block (or, as a decorator, a function) inside the task ``task_key``.
-
-    Inside another task the new identity records it as parent, its root and depth + 1; the
-    previous context is restored on exit. Bad arguments raise ``ValueError`` here.
-    """
+    """Run a block (or, as a decorator, a function) inside the task ``task_key``, nested in
+    the current task if any. Bad arguments raise ``ValueError`` here."""
     return _task_context(validate_task_key(task_key), validate_class_path(manager_class_path))
 
 

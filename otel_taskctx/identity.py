@@ -1,8 +1,5 @@
-"""The task identity and its token, signed by :class:`django.core.signing.Signer`.
-
-The token is ``v2.<base64url JSON payload>.<signature>`` (docs/security.md): the signer's salt,
-HMAC and fallback keys are Django's; the expiry (``x``) is part of the signed payload.
-"""
+"""The task identity and its token ``v2.<payload>.<signature>``, signed by Django's ``Signer``
+(its salt, HMAC and fallback keys; the expiry is in the payload: docs/security.md)."""
 
 from __future__ import annotations
 
@@ -60,16 +57,14 @@ class TaskIdentity:
 
     def lineage_attributes(self) -> dict[str, str | int]:
         """Span attributes describing this task's place in its job tree."""
-        attrs: dict[str, str | int] = {
+        attrs = {
             semconv.TASK_KEY: self.task_key,
-            semconv.ROOT_TASK_KEY: self.root_task_key or self.task_key,
+            semconv.ROOT_TASK_KEY: self.root_task_key,
             semconv.DEPTH: self.depth,
+            semconv.PARENT_TASK_KEY: self.parent_task_key,
+            semconv.MANAGER_CLASS_PATH: self.manager_class_path,
         }
-        if self.parent_task_key:
-            attrs[semconv.PARENT_TASK_KEY] = self.parent_task_key
-        if self.manager_class_path:
-            attrs[semconv.MANAGER_CLASS_PATH] = self.manager_class_path
-        return attrs
+        return {name: value for name, value in attrs.items() if value is not None}
 
 
 def validate_task_key(task_key: object) -> str:
@@ -92,21 +87,22 @@ def validate_class_path(path: object) -> str | None:
 _keys: tuple[Signer, int] | None = None
 
 
-def _signer(key: str | bytes | None, fallbacks: list[str | bytes] | None) -> Signer:
-    from django.core.signing import Signer
-
-    # key None: Django's SECRET_KEY; fallbacks None: its SECRET_KEY_FALLBACKS
-    return Signer(key=key, sep=".", salt=SIGNING_SALT, algorithm="sha256", fallback_keys=fallbacks)
-
-
 def configure_signing(
     secret: str | bytes, fallbacks: Iterable[str | bytes] = (), ttl_seconds: int = 24 * 3600
 ) -> None:
     """Sign with ``secret`` (``fallbacks`` still verify); without it, Django's settings."""
-    global _keys
     if not secret:
         raise ValueError("the signing secret must not be empty")
-    _keys = (_signer(secret, [f for f in fallbacks if f]), int(ttl_seconds))
+    _configure(secret, [f for f in fallbacks if f], ttl_seconds)
+
+
+def _configure(key: str | bytes | None, fallbacks: list | None, ttl: int) -> None:
+    """Key None: Django's ``SECRET_KEY``; fallbacks None: its ``SECRET_KEY_FALLBACKS``."""
+    global _keys
+    from django.core.signing import Signer
+
+    signer = Signer(key=key, sep=".", salt=SIGNING_SALT, fallback_keys=fallbacks)  # SHA-256
+    _keys = (signer, int(ttl))
     _verified.cache_clear()
 
 
@@ -118,13 +114,12 @@ def reset_signing() -> None:
 
 
 def _current_keys() -> tuple[Signer, int] | None:
-    global _keys
     if _keys is None:
-        try:
-            from otel_taskctx.conf import get_setting
+        from otel_taskctx.conf import get_setting
 
-            signer = _signer(get_setting("SIGNING_KEY"), get_setting("SIGNING_KEY_FALLBACKS"))
-            _keys = (signer, int(get_setting("IDENTITY_TTL")))
+        try:
+            names = ("SIGNING_KEY", "SIGNING_KEY_FALLBACKS", "IDENTITY_TTL")
+            _configure(*map(get_setting, names))
         except Exception as exc:  # no Django, settings not configured, no SECRET_KEY
             log.debug("no signing secret available: %s", exc)
     return _keys
@@ -168,9 +163,7 @@ def verify(token: object, now: float | None = None) -> TaskIdentity:
     try:
         data = keys[0].unsign_object(token[len(_PREFIX) :])
     except (BadSignature, ValueError):
-        raise InvalidIdentity(
-            "bad signature (forged, tampered or from another deployment)"
-        ) from None
+        raise InvalidIdentity("bad signature (forged, tampered, another deployment's)") from None
     if not isinstance(data, dict) or type(data.get("x")) is not int:
         raise InvalidIdentity("payload is not an object with an expiry")
     depth = data.get("d", 0)

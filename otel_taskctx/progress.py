@@ -1,9 +1,5 @@
-"""Progress: a task's progress message to its powercrud manager, throttled per task.
-
-At most one write every ``OTEL_TASKCTX["PROGRESS_MIN_INTERVAL"]`` seconds per task; a message
-arriving sooner is held (replaced by any newer one) and written by a timer when the interval
-is up, or by :func:`flush_progress` when the job ends. So the newest message always lands.
-"""
+"""A task's progress message to its manager: one write per ``PROGRESS_MIN_INTERVAL`` per task;
+a message arriving sooner is held (the newest wins) and written by a timer or at the job's end."""
 
 from __future__ import annotations
 
@@ -11,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 from opentelemetry import trace
 
@@ -23,10 +20,8 @@ log = logging.getLogger("otel_taskctx")
 
 
 def report_progress(message: str, done: int | None = None, total: int | None = None) -> bool:
-    """Store ``message`` as the current task's progress (throttled); False outside a task.
-
-    With ``done`` of ``total`` the text ends in ``(NN%)``, which powercrud's bar shows.
-    """
+    """Store ``message`` (ending in ``(NN%)`` with ``done`` of ``total``) as the current task's
+    progress; False outside a task."""
     text = progress_text(message, done, total)
     identity = current_task()
     if identity is None:
@@ -52,17 +47,15 @@ def progress_text(message: object, done: int | None = None, total: int | None = 
     return f"{message} ({done * 100 // total}%)"
 
 
+@dataclass(slots=True)
 class _Task:
     """One task's throttle: when it may write next, the message held, the timer writing it."""
 
-    __slots__ = ("identity", "interval", "due", "held", "timer")
-
-    def __init__(self, identity: TaskIdentity) -> None:
-        self.identity = identity
-        self.interval = 0.0
-        self.due = 0.0  # monotonic time from which the job's thread may write itself
-        self.held: str | None = None
-        self.timer: threading.Timer | None = None
+    identity: TaskIdentity
+    interval: float = 0.0
+    due: float = 0.0  # monotonic time from which the job's thread may write itself
+    held: str | None = None
+    timer: threading.Timer | None = None
 
 
 #: forget a task's throttle this long after its last write (no flush came)
@@ -79,20 +72,19 @@ def report_for(identity: TaskIdentity, message: str) -> None:
     key, now = identity.task_key, time.monotonic()
     with _lock:
         task = _tasks.get(key)
-        if task is None and interval > 0:
-            for other, idle in list(_tasks.items()):
+        if task is None:
+            for other, idle in list(_tasks.items()):  # tasks no flush came for
                 if idle.timer is None and now - idle.due > IDLE_SECONDS:
                     del _tasks[other]
             task = _tasks[key] = _Task(identity)
-        write_now = task is None or (task.timer is None and now >= task.due)
-        if task is not None:
-            task.identity, task.interval = identity, interval
-            if write_now:
-                task.due = now + interval
-            else:  # while a timer is set, only it writes: no older message lands last
-                task.held = str(message)
-                if task.timer is None:
-                    _start_timer(task, task.due - now)
+        task.identity, task.interval = identity, interval
+        write_now = task.timer is None and now >= task.due
+        if write_now:
+            task.due = now + interval
+        else:  # while a timer is set only it writes: no older message lands last
+            task.held = str(message)
+            if task.timer is None:
+                _start_timer(task, task.due - now)
     if write_now:
         resolve_manager(identity).update_progress(key, str(message))
 
@@ -115,7 +107,9 @@ def _write_held(task: _Task) -> None:
         task.timer = None
         if task.held is not None:
             _start_timer(task, task.interval)
-    _close_thread_connections()
+    from django.db import connections
+
+    connections.close_all()  # this thread ends: its database connections with it
 
 
 def _write(identity: TaskIdentity, message: str) -> bool:
@@ -150,16 +144,6 @@ def flush_all_progress() -> int:
     """Write every held message now (e.g. at shutdown). Returns the count."""
     held = [key for key, task in list(_tasks.items()) if task.held is not None]
     return sum(flush_progress(key) for key in held)
-
-
-def _close_thread_connections() -> None:
-    """A timer's thread ends here: its database connections go with it."""
-    try:
-        from django.db import connections
-
-        connections.close_all()
-    except Exception:  # pragma: no cover - Django not configured
-        pass
 
 
 def _reset() -> None:

@@ -1,10 +1,5 @@
-"""Carrying the context across processes, and keeping the identity off everything else.
-
-:func:`inject` / :func:`extract` are the task packages' own channel: W3C trace context and
-baggage whatever the global propagator is, with the identity verified on the way in. The global
-propagator (used by HTTP instrumentations) is wrapped by :func:`install_propagator_filter`, so
-the identity neither comes in nor goes out through it.
-"""
+"""The task packages' own channel (:func:`inject` / :func:`extract`: W3C trace context and
+baggage, the identity verified on the way in), and the global propagator kept free of it."""
 
 from __future__ import annotations
 
@@ -36,27 +31,22 @@ MAX_CARRIER_VALUE = 8192
 def inject(
     carrier: MutableMapping[str, str], context: Context | None = None, token: str | None = None
 ) -> None:
-    """Write the W3C trace context and baggage of ``context`` into ``carrier``.
-
-    ``token`` (a signed identity) replaces the context's own. The identity is the first
-    baggage entry, so the W3C limits that may cut a user's large baggage never cut it.
-    """
+    """Write the W3C trace context and baggage of ``context`` into ``carrier``; ``token`` (a
+    signed identity) replaces the context's own. The identity goes first: no limit cuts it."""
     ctx = get_current() if context is None else context
     _trace_propagator.inject(carrier, context=ctx)
-    others = dict(baggage.get_all(ctx))
-    own = others.pop(BAGGAGE_ENTRY, None)
-    token = own if token is None else token
+    entries = dict(baggage.get_all(ctx))
+    own = entries.pop(BAGGAGE_ENTRY, None)
+    if own is not None or token is not None:
+        entries = {BAGGAGE_ENTRY: own if token is None else token, **entries}
     ordered = baggage.clear(ctx)
-    if token is not None:
-        ordered = baggage.set_baggage(BAGGAGE_ENTRY, token, ordered)
-    for name, value in others.items():
+    for name, value in entries.items():
         ordered = baggage.set_baggage(name, value, ordered)
     _baggage_propagator.inject(carrier, context=ordered)
 
 
 def _read(carrier: object, ctx: Context) -> Context:
-    """The trace context and baggage of ``carrier`` onto ``ctx``: only string values of the
-    known fields, of sane size (anything else is dropped with a warning)."""
+    """``carrier`` onto ``ctx``: string values of known fields and sane size, else a warning."""
     if not isinstance(carrier, dict):
         if carrier is not None:
             log.warning("ignoring trace carrier of type %s", type(carrier).__name__)
@@ -86,13 +76,9 @@ def extract(carrier: Any, context: Context | None = None) -> Context:
 
 
 def extract_bound(carrier: Any, bound_to: str) -> tuple[Context, TaskIdentity | None, str]:
-    """``(context, identity, refusal)`` of a carrier stored for the queued task ``bound_to``
-    (a ``django.tasks`` result id).
-
-    The identity counts only if it verifies and was issued for ``bound_to``; otherwise it is
-    removed and ``refusal`` says why ("" when there was none). The binding, not the expiry,
-    ties it to its task: one that expired while the task waited is issued again.
-    """
+    """``(context, identity, refusal)`` of a carrier stored for the ``django.tasks`` result
+    ``bound_to``: its identity counts only if it verifies and was issued for that result, else
+    ``refusal`` says why. The binding, not the expiry, ties it to its task."""
     ctx = _read(carrier, Context())
     token = baggage.get_baggage(BAGGAGE_ENTRY, ctx)
     if token is None:
@@ -104,9 +90,8 @@ def extract_bound(carrier: Any, bound_to: str) -> tuple[Context, TaskIdentity | 
     if identity.bound_to != bound_to:
         issued = identity.bound_to or "no queued task"
         return context_without_identity(ctx), None, f"it was issued for {issued}"
-    if identity.expires_at is not None and identity.expires_at < time.time():
-        identity = replace(identity, expires_at=None)
-        return context_with_identity(identity, ctx=ctx), identity, ""
+    if identity.expires_at < time.time():  # it expired while the task waited: issued again
+        identity, token = replace(identity, expires_at=None), None
     return context_with_identity(identity, token, ctx), identity, ""
 
 
@@ -116,12 +101,7 @@ class IdentityFilteringPropagator(textmap.TextMapPropagator):
     def __init__(self, inner: textmap.TextMapPropagator) -> None:
         self.inner = inner
 
-    def extract(
-        self,
-        carrier: textmap.CarrierT,
-        context: Context | None = None,
-        getter: textmap.Getter[textmap.CarrierT] = textmap.default_getter,
-    ) -> Context:
+    def extract(self, carrier, context=None, getter=textmap.default_getter) -> Context:
         base = get_current() if context is None else context
         ctx = self.inner.extract(carrier, context=base, getter=getter)
         before = baggage.get_baggage(BAGGAGE_ENTRY, base)
@@ -132,12 +112,7 @@ class IdentityFilteringPropagator(textmap.TextMapPropagator):
             return baggage.remove_baggage(BAGGAGE_ENTRY, ctx)
         return baggage.set_baggage(BAGGAGE_ENTRY, before, ctx)
 
-    def inject(
-        self,
-        carrier: textmap.CarrierT,
-        context: Context | None = None,
-        setter: textmap.Setter[textmap.CarrierT] = textmap.default_setter,
-    ) -> None:
+    def inject(self, carrier, context=None, setter=textmap.default_setter) -> None:
         ctx = baggage.remove_baggage(BAGGAGE_ENTRY, context)
         self.inner.inject(carrier, context=ctx, setter=setter)
 

@@ -1,5 +1,5 @@
-"""Span attribute and event names used by otel_taskctx (the documented convention), and the
-one writer and one reader of the descendants attributes."""
+"""Span attribute and event names (docs/processor.md, docs/instrumentation.md), and the one
+writer and one reader of the descendants attributes."""
 
 from __future__ import annotations
 
@@ -22,18 +22,14 @@ DESCENDANTS_COUNT = "taskctx.descendants.count"
 # progress: a span attribute or an event named PROGRESS_EVENT with PROGRESS_MESSAGE
 PROGRESS_EVENT = "taskctx.progress"
 PROGRESS_MESSAGE = "taskctx.progress"
-#: optional, next to PROGRESS_MESSAGE: done of total (the message then ends in "(NN%)")
 PROGRESS_DONE = "taskctx.progress.done"
 PROGRESS_TOTAL = "taskctx.progress.total"
 
 #: set (True) on events the helpers already forwarded; the span processor skips them
 FORWARDED = "taskctx.forwarded"
 
-# --- set by the instrumentation (opentelemetry.instrumentation.taskctx) ---------------------
-#: ``messaging.system`` of every span this instrumentation creates.
+# set by the instrumentation; messaging conventions as strings (no incubating module)
 MESSAGING_SYSTEM_VALUE = "django_q2"
-
-# messaging semantic conventions (string values, so no incubating module is imported)
 MESSAGING_SYSTEM = "messaging.system"
 MESSAGING_OPERATION_TYPE = "messaging.operation.type"
 MESSAGING_OPERATION_NAME = "messaging.operation.name"
@@ -48,14 +44,9 @@ TASK_FUNC = "django_q2.task.func"
 TASK_GROUP = "django_q2.task.group"
 TASK_SYNC = "django_q2.task.sync"
 
-# otel_taskctx specifics set by the instrumentation
-#: id returned by a suppressed nested launch (``<task key>/nested/<n>-<function>``)
 NESTED_ID = "taskctx.nested.id"
-#: "inline" on the INTERNAL span of a suppressed nested launch
 NESTED_MODE = "taskctx.nested.mode"
-#: task key given to a job that a powercrud manager launched (on the PRODUCER span)
 LAUNCHED_TASK_KEY = "taskctx.launched_task_key"
-#: errors powercrud reported for a bulk run that django-q2 recorded as a success
 REPORTED_ERRORS = "taskctx.reported_errors"
 
 
@@ -63,9 +54,7 @@ REPORTED_ERRORS = "taskctx.reported_errors"
 MAX_EVENT_IDS = 1000
 
 
-def descendants_attributes(
-    model: str, ids: Sequence[Any], forwarded: bool = True
-) -> dict[str, Any]:
+def descendants_attributes(model: str, ids: Sequence[Any], forwarded: bool = True) -> dict:
     """The attributes of a descendants event for ``ids`` of ``model``."""
     return {
         DESCENDANTS_MODEL: model,
@@ -76,8 +65,7 @@ def descendants_attributes(
 
 
 def read_descendants(attributes: Mapping[str, Any]) -> tuple[str, list[Any], int] | None:
-    """``(model, ids, count)`` from descendants attributes (an event's or a span's), or None
-    when they name no model (see :func:`descendants_count` for ``count``)."""
+    """``(model, ids, count)`` from an event's or a span's attributes; None without a model."""
     model = attributes.get(DESCENDANTS_MODEL)
     if not model:
         return None
@@ -85,10 +73,9 @@ def read_descendants(attributes: Mapping[str, Any]) -> tuple[str, list[Any], int
 
 
 def descendants_count(attributes: Mapping[str, Any]) -> int:
-    """How many descendants the attributes stand for: ``DESCENDANTS_COUNT`` when it is a whole
-    number, else the number of ids listed."""
+    """``DESCENDANTS_COUNT`` when it is a whole number, else the number of ids listed."""
     count = attributes.get(DESCENDANTS_COUNT)
-    if isinstance(count, int) and not isinstance(count, bool):
+    if type(count) is int:
         return count
     return len(_id_list(attributes.get(DESCENDANTS_IDS)))
 
@@ -96,6 +83,4 @@ def descendants_count(attributes: Mapping[str, Any]) -> int:
 def _id_list(ids: Any) -> list[Any]:
     if ids is None:
         return []
-    if isinstance(ids, (str, int)):
-        return [ids]
-    return list(ids)
+    return [ids] if isinstance(ids, (str, int)) else list(ids)

@@ -1,12 +1,9 @@
-"""The fan-out barrier in Redis: used where the conflict store is Redis (a django-redis cache),
-so the barrier's state lives beside the locks and costs one round trip per step.
+"""The fan-out barrier in Redis, beside the locks of a Redis conflict store.
 
-Per job, one hash (``<prefix>job:<job key>``): a field ``c:<child name>`` per child (its
-function, state, error and start), ``pending`` (children not ended yet) and, once the job's
-own function has ended, ``job`` (its function, result id, error and state). A sorted set
-(``<prefix>pending``) holds every pending child by its start time, for the timeout sweep.
-Each step is one Lua script, so a job is claimed for completion exactly once: the hash is read
-and deleted and the completion runs.
+Per job one hash ``<prefix>job:<job key>``: a field ``c:<child>`` per child, ``pending`` (the
+children not ended) and, once the job's function ended, ``job``. A sorted set ``<prefix>pending``
+holds the pending children by start time, for the sweep. Each step is one Lua script, so a job
+is claimed for completion exactly once.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 PREFIX = "otel_taskctx:fan_out:"
-#: a job's state expires a week after its last child was added (a job whose end never came)
 KEEP_SECONDS = 7 * 24 * 3600
 
 # KEYS[1] the job's hash, KEYS[2] the pending set
@@ -63,7 +59,7 @@ return 1
 
 @dataclass
 class Row:
-    """A child's or the job's record, with the fields of ``FanOutChild`` the completions read."""
+    """A record with the fields of ``FanOutChild`` that the completion reads."""
 
     task_id: str
     func: str = ""
@@ -94,12 +90,10 @@ class RedisBarrier:
         return str(self.client.make_key(f"{PREFIX}name:{name}"))
 
     def job_of(self, name: str) -> str | None:
-        """The job of a child whose name does not carry it (a long job key)."""
         raw = self._redis().get(self._name(name))
         return raw.decode() if isinstance(raw, bytes) else raw
 
     def add_child(self, job_key: str, name: str, func: str, named: bool = True) -> None:
-        """``named``: the child's name carries ``job_key`` (else it is recorded apart)."""
         key = self._job(job_key)
         now = time.time()
         with self._redis().pipeline(transaction=True) as pipe:
@@ -112,7 +106,6 @@ class RedisBarrier:
             pipe.execute()
 
     def remove_child(self, job_key: str, name: str) -> None:
-        """Undo :meth:`add_child` (the child could not be enqueued)."""
         key = self._job(job_key)
         with self._redis().pipeline(transaction=True) as pipe:
             pipe.hdel(key, f"c:{name}")
@@ -153,7 +146,6 @@ class RedisBarrier:
         return job, failed
 
     def any_pending(self) -> bool:
-        """Is any child of any job pending?"""
         return bool(self._redis().zcard(self._pending))
 
     def stale(self, timeout: float) -> list[tuple[str, str]]:
@@ -167,7 +159,6 @@ class RedisBarrier:
         return out
 
     def discard(self, job_key: str) -> None:
-        """Forget a job's barrier state (benchmarks)."""
         key = self._job(job_key)
         names = [f.decode()[2:] for f in self._redis().hkeys(key) if f.startswith(b"c:")]
         if names:

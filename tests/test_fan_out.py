@@ -335,7 +335,7 @@ def test_a_childs_name_carries_its_job_key_and_long_keys_still_find_their_job(ca
     from django.conf import settings
 
     # the barrier lives beside the locks: Redis on the Redis stack, else the database
-    assert (barrier._redis() is not None) == (settings.STACK == "redis-postgres")
+    assert isinstance(barrier.store(), barrier.RedisBarrier) == (settings.STACK == "redis-postgres")
     completed = []
     monkeypatch.setattr(barrier, "complete", lambda *a: completed.append(a))
     for job in ("3f2b9c1e-6c7a-4e50-b362-b742dfa2eee8", "k" * 150):

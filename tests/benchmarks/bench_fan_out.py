@@ -105,8 +105,8 @@ def _write_ms(count: int = 200) -> float:
 
     from otel_taskctx.models import FanOutChild
 
-    redis = barrier._redis()
-    if redis is not None:
+    redis = barrier.store()
+    if isinstance(redis, barrier.RedisBarrier):
         client, key = redis._redis(), f"bench-write-{time.time_ns()}"
         start = time.perf_counter()
         for n in range(count):

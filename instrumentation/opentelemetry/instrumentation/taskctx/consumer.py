@@ -13,7 +13,7 @@ from typing import Any
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import barrier, fan_out, runs
+from opentelemetry.instrumentation.taskctx import fan_out, runs, sweeper
 from opentelemetry.instrumentation.taskctx.producer import CARRIER_KEY, FAN_OUT_KEY
 from opentelemetry.instrumentation.taskctx.tracing import (
     STATE,
@@ -133,7 +133,7 @@ def on_pre_execute(
                 )
         fanned_out = identity is not None and task.get(FAN_OUT_KEY) == identity.task_key
         if fanned_out:
-            barrier.ensure_sweeping()
+            sweeper.ensure_running()
         if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
             log.warning(
                 "ignoring the identity of task %s: it names task %s",

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from opentelemetry import context
-from opentelemetry.instrumentation.taskctx import barrier
+from opentelemetry.instrumentation.taskctx import barrier, sweeper
 
 from otel_taskctx.context import context_with_identity
 from otel_taskctx.errors import FanOutUnavailable
@@ -67,7 +67,7 @@ def launch(
             raise
         finally:
             context.detach(token)
-        barrier.ensure_sweeping()
+        sweeper.ensure_running()
         return task_id
 
     if connection.in_atomic_block:  # the child must see what the job commits
@@ -79,7 +79,7 @@ def launch(
 def swept_cleanup(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of powercrud's ``cleanup_completed_tasks``: sweep fan-out jobs first."""
     try:
-        barrier.sweep()
+        sweeper.sweep()
     except Exception:
         log.warning("could not sweep fan-out jobs", exc_info=True)
     return wrapped(*args, **kwargs)
@@ -115,7 +115,7 @@ def job_done(task: Any) -> None:
         log.warning("could not check the fan-out children of job %s", task.name, exc_info=True)
         deferred = False
     if deferred:  # the monitor lives as long as the cluster: it sweeps while the job waits
-        barrier.ensure_sweeping()
+        sweeper.ensure_running()
         return
     from powercrud import async_hooks
 

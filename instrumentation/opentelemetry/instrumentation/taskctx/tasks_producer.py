@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.taskctx import barrier, runs, tasks_carriers
+from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
 from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes, running_in
 from opentelemetry.trace import SpanKind
 
@@ -203,7 +203,7 @@ def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict)
     except BaseException:
         barrier.remove_child(identity.task_key, name)
         raise
-    barrier.ensure_sweeping()
+    sweeper.ensure_running()
     return result
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import barrier, runs, tasks_carriers
+from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
 from opentelemetry.instrumentation.taskctx.tasks_producer import (
     CARRIER_KWARG,
     FAN_OUT_FIELD,
@@ -120,7 +120,7 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
             attributes.update(identity.lineage_attributes())
         if fan_out:
             attributes[semconv.NESTED_MODE] = "fan_out"
-            barrier.ensure_sweeping()
+            sweeper.ensure_running()
         span = STATE.tracer.start_span(
             f"process {task_result.task.module_path}",
             context=ctx,
@@ -230,7 +230,7 @@ def _end(run: runs.Run, task_result: Any, error: str) -> None:
         except Exception:  # the barrier table is unreachable: the task ends now
             log.warning("could not check the fan-out children of %s", path, exc_info=True)
     if deferred:
-        barrier.ensure_sweeping()
+        sweeper.ensure_running()
         log.info(
             "task id=%s path=%s returned: it stays RUNNING until its fanned-out children end",
             task_result.id,

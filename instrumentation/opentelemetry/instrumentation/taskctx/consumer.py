@@ -15,12 +15,8 @@ from opentelemetry import baggage, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.taskctx import fan_out, runs, sweeper
 from opentelemetry.instrumentation.taskctx.producer import CARRIER_KEY, FAN_OUT_KEY
-from opentelemetry.instrumentation.taskctx.tracing import (
-    STATE,
-    flush_spans,
-    messaging_attributes,
-    record_error,
-)
+from opentelemetry.instrumentation.taskctx.runs import record_error
+from opentelemetry.instrumentation.taskctx.tracing import STATE, flush_spans, messaging_attributes
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv

@@ -13,7 +13,8 @@ from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.instrumentation.taskctx import fan_out, runs
-from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes, running_in
+from opentelemetry.instrumentation.taskctx.runs import running_in
+from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import policy, semconv

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx.tracing import STATE, running_in
+from opentelemetry.instrumentation.taskctx.tracing import STATE
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
@@ -28,6 +29,28 @@ from otel_taskctx.policy import func_path, resolve_callable
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
+
+
+@contextmanager
+def running_in(span: Any, ctx: Any) -> Iterator[Any]:
+    """Attach ``ctx`` (which holds ``span``) for the block; an exception fails the span."""
+    token = context.attach(ctx)
+    try:
+        yield span
+    except BaseException as exc:
+        record_error(span, exc)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
+
+
+def record_error(span: Any, exc: BaseException) -> None:
+    """Mark ``span`` failed with ``exc`` (exception event, status, ``error.type``)."""
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
+        span.set_attribute(semconv.ERROR_TYPE, type(exc).__qualname__)
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
-from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes, running_in
+from opentelemetry.instrumentation.taskctx.runs import running_in
+from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import policy, semconv

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import context, trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry import trace
 
 from otel_taskctx import semconv
 
@@ -34,28 +31,6 @@ def messaging_attributes(system: str, operation: str, func: str) -> dict[str, An
         semconv.MESSAGING_OPERATION_NAME: operation,
         semconv.TASK_FUNC: func,
     }
-
-
-@contextmanager
-def running_in(span: Any, ctx: Any) -> Iterator[Any]:
-    """Attach ``ctx`` (which holds ``span``) for the block; an exception fails the span."""
-    token = context.attach(ctx)
-    try:
-        yield span
-    except BaseException as exc:
-        record_error(span, exc)
-        raise
-    finally:
-        context.detach(token)
-        span.end()
-
-
-def record_error(span: Any, exc: BaseException) -> None:
-    """Mark ``span`` failed with ``exc`` (exception event, status, ``error.type``)."""
-    if span.is_recording():
-        span.record_exception(exc)
-        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
-        span.set_attribute(semconv.ERROR_TYPE, type(exc).__qualname__)
 
 
 def flush_spans(timeout_millis: int = 5000) -> bool:

@@ -52,22 +52,17 @@ def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
     return attrs
 
 
-def _powercrud_async_context() -> Any:
-    """powercrud's own ``async_context`` module, or None. Where ``otel_taskctx.compat``
-    stands in for it, the identity attached for the run answers the stand-in already:
-    powercrud's own module (which names imported before the swap point at) is entered."""
+def _enter_powercrud_context(identity: TaskIdentity) -> Any:
+    """Enter powercrud's own ``task_context`` for the run (None: no powercrud). Where
+    ``otel_taskctx.compat`` stands in for its module, the attached identity answers the
+    stand-in already: powercrud's own module (which older imports point at) is entered."""
     try:
         module = importlib.import_module("powercrud.async_context")
     except Exception:
         return None
     if getattr(module, "__name__", None) != "powercrud.async_context":
         powercrud_module = getattr(module, "powercrud_module", None)
-        return powercrud_module() if callable(powercrud_module) else None
-    return module
-
-
-def _enter_powercrud_context(identity: TaskIdentity) -> Any:
-    module = _powercrud_async_context()
+        module = powercrud_module() if callable(powercrud_module) else None
     if module is None:
         return None
     cm = module.task_context(identity.task_key, identity.manager_class_path)

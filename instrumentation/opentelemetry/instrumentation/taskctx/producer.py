@@ -137,7 +137,7 @@ def _package_attributes(
     attributes: dict[str, Any] = {
         semconv.MESSAGING_MESSAGE_ID: str(task.get("id")),
         semconv.TASK_NAME: str(task.get("name")),
-        semconv.MESSAGING_DESTINATION_NAME: _destination(task),
+        semconv.MESSAGING_DESTINATION_NAME: str(task.get("cluster") or _default_cluster()),
     }
     if own is not None:
         attributes[semconv.LAUNCHED_TASK_KEY] = own.task_key
@@ -151,10 +151,10 @@ def _package_attributes(
     return attributes
 
 
-def _destination(task: dict[str, Any]) -> str:
+def _default_cluster() -> str:
     from django_q.conf import Conf
 
-    return str(task.get("cluster") or Conf.CLUSTER_NAME or Conf.PREFIX)
+    return Conf.CLUSTER_NAME or Conf.PREFIX
 
 
 def _enqueue(

@@ -1,5 +1,5 @@
 """django-tasks-db's side of ``django.tasks``: where a queued task's carrier waits for its
-worker (beside the task, never in its arguments; in memory for an in-process backend), and the
+worker (beside the task, never in its arguments), and the
 final status of a result held for its fanned-out children (see docs/django_tasks.md).
 """
 
@@ -8,14 +8,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-from collections import OrderedDict
 from typing import Any
 
 log = logging.getLogger("otel_taskctx.instrumentation")
-
-#: carriers of in-process runs kept at most (a ``DummyBackend`` never runs what it gets)
-LOCAL_MAX = 1024
-_local: OrderedDict[str, tuple[Any, str]] = OrderedDict()
 
 
 def is_database_backend(backend: Any) -> bool:
@@ -34,20 +29,6 @@ def carries_roots(backend: Any) -> bool:
     from otel_taskctx.conf import get_setting
 
     return bool(get_setting("DJANGO_TASKS_TRACE_CONTEXT")) and is_database_backend(backend)
-
-
-def hand_over(task_result: Any, carrier: dict[str, str]) -> None:
-    """Keep a root task's carrier in memory for a run in this process (no query)."""
-    if _in_process(task_result.task.get_backend()):
-        _local[str(task_result.id)] = (carrier, "")
-        while len(_local) > LOCAL_MAX:
-            _local.popitem(last=False)
-
-
-def _in_process(backend: Any) -> bool:
-    from django.tasks.backends.immediate import ImmediateBackend
-
-    return isinstance(backend, ImmediateBackend)
 
 
 def result_model() -> Any:
@@ -88,9 +69,6 @@ def take(task_result: Any) -> tuple[Any, str, bool] | None:
     """``(carrier, fan_out, from the table)`` of the task, or None; the table is asked only
     for a function that may be fanned out, or with the trace-context setting on."""
     result_id = str(task_result.id)
-    found = _local.pop(result_id, None)
-    if found is not None:
-        return (*found, False)
     task = task_result.task
     if not is_database_backend(task.get_backend()):
         return None

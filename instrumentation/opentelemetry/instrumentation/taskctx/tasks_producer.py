@@ -142,20 +142,19 @@ def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any)
     backend = task_result.task.get_backend()
     key = f"task-{result_id}"
     try:
-        ctx = trace.set_span_in_context(plan.span)
-        carrier: dict[str, str] = {}
-        if plan.child is not None:
-            identity = replace(plan.child, bound_to=result_id)
-            key = identity.task_key
-            inject(carrier, context_with_identity(identity, ctx=ctx))
-            carrier[FAN_OUT_FIELD] = plan.fan_out
-        else:
-            inject(carrier, context_without_identity(ctx))
+        # an in-process run (ImmediateBackend) starts in this very context: nothing to keep
         if plan.child is not None or tasks_carriers.carries_roots(backend):
+            ctx = trace.set_span_in_context(plan.span)
+            carrier: dict[str, str] = {}
+            if plan.child is not None:
+                identity = replace(plan.child, bound_to=result_id)
+                key = identity.task_key
+                inject(carrier, context_with_identity(identity, ctx=ctx))
+                carrier[FAN_OUT_FIELD] = plan.fan_out
+            else:
+                inject(carrier, context_without_identity(ctx))
             with tasks_carriers.atomic_for(backend):  # a savepoint
                 tasks_carriers.store(task_result, carrier, plan.fan_out)
-        else:
-            tasks_carriers.hand_over(task_result, carrier)  # in-process runs only: no query
     except Exception:  # the enqueue goes on: a child then runs as a plain task
         log.exception("could not keep the task context of task %s", result_id)
     if plan.span.is_recording():

@@ -26,7 +26,7 @@ from otel_taskctx import semconv
 from otel_taskctx.conflicts.base import reserved_here
 from otel_taskctx.context import context_with_identity, context_without_identity
 from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
-from otel_taskctx.propagation import extract, extract_bound
+from otel_taskctx.propagation import extract, extract_bound, inject
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
@@ -46,16 +46,6 @@ def _carries_identity(carrier: Any) -> bool:
     """Does ``carrier`` hold a task identity, readable or not?"""
     sent = carrier.get("baggage") if isinstance(carrier, dict) else None
     return sent is not None and (not isinstance(sent, str) or BAGGAGE_ENTRY in sent)
-
-
-def _refused(task_result: Any, why: str) -> None:
-    log.warning(
-        "ignoring the task identity of task %s (%s): %s; it runs as a plain task, without "
-        "locks or nesting",
-        task_result.id,
-        task_result.task.module_path,
-        why,
-    )
 
 
 def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, bool]:
@@ -85,7 +75,13 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
         )
         return Context(), None, "", stored
     if carrier is None or not (stored_name or carrier.get(FAN_OUT_FIELD)):  # a root task
-        ctx = extract(carrier) if carrier else Context()
+        if carrier:
+            ctx = extract(carrier)
+        elif tasks_carriers.is_database_backend(task_result.task.get_backend()):
+            ctx = Context()
+        else:  # an in-process run (ImmediateBackend): the enqueue's trace context, as sent
+            inject(sent := {}, context_without_identity())
+            ctx = extract(sent)
         if _carries_identity(carrier):
             log.warning(
                 "task %s (%s): its carrier holds a task identity, which a root task never "
@@ -102,7 +98,13 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
     if identity is not None and not fan_out:
         refusal = "its carrier names another task's barrier record"
     if refusal:
-        _refused(task_result, refusal)
+        log.warning(
+            "ignoring the task identity of task %s (%s): %s; it runs as a plain task, without "
+            "locks or nesting",
+            task_result.id,
+            task_result.task.module_path,
+            refusal,
+        )
         return context_without_identity(ctx), None, "", stored
     return ctx, identity, fan_out, stored
 

@@ -109,15 +109,15 @@ class Patches:
         wrapper = self.wrap(q_tasks, "async_task", producer.traced_async_task)
         self.async_task = (wrapper.__wrapped__, wrapper)
         _point_names(wrapper.__wrapped__, wrapper)
-        for signal, receiver, name in (
-            (q_signals.pre_enqueue, producer.on_pre_enqueue, "pre_enqueue"),
-            (q_signals.pre_execute, consumer.on_pre_execute, "pre_execute"),
-            (q_signals.post_execute_in_worker, consumer.on_post_execute, "post_execute"),
-            (q_signals.post_spawn, flush_at_exit, "post_spawn"),
-        ):
-            uid = f"{_DISPATCH_PREFIX}.{name}"
-            signal.connect(receiver, weak=False, dispatch_uid=uid)
-            self.signals.append((signal, uid, None))
+        self.connect(q_signals.pre_enqueue, producer.on_pre_enqueue, "pre_enqueue")
+        self.connect(q_signals.pre_execute, consumer.on_pre_execute, "pre_execute")
+        self.connect(q_signals.post_execute_in_worker, consumer.on_post_execute, "post_execute")
+        self.connect(q_signals.post_spawn, flush_at_exit, "post_spawn")
+
+    def connect(self, signal: Any, receiver: Any, name: str, sender: Any = None) -> None:
+        uid = f"{_DISPATCH_PREFIX}.{name}"
+        signal.connect(receiver, sender=sender, weak=False, dispatch_uid=uid)
+        self.signals.append((signal, uid, sender))
 
     def _apply_powercrud(self) -> None:
         """powercrud's ``AsyncManager``."""
@@ -148,20 +148,14 @@ class Patches:
 
         self.wrap(Task, "enqueue", tasks_producer.traced_enqueue)
         self.wrap(Task, "aenqueue", tasks_producer.traced_aenqueue)
-        connect = [
-            (task_signals.task_enqueued, tasks_producer.on_task_enqueued, "task_enqueued", None),
-            (task_signals.task_started, tasks_worker.on_task_started, "task_started", None),
-            (task_signals.task_finished, tasks_worker.on_task_finished, "task_finished", None),
-        ]
+        self.connect(task_signals.task_enqueued, tasks_producer.on_task_enqueued, "task_enqueued")
+        self.connect(task_signals.task_started, tasks_worker.on_task_started, "task_started")
+        self.connect(task_signals.task_finished, tasks_worker.on_task_finished, "task_finished")
         if hosts.django_tasks_db():  # a fan-out job's result stays RUNNING until its children end
             from django.db.models.signals import pre_save
             from django_tasks_db.models import DBTaskResult
 
-            connect.append((pre_save, tasks_worker.hold_result, "hold_result", DBTaskResult))
-        for signal, receiver, name, sender in connect:
-            uid = f"{_DISPATCH_PREFIX}.{name}"
-            signal.connect(receiver, sender=sender, weak=False, dispatch_uid=uid)
-            self.signals.append((signal, uid, sender))
+            self.connect(pre_save, tasks_worker.hold_result, "hold_result", DBTaskResult)
 
     def defer(self, ready: Any) -> None:
         """Wrap ``django.setup`` so that ``ready()`` runs once the app registry is ready."""

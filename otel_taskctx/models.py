@@ -124,15 +124,8 @@ class DescendantLock(models.Model):
 
 
 class FanOutChild(models.Model):
-    """One nested job fanned out to another worker, and the job that waits for it (the fan-out
-    barrier in the database, used where the conflict store is not Redis).
-
-    ``job_key`` is the lock-holding task key of the job (the root job: children keep its key,
-    so their fan-outs count against it too); ``task_id`` is the child's django-q2 task name.
-    A job's own end is a row with ``task_id`` "(job)": its completion (powercrud's hook, or
-    the end of a ``django.tasks`` task, whose result id is ``result_id``) runs once no child of
-    the job is pending, and then the job's rows are deleted.
-    """
+    """The fan-out barrier in the database: a row per child of the job ``job_key``, and the
+    job's own end as a row ``task_id="(job)"`` (``result_id``: its ``django.tasks`` result)."""
 
     class State(models.TextChoices):
         PENDING = "pending"
@@ -160,14 +153,8 @@ class FanOutChild(models.Model):
 
 
 class TaskCarrier(models.Model):
-    """The trace context and signed identity of one queued ``django.tasks`` task, kept beside
-    the task instead of inside its arguments (the task's ``args``/``kwargs`` are the user's).
-
-    Written by the library, in the transaction that writes the task's own row, keyed by the
-    task result's id; read by the worker when the task starts (its identity counts only for
-    that id) and deleted when the task ends. ``fan_out`` names the barrier record of a
-    fanned-out child (empty for a job's own task).
-    """
+    """The carrier of a queued ``django.tasks`` task, beside it (never in its arguments),
+    written with the task's row; ``fan_out`` names a fanned-out child's barrier record."""
 
     result_id = models.CharField(max_length=64, primary_key=True)
     carrier = models.JSONField()

@@ -1,28 +1,9 @@
 """How a launch runs: the one decision for every queue (:func:`nested_launch`).
 
-Outside a task a launch is enqueued as a job of its own. Inside a running task, a nested
-launch runs inline under the job's key (the default) or fans out to another worker as a child
-job the job waits for (see docs/fan_out.md), in this order of precedence:
-
-1. ``allow_nested_async()`` around the launch, or the function listed in
-   ``OTEL_TASKCTX["ENQUEUE_NESTED"]``: enqueued as a separate job;
-2. the function's decorator, ``@fan_out`` or ``@run_inline``;
-3. ``OTEL_TASKCTX["NESTED_POLICY"] = "fan_out"``, or the function listed in ``["FAN_OUT"]``:
-   fan-out;
-4. otherwise inline.
-
-The decorators choose for one function and win over the fan-out settings::
-
-    from otel_taskctx import fan_out, run_inline
-
-    @fan_out
-    def sync_chapters(book_id, task_key=None): ...
-
-    @run_inline  # even where NESTED_POLICY is "fan_out"
-    def renumber(book_id, task_key=None): ...
-
-They work on plain functions (django-q2, powercrud) and on ``django.tasks`` tasks, above or
-below ``@task``. They only mark the function: nothing changes when it is called directly.
+Outside a task a launch is enqueued. Inside a task, in this order: ``allow_nested_async()`` or
+``OTEL_TASKCTX["ENQUEUE_NESTED"]``: enqueued; the function's ``@fan_out`` / ``@run_inline``;
+``NESTED_POLICY = "fan_out"`` or ``FAN_OUT`` listing it: fan-out; else inline (see
+docs/fan_out.md). The decorators only mark the function (or a ``django.tasks`` task's).
 """
 
 from __future__ import annotations
@@ -57,7 +38,6 @@ def run_inline[F](func: F) -> F:
 
 
 def marked_policy(func: Any) -> str | None:
-    """``"fan_out"``, ``"inline"`` or None (not decorated) for a function or a task."""
     for candidate in (func, getattr(func, "func", None), getattr(func, "__wrapped__", None)):
         policy = getattr(candidate, ATTRIBUTE, None) if candidate is not None else None
         if policy in (FAN_OUT, INLINE):
@@ -88,7 +68,6 @@ def resolve_callable(func: Any) -> Callable[..., Any]:
 
 @functools.lru_cache(maxsize=1024)
 def _marked_path(path: str) -> str | None:
-    """The decorator's policy of the function at a dotted path (located once per path)."""
     try:
         return marked_policy(resolve_callable(path))
     except Exception:  # a dotted path that does not import: the settings decide
@@ -106,8 +85,8 @@ def _listed(setting: str, func: Any) -> bool:
 
 
 def nested_launch(identity: Any, func: Any) -> str:
-    """How a launch of ``func`` runs in the task ``identity`` (None: outside any task):
-    :data:`ENQUEUE`, :data:`INLINE` or :data:`FAN_OUT` (see the module's docstring)."""
+    """:data:`ENQUEUE`, :data:`INLINE` or :data:`FAN_OUT` for a launch of ``func`` in the task
+    ``identity`` (None: outside any task)."""
     from otel_taskctx.context import nested_async_allowed
 
     if identity is None or nested_async_allowed():
@@ -121,9 +100,7 @@ def nested_launch(identity: Any, func: Any) -> str:
 
 
 def may_fan_out(func: Any) -> bool:
-    """Does a nested launch of ``func`` fan out (its decorator, then ``NESTED_POLICY`` or
-    ``FAN_OUT``)? So: could a run of it be a fanned-out child (a worker then looks for its
-    carrier)?"""
+    """Does a nested launch of ``func`` fan out (its decorator, then the settings)?"""
     try:
         marked = _marked_path(func) if isinstance(func, str) else marked_policy(func)
         if marked is not None:

@@ -1,19 +1,12 @@
-"""Locks and progress of ``django.tasks`` tasks, without powercrud.
-
-A task enqueued through Django's task framework names :class:`TaskManager` in its identity.
-It stands where powercrud's ``AsyncManager`` stands for django-q2 jobs: it gives the conflict
-store a cache (``OTEL_TASKCTX["TASKS_CACHE"]``, made lock-safe like powercrud's, see
-:mod:`otel_taskctx.cache`), the lock key prefixes and the lock TTL, and it stores progress.
-The keys are powercrud's, so a project that uses both sees one set of locks.
-
-:func:`get_progress` reads a task's progress by its task key.
+"""Locks and progress of ``django.tasks`` tasks without powercrud: :class:`TaskManager` stands
+where powercrud's ``AsyncManager`` stands for django-q2 jobs (the cache
+``OTEL_TASKCTX["TASKS_CACHE"]`` made lock-safe, powercrud's key prefixes, the lock TTL).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: the dotted path a django.tasks identity names as its manager
 TASK_MANAGER_PATH = f"{__name__}.TaskManager"
 
 
@@ -37,9 +30,7 @@ class TaskManager:
     conflict_prefix = "powercrud:async:conflict:"
     conflict_model_prefix = "powercrud:conflict:model:"
     progress_prefix = "powercrud:async:progress:"
-    #: seconds a lock lives without refresh (``OTEL_TASKCTX["LOCK_TTL"]`` overrides it)
-    conflict_ttl = 3600
-    #: seconds a progress message stays readable after it was written
+    conflict_ttl = 3600  # OTEL_TASKCTX["LOCK_TTL"] overrides it
     progress_ttl = 24 * 3600
 
     def __init__(self, cache_name: str | None = None) -> None:

@@ -69,7 +69,9 @@ TEMPLATES = [
 STATIC_URL = "/static/"
 
 INSTANCE = os.environ.get("TASKCTX_INSTANCE", "main")
-_run_dir = Path(os.environ.get("TASKCTX_RUN_DIR", tempfile.gettempdir())) / f"otel-taskctx-{INSTANCE}"
+_run_dir = (
+    Path(os.environ.get("TASKCTX_RUN_DIR", tempfile.gettempdir())) / f"otel-taskctx-{INSTANCE}"
+)
 _run_dir.mkdir(parents=True, exist_ok=True)
 REDIS_URL = os.environ.get("TASKCTX_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("TASKCTX_REDIS_DB", "1"))

@@ -18,7 +18,7 @@ import pytest
 from django_q import signals as q_signals
 from django_q.models import Task
 from opentelemetry import baggage, context
-from opentelemetry.instrumentation.taskctx.utils import CARRIER_KEY
+from opentelemetry.instrumentation.taskctx.producer import CARRIER_KEY
 from powercrud.async_manager import AsyncManager
 
 from otel_taskctx import (
@@ -152,7 +152,7 @@ def test_truncated_identity_is_logged(caplog):
     identity that no longer verifies there (truncated, wrong key) is an anomaly worth a
     warning: the job silently runs unlocked and unnested otherwise."""
     from django_q.signing import SignedPackage  # noqa: F401  (the package is signed)
-    from opentelemetry.instrumentation.taskctx import _consumer
+    from opentelemetry.instrumentation.taskctx import consumer
 
     own: dict[str, str] = {}
     with task_context("job-truncated", MANAGER):
@@ -165,12 +165,12 @@ def test_truncated_identity_is_logged(caplog):
         CARRIER_KEY: truncated,
     }
     with caplog.at_level(logging.WARNING, logger="otel_taskctx"):
-        _consumer.on_pre_execute(task=task)
+        consumer.on_pre_execute(task=task)
         try:
             assert current_task() is None
         finally:
             task["success"] = True
-            _consumer.on_post_execute(task=task)
+            consumer.on_post_execute(task=task)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("does not verify" in m and "job-truncated" in m for m in warnings), caplog.text
 

@@ -199,7 +199,7 @@ def test_aenqueue_carries_the_identity_and_runs_nested_work_inline(tmp_path):
 
 
 def test_fanned_out_tasks_run_as_child_tasks_and_the_job_waits_for_them(tmp_path):
-    from opentelemetry.instrumentation.taskctx import _barrier
+    from opentelemetry.instrumentation.taskctx import barrier
 
     groups = [[501, 502], [503], [504]]
     result = jobs.publish_parts.enqueue("fan", groups, str(tmp_path))
@@ -222,7 +222,7 @@ def test_fanned_out_tasks_run_as_child_tasks_and_the_job_waits_for_them(tmp_path
         [f"powercrud:conflict:model:testapp.child:{i}" for i in ids]
     )
     assert held == {}
-    assert not _barrier.has_children(key)
+    assert not barrier.has_children(key)
 
     found = spans(tmp_path / "spans")
     runs = [s for s in found if s["kind"] == "SpanKind.CONSUMER" and "sync_part" in s["name"]]
@@ -239,7 +239,7 @@ def test_fanned_out_tasks_run_as_child_tasks_and_the_job_waits_for_them(tmp_path
 
 
 def test_a_failed_fanned_out_task_fails_its_job_and_its_siblings_still_run(tmp_path):
-    from opentelemetry.instrumentation.taskctx import _barrier
+    from opentelemetry.instrumentation.taskctx import barrier
 
     result = jobs.publish_parts.enqueue("fanbad", [[601], [602], [603]], str(tmp_path), fail_part=1)
     db_worker()
@@ -253,13 +253,13 @@ def test_a_failed_fanned_out_task_fails_its_job_and_its_siblings_still_run(tmp_p
     held = TaskManager().cache.get_many(
         [f"powercrud:conflict:model:testapp.child:{i}" for i in (601, 602, 603)]
     )
-    assert held == {} and not _barrier.has_children(key)
+    assert held == {} and not barrier.has_children(key)
 
 
 def test_a_job_that_raises_after_fanning_out_fails_with_its_own_error_after_its_children(
     tmp_path,
 ):
-    from opentelemetry.instrumentation.taskctx import _barrier
+    from opentelemetry.instrumentation.taskctx import barrier
 
     result = jobs.publish_parts.enqueue("self", [[651], [652]], str(tmp_path), fail_self=True)
     db_worker()
@@ -274,11 +274,11 @@ def test_a_job_that_raises_after_fanning_out_fails_with_its_own_error_after_its_
     held = TaskManager().cache.get_many(
         [f"powercrud:conflict:model:testapp.child:{i}" for i in (651, 652)]
     )
-    assert held == {} and not _barrier.has_children(key)
+    assert held == {} and not barrier.has_children(key)
 
 
 def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
-    from opentelemetry.instrumentation.taskctx import _barrier
+    from opentelemetry.instrumentation.taskctx import barrier
 
     immediate = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend"}}
     with override_settings(TASKS=immediate):
@@ -286,7 +286,7 @@ def test_fan_out_on_a_backend_without_a_worker_is_refused(tmp_path):
         assert result.status == "FAILED"
         assert result.errors[0].exception_class_path == "otel_taskctx.errors.FanOutUnavailable"
         assert "ImmediateBackend" in result.errors[0].traceback
-        assert not _barrier.has_children(seen(tmp_path, "immfan-parent")["task_key"])
+        assert not barrier.has_children(seen(tmp_path, "immfan-parent")["task_key"])
         with override_settings(OTEL_TASKCTX={"DJANGO_TASKS": True, "NESTED_POLICY": "fan_out"}):
             found = [m for m in run_checks() if m.id == "otel_taskctx.W072"]
         assert len(found) == 1 and "ImmediateBackend" in found[0].msg
@@ -296,7 +296,7 @@ def test_a_db_worker_killed_under_a_child_never_leaves_the_job_running(tmp_path)
     """With no ``taskctx_sweep``: a long-running db_worker sweeps by itself."""
     import signal
 
-    from opentelemetry.instrumentation.taskctx import _barrier
+    from opentelemetry.instrumentation.taskctx import barrier
 
     from tests.testapp.reliability import wait_for_file
 
@@ -342,5 +342,5 @@ def test_a_db_worker_killed_under_a_child_never_leaves_the_job_running(tmp_path)
     held = TaskManager().cache.get_many(
         [f"powercrud:conflict:model:testapp.child:{i}" for i in (801, 802)]
     )
-    assert held == {} and not _barrier.has_children(key)
+    assert held == {} and not barrier.has_children(key)
     assert not TaskCarrier.objects.filter(result_id=lost.result_id).exists()  # the sweep's

@@ -14,7 +14,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext, override_settings
-from opentelemetry.instrumentation.taskctx import tasks_carriers, utils
+from opentelemetry.instrumentation.taskctx import tasks_carriers, tracing
 
 from otel_taskctx.models import TaskCarrier
 from tests.testapp import django_tasks as jobs
@@ -44,13 +44,13 @@ def _shape(sql: list[str]) -> list[str]:
 
 
 def test_a_root_task_costs_no_statement_at_all(tmp_path):
-    assert utils.STATE.active
+    assert tracing.STATE.active
     enqueue_on, run_on = _enqueue_and_run(tmp_path, "on")
-    utils.STATE.active = False
+    tracing.STATE.active = False
     try:
         enqueue_off, run_off = _enqueue_and_run(tmp_path, "off")
     finally:
-        utils.STATE.active = True
+        tracing.STATE.active = True
     assert not [s for s in enqueue_on + run_on if "otel_taskctx" in s]
     assert _shape(enqueue_on) == _shape(enqueue_off)
     assert _shape(run_on) == _shape(run_off)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from django.test.utils import override_settings
 from django_q.models import Task
-from opentelemetry.instrumentation.taskctx import _barrier
+from opentelemetry.instrumentation.taskctx import barrier
 from powercrud.async_manager import AsyncManager
 
 from otel_taskctx import task_context
@@ -71,10 +71,10 @@ def test_children_run_on_other_workers_and_the_parent_ends_after_the_last(
         assert starts[1] < min(c["end"] for c in children)  # siblings overlapped
     assert Task.objects.get(name=key).success is True
     assert locks_of(manager, [i for g in groups for i in g]) == set()
-    assert not _barrier.has_children(key)  # the barrier forgot the job
+    assert not barrier.has_children(key)  # the barrier forgot the job
     # only a job that fanned out asks the barrier: its worker gave it the fan-out job hook;
     # a job that fanned nothing out keeps powercrud's own
-    from opentelemetry.instrumentation.taskctx._fan_out import JOB_HOOK, POWERCRUD_HOOK
+    from opentelemetry.instrumentation.taskctx.fan_out import JOB_HOOK, POWERCRUD_HOOK
 
     assert Task.objects.get(name=key).hook == JOB_HOOK
     plain = manager.launch_async_task(CHILD, "plain", [9], str(tmp_path), 0)
@@ -116,7 +116,7 @@ def test_fan_out_needs_no_recorded_span(cluster_factory, tmp_path, cache):
     assert [c["held"] for c in children] == [{"61": key}, {"62": key}]
     assert parent["ended"] < max(c["end"] for c in children) <= completed_at
     assert Task.objects.get(name=key).success is True
-    assert locks_of(manager, [61, 62]) == set() and not _barrier.has_children(key)
+    assert locks_of(manager, [61, 62]) == set() and not barrier.has_children(key)
     from otel_taskctx.models import TaskSpan
 
     time.sleep(1.5)  # the workers' span writers would have stored their runs by now
@@ -143,7 +143,7 @@ def test_fan_out_with_a_sync_launch_is_refused(cache):
         with task_context("job-sync", "powercrud.async_manager.AsyncManager"):
             with pytest.raises(FanOutUnavailable, match="synchronously"):
                 manager.launch_async_task(CHILD, "s", [21], "/tmp", 0, sync=True)
-    assert not _barrier.has_children("job-sync")
+    assert not barrier.has_children("job-sync")
 
 
 def test_the_checks_refuse_fan_out_on_a_sync_broker(settings):
@@ -197,7 +197,7 @@ def test_a_worker_killed_under_a_child_never_leaves_the_job_running(
         task = Task.objects.get(name=key)
         assert task.success is False and "no result within FAN_OUT_TIMEOUT" in task.result
     assert locks_of(manager, [31, 32]) == set()
-    assert not _barrier.has_children(key)  # the barrier forgot the job
+    assert not barrier.has_children(key)  # the barrier forgot the job
 
 
 def test_children_launched_in_a_transaction_see_what_it_committed(cluster_factory, tmp_path, cache):
@@ -262,7 +262,7 @@ def test_a_conflicting_fan_out_launch_enqueues_nothing(cache):
                 )
     assert conflict.value.holder_task_key == "someone-else"
     assert broker.queue_size() == queued  # nothing was enqueued
-    assert not _barrier.has_children("job-c")
+    assert not barrier.has_children("job-c")
     assert locks_of(manager, [90]) == set()  # and nothing new was reserved
     get_conflict_store(manager).release("someone-else")
 
@@ -331,34 +331,56 @@ def test_decorators_mark_functions_and_django_tasks_either_way_round():
         assert nested_launch(job, INLINE_CHILD) == INLINE
 
 
-def test_a_childs_name_carries_its_job_key_and_long_keys_still_find_their_job(cache):
+def test_a_childs_name_carries_its_job_key_and_long_keys_still_find_their_job(cache, monkeypatch):
     from django.conf import settings
 
     # the barrier lives beside the locks: Redis on the Redis stack, else the database
-    assert (_barrier._redis() is not None) == (settings.STACK == "redis-postgres")
+    assert isinstance(barrier.store(), barrier.RedisBarrier) == (settings.STACK == "redis-postgres")
     completed = []
-    previous = _barrier._completions[_barrier.DJANGO_Q]
-    _barrier.register_completion(_barrier.DJANGO_Q, lambda *a: completed.append(a))
-    try:
-        for job in ("3f2b9c1e-6c7a-4e50-b362-b742dfa2eee8", "k" * 150):
-            assert not _barrier.job_ended(job, PARENT)  # no child: the caller completes it
-            names = [_barrier.child_name(job) for _ in range(3)]
-            assert len(set(names)) == 3 and all(len(n) <= 64 for n in names)
-            assert all((job in n) == (len(job) < 40) for n in names)
-            for name in names:
-                _barrier.add_child(job, name, CHILD)
-            _barrier.remove_child(job, names.pop())  # its enqueue failed
-            assert _barrier.has_children(job)
-            assert _barrier.job_ended(job, PARENT)  # deferred: two children pending
-            assert _barrier.child_ended(names[0], "") == job
-            assert not completed  # one child still pending
-            assert _barrier.child_ended(names[1], "ValueError: no") == job
-            ((key, record, failed),) = completed
-            assert key == job and record.func == PARENT
-            assert [(r.task_id, r.error) for r in failed] == [(names[1], "ValueError: no")]
-            assert not _barrier.has_children(job)
-            assert _barrier.child_ended(names[1], "") is None  # forgotten with its job
-            completed.clear()
-        assert _barrier.child_ended(_barrier.child_name("gone"), "") is None  # no record
-    finally:
-        _barrier.register_completion(_barrier.DJANGO_Q, previous)
+    monkeypatch.setattr(barrier, "complete", lambda *a: completed.append(a))
+    for job in ("3f2b9c1e-6c7a-4e50-b362-b742dfa2eee8", "k" * 150):
+        assert not barrier.job_ended(job, PARENT)  # no child: the caller completes it
+        names = [barrier.child_name(job) for _ in range(3)]
+        assert len(set(names)) == 3 and all(len(n) <= 64 for n in names)
+        assert all((job in n) == (len(job) < 40) for n in names)
+        for name in names:
+            barrier.add_child(job, name, CHILD)
+        barrier.remove_child(job, names.pop())  # its enqueue failed
+        assert barrier.has_children(job)
+        assert barrier.job_ended(job, PARENT)  # deferred: two children pending
+        assert barrier.child_ended(names[0], "") == job
+        assert not completed  # one child still pending
+        assert barrier.child_ended(names[1], "ValueError: no") == job
+        ((key, record, failed),) = completed
+        assert key == job and record.func == PARENT
+        assert [(r.task_id, r.error) for r in failed] == [(names[1], "ValueError: no")]
+        assert not barrier.has_children(job)
+        assert barrier.child_ended(names[1], "") is None  # forgotten with its job
+        completed.clear()
+    assert barrier.child_ended(barrier.child_name("gone"), "") is None  # no record
+
+
+@pytest.mark.django_db
+def test_hook_paths_stored_by_earlier_versions_still_resolve_and_run(cache, monkeypatch):
+    """django-q2 ``Task`` rows queued before the rename store ``…taskctx._fan_out.*``:
+    saving such a row runs its hook through django-q2's own ``call_hook``."""
+    from django.utils import timezone
+
+    ended, completed = [], []
+    monkeypatch.setattr(barrier, "child_ended", lambda *a: ended.append(a))
+    monkeypatch.setattr(barrier, "job_ended", lambda *a: completed.append(a) or True)
+    old = "opentelemetry.instrumentation.taskctx._fan_out"
+    now = timezone.now()
+    for n, (hook, name) in enumerate((("child_done", "fan-out-old"), ("job_done", "job-old"))):
+        Task.objects.create(
+            id=f"old{n}",
+            name=name,
+            func=CHILD,
+            hook=f"{old}.{hook}",
+            started=now,
+            stopped=now,
+            success=True,
+            result=1,
+        )
+    assert ended == [("fan-out-old", "", CHILD)]
+    assert completed == [("job-old", CHILD)]

@@ -18,7 +18,8 @@ from django_q import tasks as q_tasks
 from django_q.models import OrmQ, Task
 from django_q.signing import SignedPackage
 from opentelemetry import baggage, context, trace
-from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, _producer, utils
+from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor
+from opentelemetry.instrumentation.taskctx.producer import _PLAN_KEY, CARRIER_KEY
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -98,7 +99,7 @@ def test_enqueue_carries_trace_context_in_the_package_not_in_kwargs(spans):
     (package,) = _queued()
     assert package["id"] == task_id
     assert package["kwargs"] == {}
-    carrier = package[utils.CARRIER_KEY]
+    carrier = package[CARRIER_KEY]
     assert set(carrier) >= {"traceparent", "baggage"}
     assert "taskctx" not in carrier["baggage"]
     ctx = extract(carrier)
@@ -126,7 +127,7 @@ def test_a_failed_enqueue_fails_its_span_and_restores_the_callers_context(spans)
                 q_tasks.async_task("tests.testapp.tasks.noop", 1)
             # the enqueue's context (its span, its plan) is gone again
             assert trace.get_current_span() is outer
-            assert context.get_value(_producer._PLAN_KEY) is None
+            assert context.get_value(_PLAN_KEY) is None
     finally:
         q_signals.pre_enqueue.disconnect(dispatch_uid="tests.refuse")
     assert _queued() == []
@@ -150,8 +151,8 @@ def test_launch_async_task_gives_the_job_its_own_identity(cache, spans):
     }
     for name, manager in expected.items():
         package = packages[name]
-        assert utils.CARRIER_KEY not in package["kwargs"]
-        identity = current_task_in(extract(package[utils.CARRIER_KEY]))
+        assert CARRIER_KEY not in package["kwargs"]
+        identity = current_task_in(extract(package[CARRIER_KEY]))
         assert (identity.task_key, identity.manager_class_path, identity.depth) == (
             name,
             manager,
@@ -210,7 +211,7 @@ def _package(func: str, name: str, carrier: dict | None, *args, **kwargs) -> dic
         "started": timezone.now(),
     }
     if carrier is not None:
-        task[utils.CARRIER_KEY] = carrier
+        task[CARRIER_KEY] = carrier
     return task
 
 
@@ -472,9 +473,9 @@ def test_allow_nested_async_enqueues_detached_jobs(cache):
             key = AsyncManager().launch_async_task("tests.testapp.tasks.noop", 2)
         assert current_task().task_key == "job-6"
     plain, launched = _queued()
-    assert current_task_in(extract(plain[utils.CARRIER_KEY])) is None
-    assert "traceparent" in plain[utils.CARRIER_KEY]
-    identity = current_task_in(extract(launched[utils.CARRIER_KEY]))
+    assert current_task_in(extract(plain[CARRIER_KEY])) is None
+    assert "traceparent" in plain[CARRIER_KEY]
+    identity = current_task_in(extract(launched[CARRIER_KEY]))
     assert (identity.task_key, identity.depth, identity.parent_task_key) == (key, 0, None)
     assert key != "job-6"
 
@@ -489,7 +490,7 @@ def test_enqueue_nested_setting_still_enqueues(cache, settings):
     assert inline == "job-7/nested/1-echo"
     queued = _queued()
     assert [p["args"] for p in queued] == [(1,), (2,)]
-    assert all(current_task_in(extract(p[utils.CARRIER_KEY])) is None for p in queued)
+    assert all(current_task_in(extract(p[CARRIER_KEY])) is None for p in queued)
 
 
 @pytest.mark.django_db
@@ -503,7 +504,7 @@ def test_tampered_identity_in_baggage_neither_suppresses_nor_travels(cache):
     finally:
         context.detach(token)
     (package,) = _queued()
-    assert "taskctx" not in package[utils.CARRIER_KEY].get("baggage", "")
+    assert "taskctx" not in package[CARRIER_KEY].get("baggage", "")
 
 
 # --------------------------------------------------------------------------- uninstrument
@@ -553,7 +554,7 @@ def test_uninstrument_restores_originals_and_signal_receivers(cache):
         with task_context("job-u"):
             q_tasks.async_task("tests.testapp.tasks.noop", 1)
         (package,) = _queued()
-        assert utils.CARRIER_KEY not in package
+        assert CARRIER_KEY not in package
 
         instrumentor.instrument()
         for signal in SIGNALS:

@@ -22,7 +22,7 @@ django.setup()
 import wrapt
 from django_q import signals, tasks
 from powercrud.async_manager import AsyncManager
-from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, _conflict_log, utils
+from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, _conflict_log, tracing
 
 def ours():
     return sorted(
@@ -47,7 +47,7 @@ try:
 except RuntimeError as exc:
     error = str(exc)
 after_failure = {
-    "error": error, "wrapped": wrapped(), "receivers": ours(), "active": utils.STATE.active
+    "error": error, "wrapped": wrapped(), "receivers": ours(), "active": tracing.STATE.active
 }
 TaskContextInstrumentor().uninstrument()
 _conflict_log.install_filter = real
@@ -93,7 +93,7 @@ def test_a_failing_patch_leaves_nothing_half_applied(tmp_path):
 def test_a_stale_wrapper_of_ours_is_replaced_not_wrapped_again():
     """An instrumentor that was never uninstrumented left its wrapper: the next one takes its
     place instead of wrapping it (no double span, no double decision per call)."""
-    from opentelemetry.instrumentation.taskctx import _patching
+    from opentelemetry.instrumentation.taskctx import patching
 
     class Target:
         def f(self):
@@ -102,7 +102,7 @@ def test_a_stale_wrapper_of_ours_is_replaced_not_wrapped_again():
     def plus_one(wrapped, instance, args, kwargs):
         return wrapped(*args, **kwargs) + 1
 
-    stale, fresh = _patching.Patches(), _patching.Patches()
+    stale, fresh = patching.Patches(), patching.Patches()
     stale.wrap(Target, "f", plus_one)  # never removed
     fresh.wrap(Target, "f", plus_one)
     assert Target().f() == 2  # wrapped once, not twice

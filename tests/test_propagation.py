@@ -79,7 +79,15 @@ def test_forged_identity_is_removed_on_extract():
 
 @pytest.mark.parametrize(
     "carrier",
-    [None, "baggage=x", 42, ["a"], {"baggage": 5}, {"baggage": "x" * 100000}, {"traceparent": b"00"}],
+    [
+        None,
+        "baggage=x",
+        42,
+        ["a"],
+        {"baggage": 5},
+        {"baggage": "x" * 100000},
+        {"traceparent": b"00"},
+    ],
 )
 def test_malformed_carriers_give_a_plain_context(carrier, caplog):
     ctx = extract(carrier)
@@ -144,7 +152,10 @@ def test_global_propagator_does_not_accept_identity(global_propagator):
     assert baggage.get_baggage(BAGGAGE_ENTRY, ctx) is None
     assert identity_from_context(ctx) is None
     assert baggage.get_baggage("tenant", ctx) == "acme"
-    assert trace.get_current_span(ctx).get_span_context().trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert (
+        trace.get_current_span(ctx).get_span_context().trace_id
+        == 0x0AF7651916CD43DD8448EB211C80319C
+    )
 
 
 def test_global_extract_keeps_a_local_identity(global_propagator):
@@ -248,9 +259,11 @@ _HEX = st.text(alphabet="0123456789abcdef", min_size=1, max_size=40)
             st.sampled_from(["", "-x", " ", "\t", "-"]),
             st.booleans(),
         ).map(
-            lambda t: (f"{t[0]}-{t[1]:032x}-{t[2]:016x}-{t[3]:02x}{t[4]}").upper()
-            if t[5] and t[1] % 7 == 0
-            else f"{t[0]}-{t[1]:032x}-{t[2]:016x}-{t[3]:02x}{t[4]}"
+            lambda t: (
+                (f"{t[0]}-{t[1]:032x}-{t[2]:016x}-{t[3]:02x}{t[4]}").upper()
+                if t[5] and t[1] % 7 == 0
+                else f"{t[0]}-{t[1]:032x}-{t[2]:016x}-{t[3]:02x}{t[4]}"
+            )
         ),
         st.from_regex(r"00-[0-9a-fA-F]{32}-[0-9a-fA-F]{16}-[0-9a-fA-F]{2}", fullmatch=True),
         st.text(alphabet="0123456789abcdefABx- ", max_size=60),

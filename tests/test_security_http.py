@@ -95,7 +95,9 @@ def _lock_keys():
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT cache_key FROM taskctx_cache WHERE cache_key LIKE '%powercrud:conflict%'")
+        cursor.execute(
+            "SELECT cache_key FROM taskctx_cache WHERE cache_key LIKE '%powercrud:conflict%'"
+        )
         return [row[0] for row in cursor.fetchall()]
 
 
@@ -120,9 +122,9 @@ def test_control_without_the_filter_a_genuine_token_would_escape(django_otel, no
 )
 @given(
     st.one_of(
-        st.text(
-            alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300
-        ).map(lambda v: f"taskctx={v}"),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=300).map(
+            lambda v: f"taskctx={v}"
+        ),
         st.binary(max_size=200).map(lambda b: f"taskctx=v1.{_b64(b)}.{_b64(b[:16])}"),
         st.lists(
             st.tuples(

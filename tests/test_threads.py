@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from django_q.models import Task
 from django_tasks_db.models import DBTaskResult
-from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, _threads
+from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, threads
 from opentelemetry.instrumentation.threading import ThreadingInstrumentor
 from powercrud.async_manager import AsyncManager
 
@@ -41,17 +41,17 @@ def _in_thread_and_pool() -> tuple[object, object]:
 def _restore(instrumentor: TaskContextInstrumentor) -> None:
     if (
         ThreadingInstrumentor().is_instrumented_by_opentelemetry
-        and not _threads.instrumented_by_us()
+        and not threads.instrumented_by_us()
     ):
         ThreadingInstrumentor().uninstrument()
     if not instrumentor.is_instrumented_by_opentelemetry:
         instrumentor.instrument()
-    assert _threads.instrumented_by_us()
+    assert threads.instrumented_by_us()
 
 
 def test_the_app_carries_the_task_into_threads_and_uninstrument_takes_it_back():
     instrumentor = TaskContextInstrumentor()
-    assert _threads.instrumented_by_us()
+    assert threads.instrumented_by_us()
     with task_context("job-t"):
         assert _in_thread_and_pool() == ("job-t", "job-t")
     try:
@@ -85,7 +85,7 @@ def test_a_hosts_threading_instrumentation_stays_the_hosts():
         instrumentor.uninstrument()
         ThreadingInstrumentor().instrument()  # the host's own, before ours
         instrumentor.instrument()
-        assert not _threads.instrumented_by_us()
+        assert not threads.instrumented_by_us()
         instrumentor.uninstrument()
         assert ThreadingInstrumentor().is_instrumented_by_opentelemetry  # still the host's
         with task_context("job-h"):

@@ -25,7 +25,15 @@ def main(argv: list[str]) -> int:
     def measure(label, ours, theirs_ns):
         ns = per_call_ns(ours, number)
         ratio = ns / theirs_ns
-        rows.append([label, f"{theirs_ns:.0f}", f"{ns:.0f}", f"{ratio:.2f}x", "yes" if ratio <= TARGET else "NO"])
+        rows.append(
+            [
+                label,
+                f"{theirs_ns:.0f}",
+                f"{ns:.0f}",
+                f"{ratio:.2f}x",
+                "yes" if ratio <= TARGET else "NO",
+            ]
+        )
         return ratio
 
     base_out = per_call_ns(pc.skip_nested_async, number)

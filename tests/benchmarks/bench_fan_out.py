@@ -80,20 +80,20 @@ def _run_policy(policy: str, parents: int, descendants: int, work_ms: float) -> 
 def _barrier_ms(children: int = 200) -> float:
     """The barrier's own work per child, on this run's store (Redis or the database)."""
     from django_q.models import Task
-    from opentelemetry.instrumentation.taskctx import _barrier, _fan_out
+    from opentelemetry.instrumentation.taskctx import barrier, fan_out
 
     job = str(uuid.uuid4())  # a job key as powercrud makes them
     Task.objects.filter(name=job).delete()
     start = time.perf_counter()
-    names = [_barrier.child_name(job) for _ in range(children)]
+    names = [barrier.child_name(job) for _ in range(children)]
     for name in names:  # launch side: the pending record
-        _barrier.add_child(job, name, CHILD)
+        barrier.add_child(job, name, CHILD)
     # the job's function ends (its end is recorded) while its children still run
-    _barrier.job_ended(job, PARENT)
+    barrier.job_ended(job, PARENT)
     for name in names[:-1]:  # each child's hook but the last, as django-q2 calls it
-        _fan_out.child_done(SimpleNamespace(name=name, success=True, result=1, func=CHILD))
+        fan_out.child_done(SimpleNamespace(name=name, success=True, result=1, func=CHILD))
     elapsed = time.perf_counter() - start
-    _barrier.discard(job)
+    barrier.discard(job)
     return elapsed * 1000 / children
 
 
@@ -101,12 +101,12 @@ def _write_ms(count: int = 200) -> float:
     """One write to the barrier's store, the unit the barrier is made of: a Redis SET where
     the barrier lives in Redis, else a committed single-row update through the ORM."""
     from django.utils import timezone
-    from opentelemetry.instrumentation.taskctx import _barrier
+    from opentelemetry.instrumentation.taskctx import barrier
 
     from otel_taskctx.models import FanOutChild
 
-    redis = _barrier._redis()
-    if redis is not None:
+    redis = barrier.store()
+    if isinstance(redis, barrier.RedisBarrier):
         client, key = redis._redis(), f"bench-write-{time.time_ns()}"
         start = time.perf_counter()
         for n in range(count):

@@ -14,7 +14,7 @@ import contextvars
 import logging
 from typing import Any
 
-from opentelemetry.instrumentation.taskctx import utils
+from opentelemetry.instrumentation.taskctx.tracing import STATE
 
 from otel_taskctx.logids import format_ids
 
@@ -55,7 +55,7 @@ def remove_filter() -> None:
 
 def capped_check_conflict(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of ``AsyncManager.check_conflict``: same result, capped log line."""
-    if not utils.STATE.active:
+    if not STATE.active:
         return wrapped(*args, **kwargs)
     held: list[logging.LogRecord] = []
     token = _held.set(held)

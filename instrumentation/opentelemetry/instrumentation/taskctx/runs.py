@@ -1,27 +1,56 @@
-"""A worker's run of one task, the same for every queue (django-q2's ``pre_execute`` /
-``post_execute_in_worker``, ``django.tasks``' ``task_started`` / ``task_finished``).
+"""Runs of tasks, the same for both queues: one registry of the runs a worker has open (by the
+key the queue's start and end signals share), and nested launches run inline in a run.
 
-:func:`start` attaches the run's context (its CONSUMER span and the verified identity) and,
-for a worker's run of a job, keeps the job's locks alive (``LOCK_TTL`` /
-``LOCK_REFRESH_INTERVAL``) while it runs. :meth:`Run.finish` (before the queue reports the
-outcome) writes the last held progress and stops the refresher; :meth:`Run.close` detaches
-the context and ends the span. Each queue keeps its runs in a registry of its own, by the key
-its two signals share, in a subclass that adds what only it needs.
+:func:`start` attaches the run's context (its CONSUMER span and the verified identity) and, in
+a worker, keeps the job's locks alive while it runs; :meth:`Run.finish` writes the last
+progress and stops the refresher; :meth:`Run.close` detaches the context and ends the span.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import utils
+from opentelemetry.instrumentation.taskctx.tracing import STATE
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from otel_taskctx import semconv
+from otel_taskctx.context import context_with_identity
+from otel_taskctx.descendants import register_for, resolve_manager
 from otel_taskctx.identity import TaskIdentity
+from otel_taskctx.policy import func_path, resolve_callable
+from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
+
+
+@contextmanager
+def running_in(span: Any, ctx: Any) -> Iterator[Any]:
+    """Attach ``ctx`` (which holds ``span``) for the block; an exception fails the span."""
+    token = context.attach(ctx)
+    try:
+        yield span
+    except BaseException as exc:
+        record_error(span, exc)
+        raise
+    finally:
+        context.detach(token)
+        span.end()
+
+
+def record_error(span: Any, exc: BaseException) -> None:
+    """Mark ``span`` failed with ``exc`` (exception event, status, ``error.type``)."""
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
+        span.set_attribute(semconv.ERROR_TYPE, type(exc).__qualname__)
 
 
 @dataclass
@@ -29,12 +58,23 @@ class Run:
     span: trace.Span
     token: object
     identity: TaskIdentity | None
-    #: the refresher of the job's locks (None: not refreshed here)
+    #: a worker's run (one task at a time), not a sync or in-process one
+    worker: bool = False
     lock_keeper: Any = None
+    #: powercrud's own ``task_context``, entered for a django-q2 run
+    powercrud_cm: Any = None
+    #: (``django.tasks``) the barrier record of a fanned-out child, "" for a job
+    fan_out: str = ""
+    #: (``django.tasks``) the job's result was held RUNNING for pending children
+    held: bool = False
+    held_failure: tuple[str, str] | None = None
+    #: (``django.tasks``) ``held`` was decided; a carrier row was read
+    checked: bool = False
+    stored: bool = False
 
     def finish(self) -> None:
-        """The run's work is over: its last progress written, its lock refresher stopped.
-        Called once, before the queue reports the outcome."""
+        """The run's work is over (before the queue reports the outcome): the last progress
+        written, the lock refresher stopped."""
         if self.identity is None:
             return
         try:
@@ -44,31 +84,63 @@ class Run:
         except Exception:
             log.exception("could not write the last progress of task %s", self.identity.task_key)
         if self.lock_keeper is not None:
-            try:
-                self.lock_keeper.stop()
-            except Exception:
-                log.debug("could not stop the lock refresher", exc_info=True)
+            self.lock_keeper.stop()
             self.lock_keeper = None
 
     def close(self) -> None:
-        """Leave the run's context and end its span."""
+        """Leave the run's contexts (powercrud's, then ours) and end its span."""
         try:
+            if self.powercrud_cm is not None:
+                self.powercrud_cm.__exit__(None, None, None)
             context.detach(self.token)
         except Exception:  # detached elsewhere (a run that never got its end signal)
-            log.debug("could not detach the context of a run", exc_info=True)
+            log.debug("could not leave the context of a run", exc_info=True)
         finally:
             self.span.end()
             if self.identity is not None:
-                utils.nested_counters.forget(self.identity.task_key)
+                with _counters_lock:
+                    _counters.pop(self.identity.task_key, None)
+
+
+#: the runs in progress in this process, by the key the queue's two signals share
+_runs: dict[Hashable, Run] = {}
+
+
+def start(
+    key: Hashable, span: trace.Span, ctx: Context, identity: TaskIdentity | None, worker: bool
+) -> Run:
+    """Attach ``span`` in ``ctx`` for the run; in a worker, refresh the job's locks. A
+    worker's run still open from before never got its end signal: it is closed first."""
+    if worker:
+        for stale_key, stale in list(_runs.items()):
+            if stale.worker:
+                del _runs[stale_key]
+                if stale.span.is_recording():
+                    stale.span.set_status(Status(StatusCode.ERROR, "the worker never ended it"))
+                stale.finish()
+                stale.close()
+    token = context.attach(trace.set_span_in_context(span, ctx))
+    run = _runs[key] = Run(span, token, identity, worker)
+    if identity is not None and worker:
+        try:
+            run.lock_keeper = keep_locks_alive(identity)
+        except Exception:
+            log.exception("could not start refreshing the locks of %s", identity.task_key)
+    return run
+
+
+def get(key: Hashable) -> Run | None:
+    return _runs.get(key)
+
+
+def pop(key: Hashable) -> Run | None:
+    return _runs.pop(key, None)
 
 
 def keep_locks_alive(identity: TaskIdentity) -> Any:
-    """Refresh the TTL of the job's locks while it runs (they expire if the worker dies);
-    returns the keeper to stop, or None (also on a cache whose locks cannot be kept, where
-    powercrud's locks keep powercrud's own TTL: see
-    :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
+    """Refresh the TTL of the job's locks while it runs; the keeper to stop, or None (a cache
+    whose locks cannot be kept: :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
     from otel_taskctx.conflicts.keepalive import start_keeping_locks_alive
-    from otel_taskctx.descendants import resolve_manager
     from otel_taskctx.powercrud_cache import steps_aside
 
     manager = resolve_manager(identity)
@@ -77,20 +149,53 @@ def keep_locks_alive(identity: TaskIdentity) -> Any:
     return start_keeping_locks_alive(identity.task_key, manager)
 
 
-def start[R: Run](
-    run_class: type[R],
-    span: trace.Span,
-    ctx: Context,
-    identity: TaskIdentity | None,
-    keep_locks: bool,
-    **extra: Any,
-) -> R:
-    """Attach ``span`` in ``ctx`` for the run; refresh the job's locks if ``keep_locks``."""
-    token = context.attach(trace.set_span_in_context(span, ctx))
-    keeper = None
-    if identity is not None and keep_locks:
-        try:
-            keeper = keep_locks_alive(identity)
-        except Exception:
-            log.exception("could not start refreshing the locks of %s", identity.task_key)
-    return run_class(span, token, identity, keeper, **extra)
+def release_locks(task_key: str, manager_class_path: str = TASK_MANAGER_PATH) -> None:
+    """Release everything ``task_key`` holds (a ``django.tasks`` job's end)."""
+    from otel_taskctx.conflicts import get_conflict_store
+
+    manager = resolve_manager(TaskIdentity(task_key, manager_class_path))
+    get_conflict_store(manager).release(task_key)
+
+
+# nested steps of a run are numbered per task (bounded)
+_counters: OrderedDict[str, int] = OrderedDict()
+_counters_lock = threading.Lock()
+
+
+def nested_id(task_key: str, label: str) -> str:
+    """A non-empty id naming the parent and the nested step: ``<parent>/nested/<n>-<func>``."""
+    with _counters_lock:
+        n = _counters.pop(task_key, 0) + 1
+        _counters[task_key] = n
+        while len(_counters) > 4096:
+            _counters.popitem(last=False)
+    return f"{task_key}/nested/{n}-{label.rsplit('.', 1)[-1] or label}"
+
+
+def run_inline(
+    identity: TaskIdentity,
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    conflict_ids: Mapping[Any, Iterable[Hashable]] | None = None,
+    label: str | None = None,
+) -> str:
+    """Run a nested launch now, under the job's key (depth + 1), in an INTERNAL span; its
+    nested id. Its descendants are reserved first (a conflict raises before it runs)."""
+    label = label or func_path(func)
+    target = resolve_callable(func)
+    step_id = nested_id(identity.task_key, label)
+    child = identity.child(identity.task_key, identity.manager_class_path)
+    ctx = context_with_identity(child)
+    attributes: dict[str, Any] = dict(child.lineage_attributes())
+    attributes[semconv.NESTED_ID] = step_id
+    attributes[semconv.NESTED_MODE] = "inline"
+    attributes[semconv.CODE_FUNCTION_NAME] = label
+    span = STATE.tracer.start_span(
+        label, context=ctx, kind=SpanKind.INTERNAL, attributes=attributes
+    )
+    with running_in(span, trace.set_span_in_context(span, ctx)):
+        if conflict_ids:
+            register_for(child, conflict_ids)
+        target(*args, **kwargs)
+    return step_id

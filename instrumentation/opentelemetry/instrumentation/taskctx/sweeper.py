@@ -1,16 +1,7 @@
-"""Lost fan-out children fail their job by themselves, with no cron and no other traffic.
-
-A fanned-out child whose worker was killed never reports its end, and neither the Redis
-broker nor django-tasks-db runs it again. :func:`._barrier.sweep` fails children with no
-result after ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]`` seconds and completes their jobs; this module
-runs it every ``FAN_OUT_SWEEP_INTERVAL`` seconds on one daemon thread in each process that
-launched, ran or waits for fan-out work, for as long as any child is pending anywhere. So a
-lost child fails its job within ``FAN_OUT_TIMEOUT`` plus the interval while any such process
-lives (a long-running worker; ``db_worker --batch`` exits when the queue is empty).
-
-The thread starts lazily (:func:`ensure_running`): a process that never meets fan-out has no
-thread and makes no query for it. ``manage.py taskctx_sweep`` stays for deployments that want
-a cron entry too.
+"""Lost fan-out children fail their job by themselves: :func:`sweep` fails children with no
+result after ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]`` seconds, and one daemon thread per process that
+met fan-out work runs it every ``FAN_OUT_SWEEP_INTERVAL`` seconds while any child is pending
+(started lazily: a process without fan-out has no thread and makes no query for it).
 """
 
 from __future__ import annotations
@@ -19,87 +10,86 @@ import logging
 import os
 import threading
 
+from opentelemetry.instrumentation.taskctx import barrier, tasks_carriers
+
+from otel_taskctx.conf import get_setting
+
 log = logging.getLogger("otel_taskctx.instrumentation")
 
+
+def sweep(force: bool = True) -> int:
+    """Fail children with no result after ``FAN_OUT_TIMEOUT`` seconds and complete their jobs;
+    the number failed. (``force`` is accepted for callers of earlier versions.)"""
+    timeout = float(get_setting("FAN_OUT_TIMEOUT") or 0)
+    if timeout <= 0:
+        return 0
+    stale = barrier.store().stale(timeout)
+    results = tasks_carriers.results_of_children([name for _, name in stale])
+    failed = 0
+    for _, name in stale:
+        lost = (
+            "the db_worker that ran it was killed or lost (django-tasks-db never runs a task "
+            "twice), or no db_worker took it in time"
+            if name in results
+            else "its worker was killed or lost, and the broker did not deliver it again"
+        )
+        error = f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): {lost}"
+        if name in results:
+            tasks_carriers.fail_lost(results[name], error)
+        failed += barrier.child_ended(name, error, "lost") is not None
+    return failed
+
+
 _lock = threading.Lock()
-_thread: threading.Thread | None = None
-_pid = 0
+_thread: tuple[int, threading.Thread] | None = None
 #: set to stop the thread early (tests)
-_stop = threading.Event()
-
-
-def _settings() -> tuple[float, float]:
-    """``(FAN_OUT_TIMEOUT, FAN_OUT_SWEEP_INTERVAL)``."""
-    from otel_taskctx.conf import get_setting
-
-    return float(get_setting("FAN_OUT_TIMEOUT") or 0), float(
-        get_setting("FAN_OUT_SWEEP_INTERVAL") or 10
-    )
+stopping = threading.Event()
 
 
 def running() -> bool:
-    thread = _thread
-    return thread is not None and _pid == os.getpid() and thread.is_alive()
+    return _thread is not None and _thread[0] == os.getpid() and _thread[1].is_alive()
 
 
 def ensure_running() -> None:
     """Start this process's sweeper thread if it is not running (and a timeout is set)."""
-    global _thread, _pid
-    if running():
-        return
+    global _thread
     try:
-        timeout, interval = _settings()
+        if running() or float(get_setting("FAN_OUT_TIMEOUT") or 0) <= 0:
+            return
     except Exception:  # settings not configured
-        return
-    if timeout <= 0:
         return
     with _lock:
         if running():
             return
-        _stop.clear()
-        _pid = os.getpid()
         from otel_taskctx.context import start_detached
 
-        _thread = threading.Thread(
-            target=_run, args=(interval,), name="otel_taskctx-fan-out-sweeper", daemon=True
-        )
-        start_detached(_thread)  # outside the job that happened to start it
-
-
-def stop(timeout: float = 10.0) -> None:
-    """Stop the sweeper thread of this process (tests)."""
-    thread = _thread
-    _stop.set()
-    if thread is not None and thread is not threading.current_thread():
-        thread.join(timeout)
+        stopping.clear()
+        interval = float(get_setting("FAN_OUT_SWEEP_INTERVAL") or 10)
+        thread = threading.Thread(target=_run, args=(interval,), daemon=True)
+        thread.name = "otel_taskctx-fan-out-sweeper"
+        _thread = (os.getpid(), thread)
+        start_detached(thread)  # outside the job that happened to start it
 
 
 def _run(interval: float) -> None:
     global _thread
     from django.db import connections
-    from opentelemetry.instrumentation.taskctx import _barrier
 
     pending = True
     try:
-        while pending and not _stop.wait(interval):
+        while pending and not stopping.wait(interval):
             try:
-                failed = _barrier.sweep()
-                if failed:
+                if failed := sweep():
                     log.warning("fan-out sweep: %d lost children failed their jobs", failed)
-                pending = _barrier.any_pending()
+                pending = barrier.store().any_pending()
             except Exception:
                 log.warning("could not sweep fan-out jobs", exc_info=True)
+        with _lock:
+            if _thread is not None and _thread[1] is threading.current_thread():
+                _thread = None
+        if not stopping.is_set() and barrier.store().any_pending():  # added after the last look
+            ensure_running()
+    except Exception:
+        log.debug("could not look for pending fan-out children", exc_info=True)
     finally:
         connections.close_all()  # this thread's own connections
-        with _lock:
-            if _thread is threading.current_thread():
-                _thread = None
-    # a child added after the last look, while this thread was still seen running
-    if not _stop.is_set():
-        try:
-            if _barrier.any_pending():
-                ensure_running()
-        except Exception:
-            log.debug("could not look for pending fan-out children", exc_info=True)
-        finally:
-            connections.close_all()

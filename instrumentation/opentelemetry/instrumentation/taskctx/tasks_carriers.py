@@ -1,20 +1,6 @@
-"""Where a queued ``django.tasks`` task's carrier waits for its worker: beside the task, never
-in its arguments (``args``/``kwargs`` are the user's).
-
-What needs a carrier: a fanned-out child (its identity names its job, and is bound to the
-child's result id) and, where ``OTEL_TASKCTX["DJANGO_TASKS_TRACE_CONTEXT"]`` is on, a root
-task's trace context. A root task's identity never travels: its worker derives it from the
-result id. So a deployment that does not fan out pays no statement for any of this.
-
-* django-tasks-db's ``DatabaseBackend``: a :class:`otel_taskctx.models.TaskCarrier` row on
-  the database of the task's own row, written in the same transaction (the instrumented
-  enqueue runs in :func:`atomic_for`), read when the task starts (:func:`take`; only for a
-  function that may be fanned out, or with the trace-context setting on), deleted after it
-  ended (:func:`drop`: in batches, so a task pays no commit of its own for it).
-* A backend that runs the task in the enqueuing process (``ImmediateBackend``): memory of
-  that process, handed from ``task_enqueued`` to ``task_started`` (:func:`hand_over`).
-* Any other backend: nothing is stored; its tasks run under their derived identity, and it
-  cannot run fanned-out children (refused at the launch).
+"""django-tasks-db's side of ``django.tasks``: where a queued task's carrier waits for its
+worker (beside the task, never in its arguments), and the
+final status of a result held for its fanned-out children (see docs/django_tasks.md).
 """
 
 from __future__ import annotations
@@ -22,15 +8,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-from collections import OrderedDict
 from typing import Any
 
 log = logging.getLogger("otel_taskctx.instrumentation")
-
-#: carriers of in-process runs kept at most (a backend that never runs what it was given,
-#: such as the ``DummyBackend``, must not grow it without end)
-LOCAL_MAX = 1024
-_local: OrderedDict[str, tuple[Any, str]] = OrderedDict()
 
 
 def is_database_backend(backend: Any) -> bool:
@@ -49,20 +29,6 @@ def carries_roots(backend: Any) -> bool:
     from otel_taskctx.conf import get_setting
 
     return bool(get_setting("DJANGO_TASKS_TRACE_CONTEXT")) and is_database_backend(backend)
-
-
-def hand_over(task_result: Any, carrier: dict[str, str]) -> None:
-    """Keep a root task's carrier in memory for a run in this process (no query)."""
-    if _in_process(task_result.task.get_backend()):
-        _local[str(task_result.id)] = (carrier, "")
-        while len(_local) > LOCAL_MAX:
-            _local.popitem(last=False)
-
-
-def _in_process(backend: Any) -> bool:
-    from django.tasks.backends.immediate import ImmediateBackend
-
-    return isinstance(backend, ImmediateBackend)
 
 
 def result_model() -> Any:
@@ -100,13 +66,9 @@ def store(task_result: Any, carrier: dict[str, str], fan_out: str = "") -> None:
 
 
 def take(task_result: Any) -> tuple[Any, str, bool] | None:
-    """``(carrier, fan_out, from the table)`` stored for the task of ``task_result``, or
-    None. The table is asked only where a carrier can be there: for a function that may be
-    fanned out, or with the trace-context setting on."""
+    """``(carrier, fan_out, from the table)`` of the task, or None; the table is asked only
+    for a function that may be fanned out, or with the trace-context setting on."""
     result_id = str(task_result.id)
-    found = _local.pop(result_id, None)
-    if found is not None:
-        return (*found, False)
     task = task_result.task
     if not is_database_backend(task.get_backend()):
         return None
@@ -125,16 +87,14 @@ def take(task_result: Any) -> tuple[Any, str, bool] | None:
     return (row[0], row[1], True) if row is not None else None
 
 
-#: carriers of ended tasks deleted together: a delete is a commit, which on SQLite with its
-#: default settings costs a few milliseconds, more than the rest of the task's instrumentation
+#: carriers of ended tasks deleted together (a commit costs more than the rest of a task)
 DROP_BATCH = 64
 _ended: list[str] = []
 _atexit_registered = False
 
 
 def drop(result_id: str) -> None:
-    """Forget the carrier of a task that ended (``DatabaseBackend``): deleted with the next
-    :data:`DROP_BATCH` - 1 others, or when the process exits (:func:`flush_dropped`)."""
+    """Forget the carrier of a task that ended: deleted in batches, or at exit."""
     global _atexit_registered
     _ended.append(result_id)
     if not _atexit_registered:
@@ -145,7 +105,6 @@ def drop(result_id: str) -> None:
 
 
 def flush_dropped() -> None:
-    """Delete the carriers of the tasks that ended in this process since the last flush."""
     ids = _ended[:]
     del _ended[: len(ids)]
     if not ids:
@@ -156,13 +115,6 @@ def flush_dropped() -> None:
         TaskCarrier.objects.using(database()).filter(result_id__in=ids).delete()
     except Exception:  # the rows stay; they grant nothing (bound to finished tasks)
         log.warning("could not delete the carriers of %d ended tasks", len(ids), exc_info=True)
-
-
-def drop_now(result_id: str) -> None:
-    """Delete the carrier of a task at once (a lost fan-out child, failed by the sweep)."""
-    from otel_taskctx.models import TaskCarrier
-
-    TaskCarrier.objects.using(database()).filter(result_id=result_id).delete()
 
 
 def results_of_children(names: list[str]) -> dict[str, str]:
@@ -176,3 +128,56 @@ def results_of_children(names: list[str]) -> dict[str, str]:
 
     rows = TaskCarrier.objects.using(database()).filter(fan_out__in=names)
     return dict(rows.values_list("fan_out", "result_id"))
+
+
+def fail_lost(result_id: str, error: str) -> None:
+    """A lost fan-out child's own result: ``FAILED`` through django-tasks-db's
+    ``set_failed`` unless it ended meanwhile; its carrier is deleted."""
+    from django.tasks.base import TaskResultStatus
+
+    from otel_taskctx.errors import FanOutChildLost
+    from otel_taskctx.models import TaskCarrier
+
+    try:
+        unfinished = (TaskResultStatus.READY, TaskResultStatus.RUNNING)
+        result = result_model().objects.filter(id=result_id, status__in=unfinished).first()
+        if result is not None:
+            result.set_failed(FanOutChildLost(error))
+        TaskCarrier.objects.using(database()).filter(result_id=result_id).delete()
+    except Exception:
+        log.warning("could not fail the result of lost child %s", result_id, exc_info=True)
+
+
+def finish_result(job: Any, children_failure: str) -> None:
+    """The final status of a job's result held ``RUNNING`` for its children, through
+    django-tasks-db's ``set_successful`` / ``set_failed`` (the job's own failure, already
+    recorded, only gets its status and end time back)."""
+    from django.apps import apps
+    from django.tasks.base import TaskResultStatus
+    from django.utils import timezone
+
+    from otel_taskctx.errors import FanOutChildFailed
+
+    if not apps.is_installed("django_tasks_db"):  # another backend: its own status stands
+        return
+    result = result_model().objects.filter(id=job.result_id).first()
+    if result is None:
+        log.warning("fan-out job %s has no task result", job.result_id)
+        return
+    if job.error:
+        result.status = TaskResultStatus.FAILED
+        result.finished_at = timezone.now()
+        result.save(update_fields=["status", "finished_at"])
+    elif children_failure:
+        result.set_failed(FanOutChildFailed(children_failure))
+    else:
+        result.set_successful(result.return_value)
+    failed = result.status == TaskResultStatus.FAILED
+    log.log(
+        logging.ERROR if failed else logging.INFO,
+        "Task id=%s path=%s state=%s (after its fanned-out children)%s",
+        job.result_id,
+        job.func,
+        result.status,
+        f": otel_taskctx.errors.FanOutChildFailed: {children_failure}" if children_failure else "",
+    )

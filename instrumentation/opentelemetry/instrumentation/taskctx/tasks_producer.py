@@ -1,27 +1,8 @@
-"""Django's task framework (``django.tasks``), the enqueue side: the same task context as on
-django-q2 (the worker side is :mod:`._tasks_worker`).
-
-* **Enqueue outside a task** (``Task.enqueue``, wrapped for the PRODUCER span and the
-  decision below): a root task. Nothing of its identity travels: its worker derives it from
-  the task's own result id (key ``task-<result id>``, manager
-  :class:`otel_taskctx.task_manager.TaskManager`), so there is nothing to copy or forge, and
-  the enqueue costs no statement. Its trace context reaches a ``db_worker`` only where
-  ``OTEL_TASKCTX["DJANGO_TASKS_TRACE_CONTEXT"]`` is on (a carrier row beside the task, written
-  in the task row's transaction; an in-process backend gets it in memory). The task's
-  arguments are never touched (:mod:`.tasks_carriers`).
-* **Enqueue inside a task**: by default the nested task runs inline, under the parent's key,
-  as nested django-q2 launches do (``ENQUEUE_NESTED`` and ``allow_nested_async()`` opt out);
-  the call returns a finished ``TaskResult``. An exception propagates to the parent, so the
-  parent fails with it.
-* **Fan-out** (``@fan_out``, ``OTEL_TASKCTX["FAN_OUT"]`` or ``NESTED_POLICY="fan_out"``): the
-  nested task is enqueued as a real child task whose identity keeps the job's key (depth + 1),
-  is **bound to the child's own result id** (a worker accepts it for that task only), and whose
-  carrier, kept beside the task in the transaction that writes its row, names its record in
-  the fan-out barrier (:mod:`._barrier`); the parent task ends only when its last descendant has (see
-  :mod:`._tasks_worker`). A backend that runs tasks in the caller (``ImmediateBackend``) or
-  never (``DummyBackend``) refuses it (:class:`~otel_taskctx.errors.FanOutUnavailable`).
-* A ``_otel_taskctx`` keyword argument passed by the caller is the caller's argument, not an
-  identity: the task is enqueued as a plain task, with a warning.
+"""Django's task framework (``django.tasks``), the enqueue side (the worker side is
+:mod:`.tasks_worker`; see docs/django_tasks.md). ``Task.enqueue`` is wrapped for the PRODUCER
+span and the decision of :func:`otel_taskctx.policy.nested_launch`: a root task is enqueued
+(its worker derives its identity from its result id); a nested one runs inline and returns a
+finished ``TaskResult``, or is fanned out as a child whose carrier waits beside it.
 """
 
 from __future__ import annotations
@@ -33,7 +14,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.taskctx import _barrier, _nested, sweeper, tasks_carriers, utils
+from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
+from opentelemetry.instrumentation.taskctx.runs import running_in
+from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import policy, semconv
@@ -44,8 +27,7 @@ from otel_taskctx.propagation import inject
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
-#: the keyword argument name that earlier versions carried the context in: passed by a
-#: caller, it is a plain argument (and a warning)
+#: the keyword argument earlier versions carried the context in: now a plain argument
 CARRIER_KWARG = "_otel_taskctx"
 #: the carrier's entry naming a fanned-out child's barrier record
 FAN_OUT_FIELD = "fan_out"
@@ -53,13 +35,9 @@ MESSAGING_SYSTEM_VALUE = "django_tasks"
 
 
 def attributes_of(task: Any, operation: str) -> dict[str, Any]:
-    return {
-        semconv.MESSAGING_SYSTEM: MESSAGING_SYSTEM_VALUE,
-        semconv.MESSAGING_OPERATION_TYPE: operation,
-        semconv.MESSAGING_OPERATION_NAME: operation,
-        semconv.MESSAGING_DESTINATION_NAME: str(getattr(task, "queue_name", "") or ""),
-        semconv.TASK_FUNC: str(getattr(task, "module_path", "")),
-    }
+    attributes = messaging_attributes(MESSAGING_SYSTEM_VALUE, operation, task.module_path)
+    attributes[semconv.MESSAGING_DESTINATION_NAME] = str(task.queue_name or "")
+    return attributes
 
 
 @dataclass(slots=True, eq=False)
@@ -68,17 +46,13 @@ class _Plan:
 
     task: Any
     span: trace.Span
-    #: the identity of a fanned-out child (``bound_to`` is set from its result); None: a root
+    #: a fanned-out child's identity and barrier record (None, "" for a root)
     child: TaskIdentity | None = None
-    #: the child's barrier record ("" for a root)
     fan_out: str = ""
     done: bool = False
 
 
 _plan: ContextVar[_Plan | None] = ContextVar("otel_taskctx.tasks-enqueue", default=None)
-
-
-# --------------------------------------------------------------------------- enqueue
 
 
 def _hand_carrier(task: Any) -> None:
@@ -93,7 +67,7 @@ def _hand_carrier(task: Any) -> None:
 
 def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of ``django.tasks.Task.enqueue(*args, **kwargs)``."""
-    if not utils.STATE.active:
+    if not STATE.active:
         return wrapped(*args, **kwargs)
     if CARRIER_KWARG in kwargs:
         _hand_carrier(instance)
@@ -110,7 +84,7 @@ def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
 
 def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of ``Task.aenqueue``: the same as :func:`traced_enqueue`, awaited."""
-    if not utils.STATE.active:
+    if not STATE.active:
         return wrapped(*args, **kwargs)
     from asgiref.sync import sync_to_async
 
@@ -132,7 +106,7 @@ async def _aenqueue_root(wrapped: Any, task: Any, args: tuple, kwargs: dict) -> 
     plan = _Plan(task, _start_send(task))
     token = _plan.set(plan)
     try:
-        with utils.running_in(plan.span, trace.set_span_in_context(plan.span)):
+        with running_in(plan.span, trace.set_span_in_context(plan.span)):
             return await wrapped(*args, **kwargs)
     finally:
         _plan.reset(token)
@@ -146,7 +120,7 @@ def _send(plan: _Plan, enqueue: Any) -> Any:
     written = plan.child is not None or tasks_carriers.carries_roots(backend)
     try:
         with (
-            utils.running_in(plan.span, trace.set_span_in_context(plan.span)),
+            running_in(plan.span, trace.set_span_in_context(plan.span)),
             tasks_carriers.atomic_for(backend) if written else contextlib.nullcontext(),
         ):
             return enqueue()
@@ -155,10 +129,9 @@ def _send(plan: _Plan, enqueue: Any) -> Any:
 
 
 def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
-    """``task_enqueued``: the result of an instrumented enqueue exists. A fanned-out child's
-    identity is bound to its id and its carrier kept beside the task (in the enqueue's
-    transaction); a root task needs no identity to travel (its worker derives it from the
-    result id), only its trace context where the deployment carries it."""
+    """``task_enqueued``: a fanned-out child's identity is bound to its result id and its
+    carrier kept beside the task (in the enqueue's transaction); a root task's carrier holds
+    its trace context only."""
     plan = _plan.get()
     if plan is None or plan.done or task_result is None:
         return
@@ -169,20 +142,19 @@ def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any)
     backend = task_result.task.get_backend()
     key = f"task-{result_id}"
     try:
-        ctx = trace.set_span_in_context(plan.span)
-        carrier: dict[str, str] = {}
-        if plan.child is not None:
-            identity = replace(plan.child, bound_to=result_id)
-            key = identity.task_key
-            inject(carrier, context_with_identity(identity, ctx=ctx))
-            carrier[FAN_OUT_FIELD] = plan.fan_out
-        else:
-            inject(carrier, context_without_identity(ctx))
+        # an in-process run (ImmediateBackend) starts in this very context: nothing to keep
         if plan.child is not None or tasks_carriers.carries_roots(backend):
+            ctx = trace.set_span_in_context(plan.span)
+            carrier: dict[str, str] = {}
+            if plan.child is not None:
+                identity = replace(plan.child, bound_to=result_id)
+                key = identity.task_key
+                inject(carrier, context_with_identity(identity, ctx=ctx))
+                carrier[FAN_OUT_FIELD] = plan.fan_out
+            else:
+                inject(carrier, context_without_identity(ctx))
             with tasks_carriers.atomic_for(backend):  # a savepoint
                 tasks_carriers.store(task_result, carrier, plan.fan_out)
-        else:
-            tasks_carriers.hand_over(task_result, carrier)  # in-process runs only: no query
     except Exception:  # the enqueue goes on: a child then runs as a plain task
         log.exception("could not keep the task context of task %s", result_id)
     if plan.span.is_recording():
@@ -196,7 +168,7 @@ def _start_send(task: Any, child: TaskIdentity | None = None) -> trace.Span:
     if child is not None:
         attributes.update(child.lineage_attributes())
         attributes[semconv.NESTED_MODE] = "fan_out"
-    return utils.STATE.tracer.start_span(
+    return STATE.tracer.start_span(
         f"send {task.module_path}", kind=SpanKind.PRODUCER, attributes=attributes
     )
 
@@ -219,21 +191,17 @@ def _refuse_fan_out(identity: TaskIdentity, task: Any) -> None:
 
 
 def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:
-    """Enqueue a nested task as a fanned-out child of ``identity``'s job; its ``TaskResult``.
-
-    With django_tasks_db's backend the child's row and its carrier are written in one
-    transaction (and in the caller's: a child enqueued inside ``transaction.atomic()`` runs
-    after the commit, and never if it rolls back).
-    """
+    """Enqueue a nested task as a fanned-out child of ``identity``'s job (its row and carrier
+    in one transaction, the caller's if any); its ``TaskResult``."""
     _refuse_fan_out(identity, task)
-    name = _barrier.child_name(identity.task_key)
-    _barrier.add_child(identity.task_key, name, task.module_path)
+    name = barrier.child_name(identity.task_key)
+    barrier.add_child(identity.task_key, name, task.module_path)
     child = identity.child(identity.task_key, identity.manager_class_path)
     try:
         plan = _Plan(task, _start_send(task, child), child, name)
         result = _send(plan, lambda: task.get_backend().enqueue(task, args, kwargs))
     except BaseException:
-        _barrier.remove_child(identity.task_key, name)
+        barrier.remove_child(identity.task_key, name)
         raise
     sweeper.ensure_running()
     return result
@@ -245,7 +213,7 @@ def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) ->
     from django.utils import timezone
 
     started = timezone.now()
-    result = TaskResult(
+    running = TaskResult(
         task=task,
         id="",
         status=TaskResultStatus.RUNNING,
@@ -259,15 +227,15 @@ def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) ->
         errors=[],
         worker_ids=[],
     )
-    call_args = (TaskContext(task_result=result), *args) if task.takes_context else args
+    call_args = (TaskContext(task_result=running), *args) if task.takes_context else args
     returned: list[Any] = []
 
     def body(*a: Any, **kw: Any) -> None:
         returned.append(task.call(*a, **kw))
 
-    step_id = _nested.run_inline(identity, body, call_args, kwargs, label=task.module_path)
-    object.__setattr__(result, "id", step_id)
-    object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
-    object.__setattr__(result, "finished_at", timezone.now())
+    step_id = runs.run_inline(identity, body, call_args, kwargs, label=task.module_path)
+    done = TaskResultStatus.SUCCESSFUL
+    result = replace(running, id=step_id, status=done, finished_at=timezone.now())
+    # the one field TaskResult's constructor does not take (Django's backends set it so too)
     object.__setattr__(result, "_return_value", returned[0] if returned else None)
     return result

@@ -1,11 +1,7 @@
-"""Consumer side: django-q2's ``pre_execute`` / ``post_execute_in_worker`` receivers.
-
-``pre_execute`` extracts the carrier into a fresh context (verifying the identity), starts
-the CONSUMER span, attaches both for the run and, inside a verified task, enters powercrud's
-own ``task_context`` so ``powercrud.async_context.get_current_task()`` answers too.
-``post_execute_in_worker`` (sent after success, failure and timeout, and in sync mode before
-the exception is re-raised) ends the span with the outcome and restores the worker's
-context, so the next task in the same process starts clean.
+"""django-q2's worker side: ``pre_execute`` extracts the carrier (verifying the identity),
+starts the CONSUMER span and attaches both for the run (with powercrud's own ``task_context``
+inside a verified task); ``post_execute_in_worker`` ends it with the outcome. And powercrud's
+lock release through the conflict store.
 """
 
 from __future__ import annotations
@@ -13,12 +9,14 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import baggage, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import _fan_out, runs, sweeper, utils
+from opentelemetry.instrumentation.taskctx import fan_out, runs, sweeper
+from opentelemetry.instrumentation.taskctx.producer import CARRIER_KEY, FAN_OUT_KEY
+from opentelemetry.instrumentation.taskctx.runs import record_error
+from opentelemetry.instrumentation.taskctx.tracing import STATE, flush_spans, messaging_attributes
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
@@ -28,31 +26,22 @@ from otel_taskctx.context import (
     identity_from_context,
 )
 from otel_taskctx.identity import BAGGAGE_ENTRY, InvalidIdentity, TaskIdentity, verify
+from otel_taskctx.policy import func_path
 from otel_taskctx.propagation import extract
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 
-@dataclass
-class _Run(runs.Run):
-    #: powercrud's own ``task_context``, entered for the run
-    powercrud_cm: Any = None
-    sync: bool = False
-
-
-#: Runs in progress, by ``id()`` of the task dict that both signals receive.
-_runs: dict[int, _Run] = {}
+#: powercrud workers that report failure by returning False
+POWERCRUD_BULK_TASKS = frozenset(
+    {"powercrud.tasks.bulk_update_task", "powercrud.tasks.bulk_delete_task"}
+)
 
 
 def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
-    attrs: dict[str, Any] = {
-        semconv.MESSAGING_SYSTEM: semconv.MESSAGING_SYSTEM_VALUE,
-        semconv.MESSAGING_OPERATION_TYPE: "process",
-        semconv.MESSAGING_OPERATION_NAME: "process",
-        semconv.MESSAGING_MESSAGE_ID: str(task.get("id")),
-        semconv.TASK_NAME: str(task.get("name")),
-        semconv.TASK_FUNC: label,
-    }
+    attrs = messaging_attributes(semconv.MESSAGING_SYSTEM_VALUE, "process", label)
+    attrs[semconv.MESSAGING_MESSAGE_ID] = str(task.get("id"))
+    attrs[semconv.TASK_NAME] = str(task.get("name"))
     cluster = task.get("cluster")
     if cluster:
         attrs[semconv.MESSAGING_DESTINATION_NAME] = str(cluster)
@@ -63,26 +52,17 @@ def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
     return attrs
 
 
-def _powercrud_async_context() -> Any:
-    """powercrud's own ``async_context`` module, or None (powercrud is optional).
-
-    Where ``otel_taskctx.compat`` stands in for it (``compat.install()``), the identity
-    attached for the run already answers the stand-in: entering the stand-in's
-    ``task_context`` would nest the task inside itself. powercrud's own module, which names
-    imported before the swap still point at, is entered instead.
-    """
+def _enter_powercrud_context(identity: TaskIdentity) -> Any:
+    """Enter powercrud's own ``task_context`` for the run (None: no powercrud). Where
+    ``otel_taskctx.compat`` stands in for its module, the attached identity answers the
+    stand-in already: powercrud's own module (which older imports point at) is entered."""
     try:
         module = importlib.import_module("powercrud.async_context")
     except Exception:
         return None
     if getattr(module, "__name__", None) != "powercrud.async_context":
         powercrud_module = getattr(module, "powercrud_module", None)
-        return powercrud_module() if callable(powercrud_module) else None
-    return module
-
-
-def _enter_powercrud_context(identity: TaskIdentity) -> Any:
-    module = _powercrud_async_context()
+        module = powercrud_module() if callable(powercrud_module) else None
     if module is None:
         return None
     cm = module.task_context(identity.task_key, identity.manager_class_path)
@@ -90,38 +70,10 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
     return cm
 
 
-def _end(run: _Run) -> None:
-    """Leave the run's contexts (powercrud's first, then ours) and end its span."""
-    try:
-        if run.powercrud_cm is not None:
-            run.powercrud_cm.__exit__(None, None, None)
-    except Exception:  # pragma: no cover - a reset of a foreign ContextVar
-        log.debug("could not leave powercrud's task context", exc_info=True)
-    run.close()
-
-
-def _drop_stale_runs() -> None:
-    """A worker runs one task at a time: a run still open here never got its end signal."""
-    for key, run in list(_runs.items()):
-        if run.sync:
-            continue
-        _runs.pop(key, None)
-        if run.span.is_recording():
-            run.span.set_status(Status(StatusCode.ERROR, "the worker never reported the end"))
-        try:
-            run.finish()
-            _end(run)
-        except Exception:
-            log.debug("could not close a stale run", exc_info=True)
-
-
 def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
-    """The identity of a job whose token expired while the job waited in the queue.
-
-    The carrier travels inside django-q2's signed package, so an authentic token naming this
-    very task is still the job's own identity however long the queue was; it is re-issued
-    for the run. Anything else (forged, tampered, another task's) stays ignored.
-    """
+    """The identity of a job whose token expired while it waited in the queue: an authentic
+    token naming this very task (inside django-q2's signed package) is re-issued for the run;
+    anything else (forged, tampered, another task's) stays ignored."""
     if not isinstance(carrier, dict) or not isinstance(carrier.get("baggage"), str):
         return None
     from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -151,13 +103,10 @@ def carries_identity(carrier: object) -> bool:
 def on_pre_execute(
     sender: Any = None, func: Any = None, task: dict[str, Any] | None = None, **kwargs: Any
 ) -> None:
-    if not utils.STATE.active or not isinstance(task, dict):
+    if not STATE.active or not isinstance(task, dict):
         return
-    sync = bool(task.get("sync"))
-    if not sync and _runs:
-        _drop_stale_runs()
     try:
-        carrier = task.get(utils.CARRIER_KEY)
+        carrier = task.get(CARRIER_KEY)
         ctx = extract(carrier) if carrier is not None else Context()
         identity = identity_from_context(ctx)
         if identity is None and carrier is not None:
@@ -173,7 +122,7 @@ def on_pre_execute(
                     "or nesting",
                     task.get("name"),
                 )
-        fanned_out = identity is not None and task.get(utils.FAN_OUT_KEY) == identity.task_key
+        fanned_out = identity is not None and task.get(FAN_OUT_KEY) == identity.task_key
         if fanned_out:
             sweeper.ensure_running()
         if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
@@ -184,29 +133,28 @@ def on_pre_execute(
             )
             ctx = context_without_identity(ctx)
             identity = None
-        label = utils.func_path(task.get("func") if task.get("func") is not None else func)
+        label = func_path(task.get("func") if task.get("func") is not None else func)
         attributes = _attributes(task, label)
         if identity is not None:
             attributes.update(identity.lineage_attributes())
         if fanned_out:
             attributes[semconv.NESTED_MODE] = "fan_out"
-        span = utils.STATE.tracer.start_span(
+        span = STATE.tracer.start_span(
             f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
         )
     except Exception:
         log.exception("could not start the consumer span of task %s", task.get("name"))
         # still isolate the run from whatever context the process had
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
-    run = runs.start(_Run, span, ctx, identity, keep_locks=not sync, sync=sync)
+    run = runs.start(id(task), span, ctx, identity, worker=not task.get("sync"))
     if identity is not None:
         try:
             run.powercrud_cm = _enter_powercrud_context(identity)
         except Exception:
             log.exception("could not enter powercrud's task context")
-    _runs[id(task)] = run
 
 
-def _powercrud_reported_errors(run: _Run, task: dict[str, Any]) -> str:
+def _powercrud_reported_errors(run: runs.Run, task: dict[str, Any]) -> str:
     """What powercrud's bulk worker reported (its last progress message)."""
     try:
         from powercrud.async_manager import AsyncManager
@@ -222,7 +170,7 @@ def _powercrud_reported_errors(run: _Run, task: dict[str, Any]) -> str:
     return str(progress) if progress else "powercrud reported a failure"
 
 
-def _record_outcome(run: _Run, func: Any, task: dict[str, Any]) -> bool:
+def _record_outcome(run: runs.Run, func: Any, task: dict[str, Any]) -> bool:
     """Set the span status from the run's outcome; True when the run timed out."""
     span = run.span
     success = task.get("success")
@@ -230,12 +178,12 @@ def _record_outcome(run: _Run, func: Any, task: dict[str, Any]) -> bool:
         exc = sys.exc_info()[1]
         if span.is_recording():
             if exc is not None:
-                utils.record_error(span, exc)
+                record_error(span, exc)
             else:
                 span.set_status(Status(StatusCode.ERROR, "task failed"))
         return exc is not None and type(exc).__name__ == "TimeoutException"
     if not success:
-        message, error_type = utils.describe_failure(task.get("result"))
+        message, error_type = _describe_failure(task.get("result"))
         if span.is_recording():
             span.add_event(
                 "exception",
@@ -248,8 +196,8 @@ def _record_outcome(run: _Run, func: Any, task: dict[str, Any]) -> bool:
             span.set_status(Status(StatusCode.ERROR, message))
             span.set_attribute(semconv.ERROR_TYPE, error_type)
         return error_type == "TimeoutException"
-    label = utils.func_path(task.get("func") if task.get("func") is not None else func)
-    if label in utils.POWERCRUD_BULK_TASKS and task.get("result") is False:
+    label = func_path(task.get("func") if task.get("func") is not None else func)
+    if label in POWERCRUD_BULK_TASKS and task.get("result") is False:
         errors = _powercrud_reported_errors(run, task)
         if span.is_recording():
             span.set_status(Status(StatusCode.ERROR, errors[:1000]))
@@ -263,40 +211,43 @@ def on_post_execute(
 ) -> None:
     if not isinstance(task, dict):
         return
-    run = _runs.pop(id(task), None)
+    run = runs.pop(id(task))
     if run is None:
         return
     timed_out = False
-    _fan_out.defer_completion(task, run.identity)
+    fan_out.defer_completion(task, run.identity)
     run.finish()  # powercrud's failure report reads the last progress
     try:
         timed_out = _record_outcome(run, func, task)
     except Exception:
         log.exception("could not record the outcome of task %s", task.get("name"))
     finally:
-        _end(run)
-    if timed_out:
-        # the sentinel terminates a timed-out worker right after this signal
-        utils.flush_spans(2000)
+        run.close()
+    if timed_out:  # the sentinel terminates a timed-out worker right after this signal
+        flush_spans(2000)
 
 
-def on_post_spawn(sender: Any = None, **kwargs: Any) -> None:
-    """A worker process started: flush its spans when it exits (recycle, stop, timeout)."""
-    if utils.STATE.active:
-        utils.exit_flush.register()
+def _describe_failure(result: object) -> tuple[str, str]:
+    """``(message, error type)`` of django-q2's failed result ``"<error> : <traceback>"``."""
+    text = str(result) if result is not None else "task failed"
+    message, _, tb = text.partition(" : Traceback")
+    error_type = "Exception"
+    lines = [line.strip() for line in tb.strip().splitlines() if line.strip()]
+    head = lines[-1].split(":", 1)[0].strip() if lines else ""
+    if head and " " not in head:
+        error_type = head.rsplit(".", 1)[-1]
+    if error_type == "Exception" and "exceeded maximum timeout" in message:
+        error_type = "TimeoutException"
+    return message.strip()[:1000] or "task failed", error_type
 
 
 def release_through_store(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``AsyncManager.remove_conflict_ids(task_name, conflict_ids=None)``
-    (powercrud's completion hook and cleanup call it): the conflict store's batched
-    compare-and-delete of everything the task holds (one script or statement per 2,000 locks
-    instead of a cache call per lock), which also leaves alone a lock that expired and was
-    taken by another task. Falls back to powercrud's own loop if the store cannot be reached,
-    and steps aside on a cache whose locks cannot be kept (FileBasedCache, LocMem …: see
-    :func:`otel_taskctx.powercrud_cache.steps_aside`)."""
+    """wrapt wrapper of ``AsyncManager.remove_conflict_ids(task_name, conflict_ids=None)``:
+    the conflict store's batched compare-and-delete of what the task holds; powercrud's own
+    loop if the store is unreachable or steps aside (``powercrud_cache.steps_aside``)."""
     from otel_taskctx.powercrud_cache import steps_aside
 
-    if not utils.STATE.active or steps_aside(instance):
+    if not STATE.active or steps_aside(instance):
         return wrapped(*args, **kwargs)
     task_name = args[0] if args else kwargs.get("task_name")
     try:

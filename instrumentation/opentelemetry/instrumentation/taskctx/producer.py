@@ -1,20 +1,20 @@
-"""Producer side: ``async_task`` and ``AsyncManager.launch_async_task`` wrappers, and the
-``pre_enqueue`` receiver that writes the carrier into the task package.
-
-Every enqueue goes through django-q2's ``pre_enqueue`` signal, so the carrier is written
-there, whatever way ``async_task`` was reached. The wrappers add what a signal cannot: the
-PRODUCER span around the whole enqueue, the job's own identity for powercrud launches, and
-the suppression of nested launches (which must not reach the broker at all).
+"""django-q2's enqueue side: the ``async_task`` and ``AsyncManager.launch_async_task``
+wrappers (PRODUCER span, a powercrud job's own identity, nested launches dispatched by
+:func:`otel_taskctx.policy.nested_launch`) and the ``pre_enqueue`` receiver that writes the
+carrier into the task package, whatever way ``async_task`` was reached.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context, trace
-from opentelemetry.instrumentation.taskctx import _fan_out, _nested, utils
+from opentelemetry.instrumentation.taskctx import fan_out, runs
+from opentelemetry.instrumentation.taskctx.runs import running_in
+from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx import policy, semconv
@@ -24,13 +24,26 @@ from otel_taskctx.context import (
     identity_from_context,
 )
 from otel_taskctx.identity import TaskIdentity, sign, validate_class_path, validate_task_key
+from otel_taskctx.policy import func_path
 from otel_taskctx.propagation import inject
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
-#: Set by the ``launch_async_task`` wrapper: the launching manager's class path.
+#: keys of the task package: the carrier (never the function's kwargs), and the job key a
+#: fanned-out child belongs to
+CARRIER_KEY = "_otel_taskctx"
+FAN_OUT_KEY = "_otel_taskctx_fan_out"
+#: options ``async_task`` takes from its kwargs; ``launch_async_task``'s own keywords
+Q_OPTION_KEYS = frozenset(
+    "hook group save sync cached ack_failure iter_count iter_cached chain broker cluster "
+    "timeout task_name q_options".split()
+)
+LAUNCH_OPTION_KEYS = frozenset(
+    "conflict_ids user affected_objects task_key group timeout sync cached broker q_options "
+    "save".split()
+)
+
 _LAUNCH_KEY = context.create_key("otel_taskctx.launch")
-#: Set by the ``async_task`` wrapper for the ``pre_enqueue`` receiver.
 _PLAN_KEY = context.create_key("otel_taskctx.enqueue-plan")
 
 
@@ -61,7 +74,6 @@ class _Plan:
 
     launch: _Launch | None = None
     span: trace.Span | None = None
-    #: the identity of a fanned-out child job (see ``_fan_out``)
     fan_out: TaskIdentity | None = None
 
 
@@ -83,9 +95,9 @@ def _own_identity(task: dict[str, Any], launch: _Launch) -> TaskIdentity | None:
 
 
 def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    """Write the carrier into the package: trace context, the user's baggage, no parent
-    identity; a job launched by powercrud gets its own signed identity."""
-    if not utils.STATE.active or not isinstance(task, dict):
+    """Write the carrier into the package: trace context and baggage without the caller's
+    identity; a job launched by powercrud or fanned out gets its own signed identity."""
+    if not STATE.active or not isinstance(task, dict):
         return
     try:
         ctx = context.get_current()
@@ -98,12 +110,12 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
                     "a job (%s) was enqueued inside task %s without passing through the "
                     "instrumented async_task; it runs as a separate job without the "
                     "parent's identity",
-                    utils.func_path(task.get("func")),
+                    func_path(task.get("func")),
                     parent.task_key,
                 )
         elif plan.fan_out is not None:
             own = plan.fan_out
-            task[utils.FAN_OUT_KEY] = own.task_key
+            task[FAN_OUT_KEY] = own.task_key
         elif plan.launch is not None:
             own = _own_identity(task, plan.launch)
         carrier: dict[str, str] = {}
@@ -111,7 +123,7 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
             inject(carrier, ctx, token=sign(own))  # the job's own identity, not the caller's
         else:
             inject(carrier, context_without_identity(ctx))
-        task[utils.CARRIER_KEY] = carrier
+        task[CARRIER_KEY] = carrier
         span = plan.span if plan is not None else None
         if span is not None and span.is_recording():
             span.set_attributes(_package_attributes(task, own, plan.launch))
@@ -122,11 +134,10 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
 def _package_attributes(
     task: dict[str, Any], own: TaskIdentity | None, launch: _Launch | None
 ) -> dict[str, Any]:
-    """What the PRODUCER span learns from the package (set in one call: one lock, one pass)."""
     attributes: dict[str, Any] = {
         semconv.MESSAGING_MESSAGE_ID: str(task.get("id")),
         semconv.TASK_NAME: str(task.get("name")),
-        semconv.MESSAGING_DESTINATION_NAME: _destination(task),
+        semconv.MESSAGING_DESTINATION_NAME: str(task.get("cluster") or _default_cluster()),
     }
     if own is not None:
         attributes[semconv.LAUNCHED_TASK_KEY] = own.task_key
@@ -140,16 +151,10 @@ def _package_attributes(
     return attributes
 
 
-def _destination(task: dict[str, Any]) -> str:
-    cluster = task.get("cluster")
-    if cluster:
-        return str(cluster)
-    try:
-        from django_q.conf import Conf
+def _default_cluster() -> str:
+    from django_q.conf import Conf
 
-        return str(Conf.CLUSTER_NAME or Conf.PREFIX)
-    except Exception:  # pragma: no cover - django-q2 not configured
-        return "default"
+    return Conf.CLUSTER_NAME or Conf.PREFIX
 
 
 def _enqueue(
@@ -157,48 +162,60 @@ def _enqueue(
     func: Any,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    fan_out: TaskIdentity | None = None,
+    child: TaskIdentity | None = None,
 ) -> Any:
-    label = utils.func_path(func)
-    launch: _Launch | None = None if fan_out else context.get_value(_LAUNCH_KEY)
+    label = func_path(func)
+    launch: _Launch | None = None if child else context.get_value(_LAUNCH_KEY)
     if launch is not None and launch.used:
         launch = None  # an enqueue inside the launched one: the launch is taken already
     if launch is not None:
         launch.used = True
-    attributes = {
-        semconv.MESSAGING_SYSTEM: semconv.MESSAGING_SYSTEM_VALUE,
-        semconv.MESSAGING_OPERATION_TYPE: "send",
-        semconv.MESSAGING_OPERATION_NAME: "send",
-        semconv.TASK_FUNC: label,
-    }
+    attributes = messaging_attributes(semconv.MESSAGING_SYSTEM_VALUE, "send", label)
     group = kwargs.get("group") or (kwargs.get("q_options") or {}).get("group")
     if group:
         attributes[semconv.TASK_GROUP] = str(group)
-    span = utils.STATE.tracer.start_span(
-        f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes
-    )
-    ctx = context.set_value(
-        _PLAN_KEY, _Plan(launch, span, fan_out), trace.set_span_in_context(span)
-    )
-    with utils.running_in(span, ctx):
+    span = STATE.tracer.start_span(f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes)
+    ctx = context.set_value(_PLAN_KEY, _Plan(launch, span, child), trace.set_span_in_context(span))
+    with running_in(span, ctx):
         return original(func, *args, **kwargs)
 
 
 def _nested_launch(
     identity: TaskIdentity, func: Any, args: tuple, kwargs: dict, launch: bool, how: str
 ) -> Any:
-    """A launch inside a task: fanned out to another worker, or run inline (the default)."""
+    """A launch inside a task, as the policy decided: fanned out, or run inline under the
+    job's key. Like powercrud, an inline launch's trailing UUID positional argument is its
+    requested task key; the function gets the job's key as ``task_key``."""
+    args = list(args)
+    inline_launch = launch and how != policy.FAN_OUT and kwargs.get("task_key") is None
+    if inline_launch and args and _is_uuid(args[-1]):
+        args.pop()
     if how == policy.FAN_OUT:
-        return _fan_out.launch(identity, func, args, kwargs, _enqueue, powercrud_launch=launch)
-    if launch:
-        return _nested.run_suppressed_launch(identity, func, args, kwargs)
-    return _nested.run_suppressed_async_task(identity, func, args, kwargs)
+        drop = LAUNCH_OPTION_KEYS if launch else {"hook", "sync"}
+    else:
+        drop = LAUNCH_OPTION_KEYS if launch else Q_OPTION_KEYS
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in drop}
+    if launch or "task_key" in call_kwargs:
+        call_kwargs["task_key"] = identity.task_key
+    conflict_ids = kwargs.get("conflict_ids") if launch else None
+    if how == policy.FAN_OUT:
+        return fan_out.launch(
+            identity, func, tuple(args), call_kwargs, _enqueue, conflict_ids, kwargs.get("sync")
+        )
+    return runs.run_inline(identity, func, tuple(args), call_kwargs, conflict_ids=conflict_ids)
+
+
+def _is_uuid(value: object) -> bool:
+    try:
+        uuid.UUID(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return isinstance(value, str)
 
 
 def traced_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``django_q.tasks.async_task(func, *args, **kwargs)`` (a pass-through
-    when inactive)."""
-    if not utils.STATE.active or not args:
+    """wrapt wrapper of ``django_q.tasks.async_task(func, *args, **kwargs)``."""
+    if not STATE.active or not args:
         return wrapped(*args, **kwargs)
     func, rest = args[0], args[1:]
     identity = current_task()
@@ -209,9 +226,8 @@ def traced_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) ->
 
 
 def traced_launch_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``AsyncManager.launch_async_task(func, *args, **kwargs)`` (a
-    pass-through when inactive)."""
-    if not utils.STATE.active or not args:
+    """wrapt wrapper of ``AsyncManager.launch_async_task(func, *args, **kwargs)``."""
+    if not STATE.active or not args:
         return wrapped(*args, **kwargs)
     func, rest = args[0], args[1:]
     identity = current_task()
@@ -219,7 +235,8 @@ def traced_launch_async_task(wrapped: Any, instance: Any, args: tuple, kwargs: d
     if how != policy.ENQUEUE:
         return _nested_launch(identity, func, rest, kwargs, launch=True, how=how)
     user_id, user_label = _user_of(kwargs.get("user"))
-    launch = _Launch(utils.class_path(type(instance)), user_id=user_id, user_label=user_label)
+    manager = f"{type(instance).__module__}.{type(instance).__qualname__}"
+    launch = _Launch(manager, user_id=user_id, user_label=user_label)
     token = context.attach(context.set_value(_LAUNCH_KEY, launch))
     try:
         return wrapped(*args, **kwargs)

@@ -1,24 +1,7 @@
-"""What the instrumentor patches, and how it is undone.
-
-* Only what the project uses, asked of ``INSTALLED_APPS`` (:mod:`otel_taskctx.hosts`): an
-  optional package that is importable but not installed as an app is never imported.
-* ``django_q.tasks.async_task`` and powercrud's ``AsyncManager.launch_async_task`` /
-  ``remove_conflict_ids`` / ``check_conflict`` / ``cleanup_completed_tasks``: wrapt function
-  wrappers
-  (``wrap_function_wrapper``), removed with
-  ``opentelemetry.instrumentation.utils.unwrap``, as in opentelemetry-python-contrib.
-* Module-level copies of ``async_task`` made by ``from django_q.tasks import async_task``
-  before instrumentation (powercrud's ``async_manager``, django-q2's scheduler, user modules)
-  are pointed at the wrapper, and back at the original afterwards.
-* django-q2's signals: ``pre_enqueue``, ``pre_execute``, ``post_execute_in_worker``,
-  ``post_spawn``, connected with a dispatch uid.
-* Django's task framework (``django.tasks``, Django 6+): ``Task.enqueue`` and ``aenqueue``
-  wrapped, ``task_enqueued`` / ``task_started`` / ``task_finished`` connected, and with
-  django_tasks_db the ``pre_save`` of its ``DBTaskResult`` (see ``_django_tasks`` and
-  ``_tasks_worker``).
-* If Django's app registry is not ready (``opentelemetry-instrument`` loads instrumentors
-  before the application starts), ``django.setup`` is wrapped and patching waits until it
-  has finished.
+"""What the instrumentor patches, and how it is undone: only what the project uses (asked of
+``INSTALLED_APPS``), with wrapt function wrappers removed by ``unwrap``, and signal receivers
+with a dispatch uid (django-q2's, ``django.tasks``'); module-level copies of ``async_task``
+made before instrumentation are pointed at the wrapper (see docs/instrumentation.md).
 """
 
 from __future__ import annotations
@@ -29,21 +12,15 @@ import sys
 from typing import Any
 
 import wrapt
-from opentelemetry.instrumentation.taskctx import (
-    _conflict_log,
-    _consumer,
-    _fan_out,
-    _producer,
-    utils,
-)
+from opentelemetry.instrumentation.taskctx import _conflict_log, consumer, fan_out, producer
+from opentelemetry.instrumentation.taskctx.tracing import flush_at_exit
 from opentelemetry.instrumentation.utils import unwrap
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 _DISPATCH_PREFIX = "otel_taskctx.instrumentation"
 
-#: modules a worker would import at its first job; imported when patching instead, so the
-#: worker processes django-q2 forks (and recycles) inherit them
+#: imported when patching, so the workers django-q2 forks inherit them
 _WORKER_MODULES = (
     "otel_taskctx.descendants",
     "otel_taskctx.progress",
@@ -61,34 +38,19 @@ def django_models_ready() -> bool:
     return bool(apps.models_ready)
 
 
-def _module_namespaces() -> list[tuple[Any, dict[str, Any]]]:
-    found = []
+def _point_names(old: Any, new: Any) -> None:
+    """Point every module-level name bound to ``old`` at ``new``."""
     for module in list(sys.modules.values()):
-        try:
-            namespace = vars(module)
-        except TypeError:
-            continue
-        if isinstance(namespace, dict):
-            found.append((module, namespace))
-    return found
-
-
-def _point_names(old: Any, new: Any) -> list[tuple[Any, str]]:
-    """Point every module-level name bound to ``old`` at ``new``; the names changed."""
-    changed = []
-    for module, namespace in _module_namespaces():
-        for name, value in list(namespace.items()):
+        namespace = getattr(module, "__dict__", None)
+        for name, value in list(namespace.items()) if isinstance(namespace, dict) else ():
             if value is old:
                 try:
                     setattr(module, name, new)
-                    changed.append((module, name))
                 except Exception:  # read-only or exotic module objects
-                    log.debug("could not rebind %s.%s", getattr(module, "__name__", module), name)
-    return changed
+                    log.debug("could not rebind %s.%s", module, name)
 
 
-#: every wrapper an instrumentor installed and has not removed (by identity: wrapt's own
-#: record of the wrapper function is private)
+#: every wrapper an instrumentor installed and has not removed
 _installed: list[Any] = []
 
 
@@ -118,10 +80,7 @@ class Patches:
         return installed
 
     def apply(self) -> None:
-        """Wrap what the project uses (asked of ``INSTALLED_APPS``), connect the signals.
-
-        All or nothing: a patch that fails undoes the ones before it and raises.
-        """
+        """Wrap what the project uses, connect the signals; all or nothing."""
         from otel_taskctx import hosts
 
         self.applied = True
@@ -147,28 +106,28 @@ class Patches:
         from django_q import signals as q_signals
         from django_q import tasks as q_tasks
 
-        wrapper = self.wrap(q_tasks, "async_task", _producer.traced_async_task)
+        wrapper = self.wrap(q_tasks, "async_task", producer.traced_async_task)
         self.async_task = (wrapper.__wrapped__, wrapper)
         _point_names(wrapper.__wrapped__, wrapper)
-        for signal, receiver, name in (
-            (q_signals.pre_enqueue, _producer.on_pre_enqueue, "pre_enqueue"),
-            (q_signals.pre_execute, _consumer.on_pre_execute, "pre_execute"),
-            (q_signals.post_execute_in_worker, _consumer.on_post_execute, "post_execute"),
-            (q_signals.post_spawn, _consumer.on_post_spawn, "post_spawn"),
-        ):
-            uid = f"{_DISPATCH_PREFIX}.{name}"
-            signal.connect(receiver, weak=False, dispatch_uid=uid)
-            self.signals.append((signal, uid, None))
+        self.connect(q_signals.pre_enqueue, producer.on_pre_enqueue, "pre_enqueue")
+        self.connect(q_signals.pre_execute, consumer.on_pre_execute, "pre_execute")
+        self.connect(q_signals.post_execute_in_worker, consumer.on_post_execute, "post_execute")
+        self.connect(q_signals.post_spawn, flush_at_exit, "post_spawn")
+
+    def connect(self, signal: Any, receiver: Any, name: str, sender: Any = None) -> None:
+        uid = f"{_DISPATCH_PREFIX}.{name}"
+        signal.connect(receiver, sender=sender, weak=False, dispatch_uid=uid)
+        self.signals.append((signal, uid, sender))
 
     def _apply_powercrud(self) -> None:
         """powercrud's ``AsyncManager``."""
         from powercrud.async_manager import AsyncManager
 
-        self.wrap(AsyncManager, "launch_async_task", _producer.traced_launch_async_task)
+        self.wrap(AsyncManager, "launch_async_task", producer.traced_launch_async_task)
         if "remove_conflict_ids" in vars(AsyncManager):
-            self.wrap(AsyncManager, "remove_conflict_ids", _consumer.release_through_store)
+            self.wrap(AsyncManager, "remove_conflict_ids", consumer.release_through_store)
         if "cleanup_completed_tasks" in vars(AsyncManager):
-            self.wrap(AsyncManager, "cleanup_completed_tasks", _fan_out.swept_cleanup)
+            self.wrap(AsyncManager, "cleanup_completed_tasks", fan_out.swept_cleanup)
         if "check_conflict" in vars(AsyncManager):
             self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
             _conflict_log.install_filter()
@@ -185,24 +144,18 @@ class Patches:
             from django.tasks.base import Task
         except ImportError:  # Django before 6.0
             return
-        from opentelemetry.instrumentation.taskctx import _django_tasks, _tasks_worker
+        from opentelemetry.instrumentation.taskctx import tasks_producer, tasks_worker
 
-        self.wrap(Task, "enqueue", _django_tasks.traced_enqueue)
-        self.wrap(Task, "aenqueue", _django_tasks.traced_aenqueue)
-        connect = [
-            (task_signals.task_enqueued, _django_tasks.on_task_enqueued, "task_enqueued", None),
-            (task_signals.task_started, _tasks_worker.on_task_started, "task_started", None),
-            (task_signals.task_finished, _tasks_worker.on_task_finished, "task_finished", None),
-        ]
+        self.wrap(Task, "enqueue", tasks_producer.traced_enqueue)
+        self.wrap(Task, "aenqueue", tasks_producer.traced_aenqueue)
+        self.connect(task_signals.task_enqueued, tasks_producer.on_task_enqueued, "task_enqueued")
+        self.connect(task_signals.task_started, tasks_worker.on_task_started, "task_started")
+        self.connect(task_signals.task_finished, tasks_worker.on_task_finished, "task_finished")
         if hosts.django_tasks_db():  # a fan-out job's result stays RUNNING until its children end
             from django.db.models.signals import pre_save
             from django_tasks_db.models import DBTaskResult
 
-            connect.append((pre_save, _tasks_worker.hold_result, "hold_result", DBTaskResult))
-        for signal, receiver, name, sender in connect:
-            uid = f"{_DISPATCH_PREFIX}.{name}"
-            signal.connect(receiver, sender=sender, weak=False, dispatch_uid=uid)
-            self.signals.append((signal, uid, sender))
+            self.connect(pre_save, tasks_worker.hold_result, "hold_result", DBTaskResult)
 
     def defer(self, ready: Any) -> None:
         """Wrap ``django.setup`` so that ``ready()`` runs once the app registry is ready."""
@@ -238,9 +191,3 @@ class Patches:
             _point_names(wrapper, original)
             self.async_task = None
         self.applied = self.deferred = False
-
-
-def flush_spans_after_fork(anchor: Any) -> None:
-    """multiprocessing's after-fork hook: every forked child flushes its spans at exit."""
-    if utils.STATE.active:
-        utils.exit_flush.register()

@@ -30,10 +30,8 @@ STORE = "otel_taskctx.span_store"
 RUNNING = "otel_taskctx.span_store.running"
 #: the names of the exporters added for ``OTEL_TRACES_EXPORTER`` start with this
 ENV_PREFIX = "otel_taskctx.env_exporter."
-#: the span table's unique key
 SPAN_KEY = ("start_hour", "trace_id", "span_id")
-#: spans per export (the batch processor's default)
-BATCH = 512
+BATCH = 512  # spans per export
 LOCK_RETRIES = 3
 #: seconds between two warnings about spans that could not be written
 WARN_INTERVAL = 60.0
@@ -63,10 +61,8 @@ def span_target(using: str | None = None) -> tuple[str, Any]:
 
 class DatabaseSpanExporter(SpanExporter):
     """Writes spans to the span table (an upsert on the span's hour and ids); never raises.
-
-    ``target``: the ``span_target()`` the spans were made for; spans made for a database the
-    settings no longer name (a test database gone) are dropped, never written elsewhere.
-    """
+    Spans made for another ``target`` than the database the settings name now (a test
+    database gone) are dropped."""
 
     running = False  # True: insert rows of running spans where absent
 
@@ -83,18 +79,15 @@ class DatabaseSpanExporter(SpanExporter):
             from otel_taskctx.conf import get_setting
 
             max_len = get_setting("MAX_ATTRIBUTE_LENGTH")
-            rows = {}
-            for span in spans:
-                row = span_row(span, max_len, running=self.running)
-                if row is not None:
-                    rows[row["trace_id"], row["span_id"]] = row
+            made = (span_row(span, max_len, running=self.running) for span in spans)
+            rows = {(row["trace_id"], row["span_id"]): row for row in made if row is not None}
             ok = self.write(list(rows.values()), now[0])
         except Exception as exc:  # never into the caller
             ok = self._drop(len(spans), exc)
         return SpanExportResult.SUCCESS if ok else SpanExportResult.FAILURE
 
     def made_for_now(self, spans: Sequence[Any]) -> tuple[str, Any] | None:
-        """The span database now, or None (spans dropped) if they were made for another."""
+        """The span database now, or None (``spans`` dropped) if they were made for another."""
         now = span_target(self.using)
         if self.target in (None, now):
             return now
@@ -104,8 +97,7 @@ class DatabaseSpanExporter(SpanExporter):
 
     def write(self, rows: list[dict[str, Any]], alias: str) -> bool:
         """Write ``rows`` on this thread's connection (closed again if it was), never inside
-        the caller's transaction: there, on a thread of its own (SQLite: not waited for, the
-        caller holds the write lock until it commits)."""
+        the caller's transaction: there, on a thread of its own."""
         from django.db import OperationalError, connections
 
         connection = connections[alias]
@@ -113,7 +105,7 @@ class DatabaseSpanExporter(SpanExporter):
             return True
         if connection.in_atomic_block:
             thread = threading.Thread(target=self.write, args=(rows, alias), daemon=True)
-            if connection.vendor != "sqlite":
+            if connection.vendor != "sqlite":  # (SQLite: it waits for the caller's commit)
                 start_detached(thread).join(10)
             else:
                 start_detached(thread)
@@ -153,23 +145,15 @@ class DatabaseSpanExporter(SpanExporter):
         )
 
     def _drop(self, count: int, exc: BaseException) -> bool:
+        """Logged (a warning at most once a minute) and dropped: never into the caller."""
         global _last_warning
         self.dropped += count
-        if time.monotonic() - _last_warning < WARN_INTERVAL:
-            log.debug("could not store %d span(s): %s", count, exc)
-            return False
-        _last_warning = time.monotonic()
-        text = str(exc).lower()
-        hint = ""
-        if "no such table" in text or "does not exist" in text:
-            hint = " (run 'manage.py migrate' to create the span table)"
-        log.warning(
-            "otel_taskctx: could not store %d span(s), dropped them: %s: %s%s",
-            count,
-            type(exc).__name__,
-            exc,
-            hint,
-        )
+        warn = time.monotonic() - _last_warning >= WARN_INTERVAL
+        _last_warning = time.monotonic() if warn else _last_warning
+        missing = any(text in str(exc).lower() for text in ("no such table", "does not exist"))
+        hint = " (run 'manage.py migrate' to create the span table)" if missing else ""
+        level = logging.WARNING if warn else logging.DEBUG
+        log.log(level, "otel_taskctx: could not store %d span(s), dropped: %r%s", count, exc, hint)
         return False
 
 
@@ -239,12 +223,7 @@ class RunningSpanProcessor(_Batches):
     (every ``schedule_delay_millis``) spans still too young go back to its queue.
     """
 
-    def __init__(
-        self,
-        running_delay: float = 1.0,
-        schedule_delay_millis: float = 500,
-        using: str | None = None,
-    ) -> None:
+    def __init__(self, running_delay: float = 1.0, schedule_delay_millis: float = 500, using=None):
         super().__init__(schedule_delay_millis, using)
         self.running_delay = running_delay
         self.forcing = False

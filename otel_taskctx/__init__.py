@@ -1,7 +1,8 @@
 """otel-taskctx: task identity as OpenTelemetry baggage for nested async work in Django.
 
 Importing this package needs only ``opentelemetry-api``; the helpers that talk to powercrud
-import Django and powercrud when they are called.
+import Django and powercrud when they are called. ``TaskContextSpanProcessor`` and
+``install_span_processor`` need ``opentelemetry-sdk`` and are imported when first used.
 """
 
 from otel_taskctx.conflicts import get_conflict_store, keep_locks_alive
@@ -21,12 +22,20 @@ from otel_taskctx.errors import (
 )
 from otel_taskctx.identity import TaskIdentity, configure_signing
 from otel_taskctx.policy import fan_out, run_inline
-from otel_taskctx.processor import TaskContextSpanProcessor, install_span_processor
 from otel_taskctx.progress import flush_progress, report_progress
 from otel_taskctx.propagation import extract, inject, install_propagator_filter
 from otel_taskctx.tracer_provider import join_tracer_provider
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name in ("TaskContextSpanProcessor", "install_span_processor"):  # need the SDK
+        from otel_taskctx import processor
+
+        return getattr(processor, name)
+    raise AttributeError(f"module 'otel_taskctx' has no attribute {name!r}")
+
 
 __all__ = [
     "ConflictStoreUnavailable",

@@ -7,6 +7,7 @@ Finished spans go through the SDK's ``BatchSpanProcessor`` (its thread and queue
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -103,12 +104,12 @@ class DatabaseSpanExporter(SpanExporter):
         connection = connections[alias]
         if not rows:
             return True
-        if connection.in_atomic_block:
+        in_loop = _in_event_loop()  # (Django refuses database access there)
+        if connection.in_atomic_block or in_loop:
             thread = threading.Thread(target=self.write, args=(rows, alias), daemon=True)
-            if connection.vendor != "sqlite":  # (SQLite: it waits for the caller's commit)
-                start_detached(thread).join(10)
-            else:
-                start_detached(thread)
+            start_detached(thread)
+            if connection.vendor != "sqlite" and not in_loop:  # (SQLite: waits for the commit)
+                thread.join(10)
             return True
         opened = connection.connection is None
         try:
@@ -155,6 +156,14 @@ class DatabaseSpanExporter(SpanExporter):
         level = logging.WARNING if warn else logging.DEBUG
         log.log(level, "otel_taskctx: could not store %d span(s), dropped: %r%s", count, exc, hint)
         return False
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class _Batches(SpanProcessor):
@@ -226,7 +235,7 @@ class RunningSpanProcessor(_Batches):
     def __init__(self, running_delay: float = 1.0, schedule_delay_millis: float = 500, using=None):
         super().__init__(schedule_delay_millis, using)
         self.running_delay = running_delay
-        self.forcing = False
+        self.forcing = self.closing = False
 
     def _exporter(self, target: Any) -> DatabaseSpanExporter:
         return _RunningRows(self, target)
@@ -246,7 +255,7 @@ class RunningSpanProcessor(_Batches):
             self.forcing = False
 
     def shutdown(self) -> None:
-        self.forcing = True  # spans still open at exit keep a running row
+        self.closing = True  # spans still too young are not queued again
         super().shutdown()
 
 
@@ -279,7 +288,7 @@ class _RunningRows(DatabaseSpanExporter):
                 due.append(span)
             else:
                 young.append(span)
-        for span in young:
+        for span in [] if self.processor.closing else young:
             self.processor.on_start(span)
         return super().export(due)
 

@@ -38,8 +38,7 @@ def _sdk_provider_class() -> Any | None:
 
 def create_sdk_tracer_provider() -> Any:
     """A new SDK ``TracerProvider`` (``OTEL_*`` resource and sampler), marked as ours."""
-    provider = _sdk_provider_class()()
-    _created.add(provider)
+    _created.add(provider := _sdk_provider_class()())
     return provider
 
 
@@ -56,12 +55,10 @@ def host_tracer_provider() -> Any | None:
 def private_tracer_provider(create: bool = True) -> Any | None:
     """Our own SDK provider for when the host has none (made at first use)."""
     global _private
-    if _private is None and create and _sdk_provider_class() is not None:
-        with _lock:
-            if _private is None:
-                provider = create_sdk_tracer_provider()
-                _join(provider, private=True)
-                _private = provider
+    with _lock:
+        if _private is None and create and _sdk_provider_class() is not None:
+            _join(provider := create_sdk_tracer_provider(), private=True)
+            _private = provider
     return _private
 
 
@@ -149,10 +146,7 @@ def add_span_processor_once(
         entry = _registered.setdefault(name, [factory, None, private_only])
         if not private_only:
             _instance(entry)  # the same one on every provider
-    if private_only:
-        target = private_tracer_provider(create)
-    else:
-        target = sdk_tracer_provider(create)
+    target = private_tracer_provider(create) if private_only else sdk_tracer_provider(create)
     if target is not None:
         _join(target, private=target is _private)
     return entry[1]
@@ -204,12 +198,9 @@ class TaskCtxTracerProvider(trace.TracerProvider):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Flush the provider our spans go to (and our private one, if used before)."""
-        ok = True
         providers = {id(p): p for p in (sdk_tracer_provider(False), private_tracer_provider(False))}
-        for provider in providers.values():
-            if provider is not None:
-                ok = bool(provider.force_flush(timeout_millis)) and ok
-        return ok
+        flushed = [p.force_flush(timeout_millis) for p in providers.values() if p is not None]
+        return all(flushed)
 
 
 #: pass it as ``tracer_provider`` to an instrumentor whose spans should follow the host's

@@ -1,10 +1,9 @@
 """otel-taskctx: task identity as OpenTelemetry baggage for nested async work in Django.
 
-Importing the package needs ``opentelemetry-api`` only; the span processor (an SDK
-``SpanProcessor``) is imported on first use of its names, Django and the hosts when called.
+Importing this package needs only ``opentelemetry-api``; the helpers that talk to powercrud
+import Django and powercrud when they are called. ``TaskContextSpanProcessor`` and
+``install_span_processor`` need ``opentelemetry-sdk`` and are imported when first used.
 """
-
-import importlib
 
 from otel_taskctx.conflicts import get_conflict_store, keep_locks_alive
 from otel_taskctx.context import allow_nested_async, current_task, skip_nested_async, task_context
@@ -23,6 +22,15 @@ from otel_taskctx.propagation import extract, inject, install_propagator_filter
 from otel_taskctx.tracer_provider import join_tracer_provider
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name in ("TaskContextSpanProcessor", "install_span_processor"):  # need the SDK
+        from otel_taskctx import processor
+
+        return getattr(processor, name)
+    raise AttributeError(f"module 'otel_taskctx' has no attribute {name!r}")
+
 
 __all__ = [
     "ConflictStoreUnavailable",
@@ -51,9 +59,3 @@ __all__ = [
     "skip_nested_async",
     "task_context",
 ]
-
-
-def __getattr__(name: str) -> object:
-    if name in ("TaskContextSpanProcessor", "install_span_processor"):
-        return getattr(importlib.import_module("otel_taskctx.processor"), name)
-    raise AttributeError(f"module 'otel_taskctx' has no attribute {name!r}")

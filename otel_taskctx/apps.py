@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import logging
+
 from django.apps import AppConfig
+
+log = logging.getLogger("otel_taskctx")
 
 
 class OtelTaskCtxConfig(AppConfig):
@@ -31,6 +35,11 @@ class OtelTaskCtxConfig(AppConfig):
                 instrumentor.apply_deferred()  # e.g. loaded by opentelemetry-instrument
             else:
                 instrumentor.instrument()
+        try:  # the span processor and the span store need the OpenTelemetry SDK
+            import opentelemetry.sdk.trace  # noqa: F401
+        except ImportError:
+            log.info("otel_taskctx: no OpenTelemetry SDK; no span processor, no span store")
+            return
         if get_setting("SPAN_PROCESSOR"):
             from otel_taskctx.processor import install_span_processor
 

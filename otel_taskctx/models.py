@@ -39,7 +39,7 @@ def hour_of(start_ns: int) -> int:
 
 class HourField(models.BigIntegerField):
     """``start_hour``: set from ``start_ns`` whenever the ORM writes the row (``save()``,
-    ``create()``, ``bulk_create()``), and by the span writer's own statements.
+    ``create()``, the span store's ``bulk_create()``).
 
     (A plain column, not a ``GeneratedField``: Django's checks of a generated column connect to
     PostgreSQL, so every management command would need the database to exist. A

@@ -1,33 +1,8 @@
-"""``TaskContextSpanProcessor``: task lineage on every span, span-borne locks and progress.
+"""``TaskContextSpanProcessor``: task lineage on every span started in a task, and the
+descendants and progress a span carries forwarded to its task when it ends (docs/processor.md).
 
-For every span that starts inside a task (a verified identity in the span's parent context)
-the processor
-
-* stamps the lineage attributes ``taskctx.task_key``, ``taskctx.root_task_key``,
-  ``taskctx.depth`` (and ``taskctx.parent_task_key``, ``taskctx.manager_class_path``), so a
-  trace backend finds a whole job tree by task key;
-* when the span ends, forwards what the span carries under the convention of
-  :mod:`otel_taskctx.semconv` to the task that was current when the span started:
-
-  - descendants: an event ``taskctx.descendants`` (or span attributes) with
-    ``taskctx.descendants.model`` (``"app_label.ModelName"``) and ``taskctx.descendants.ids``
-    (a list of ids) are reserved in the conflict store under the task key;
-  - progress: an event ``taskctx.progress`` with attribute ``taskctx.progress`` (or the span
-    attribute ``taskctx.progress``) becomes the task's progress (throttled, see
-    :func:`otel_taskctx.report_progress`); with ``taskctx.progress.done`` and
-    ``taskctx.progress.total`` it ends in ``(NN%)`` (:mod:`otel_taskctx.progress`).
-
-  Items marked ``taskctx.forwarded = True`` (on the event, or on the span for span
-  attributes) were already forwarded by :func:`otel_taskctx.register_descendants` /
-  :func:`otel_taskctx.report_progress` and are skipped.
-
-The processor is a convenience for code that only speaks the OpenTelemetry API; it cannot be
-the lock path. Processors only see *recording* spans: a span dropped by the sampler never
-reaches ``on_start``/``on_end``, and ``on_end`` runs after the work the span describes. The
-helpers therefore lock and report directly, whatever the tracing configuration.
-
-This module imports only the OpenTelemetry API and SDK; Django and powercrud are imported
-when something has to be forwarded.
+Needs ``opentelemetry-sdk`` (a ``SpanProcessor``); Django and powercrud are imported when
+something is forwarded.
 """
 
 from __future__ import annotations
@@ -47,7 +22,7 @@ from otel_taskctx.progress import progress_text
 
 log = logging.getLogger("otel_taskctx.processor")
 
-#: the name under which :func:`install_span_processor` adds the processor (once)
+#: the name under which :func:`install_span_processor` adds the processor
 PROCESSOR_NAME = "otel_taskctx.task_context"
 #: spans started in a task and not ended yet that the processor remembers at most
 MAX_OPEN_SPANS = 65536
@@ -62,40 +37,35 @@ def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
     ``("progress", message)`` items, skipping those marked ``taskctx.forwarded``."""
     items: list[tuple[str, Any]] = []
     attrs: Mapping[str, Any] = span.attributes or {}
-    events = span.events
-    if (
-        not events
-        and semconv.DESCENDANTS_MODEL not in attrs
-        and semconv.PROGRESS_MESSAGE not in attrs
-    ):
+    if not span.events and not {semconv.DESCENDANTS_MODEL, semconv.PROGRESS_MESSAGE} & set(attrs):
         return items
-    if not _truthy(attrs.get(semconv.FORWARDED)):
+    own = not _truthy(attrs.get(semconv.FORWARDED))
+    if own:
         _add_descendants(items, attrs)
-    for event in events or ():
+    for event in span.events or ():
         ev: Mapping[str, Any] = event.attributes or {}
         if _truthy(ev.get(semconv.FORWARDED)):
             continue
         if event.name == semconv.DESCENDANTS_EVENT:
             _add_descendants(items, ev)
         elif event.name == semconv.PROGRESS_EVENT:
-            message = ev.get(semconv.PROGRESS_MESSAGE)
-            if message is not None:
-                items.append(("progress", _progress(message, ev)))
-    if not _truthy(attrs.get(semconv.FORWARDED)):
-        message = attrs.get(semconv.PROGRESS_MESSAGE)
-        if message is not None:
-            items.append(("progress", _progress(message, attrs)))  # the span's final word
+            _add_progress(items, ev)
+    if own:
+        _add_progress(items, attrs)  # the span's final word
     return items
 
 
-def _progress(message: Any, attrs: Mapping[str, Any]) -> str:
+def _add_progress(items: list[tuple[str, Any]], attrs: Mapping[str, Any]) -> None:
     """The message, with ``(NN%)`` when ``taskctx.progress.done``/``.total`` are valid."""
+    message = attrs.get(semconv.PROGRESS_MESSAGE)
+    if message is None:
+        return
     done, total = attrs.get(semconv.PROGRESS_DONE), attrs.get(semconv.PROGRESS_TOTAL)
     try:
-        return progress_text(message, done, total)
+        items.append(("progress", progress_text(message, done, total)))
     except (TypeError, ValueError):
         log.debug("ignoring progress fraction %r/%r", done, total)
-        return str(message)
+        items.append(("progress", str(message)))
 
 
 def _lineage_missing(span: Span, identity: TaskIdentity) -> bool:
@@ -112,19 +82,11 @@ def _add_descendants(items: list[tuple[str, Any]], attributes: Mapping[str, Any]
 
 
 class TaskContextSpanProcessor(SpanProcessor):
-    """Stamps task lineage on spans and forwards span-borne descendants and progress.
+    """Stamps task lineage on spans (``stamp``) and forwards span-borne descendants and
+    progress (``forward``); ``on_conflict(identity, exc)``: descendants held by another task
+    (default: logged as an error; the span has ended, there is nothing to undo)."""
 
-    ``stamp=False`` turns off the lineage attributes, ``forward=False`` the forwarding.
-    ``on_conflict(identity, exc)`` is called when span-borne descendants are held by another
-    task (default: logged as an error; the span has ended, there is nothing to undo).
-    """
-
-    def __init__(
-        self,
-        stamp: bool = True,
-        forward: bool = True,
-        on_conflict: Any = None,
-    ) -> None:
+    def __init__(self, stamp: bool = True, forward: bool = True, on_conflict: Any = None) -> None:
         self.stamp = stamp
         self.forward = forward
         self.on_conflict = on_conflict
@@ -204,14 +166,8 @@ class TaskContextSpanProcessor(SpanProcessor):
 
 
 def install_span_processor(create_provider: bool = False, **kwargs: Any) -> Any | None:
-    """Add a :class:`TaskContextSpanProcessor` to the tracer providers otel_taskctx uses (once).
-
-    It joins the host's SDK provider (configured now or set later, see
-    :mod:`otel_taskctx.tracer_provider`) and otel_taskctx's private one; it never sets a
-    global provider and never replaces exporters, processors or the sampler
-    (``create_provider=True``: set up the private provider now rather than at our first span).
-    Returns the processor, or None when the OpenTelemetry SDK is missing.
-    """
+    """Add a :class:`TaskContextSpanProcessor` to the tracer providers otel_taskctx uses,
+    once (``create_provider``: set up our private one now, not at our first span)."""
     from otel_taskctx.tracer_provider import add_span_processor_once
 
     return add_span_processor_once(

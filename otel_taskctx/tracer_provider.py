@@ -1,22 +1,10 @@
-"""The tracer provider behind otel_taskctx's spans and processors, never taken from the host.
+"""The tracer providers otel_taskctx's processors and spans go to; never set globally.
 
-otel_taskctx never calls ``trace.set_tracer_provider``. Its span processors (the task-context
-processor, the span store) and the spans of its instrumentation go to
-
-* the host's SDK ``TracerProvider`` once the host has set one globally, before or after
-  ``django.setup()``: our processors join it (:func:`join_tracer_provider`), and its sampler,
-  resource and exporters apply to our spans too (theirs wins);
-* until then, a private SDK ``TracerProvider`` of our own (:func:`private_tracer_provider`,
-  created at first use and never made global): only otel_taskctx's own spans reach it; the
-  host's API spans stay non-recording, as they are without otel_taskctx.
-
-The tracers of :data:`TASKCTX_TRACER_PROVIDER` (the instrumentor's) look at the global provider
-at each span start until the host sets one, so a provider set later is joined at our next span;
-a host that wants its own spans processed before that calls :func:`join_tracer_provider` once
-after ``trace.set_tracer_provider(...)``.
-
-What was added where is kept in this module (weakly, by provider): the SDK has no public way to
-list a provider's processors, and we set no attribute on its objects.
+The host's SDK ``TracerProvider`` once it has set one (before or after ``django.setup()``: our
+processors join it at our next span, or at :func:`join_tracer_provider`), else a private one
+of our own. Imports the OpenTelemetry API only (the SDK when a provider is made), and uses the
+SDK's public API only (``add_span_processor``, ``get_tracer``, ``force_flush``): what was added
+where is kept here, weakly by provider.
 """
 
 from __future__ import annotations
@@ -32,12 +20,10 @@ from opentelemetry import trace
 
 log = logging.getLogger("otel_taskctx.tracing")
 _lock = threading.RLock()
-#: name -> [factory, processor (None until made), private only]: our processors, for every
-#: provider we use (those for our private provider only are made when it is set up)
+#: name -> [factory, processor (None until made), for our private provider only]
 _registered: dict[str, list[Any]] = {}
 #: provider -> {name: processor} added to it by otel_taskctx
 _added: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-#: providers created by otel_taskctx (:func:`create_sdk_tracer_provider`)
 _created: weakref.WeakSet[Any] = weakref.WeakSet()
 _private: Any = None
 
@@ -45,25 +31,19 @@ _private: Any = None
 def _sdk_provider_class() -> Any | None:
     try:
         from opentelemetry.sdk.trace import TracerProvider
-    except ImportError:  # pragma: no cover - the SDK is an optional runtime piece
+    except ImportError:
         return None
     return TracerProvider
 
 
 def create_sdk_tracer_provider() -> Any:
-    """A new SDK ``TracerProvider`` (``OTEL_*`` resource and sampler), marked as ours; never
-    set globally."""
-    provider = _sdk_provider_class()()
-    _created.add(provider)
+    """A new SDK ``TracerProvider`` (``OTEL_*`` resource and sampler), marked as ours."""
+    _created.add(provider := _sdk_provider_class()())
     return provider
 
 
 def created_here(provider: Any) -> bool:
-    """True when ``provider`` came from :func:`create_sdk_tracer_provider`."""
-    try:
-        return provider in _created
-    except TypeError:  # pragma: no cover - not weakly referenceable
-        return False
+    return provider in _created
 
 
 def host_tracer_provider() -> Any | None:
@@ -73,41 +53,35 @@ def host_tracer_provider() -> Any | None:
 
 
 def private_tracer_provider(create: bool = True) -> Any | None:
-    """Our own SDK provider for when the host has none (created at first use)."""
+    """Our own SDK provider for when the host has none (made at first use)."""
     global _private
-    if _private is None and create and _sdk_provider_class() is not None:
-        with _lock:
-            if _private is None:
-                provider = create_sdk_tracer_provider()
-                _join(provider, private=True)
-                _private = provider
-                log.debug("no tracer provider configured: otel_taskctx uses a private one")
+    with _lock:
+        if _private is None and create and _sdk_provider_class() is not None:
+            _join(provider := create_sdk_tracer_provider(), private=True)
+            _private = provider
     return _private
 
 
 def sdk_tracer_provider(create: bool = True) -> Any | None:
-    """The SDK provider our spans and processors use now: the host's global one (joined), or
-    our private one (``create``: set it up if needed). None when the host's provider is not
-    the SDK's."""
+    """The SDK provider our spans and processors use now: the host's (joined) or our private
+    one; None when the host's provider is not the SDK's."""
     host = host_tracer_provider()
     if host is None:
         return private_tracer_provider(create)
     cls = _sdk_provider_class()
     if cls is None or not isinstance(host, cls):
         return None
-    join_tracer_provider(host)
+    _join(host, private=False)
     return host
 
 
 def join_tracer_provider(provider: Any = None) -> bool:
-    """Add otel_taskctx's processors to ``provider`` (default: the host's global provider).
+    """Add otel_taskctx's processors to ``provider`` (default: the host's global one), once.
 
-    Idempotent and cheap. Called at our next span anyway; call it right after your own
-    ``trace.set_tracer_provider(...)`` if that comes after ``django.setup()`` and your spans
-    before our first one should be processed too. False when there is no SDK provider.
+    Call it right after your ``trace.set_tracer_provider(...)`` if that comes after
+    ``django.setup()`` and your spans before our next one should be processed too.
     """
-    if provider is None:
-        provider = host_tracer_provider()
+    provider = provider or host_tracer_provider()
     if provider is None or not hasattr(provider, "add_span_processor"):
         return False
     _join(provider, private=provider is _private)
@@ -115,17 +89,16 @@ def join_tracer_provider(provider: Any = None) -> bool:
 
 
 def _join(provider: Any, private: bool) -> None:
+    wanted = [n for n, entry in list(_registered.items()) if private or not entry[2]]
     added = _added.get(provider)
-    if added is not None and all(
-        name in added for name, entry in list(_registered.items()) if private or not entry[2]
-    ):
+    if added is not None and all(name in added for name in wanted):
         return
     with _lock:
         added = _added.setdefault(provider, {})
-        for name, entry in list(_registered.items()):
-            if name not in added and (private or not entry[2]):
-                provider.add_span_processor(_instance(entry))
-                added[name] = entry[1]
+        for name in wanted:
+            if name not in added:
+                added[name] = _instance(_registered[name])
+                provider.add_span_processor(added[name])
 
 
 def _instance(entry: list[Any]) -> Any:
@@ -138,13 +111,13 @@ def added_processors(provider: Any) -> dict[str, Any]:
     """The span processors otel_taskctx added to ``provider``, by name (a copy)."""
     try:
         return dict(_added.get(provider) or {})
-    except TypeError:  # pragma: no cover - not weakly referenceable
+    except TypeError:  # None, or not weakly referenceable
         return {}
 
 
 def registered_processors() -> dict[str, Any]:
-    """Every processor otel_taskctx registered in this process, by name (a copy)."""
-    return {name: entry[1] for name, entry in _registered.items() if entry[1] is not None}
+    """Every processor otel_taskctx made in this process, by name (a copy)."""
+    return {name: entry[1] for name, entry in list(_registered.items()) if entry[1] is not None}
 
 
 def add_span_processor_once(
@@ -156,13 +129,10 @@ def add_span_processor_once(
 ) -> Any | None:
     """Our processor ``name`` (made once by ``factory``) on the providers we use.
 
-    Without ``provider`` it is registered for every provider otel_taskctx uses: the host's
-    (now, or once it sets one) and our private one (``private_only``: that one only, e.g. the
-    exporters for ``OTEL_TRACES_EXPORTER``); ``create=False`` does not set up the private
-    provider now. A private-only processor is made when the private provider is set up (at our
-    first span: an exporter's thread starts in the process that uses it). With ``provider``:
-    added to that provider only, once. Returns the processor (None when not made yet, or when
-    the SDK is missing).
+    Without ``provider``: on the host's provider (now, or once it sets one) and on our private
+    one (``private_only``: that one only, made when it is set up, at our first span);
+    ``create=False`` does not set up the private provider now. With ``provider``: added to it
+    only. Returns the processor (None when not made yet, or without the SDK).
     """
     if _sdk_provider_class() is None:
         return None
@@ -174,20 +144,12 @@ def add_span_processor_once(
                 provider.add_span_processor(added[name])
             return added[name]
         entry = _registered.setdefault(name, [factory, None, private_only])
-        if not entry[2]:
-            _instance(entry)  # made now (no threads): the same one on every provider
-    if entry[2]:
-        target = private_tracer_provider(create)
-        if target is not None:
-            _join(target, private=True)
-    else:
-        target = sdk_tracer_provider(create)
-        if target is not None:
-            _join(target, private=target is _private)
+        if not private_only:
+            _instance(entry)  # the same one on every provider
+    target = private_tracer_provider(create) if private_only else sdk_tracer_provider(create)
+    if target is not None:
+        _join(target, private=target is _private)
     return entry[1]
-
-
-# --------------------------------------------------------------------------- our tracers
 
 
 class _Tracer(trace.Tracer):
@@ -195,7 +157,7 @@ class _Tracer(trace.Tracer):
 
     def __init__(self, *args: Any) -> None:
         self._args = args
-        self._host: Any = None  # the host's tracer: final once found (set-once global)
+        self._host: Any = None  # the host's tracer: final once found (the global is set once)
         self._own: Any = None
 
     def _tracer(self) -> Any:
@@ -221,7 +183,7 @@ class _Tracer(trace.Tracer):
 
 
 class TaskCtxTracerProvider(trace.TracerProvider):
-    """The provider otel_taskctx's instrumentation gets its tracer from (never global)."""
+    """The provider otel_taskctx's instrumentation gets its tracers from (never global)."""
 
     def get_tracer(
         self,
@@ -236,14 +198,9 @@ class TaskCtxTracerProvider(trace.TracerProvider):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Flush the provider our spans go to (and our private one, if used before)."""
-        ok = True
-        seen: list[Any] = []
-        for provider in (sdk_tracer_provider(create=False), private_tracer_provider(False)):
-            if provider is None or any(provider is p for p in seen):
-                continue
-            seen.append(provider)
-            ok = bool(provider.force_flush(timeout_millis)) and ok
-        return ok
+        providers = {id(p): p for p in (sdk_tracer_provider(False), private_tracer_provider(False))}
+        flushed = [p.force_flush(timeout_millis) for p in providers.values() if p is not None]
+        return all(flushed)
 
 
 #: pass it as ``tracer_provider`` to an instrumentor whose spans should follow the host's

@@ -24,12 +24,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_taskctx.spans.flushing import STORE
 from otel_taskctx.spans.provider import (
     install_env_exporters,
     provider_is_unconfigured,
     requested_exporters,
 )
+from otel_taskctx.spans.store import STORE
 from otel_taskctx.tracer_provider import added_processors, create_sdk_tracer_provider
 
 REPO = Path(__file__).resolve().parent.parent

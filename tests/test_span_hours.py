@@ -81,10 +81,11 @@ def test_a_job_tree_and_its_trace_are_found_across_hours(monkeypatch, seek_hours
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_running_row_completed_by_the_writer_stays_one_row_with_its_hour():
-    from otel_taskctx.spans.writer import SpanWriter
+def test_a_running_row_completed_by_the_store_stays_one_row_with_its_hour():
+    from otel_taskctx.spans import DatabaseSpanExporter
 
-    writer = SpanWriter()
+    running, finished = DatabaseSpanExporter(), DatabaseSpanExporter()
+    running.running = True
     base = {
         "trace_id": "c" * 32,
         "span_id": "d" * 16,
@@ -95,9 +96,9 @@ def test_a_running_row_completed_by_the_writer_stays_one_row_with_its_hour():
         "root_task_key": "J",
         "task_key": "J",
     }
-    writer.submit([{**base, "start_ns": H0, "end_ns": None}], finished=False)
-    writer.submit([{**base, "start_ns": H0, "end_ns": H0 + MS, "status": "ok"}])
-    assert writer.flush()
+    alias = router.db_for_write(TaskSpan)
+    assert running.write([{**base, "start_ns": H0, "end_ns": None}], alias)
+    assert finished.write([{**base, "start_ns": H0, "end_ns": H0 + MS, "status": "ok"}], alias)
     row = TaskSpan.objects.get()
     assert (row.end_ns, row.status, row.start_hour) == (H0 + MS, "ok", H0 // HOUR_NS)
 

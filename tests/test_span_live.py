@@ -1,7 +1,7 @@
-"""A long job of short steps: the step open now gets a running row at the writer's next pass.
+"""A long job of short steps: the step open now gets a running row at the store's next pass.
 
 Spans get a running row once they have run ``running_delay`` seconds; under a span that has
-one, the spans open at the writer's next pass are recorded however young they are.
+one, the spans open at the store's next pass are recorded however young they are.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
 
 from otel_taskctx.models import TaskSpan
-from otel_taskctx.spans.exporter import DatabaseSpanExporter, RunningSpanProcessor
-from otel_taskctx.spans.writer import SpanWriter
+from otel_taskctx.spans import DatabaseSpanExporter, RunningSpanProcessor
 
 pytestmark = [pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 RUNNING_DELAY = 1.0
@@ -24,12 +23,13 @@ RUNNING_DELAY = 1.0
 
 @pytest.fixture
 def tracer():
-    writer = SpanWriter(lambda: 256, running_delay=RUNNING_DELAY, interval=0.05)
     provider = TracerProvider()
     provider.add_span_processor(
-        BatchSpanProcessor(DatabaseSpanExporter(writer), schedule_delay_millis=60_000)
+        BatchSpanProcessor(DatabaseSpanExporter(), schedule_delay_millis=60_000)
     )
-    provider.add_span_processor(RunningSpanProcessor(writer))
+    provider.add_span_processor(
+        RunningSpanProcessor(running_delay=RUNNING_DELAY, schedule_delay_millis=50)
+    )
     yield provider.get_tracer("tests")
     provider.shutdown()
 
@@ -64,7 +64,7 @@ def test_the_step_open_under_a_recorded_run_is_recorded_at_once(tracer):
             pass
         with tracer.start_as_current_span("Book.save #2"):
             assert wait_for(lambda: "Book.save #2" in running_names(), 0.5)
-        # a step that ended before the writer's pass costs one write (its finished row), as ever
+        # a step that ended before the store's pass costs one write (its finished row), as ever
         assert "finished before the pass" not in set(
             TaskSpan.objects.values_list("name", flat=True)
         )

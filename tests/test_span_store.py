@@ -28,15 +28,16 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv, task_context
 from otel_taskctx.models import TaskSpan
-from otel_taskctx.spans import writer as writer_module
-from otel_taskctx.spans.exporter import (
+from otel_taskctx.spans import store as store_module
+from otel_taskctx.spans.rows import bound_attributes, span_row
+from otel_taskctx.spans.store import (
+    RUNNING,
+    STORE,
     DatabaseSpanExporter,
     RunningSpanProcessor,
     StoreSpanProcessor,
+    span_target,
 )
-from otel_taskctx.spans.flushing import RUNNING, STORE
-from otel_taskctx.spans.rows import bound_attributes, span_row
-from otel_taskctx.spans.writer import SpanWriter
 from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def store():
-    """A private provider with the store's processors and a private writer."""
-    writer = SpanWriter(lambda: 256, running_delay=0.05, interval=0.05, finished_interval=0.05)
-    exporter = DatabaseSpanExporter(writer)
-    batch = StoreSpanProcessor(writer)
-    running = RunningSpanProcessor(writer)
+    """A private provider with the store's processors (short schedules)."""
+    batch = StoreSpanProcessor(schedule_delay_millis=50)
+    running = RunningSpanProcessor(running_delay=0.05, schedule_delay_millis=50)
     provider = TracerProvider()
     provider.add_span_processor(batch)
     provider.add_span_processor(running)
@@ -57,20 +56,19 @@ def store():
         pass
 
     s = Store()
-    s.writer, s.exporter, s.batch, s.running, s.provider = (
-        writer,
-        exporter,
-        batch,
-        running,
-        provider,
-    )
+    s.exporter, s.batch, s.running, s.provider = DatabaseSpanExporter(), batch, running, provider
     s.tracer = provider.get_tracer("tests")
 
     def flush():
         assert batch.force_flush()
-        assert writer.flush(10)
+        assert running.force_flush()
 
-    s.flush = flush
+    def write(rows, finished=True):
+        exporter = DatabaseSpanExporter()
+        exporter.running = not finished
+        return exporter.write(rows, span_target()[0])
+
+    s.flush, s.write = flush, write
     yield s
     provider.shutdown()
 
@@ -187,7 +185,7 @@ def test_running_span_is_recorded_when_it_starts_and_completed_when_it_ends(stor
     short = store.tracer.start_span("short", attributes=lineage("R1", "R1"))
     short.end()  # ends before the running delay: gets no running row
     time.sleep(0.2)
-    assert store.writer.flush(10)
+    assert store.running.force_flush()
     row = TaskSpan.objects.get(name="long job")
     assert row.end_ns is None and row.running and row.status == "unset"
     assert not TaskSpan.objects.filter(name="short", end_ns=None).exists()
@@ -206,8 +204,8 @@ def test_a_late_running_row_never_overwrites_the_finished_one(store):
     span.end()
     finished = span_row(span, 4096)
     running = span_row(span, 4096, running=True)
-    store.writer.submit([finished]).done.wait(10)
-    store.writer.submit([running], finished=False).done.wait(10)
+    assert store.write([finished])
+    assert store.write([running], finished=False)
     row = TaskSpan.objects.get(span_id=finished["span_id"])
     assert row.end_ns == finished["end_ns"]
 
@@ -220,12 +218,11 @@ def test_a_span_written_twice_keeps_one_row_with_the_later_values(store):
     span = store.tracer.start_span("job", attributes=lineage("D1", "D1"))
     span.end()
     first = span_row(span, 4096)
-    assert store.writer.submit([first]).done.wait(10)
+    assert store.write([first])
     other = store.tracer.start_span("other", attributes=lineage("D1", "D1"))
     other.end()
     again = dict(first, status="error", status_message="written again")
-    request = store.writer.submit([again, span_row(other, 4096)])
-    assert request.done.wait(10) and request.ok
+    assert store.write([again, span_row(other, 4096)])
     rows = {r.name: r for r in TaskSpan.objects.filter(root_task_key="D1")}
     assert set(rows) == {"job", "other"}
     assert (rows["job"].status, rows["job"].status_message) == ("error", "written again")
@@ -241,7 +238,6 @@ def test_text_with_nul_characters_is_stored_not_dropped(store):
         span.add_event("e\x00", {"v": "\x00"})
         span.set_status(Status(StatusCode.ERROR, "bad\x00status"))
     store.flush()
-    assert store.writer.dropped == 0
     row = TaskSpan.objects.get(root_task_key="N1")
     assert row.name == "nul\ufffdname" and row.status_message == "bad\ufffdstatus"
     assert row.attributes["note"] == "a\ufffdb" and row.attributes["k\ufffd"] == ["x\ufffd"]
@@ -252,8 +248,8 @@ def test_text_with_nul_characters_is_stored_not_dropped(store):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("finished", [True, False], ids=["finished", "running"])
 def test_every_column_a_write_sets_reads_back_through_the_orm(store, finished):
-    """The writer's own statements (SQLite: parameters built per column kind; PostgreSQL:
-    COPY) store each value as the ORM reads it: JSON, datetimes, NULLs, the hour."""
+    """The store's upserts keep each value as the ORM reads it: JSON, datetimes, NULLs, the
+    hour."""
     parent = store.tracer.start_span("parent", attributes=lineage("C1", "C1"))
     with trace.use_span(parent):
         span = store.tracer.start_span(
@@ -277,8 +273,7 @@ def test_every_column_a_write_sets_reads_back_through_the_orm(store, finished):
     if finished:
         plain.end()
     rows = [span_row(s, 4096, running=not finished) for s in (span, plain)]
-    request = store.writer.submit(rows, finished=finished)
-    assert request.done.wait(10) and request.ok
+    assert store.write(rows, finished=finished)
     for row in rows:
         stored = TaskSpan.objects.get(span_id=row["span_id"])
         for name, value in row.items():
@@ -321,23 +316,6 @@ def _other_sessions() -> set[int]:
         return {pid for (pid,) in cursor.fetchall()}
 
 
-def _sessions_per_batch(
-    writer, root: str, batches: int, pause: float
-) -> tuple[set[int], list[set[int]]]:
-    """Write ``batches`` one-span batches ``pause`` seconds apart: the sessions open before the
-    first, and the new ones open after each batch."""
-    tracer = TracerProvider().get_tracer("tests")
-    before = _other_sessions()
-    opened = []
-    for n in range(batches):
-        span = tracer.start_span(f"batch {n}", attributes=lineage(root, root))
-        span.end()
-        assert writer.submit([span_row(span, 256)]).done.wait(10)
-        opened.append(_other_sessions() - before)
-        time.sleep(pause)
-    return before, opened
-
-
 def _back_to(before: set[int], timeout: float) -> bool:
     """Wait until no session is open beyond ``before``; True if that happened in time."""
     deadline = time.monotonic() + timeout
@@ -349,29 +327,18 @@ def _back_to(before: set[int], timeout: float) -> bool:
 @pytest.mark.stack
 @pytest.mark.skipif(os.environ.get("TASKCTX_STACK") != "redis-postgres", reason="PostgreSQL")
 @pytest.mark.django_db(transaction=True)
-def test_the_writer_keeps_its_connection_while_busy_and_closes_it_when_idle():
-    writer = SpanWriter(lambda: 256, interval=0.05, keep_alive=0.6)
-    before, opened = _sessions_per_batch(writer, "C1", batches=4, pause=0.1)
-    assert len(opened[0]) == 1 and all(o == opened[0] for o in opened)  # one connection
-    assert _back_to(before, timeout=5)  # closed after 0.6 s without a batch
-    assert TaskSpan.objects.filter(root_task_key="C1").count() == 4
-
-
-@pytest.mark.stack
-@pytest.mark.skipif(os.environ.get("TASKCTX_STACK") != "redis-postgres", reason="PostgreSQL")
-@pytest.mark.django_db(transaction=True)
-def test_batches_at_the_store_export_cadence_reuse_one_connection():
-    # the span store exports once a second (STORE_SCHEDULE_DELAY_MS): a writer with the
-    # default keep-alive must not close its connection between two such batches
-    from otel_taskctx.spans.flushing import STORE_SCHEDULE_DELAY_MS
-
-    writer = SpanWriter(lambda: 256)  # default interval and keep-alive
-    before, opened = _sessions_per_batch(
-        writer, "C2", batches=3, pause=STORE_SCHEDULE_DELAY_MS / 1000 + 0.1
-    )
-    assert len(opened[0]) == 1 and all(o == opened[0] for o in opened)
-    assert _back_to(before, timeout=10)  # still closed once idle
-    assert TaskSpan.objects.filter(root_task_key="C2").count() == 3
+def test_the_store_leaves_no_session_open_once_a_batch_is_written(store):
+    # (PostgreSQL's DROP DATABASE of a test database waits for every session on it)
+    before = _other_sessions()
+    for n in range(3):
+        with store.tracer.start_as_current_span(f"batch {n}", attributes=lineage("C1", "C1")):
+            pass
+        deadline = time.monotonic() + 10
+        while TaskSpan.objects.filter(root_task_key="C1").count() <= n:
+            assert time.monotonic() < deadline, "the batch was not written"
+            time.sleep(0.05)
+        assert _back_to(before, timeout=5)  # the batch processor's thread closed its own
+    assert TaskSpan.objects.filter(root_task_key="C1").count() == 3
 
 
 @pytest.mark.django_db(transaction=True)
@@ -381,8 +348,8 @@ def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
 
         raise DatabaseError("disk I/O error")
 
-    monkeypatch.setattr(store.writer, "_write_once", broken)
-    monkeypatch.setattr(writer_module, "WARN_INTERVAL", 0.0)
+    monkeypatch.setattr(DatabaseSpanExporter, "_upsert", broken)
+    monkeypatch.setattr(store_module, "WARN_INTERVAL", 0.0)
     with caplog.at_level(logging.WARNING, logger="otel_taskctx.spans"):
         with store.tracer.start_as_current_span("job", attributes=lineage("F1", "F1")):
             pass  # the job itself
@@ -390,7 +357,7 @@ def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
         span = store.tracer.start_span("direct")
         span.end()
         assert store.exporter.export([span]) is SpanExportResult.FAILURE
-    assert store.writer.dropped >= 2
+    assert store.batch.batch().span_exporter.dropped >= 1 and store.exporter.dropped == 1
     assert "could not store" in caplog.text and "disk I/O error" in caplog.text
     assert not TaskSpan.objects.exists()
 
@@ -400,7 +367,8 @@ def test_a_failing_store_never_raises_into_the_job(store, monkeypatch, caplog):
 def test_database_locked_is_retried_then_dropped_and_the_next_batch_is_written(store, monkeypatch):
     # the busy timeout is the project's (OPTIONS "timeout"): a short one for this test
     monkeypatch.setitem(connection.settings_dict["OPTIONS"], "timeout", 0.05)
-    monkeypatch.setattr(writer_module, "LOCK_RETRIES", 1)
+    connection.close()  # reopened with it by the export (on this thread's connection)
+    monkeypatch.setattr(store_module, "LOCK_RETRIES", 1)
     plain = TracerProvider().get_tracer("no store")  # spans handed to the exporter directly
     blocker = sqlite3.connect(connection.settings_dict["NAME"], timeout=5)
     blocker.execute("BEGIN EXCLUSIVE")
@@ -431,7 +399,7 @@ def _journal_mode(path: str) -> str:
 
 @pytest.mark.skipif(os.environ.get("TASKCTX_STACK", "embedded") != "embedded", reason="SQLite")
 @pytest.mark.django_db(transaction=True)
-def test_the_writer_leaves_the_sqlite_journal_mode_as_the_project_set_it(store):
+def test_the_store_leaves_the_sqlite_journal_mode_as_the_project_set_it(store):
     path = str(connection.settings_dict["NAME"])
     assert "init_command" not in connection.settings_dict["OPTIONS"]  # the SQLite default
     before = _journal_mode(path)
@@ -459,8 +427,10 @@ def test_flush_inside_a_transaction_does_not_wait_for_the_callers_own_lock(store
         store.batch.force_flush()
         store.running.force_flush()
         assert time.monotonic() - started < 3
-    assert store.writer.flush(10)
-    assert TaskSpan.objects.filter(name="job in atomic").exists()
+    deadline = time.monotonic() + 10  # written once the caller commits
+    while not TaskSpan.objects.filter(name="job in atomic").exists():
+        assert time.monotonic() < deadline, "the span was not written after the commit"
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- installation
@@ -669,29 +639,16 @@ def test_span_database_puts_the_span_table_in_its_own_sqlite_file(tmp_path):
     assert "django_q_ormq" in tables and "otel_taskctx_span" not in tables
 
 
-def test_soon_flusher_writes_once_per_export_interval_under_load_and_soon_after_quiet():
-    # after every job the worker asks for its spans to be written soon; under a steady stream
-    # of jobs the flushes must come once per busy interval (one batch of many jobs), not a
-    # thread wake-up and a transaction every min_interval
-    from otel_taskctx.spans.flushing import _SoonFlusher
-
-    flushes: list[float] = []
-    flusher = _SoonFlusher(flush=lambda: flushes.append(time.monotonic()))
-    flusher.min_interval, flusher.busy_interval = 0.1, 0.6
-    start = time.monotonic()
-    while time.monotonic() - start < 2.0:  # a job ending every 10 ms for 2 s
-        flusher.request()
-        time.sleep(0.01)
-    time.sleep(0.7)  # the last request is served (at most busy_interval after the last flush)
-    under_load = [t - start for t in flushes]
-    time.sleep(0.7)  # then a quiet spell longer than busy_interval
-    assert 2 <= len(under_load) <= 5, under_load  # 0.1 s, then every 0.6 s (min_interval: ~20)
-    assert all(b - a >= 0.55 for a, b in zip(under_load, under_load[1:], strict=False))
-    quiet_request = time.monotonic()
-    flusher.request()
-    deadline = quiet_request + 5
-    while len(flushes) == len(under_load) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(flushes) == len(under_load) + 1
-    # after a quiet spell a job's spans are written min_interval after it ends
-    assert 0.09 <= flushes[-1] - quiet_request < 0.5
+@pytest.mark.django_db(transaction=True)
+def test_spans_land_in_the_store_by_themselves_about_a_second_after_they_end():
+    # the SDK's batch processor writes once a second: nobody has to flush for the viewer
+    provider = TracerProvider()
+    provider.add_span_processor(StoreSpanProcessor())
+    with provider.get_tracer("t").start_as_current_span("job", attributes=lineage("S1", "S1")):
+        pass
+    ended = time.monotonic()
+    while not TaskSpan.objects.filter(root_task_key="S1").exists():
+        assert time.monotonic() - ended < 5, "the span did not land by itself"
+        time.sleep(0.05)
+    assert time.monotonic() - ended < 2.5
+    provider.shutdown()

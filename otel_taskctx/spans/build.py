@@ -1,17 +1,8 @@
 """Building a job's tree from stored spans (pure Python: no database, no recursion).
 
-Spans may arrive in any order, from several processes, and some may be missing (a parent
-still running in another process, or dropped). :func:`build_tree` links what it has:
-
-* a span whose parent was not recorded hangs under a placeholder node for that parent
-  (siblings stay together); the placeholder is attached by task lineage to a recorded span
-  of the same task (or of the parent task) when one exists, else it is a root;
-* every walk is iterative, so trees thousands of levels deep or wide are fine;
-* the critical path is the chain of spans that determined when the tree finished (each
-  span's "end" counts its descendants, so work that outlives its parent, like a worker run
-  after the enqueue span ended, stays on the path);
-* the target is where to look first: the deepest failed span, else the deepest span still
-  running, and ``expand`` lists the nodes to open to reach it.
+Spans arrive in any order, from several processes, some missing: a span whose parent was not
+recorded hangs under a placeholder for it, attached by task lineage to a recorded span of its
+task when there is one. Every walk is iterative (trees thousands of levels deep are fine).
 """
 
 from __future__ import annotations
@@ -39,15 +30,10 @@ def _placeholder_parent(ph: Node, by_task: dict[str, list[Node]]) -> Node | None
             # prefer the worker run of the task, then the latest-starting span
             rank = (candidate.kind == "CONSUMER", candidate.start_ns)
             if best is None or rank > best[0]:
-                # no cycles: the candidate must not sit inside the placeholder's subtree
-                node = candidate
-                inside = False
-                while node is not None:
-                    if node is ph:
-                        inside = True
-                        break
+                node = candidate  # no cycles: not inside the placeholder's subtree
+                while node is not None and node is not ph:
                     node = node.parent
-                if not inside:
+                if node is None:
                     best = (rank, candidate)
         if best is not None:
             return best[1]
@@ -65,8 +51,7 @@ def build_tree(
     With ``root_task_key``, spans of other tasks are marked as context (e.g. the launching
     request) unless they are descendants of the job's spans (detached jobs it started).
     """
-    if now_ns is None:
-        now_ns = time.time_ns()
+    now_ns = time.time_ns() if now_ns is None else now_ns
     by_key: dict[tuple[str, str], Node] = {}
     for row in rows:
         node = node_from(row)
@@ -85,13 +70,9 @@ def build_tree(
         if parent is None:
             parent = placeholders.get((node.trace_id, pid))
             if parent is None:
+                name = "(span not recorded)"
                 parent = Node(
-                    trace_id=node.trace_id,
-                    span_id=pid,
-                    parent_span_id="",
-                    name="(span not recorded)",
-                    start_ns=node.start_ns,
-                    placeholder=True,
+                    node.trace_id, pid, "", name, placeholder=True, start_ns=node.start_ns
                 )
                 placeholders[(node.trace_id, pid)] = parent
             parent.start_ns = min(parent.start_ns, node.start_ns)
@@ -137,25 +118,23 @@ def build_tree(
 
     # effective end = own end (now while running) or the latest end below it (post-order)
     for node in reversed(ordered):
-        end = (
-            node.end_ns
-            if node.end_ns is not None
-            else (now_ns if not node.placeholder else node.start_ns)
-        )
-        for child in node.children:
-            if child.effective_end > end:
-                end = child.effective_end
-        node.effective_end = end
+        end = node.end_ns
+        if end is None:
+            end = node.start_ns if node.placeholder else now_ns
+        node.effective_end = max([end, *(c.effective_end for c in node.children)])
 
     # job membership: spans of other tasks above the job are context
     if root_task_key is not None:
         in_job: set[int] = set()
         for node in ordered:  # pre-order: parents first
-            if node.root_task_key == root_task_key or (
-                node.parent is not None and id(node.parent) in in_job
+            if (
+                node.root_task_key == root_task_key
+                or (node.parent is not None and id(node.parent) in in_job)
+                or (
+                    node.placeholder
+                    and any(c.root_task_key == root_task_key for c in node.children)
+                )
             ):
-                in_job.add(id(node))
-            elif node.placeholder and any(c.root_task_key == root_task_key for c in node.children):
                 in_job.add(id(node))
         for node in ordered:
             node.context = id(node) not in in_job
@@ -169,6 +148,8 @@ def build_tree(
 
 
 def _mark_critical_path(roots: list[Node]) -> None:
+    """The chain of spans that decided when the tree finished (a span's end counts its
+    descendants: work that outlives its parent stays on the path)."""
     if not roots:
         return
     top = max(roots, key=lambda n: n.effective_end)

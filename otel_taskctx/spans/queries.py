@@ -1,4 +1,8 @@
-"""Reading job trees back from the span store (Django ORM)."""
+"""Reading job trees back from the span store (Django ORM).
+
+The span table's indexes lead with the hour a span started in (``start_hour``); lookups name
+the stored hours to seek (docs/viewer.md, "Keys led by the hour").
+"""
 
 from __future__ import annotations
 
@@ -9,25 +13,17 @@ from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 
 from otel_taskctx.models import TaskSpan
 from otel_taskctx.spans.build import build_tree
-from otel_taskctx.spans.tree import SPAN_FIELDS, SpanTree, request_label
+from otel_taskctx.spans.tree import SPAN_FIELDS, SpanTree, node_from, request_label
 
 #: most spans loaded for one tree (the tree says when it was cut)
 MAX_TREE_SPANS = 20_000
-ROW_FIELDS = SPAN_FIELDS
 STATUSES = ("running", "error", "ok")
-
-
-#: most hours a lookup seeks one by one (about 14 months); a table whose spans cover more
-#: hours is searched by range instead (the same rows, read less directly)
+#: most hours a lookup seeks one by one (about 14 months); beyond, a range scan
 MAX_SEEK_HOURS = 10_000
 
 
 def stored_hours() -> range:
-    """The hours (``start_hour``) from the table's oldest span to its newest: two index seeks.
-
-    The span table's indexes lead with the hour a span started in (see
-    :mod:`otel_taskctx.models`); a lookup by trace or by job names these hours.
-    """
+    """The hours (``start_hour``) from the table's oldest span to its newest: two seeks."""
     hours = TaskSpan.objects.order_by("start_hour").values_list("start_hour", flat=True)
     first = hours.first()
     if first is None:
@@ -76,7 +72,7 @@ def load_tree(
     if root_key is None:
         return None
     job_rows = list(
-        of_tree(root_key, spans, hours).order_by("start_ns").values(*ROW_FIELDS)[:max_spans]
+        of_tree(root_key, spans, hours).order_by("start_ns").values(*SPAN_FIELDS)[:max_spans]
     )
     if not job_rows:
         return None
@@ -89,7 +85,7 @@ def load_tree(
             TaskSpan.objects.filter(in_hours(hours), trace_id__in=trace_ids)
             .exclude(root_task_key=root_key)
             .order_by("start_ns")
-            .values(*ROW_FIELDS)[: budget + 1]
+            .values(*SPAN_FIELDS)[: budget + 1]
         )
         if len(others) > budget:
             truncated = True
@@ -100,34 +96,27 @@ def load_tree(
 
 def _related(job_rows: list[dict[str, Any]], others: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The spans of ``others`` above the job's spans (ancestors) or below them."""
-    if not others:
-        return []
     by_key = {(r["trace_id"], r["span_id"]): r for r in others}
     job_keys = {(r["trace_id"], r["span_id"]) for r in job_rows}
     keep: dict[tuple[str, str], dict[str, Any]] = {}
-    # ancestors
-    for row in job_rows:
+    for row in job_rows:  # ancestors
         key = (row["trace_id"], row["parent_span_id"])
         while key[1] and key in by_key and key not in keep and key not in job_keys:
             parent = by_key[key]
             keep[key] = parent
             key = (parent["trace_id"], parent["parent_span_id"])
-    # descendants
     children: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in others:
         if row["parent_span_id"]:
             children.setdefault((row["trace_id"], row["parent_span_id"]), []).append(row)
-    stack = list(job_keys)
-    seen = set(job_keys)
-    while stack:
-        key = stack.pop()
-        for child in children.get(key, ()):
+    stack, seen = list(job_keys), set(job_keys)
+    while stack:  # descendants
+        for child in children.get(stack.pop(), ()):
             child_key = (child["trace_id"], child["span_id"])
-            if child_key in seen:
-                continue
-            seen.add(child_key)
-            keep[child_key] = child
-            stack.append(child_key)
+            if child_key not in seen:
+                seen.add(child_key)
+                keep[child_key] = child
+                stack.append(child_key)
     return list(keep.values())
 
 
@@ -172,12 +161,7 @@ def decorate_summaries(
     out = []
     for row in rows:
         row = dict(row)
-        if row["errors"]:
-            row["status"] = "error"
-        elif row["running"]:
-            row["status"] = "running"
-        else:
-            row["status"] = "ok"
+        row["status"] = "error" if row["errors"] else "running" if row["running"] else "ok"
         end = now_ns if row["running"] or row["last_end_ns"] is None else row["last_end_ns"]
         row["duration_ns"] = max(0, end - row["start_ns"])
         row["descendants"] = row["descendants"] or 0
@@ -205,14 +189,12 @@ def launching_request(
             return None
         parent = (
             TaskSpan.objects.filter(in_hours(hours), trace_id=trace_id, span_id=parent_id)
-            .values(*ROW_FIELDS)
+            .values(*SPAN_FIELDS)
             .first()
         )
         if parent is None:
             return None
         if parent["kind"] == "SERVER":
-            from otel_taskctx.spans.tree import node_from
-
             return request_label(node_from(parent))
         parent_id = parent["parent_span_id"]
     return None

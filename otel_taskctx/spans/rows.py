@@ -1,13 +1,8 @@
-"""Turning SDK spans into bounded, JSON-safe rows for :class:`~otel_taskctx.models.TaskSpan`.
+"""SDK spans as bounded, JSON-safe rows of :class:`~otel_taskctx.models.TaskSpan`.
 
-Every attribute value is cut to ``MAX_ATTRIBUTE_LENGTH`` characters (a sequence counts as one
-value: its items share the budget) and a span's whole row has a size budget, so one huge
-attribute or a flood of events cannot blow up the table.
-
-A row names the process that made the span (``host:pid``). The process id comes from
-:func:`current_pid`, cached and kept right across ``os.fork`` (django-q2 forks its workers), so
-the per-span paths make no system call for it; the writer thread compares against it too, to
-know it runs in a new process.
+Every attribute value is cut to ``MAX_ATTRIBUTE_LENGTH`` characters (a sequence's items share
+the budget) and a row has an overall size budget, so one huge attribute or a flood of events
+cannot blow up the table.
 """
 
 from __future__ import annotations
@@ -24,67 +19,22 @@ from otel_taskctx import semconv
 TRUNCATION_MARK = "…"
 MAX_KEY_LENGTH = 255
 MAX_NAME_LENGTH = 255
-#: most events kept per span (first half and last half are kept when there are more)
+#: most events kept per span (the first half and the last half when there are more)
 MAX_EVENTS = 256
 #: a row's attributes + events may hold about this many times ``max_len`` characters
 ROW_BUDGET_FACTOR = 64
-
-#: span attributes that name the user who launched a task (first match wins)
+#: span attributes naming the user who launched a task, and their label (first match wins)
 USER_ID_ATTRIBUTES = ("taskctx.user_id", "enduser.id", "user.id")
+USER_LABEL_ATTRIBUTES = ("taskctx.user", "taskctx.user_label", "user.name", "enduser.name")
 #: set by the instrumentation on the PRODUCER span of a job launched by a powercrud manager
 LAUNCHED_TASK_KEY = "taskctx.launched_task_key"
-USER_LABEL_ATTRIBUTES = ("taskctx.user", "taskctx.user_label", "user.name", "enduser.name")
-
-_pid = os.getpid()
-_process = f"{socket.gethostname()}:{_pid}"  # the row's label of this process
-
-
-def _after_fork_in_child() -> None:
-    global _pid, _process
-    _pid = os.getpid()
-    _process = f"{socket.gethostname()}:{_pid}"
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def current_pid() -> int:
-    """``os.getpid()``, as of the last fork."""
-    return _pid
-
-
-_resource_cache: dict[int, tuple[Any, str, str]] = {}
-
-
-def _resource_labels(resource: Any) -> tuple[str, str]:
-    """``(service name, host:pid)`` of a span's resource (cached per resource object)."""
-    pid = current_pid()
-    cached = _resource_cache.get(id(resource))
-    if cached is not None and cached[0] is resource and cached[2].endswith(f":{pid}"):
-        return cached[1], cached[2]
-    attrs = dict(resource.attributes) if resource is not None else {}
-    service = str(attrs.get("service.name") or "")
-    if "process.pid" in attrs:
-        process = f"{attrs.get('host.name') or socket.gethostname()}:{attrs['process.pid']}"
-        if attrs["process.pid"] != pid:
-            return service, process  # not this process's resource: do not cache
-    else:
-        process = _process
-    if len(_resource_cache) > 64:
-        _resource_cache.clear()
-    _resource_cache[id(resource)] = (resource, service, process)
-    return service, process
+_HOST = socket.gethostname()
 
 
 def cut(text: str, max_len: int) -> str:
-    """``text`` within ``max_len`` characters, without NUL (no database text column, nor
-    PostgreSQL's jsonb, stores one)."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    if len(text) <= max_len:
-        return text
-    return text[: max(0, max_len - 1)] + TRUNCATION_MARK
+    """``text`` within ``max_len`` characters, NUL replaced (no text column stores one)."""
+    text = text.replace("\x00", "\ufffd")
+    return text if len(text) <= max_len else text[: max(0, max_len - 1)] + TRUNCATION_MARK
 
 
 def bound_value(value: Any, max_len: int) -> Any:
@@ -93,11 +43,9 @@ def bound_value(value: Any, max_len: int) -> Any:
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    if isinstance(value, str):
-        return cut(value, max_len)
     if isinstance(value, bytes):
-        return cut(value.decode("utf-8", "replace"), max_len)
-    if isinstance(value, Iterable) and not isinstance(value, Mapping):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, Iterable) and not isinstance(value, str | Mapping):
         out: list[Any] = []
         used = 0
         items = list(value)
@@ -113,12 +61,10 @@ def bound_value(value: Any, max_len: int) -> Any:
 
 
 def bound_attributes(attributes: Mapping[str, Any] | None, max_len: int) -> dict[str, Any]:
-    """A JSON-safe copy of ``attributes``: keys and values cut to size (see :func:`cut`)."""
-    if not attributes:
-        return {}
-    for _ in range(3):  # a live span's attributes may change while we copy them
+    """A JSON-safe copy of ``attributes``, keys and values cut to size."""
+    for _ in range(3):  # a running span's attributes may change while we copy them
         try:
-            items = list(attributes.items())
+            items = list((attributes or {}).items())
             break
         except (RuntimeError, KeyError):
             continue
@@ -126,15 +72,13 @@ def bound_attributes(attributes: Mapping[str, Any] | None, max_len: int) -> dict
         return {}
     out: dict[str, Any] = {}
     for key, value in items:
-        # nearly every key and value is a short string or an int: taken as they are
         if type(key) is not str or len(key) > MAX_KEY_LENGTH or "\x00" in key:
             key = cut(str(key), MAX_KEY_LENGTH)
-        kind = type(value)
-        if kind is str:
-            if len(value) > max_len or "\x00" in value:
-                value = cut(value, max_len)
-        elif kind is not int and kind is not bool:
+        kind = type(value)  # nearly all are short strings or ints: taken as they are
+        if kind is not int and kind is not bool and (kind is not str or len(value) > max_len):
             value = bound_value(value, max_len)
+        elif kind is str and "\x00" in value:
+            value = cut(value, max_len)
         out[key] = value
     return out
 
@@ -149,35 +93,57 @@ def _size(value: Any) -> int:
     return 8
 
 
-def _hex_trace(trace_id: int) -> str:
-    return format(trace_id, "032x")
-
-
-def _hex_span(span_id: int) -> str:
-    return format(span_id, "016x")
-
-
 def ns_to_datetime(ns: int) -> datetime:
     from django.conf import settings
-
-    moment = datetime.fromtimestamp(ns / 1e9, tz=UTC)
-    if getattr(settings, "USE_TZ", True):
-        return moment
     from django.utils import timezone
 
-    return timezone.make_naive(moment)
+    moment = datetime.fromtimestamp(ns / 1e9, tz=UTC)
+    return moment if settings.USE_TZ else timezone.make_naive(moment)
 
 
 def _first(attrs: Mapping[str, Any], names: tuple[str, ...]) -> Any:
-    for name in names:
-        value = attrs.get(name)
-        if value not in (None, ""):
-            return value
-    return None
+    return next((attrs[n] for n in names if attrs.get(n) not in (None, "")), None)
+
+
+def _events(span: Any, max_len: int) -> tuple[list[dict[str, Any]], int, int]:
+    """The span's events as JSON (thinned to ``MAX_EVENTS``), how many were dropped, and the
+    descendants they lock."""
+    raw = list(span.events)
+    dropped = max(0, len(raw) - MAX_EVENTS)
+    if dropped:
+        raw = raw[: MAX_EVENTS // 2] + raw[-MAX_EVENTS // 2 :]
+    events, descendants = [], 0
+    for event in raw:
+        attrs = bound_attributes(event.attributes, max_len)
+        attrs.pop(semconv.FORWARDED, None)
+        if event.name == semconv.DESCENDANTS_EVENT:
+            descendants += semconv.descendants_count(attrs)
+        name = cut(str(event.name), MAX_NAME_LENGTH)
+        events.append({"name": name, "time_ns": int(event.timestamp), "attributes": attrs})
+    return events, dropped, descendants
+
+
+def _within_budget(attrs: dict[str, Any], events: list[Any], max_len: int) -> int:
+    """Drop events from the middle, then cut the largest values, until the row fits; returns
+    how many events went."""
+    budget = max_len * ROW_BUDGET_FACTOR
+    values = len(attrs) + sum(len(e["attributes"]) + 1 for e in events)
+    if values * (max_len + MAX_KEY_LENGTH) <= budget:  # each value is bounded: it fits
+        return 0
+    size, dropped = _size(attrs) + _size(events), 0
+    while size > budget and events:
+        size -= _size(events.pop(len(events) // 2))
+        dropped += 1
+    for key in sorted(attrs, key=lambda k: _size(attrs[k]), reverse=True):
+        if size <= budget:
+            break
+        size -= _size(attrs[key])
+        attrs[key] = TRUNCATION_MARK
+    return dropped
 
 
 def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] | None:
-    """The column values for ``span`` (an SDK ``ReadableSpan``), or None if it has no context.
+    """The column values for ``span`` (an SDK span), or None if it has no context.
 
     With ``running`` the row describes a span that has not ended (no end, no status).
     """
@@ -186,76 +152,40 @@ def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] |
         return None
     max_len = max(16, int(max_len))
     attrs = bound_attributes(span.attributes, max_len)
-    events = []
-    raw_events = list(span.events)
-    dropped_events = 0
-    if len(raw_events) > MAX_EVENTS:
-        dropped_events = len(raw_events) - MAX_EVENTS
-        half = MAX_EVENTS // 2
-        raw_events = raw_events[:half] + raw_events[-half:]
-    descendants = 0
-    for event in raw_events:
-        event_attrs = bound_attributes(event.attributes, max_len)
-        event_attrs.pop(semconv.FORWARDED, None)
-        if event.name == semconv.DESCENDANTS_EVENT:
-            descendants += semconv.descendants_count(event_attrs)
-        events.append(
-            {
-                "name": cut(str(event.name), MAX_NAME_LENGTH),
-                "time_ns": int(event.timestamp),
-                "attributes": event_attrs,
-            }
-        )
+    events, dropped, descendants = _events(span, max_len)
+    dropped += _within_budget(attrs, events, max_len)
+    if dropped:
+        attrs["taskctx.store.dropped_events"] = dropped
     count = attrs.get(semconv.DESCENDANTS_COUNT)
-    if isinstance(count, int) and not isinstance(count, bool) and not descendants:
+    if type(count) is int and not descendants:
         descendants = count
-    # keep the whole row within budget: drop events from the middle, then attribute values
-    budget = max_len * ROW_BUDGET_FACTOR
-    values = len(attrs) + sum(len(e["attributes"]) + 1 for e in events)
-    # each value is bounded by max_len: only count characters when it could matter
-    size = 0 if values * (max_len + MAX_KEY_LENGTH) <= budget else _size(attrs) + _size(events)
-    while size > budget and events:
-        removed = events.pop(len(events) // 2)
-        dropped_events += 1
-        size -= _size(removed)
-    if size > budget:
-        for key in sorted(attrs, key=lambda k: _size(attrs[k]), reverse=True):
-            if size <= budget:
-                break
-            size -= _size(attrs[key])
-            attrs[key] = TRUNCATION_MARK
-    if dropped_events:
-        attrs["taskctx.store.dropped_events"] = dropped_events
-    links = []
-    for link in list(span.links)[:32]:
-        if link.context is None:
-            continue
-        links.append(
-            {
-                "trace_id": _hex_trace(link.context.trace_id),
-                "span_id": _hex_span(link.context.span_id),
-                "attributes": bound_attributes(link.attributes, max_len),
-            }
-        )
-    service, process = _resource_labels(getattr(span, "resource", None))
-    parent = span.parent
-    user_id = _first(attrs, USER_ID_ATTRIBUTES)
-    user_label = _first(attrs, USER_LABEL_ATTRIBUTES)
+    links = [
+        {
+            "trace_id": format(link.context.trace_id, "032x"),
+            "span_id": format(link.context.span_id, "016x"),
+            "attributes": bound_attributes(link.attributes, max_len),
+        }
+        for link in list(span.links)[:32]
+        if link.context is not None
+    ]
+    resource = getattr(span, "resource", None)
+    resource_attrs = resource.attributes if resource is not None else {}
+    pid = resource_attrs.get("process.pid") or os.getpid()
     task_key = attrs.get(semconv.TASK_KEY)
     root_key = attrs.get(semconv.ROOT_TASK_KEY) or task_key
     if not task_key and attrs.get(LAUNCHED_TASK_KEY):
         # the enqueue of a job (PRODUCER span outside any task) starts that job's tree
         task_key = root_key = attrs[LAUNCHED_TASK_KEY]
-    if running:
-        status, message, end_ns = "unset", "", None
-    else:
+    status, message, end_ns = "unset", "", None
+    if not running:
         status = {"OK": "ok", "ERROR": "error"}.get(span.status.status_code.name, "unset")
         message = cut(span.status.description or "", max_len)
         end_ns = span.end_time
+    user_id, user_label = _first(attrs, USER_ID_ATTRIBUTES), _first(attrs, USER_LABEL_ATTRIBUTES)
     return {
-        "trace_id": _hex_trace(ctx.trace_id),
-        "span_id": _hex_span(ctx.span_id),
-        "parent_span_id": _hex_span(parent.span_id) if parent is not None else "",
+        "trace_id": format(ctx.trace_id, "032x"),
+        "span_id": format(ctx.span_id, "016x"),
+        "parent_span_id": format(span.parent.span_id, "016x") if span.parent else "",
         "name": cut(str(span.name), MAX_NAME_LENGTH),
         "kind": span.kind.name,
         "start_ns": int(span.start_time),
@@ -272,6 +202,6 @@ def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] |
         "user_label": cut(str(user_label), 255) if user_label is not None else "",
         "descendants_count": descendants,
         "manager": cut(str(attrs.get(semconv.MANAGER_CLASS_PATH) or ""), 255),
-        "service": cut(service, 255),
-        "process": cut(process, 255),
+        "service": cut(str(resource_attrs.get("service.name") or ""), 255),
+        "process": cut(f"{resource_attrs.get('host.name') or _HOST}:{pid}", 255),
     }

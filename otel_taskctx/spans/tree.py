@@ -1,10 +1,8 @@
-"""A job's tree of stored spans: its nodes, and the tree with its critical path and target.
-
-:func:`otel_taskctx.spans.build.build_tree` makes one (pure Python: no database, no recursion).
+"""A job's tree of stored spans (made by :func:`otel_taskctx.spans.build.build_tree`).
 
 A :class:`Node` is one stored span (or a placeholder for a parent that was not recorded); a
-:class:`SpanTree` is the forest of a job with its critical path (``Node.critical``) and its
-target, where to look first (the deepest failed span, else the deepest running one).
+:class:`SpanTree` is a job's forest with its critical path and its target, where to look first
+(the deepest failed span, else the deepest running one).
 """
 
 from __future__ import annotations
@@ -20,29 +18,13 @@ STATE_UNSET = "unset"
 STATE_ERROR = "error"
 STATE_RUNNING = "running"
 STATE_MISSING = "missing"
+ERROR_KEYS = ("type", "message", "stacktrace")
 
 #: the stored span fields a tree is built from
-SPAN_FIELDS = (
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-    "name",
-    "kind",
-    "start_ns",
-    "end_ns",
-    "status",
-    "status_message",
-    "attributes",
-    "events",
-    "links",
-    "task_key",
-    "root_task_key",
-    "user_id",
-    "user_label",
-    "descendants_count",
-    "service",
-    "process",
-    "manager",
+SPAN_FIELDS = tuple(
+    "trace_id span_id parent_span_id name kind start_ns end_ns status status_message attributes"
+    " events links task_key root_task_key user_id user_label descendants_count service process"
+    " manager".split()
 )
 
 
@@ -114,71 +96,54 @@ class Node:
         for event in self.events:
             if event.get("name") == "exception":
                 attrs = event.get("attributes") or {}
-                out.append(
-                    {
-                        "type": str(attrs.get("exception.type", "")),
-                        "message": str(attrs.get("exception.message", "")),
-                        "stacktrace": str(attrs.get("exception.stacktrace", "")),
-                    }
-                )
-        if self.status == STATE_ERROR and not out:
-            out.append({"type": "", "message": self.status_message, "stacktrace": ""})
-        elif self.status == STATE_ERROR and self.status_message:
-            if not any(self.status_message.endswith(e["message"]) for e in out if e["message"]):
-                out.insert(0, {"type": "", "message": self.status_message, "stacktrace": ""})
+                out.append({k: str(attrs.get(f"exception.{k}", "")) for k in ERROR_KEYS})
+        message = self.status_message
+        if self.status == STATE_ERROR and (
+            not out
+            or (message and not any(message.endswith(e["message"]) for e in out if e["message"]))
+        ):
+            out.insert(0, {"type": "", "message": message, "stacktrace": ""})
         return out
+
+    def _events(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        return [
+            (e.get("attributes") or {}, e.get("time_ns"))
+            for e in self.events
+            if e.get("name") == name
+        ]
 
     def descendants(self) -> list[dict[str, Any]]:
-        out = []
-        for event in self.events:
-            if event.get("name") == semconv.DESCENDANTS_EVENT:
-                found = semconv.read_descendants(event.get("attributes") or {})
-                if found is not None:
-                    out.append(_descendants_item(found, event.get("time_ns")))
-        if not out:
-            found = semconv.read_descendants(self.attributes)
-            if found is not None:
-                model, ids, count = found
-                out.append(
-                    _descendants_item((model, ids, self.descendants_count or count), self.start_ns)
-                )
-        return out
+        found = [
+            (semconv.read_descendants(attrs), at)
+            for attrs, at in self._events(semconv.DESCENDANTS_EVENT)
+        ]
+        if not any(f for f, _ in found):
+            own = semconv.read_descendants(self.attributes)
+            if own is not None:
+                own = (own[0], own[1], self.descendants_count or own[2])
+            found = [(own, self.start_ns)]
+        return [
+            {"model": f[0], "count": f[2], "ids": f[1][:50], "time_ns": at}
+            for f, at in found
+            if f is not None
+        ]
 
     def progress(self) -> list[dict[str, Any]]:
-        out = []
-        for event in self.events:
-            if event.get("name") == semconv.PROGRESS_EVENT:
-                attrs = event.get("attributes") or {}
-                out.append(
-                    {
-                        "time_ns": event.get("time_ns") or self.start_ns,
-                        "message": str(attrs.get(semconv.PROGRESS_MESSAGE, "")),
-                    }
-                )
-        if not out and isinstance(self.attributes.get(semconv.PROGRESS_MESSAGE), str):
-            out.append(
-                {
-                    "time_ns": self.end_ns or self.start_ns,
-                    "message": self.attributes[semconv.PROGRESS_MESSAGE],
-                }
-            )
+        out = [
+            {"time_ns": at or self.start_ns, "message": str(a.get(semconv.PROGRESS_MESSAGE, ""))}
+            for a, at in self._events(semconv.PROGRESS_EVENT)
+        ]
+        message = self.attributes.get(semconv.PROGRESS_MESSAGE)
+        if not out and isinstance(message, str):
+            out.append({"time_ns": self.end_ns or self.start_ns, "message": message})
         return out
-
-
-def _descendants_item(found: tuple[str, list[Any], int], time_ns: Any) -> dict[str, Any]:
-    model, ids, count = found
-    return {"model": model, "count": count, "ids": ids[:50], "time_ns": time_ns}
 
 
 def node_from(row: Mapping[str, Any] | Any) -> Node:
     get = row.get if isinstance(row, Mapping) else (lambda k, d=None: getattr(row, k, d))
-    kwargs = {}
-    for name in SPAN_FIELDS:
-        value = get(name, None)
-        if value is not None:
-            kwargs[name] = value
+    kwargs = {name: get(name, None) for name in SPAN_FIELDS}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "end_ns"}
     kwargs.setdefault("parent_span_id", "")
-    kwargs["end_ns"] = get("end_ns", None)
     kwargs.setdefault("name", "")
     kwargs["attributes"] = dict(kwargs.get("attributes") or {})
     kwargs["events"] = list(kwargs.get("events") or [])
@@ -188,12 +153,8 @@ def node_from(row: Mapping[str, Any] | Any) -> Node:
 def request_label(node: Node) -> str:
     attrs = node.attributes
     method = attrs.get("http.request.method") or attrs.get("http.method")
-    target = (
-        attrs.get("http.route")
-        or attrs.get("url.path")
-        or attrs.get("http.target")
-        or attrs.get("http.url")
-    )
+    names = ("http.route", "url.path", "http.target", "http.url")
+    target = next((attrs[n] for n in names if attrs.get(n)), None)
     if method and target and str(target) not in node.name:
         return f"{method} {target}"
     return node.name
@@ -265,9 +226,8 @@ class SpanTree:
         path = []
         node = self.target.parent if self.target is not None else None
         while node is not None:
-            path.append(node)
+            path.insert(0, node)
             node = node.parent
-        path.reverse()
         if self.target is not None and self.target.running and self.target.children:
             path.append(self.target)
         return path
@@ -280,37 +240,28 @@ class SpanTree:
             return []
         names = [self.target.name]
         node = self.target.parent
-        while node is not None and node.kind == "INTERNAL" and not node.context:
-            if node.placeholder:
-                break
+        while node and node.kind == "INTERNAL" and not node.context and not node.placeholder:
             names.append(node.name)
             node = node.parent
-        names.reverse()
-        return names
+        return names[::-1]
 
     def find(self, span_id: str) -> Node | None:
-        for node in self.nodes:
-            if node.span_id == span_id or node.id == span_id:
-                return node
-        return None
+        return next((n for n in self.nodes if span_id in (n.span_id, n.id)), None)
 
     def progress(self) -> list[dict[str, Any]]:
-        out = []
-        for node in self.nodes:
-            for item in node.progress():
-                out.append({**item, "node": node.id, "span": node.name, "task_key": node.task_key})
-        out.sort(key=lambda p: p["time_ns"] or 0)
-        return out
+        out = [
+            {**item, "node": n.id, "span": n.name, "task_key": n.task_key}
+            for n in self.nodes
+            for item in n.progress()
+        ]
+        return sorted(out, key=lambda p: p["time_ns"] or 0)
 
     def summary(self) -> dict[str, Any]:
         nodes = self.job_nodes or self.nodes
         user_id = next((n.user_id for n in nodes if n.user_id), None)
         user_label = next((n.user_label for n in nodes if n.user_label), "")
-        request = None
-        for node in self.nodes:
-            if node.context and node.kind == "SERVER":
-                request = request_label(node)
-                break
+        servers = (n for n in self.nodes if n.context and n.kind == "SERVER")
+        request = next((request_label(n) for n in servers), None)
         return {
             "root_task_key": self.root_task_key,
             "status": self.status,
@@ -329,7 +280,7 @@ class SpanTree:
             "missing_spans": sum(1 for n in self.nodes if n.placeholder),
         }
 
-    def to_dict(self, include_details: bool = True) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         axis_start = self.axis_start_ns
         out_nodes = []
         for node in self.nodes:
@@ -364,11 +315,10 @@ class SpanTree:
                 "descendants": node.descendants(),
                 "descendants_count": node.descendants_count,
                 "progress": node.progress(),
+                "attributes": node.attributes,
+                "events": node.events,
+                "links": node.links,
             }
-            if include_details:
-                item["attributes"] = node.attributes
-                item["events"] = node.events
-                item["links"] = node.links
             out_nodes.append(item)
         return {
             **self.summary(),

@@ -1,4 +1,4 @@
-"""Viewer pages: the list of job trees, one job's tree, and the same tree as JSON."""
+"""Viewer pages: the list of job trees, one job's tree, and the same as JSON."""
 
 from __future__ import annotations
 
@@ -16,13 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET
 
 from otel_taskctx.conf import get_setting
-from otel_taskctx.spans.queries import (
-    STATUSES,
-    decorate_summaries,
-    load_tree,
-    resolve_root_key,
-    tree_summaries,
-)
+from otel_taskctx.spans import queries
 from otel_taskctx.spans.render import format_duration, render_text
 from otel_taskctx.spans.rows import ns_to_datetime
 from otel_taskctx.viewer.access import dashboard_user, has_viewer_access, visible_spans
@@ -34,8 +28,9 @@ NOSCRIPT_LINES = 2000
 
 
 def viewer_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Anonymous users go to the login page; users without viewer access get 403."""
+    """GET only; anonymous users go to the login page, users without viewer access get 403."""
 
+    @require_GET
     @functools.wraps(view)
     def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         user = getattr(request, "user", None)
@@ -48,47 +43,38 @@ def viewer_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResp
     return wrapper
 
 
-def _base_context() -> dict[str, Any]:
-    return {"base_template": get_setting("VIEWER_BASE_TEMPLATE") or "otel_taskctx/base.html"}
+def _base_template() -> str:
+    return get_setting("VIEWER_BASE_TEMPLATE") or "otel_taskctx/base.html"
 
 
-def _summaries(request: HttpRequest) -> tuple[Any, str, str]:
+def _page(request: HttpRequest) -> tuple[Any, list[dict[str, Any]], str, str]:
+    """The requested page of job summaries (displayable), the status filter and search."""
     status = request.GET.get("status") or ""
-    if status not in STATUSES:
-        status = ""
+    status = status if status in queries.STATUSES else ""
     search = (request.GET.get("q") or "").strip()[:200]
-    rows = tree_summaries(visible_spans(request), status=status or None, search=search or None)
-    return rows, status, search
+    rows = queries.tree_summaries(visible_spans(request), status or None, search or None)
+    page = Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page"))
+    items = queries.decorate_summaries(list(page.object_list))
+    for row in items:
+        row["started"] = ns_to_datetime(row["start_ns"])
+        row["duration"] = format_duration(row["duration_ns"])
+        if not row.get("user_label") and not row.get("user_id"):
+            row["user_label"] = dashboard_user(row["root_task_key"]) or ""
+        row["url"] = reverse("otel_taskctx:tree_detail", args=[row["root_task_key"]])
+    return page, items, status, search
 
 
-def _display(row: dict[str, Any]) -> dict[str, Any]:
-    row["started"] = ns_to_datetime(row["start_ns"])
-    row["duration"] = format_duration(row["duration_ns"])
-    if not row.get("user_label") and not row.get("user_id"):
-        row["user_label"] = dashboard_user(row["root_task_key"]) or ""
-    row["url"] = reverse("otel_taskctx:tree_detail", args=[row["root_task_key"]])
-    return row
-
-
-def _page(request: HttpRequest) -> tuple[Any, str, str]:
-    """The requested page of job summaries, with the status filter and search text."""
-    rows, status, search = _summaries(request)
-    return Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page")), status, search
-
-
-@require_GET
 @viewer_required
 def tree_list(request: HttpRequest) -> HttpResponse:
-    page, status, search = _page(request)
-    items = [_display(r) for r in decorate_summaries(list(page.object_list))]
+    page, items, status, search = _page(request)
     query = request.GET.copy()
     query.pop("page", None)
     context = {
-        **_base_context(),
+        "base_template": _base_template(),
         "page": page,
         "trees": items,
         "status": status,
-        "statuses": STATUSES,
+        "statuses": queries.STATUSES,
         "search": search,
         "query": query.urlencode(),
         "any_running": any(i["status"] == "running" for i in items),
@@ -96,37 +82,26 @@ def tree_list(request: HttpRequest) -> HttpResponse:
     return render(request, "otel_taskctx/tree_list.html", context)
 
 
-@require_GET
 @viewer_required
 def tree_list_json(request: HttpRequest) -> JsonResponse:
-    page, _, _ = _page(request)
-    items = []
-    for row in decorate_summaries(list(page.object_list)):
-        row = _display(row)
+    page, items, _, _ = _page(request)
+    for row in items:
         row["started"] = row["started"].isoformat()
-        items.append(row)
-    return JsonResponse(
-        {
-            "page": page.number,
-            "pages": page.paginator.num_pages,
-            "count": page.paginator.count,
-            "trees": items,
-        }
-    )
+    paginator = page.paginator
+    data = {"page": page.number, "pages": paginator.num_pages, "count": paginator.count}
+    return JsonResponse({**data, "trees": items})
 
 
-def _load_visible(request: HttpRequest, task_key: str) -> Any:
-    spans = visible_spans(request)
-    root_key = resolve_root_key(task_key, spans)
-    if root_key is None:  # unknown, or not this user's: the same answer either way
-        raise Http404("no stored job tree for this task")
-    tree = load_tree(root_key)
+def _tree(request: HttpRequest, task_key: str) -> Any:
+    """The tree of ``task_key``'s job; 404 when unknown or not this user's (the same answer)."""
+    root_key = queries.resolve_root_key(task_key, visible_spans(request))
+    tree = queries.load_tree(root_key) if root_key is not None else None
     if tree is None:
         raise Http404("no stored job tree for this task")
     return tree
 
 
-def _tree_payload(request: HttpRequest, tree: Any) -> dict[str, Any]:
+def _payload(request: HttpRequest, tree: Any) -> dict[str, Any]:
     data = tree.to_dict()
     key = tree.root_task_key
     data["urls"] = {
@@ -139,32 +114,28 @@ def _tree_payload(request: HttpRequest, tree: Any) -> dict[str, Any]:
     return data
 
 
-@require_GET
 @viewer_required
 def tree_detail(request: HttpRequest, task_key: str) -> HttpResponse:
-    tree = _load_visible(request, task_key)
+    tree = _tree(request, task_key)
     if tree.root_task_key != task_key:  # a nested task: the job's permalink, focused on it
         url = reverse("otel_taskctx:tree_detail", args=[tree.root_task_key])
         focus = next((n for n in tree.nodes if n.task_key == task_key), None)
         return redirect(url + (f"#span-{focus.id}" if focus is not None else ""))
-    data = _tree_payload(request, tree)
     summary = tree.summary()
-    text = render_text(tree)
     context = {
-        **_base_context(),
-        "tree": data,
+        "base_template": _base_template(),
+        "tree": _payload(request, tree),
         "summary": summary,
         "started": ns_to_datetime(summary["start_ns"]) if summary["start_ns"] else None,
         "duration": format_duration(tree.duration_ns),
-        "text_tree": text[:NOSCRIPT_LINES],
+        "text_tree": render_text(tree)[:NOSCRIPT_LINES],
         "refresh_ms": REFRESH_MS,
         "generated_ns": time.time_ns(),
     }
     return render(request, "otel_taskctx/tree_detail.html", context)
 
 
-@require_GET
 @viewer_required
 def tree_json(request: HttpRequest, task_key: str) -> JsonResponse:
-    tree = _load_visible(request, task_key)
-    return JsonResponse(_tree_payload(request, tree), json_dumps_params={"default": str})
+    tree = _tree(request, task_key)
+    return JsonResponse(_payload(request, tree), json_dumps_params={"default": str})

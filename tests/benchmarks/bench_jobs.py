@@ -183,7 +183,7 @@ def set_local_span_store(on: bool) -> None:
 
     (Benchmark only: takes the store's two processors out of the SDK provider's list.)
     """
-    from otel_taskctx.spans.flushing import RUNNING, STORE
+    from otel_taskctx.spans.store import RUNNING, STORE
     from otel_taskctx.tracer_provider import added_processors, sdk_tracer_provider
 
     provider = sdk_tracer_provider()  # the host's, or otel_taskctx's private one

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from otel_taskctx.spans.retention import (
-    SCHEDULE_NAME,
-    ensure_prune_schedule,
-    prune_spans,
-    remove_prune_schedule,
-)
+from otel_taskctx.spans.retention import prune_spans
+
+SCHEDULE_NAME = "otel_taskctx: prune stored spans"
 
 
 class Command(BaseCommand):
@@ -30,19 +27,29 @@ class Command(BaseCommand):
         parser.add_argument("--every-hours", type=int, default=24, help="schedule interval")
 
     def handle(self, *args, **options):
+        if options["schedule"] or options["unschedule"]:
+            from django_q.models import Schedule
+
+            schedules = Schedule.objects.filter(name=SCHEDULE_NAME)
         if options["unschedule"]:
-            removed = remove_prune_schedule()
+            removed, _ = schedules.delete()
             self.stdout.write(f"removed {removed} schedule(s) named {SCHEDULE_NAME!r}")
-            return
-        if options["schedule"]:
-            _, created = ensure_prune_schedule(options["every_hours"])
-            verb = "created" if created else "updated"
-            self.stdout.write(
-                f"{verb} django-q2 schedule {SCHEDULE_NAME!r} (every {options['every_hours']}h)"
+        elif options["schedule"]:
+            hours = options["every_hours"]
+            _, created = Schedule.objects.update_or_create(
+                name=SCHEDULE_NAME,
+                defaults={
+                    "func": f"{prune_spans.__module__}.prune_spans",
+                    "schedule_type": Schedule.MINUTES,
+                    "minutes": hours * 60,
+                    "repeats": -1,
+                },
             )
-            return
-        count = prune_spans(options["days"], dry_run=options["dry_run"])
-        if options["dry_run"]:
-            self.stdout.write(f"{count} span(s) would be deleted")
+            verb = "created" if created else "updated"
+            self.stdout.write(f"{verb} django-q2 schedule {SCHEDULE_NAME!r} (every {hours}h)")
         else:
-            self.stdout.write(f"deleted {count} span(s)")
+            count = prune_spans(options["days"], dry_run=options["dry_run"])
+            dry = options["dry_run"]
+            self.stdout.write(
+                f"{count} span(s) would be deleted" if dry else f"deleted {count} span(s)"
+            )

@@ -1,5 +1,5 @@
-"""Django system checks for configurations that would break locks or identities (the checks
-of powercrud's cache are in :mod:`otel_taskctx.cache_checks`)."""
+"""Django system checks for configurations that would break locks or identities (those of
+powercrud's cache are in :mod:`otel_taskctx.cache_checks`). See docs/index.md."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ from django.core.checks import Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
 from otel_taskctx import cache_checks  # noqa: F401  (registers the cache checks)
-from otel_taskctx.conf import DEFAULTS, user_settings
+from otel_taskctx.conf import DEFAULTS, get_setting, user_settings
+
+
+def _settings(*names: str) -> list | None:
+    """The ``OTEL_TASKCTX`` values, or None when it is not a dict (otel_taskctx.E001)."""
+    raw = getattr(settings, "OTEL_TASKCTX", None)
+    return None if raw is not None and not isinstance(raw, dict) else list(map(get_setting, names))
 
 
 @register(Tags.compatibility)
 def check_settings(app_configs=None, **kwargs):
+    if _settings() is None:
+        return [Error("OTEL_TASKCTX must be a dict.", id="otel_taskctx.E001", obj="OTEL_TASKCTX")]
     problems = []
-    raw = getattr(settings, "OTEL_TASKCTX", None)
-    if raw is not None and not isinstance(raw, dict):
-        problems.append(
-            Error("OTEL_TASKCTX must be a dict.", id="otel_taskctx.E001", obj="OTEL_TASKCTX")
-        )
-        return problems
     unknown = sorted(set(user_settings()) - set(DEFAULTS))
     if unknown:
         problems.append(
@@ -49,12 +51,7 @@ def check_span_database(app_configs=None, **kwargs):
     """``OTEL_TASKCTX["SPAN_DATABASE"]`` names a database, and the span table is routed there."""
     from django.db import router
 
-    from otel_taskctx.conf import get_setting
-
-    try:
-        alias = get_setting("SPAN_DATABASE")
-    except Exception:  # OTEL_TASKCTX is not a dict: otel_taskctx.E001
-        return []
+    (alias,) = _settings("SPAN_DATABASE") or [None]
     if not alias:
         return []
     if alias not in getattr(settings, "DATABASES", {}):
@@ -70,33 +67,26 @@ def check_span_database(app_configs=None, **kwargs):
     from otel_taskctx.models import TaskSpan
 
     routed = router.db_for_write(TaskSpan)
-    if routed != alias:
-        return [
-            Warning(
-                f"OTEL_TASKCTX['SPAN_DATABASE'] is {alias!r} but the database routers send "
-                f"the span table to {routed!r}: spans are written there.",
-                hint="Add 'otel_taskctx.routers.SpanStoreRouter' to DATABASE_ROUTERS (before "
-                "routers that claim every model), then run 'manage.py migrate --database "
-                f"{alias}'.",
-                id="otel_taskctx.W050",
-                obj="OTEL_TASKCTX",
-            )
-        ]
-    return []
+    if routed == alias:
+        return []
+    return [
+        Warning(
+            f"OTEL_TASKCTX['SPAN_DATABASE'] is {alias!r} but the database routers send the "
+            f"span table to {routed!r}: spans are written there.",
+            hint="Add 'otel_taskctx.routers.SpanStoreRouter' to DATABASE_ROUTERS (before "
+            f"routers that claim every model), then run 'manage.py migrate --database {alias}'.",
+            id="otel_taskctx.W050",
+            obj="OTEL_TASKCTX",
+        )
+    ]
 
 
-def _task_backends() -> list[tuple[str, str, type]]:
-    """``(alias, dotted path, class)`` of each ``TASKS`` backend, when ``django.tasks`` is
-    instrumented (empty before Django 6.0, with ``DJANGO_TASKS`` off, or with an
-    ``OTEL_TASKCTX`` that is not a dict: E001)."""
-    try:
-        from django.utils.module_loading import import_string
+def _task_backends(*bases: type) -> list[tuple[str, str, type]]:
+    """``(alias, dotted path, class)`` of the ``TASKS`` backends that subclass one of ``bases``,
+    when ``django.tasks`` is instrumented (``DJANGO_TASKS``)."""
+    from django.utils.module_loading import import_string
 
-        from otel_taskctx.conf import get_setting
-
-        if not get_setting("DJANGO_TASKS"):
-            return []
-    except Exception:
+    if not (_settings("DJANGO_TASKS") or [False])[0]:
         return []
     found = []
     for alias, config in (getattr(settings, "TASKS", None) or {}).items():
@@ -105,7 +95,7 @@ def _task_backends() -> list[tuple[str, str, type]]:
             backend = import_string(path)
         except Exception:
             continue
-        if isinstance(backend, type):
+        if isinstance(backend, type) and issubclass(backend, bases):
             found.append((alias, path, backend))
     return found
 
@@ -117,31 +107,52 @@ def check_task_backends(app_configs=None, **kwargs):
         from django.tasks.backends.dummy import DummyBackend
     except ImportError:  # Django before 6.0
         return []
-    problems = []
-    for alias, path, backend in _task_backends():
-        if issubclass(backend, DummyBackend):
-            problems.append(
-                Warning(
-                    f"TASKS[{alias!r}] is {path} (DummyBackend): its tasks never run, so no "
-                    "task identity reaches a worker and nothing is locked or reported.",
-                    hint="Use django_tasks_db.DatabaseBackend (with manage.py db_worker), or "
-                    "ImmediateBackend to run tasks in the calling process.",
-                    id="otel_taskctx.W060",
-                    obj=alias,
-                )
-            )
-    return problems
+    return [
+        Warning(
+            f"TASKS[{alias!r}] is {path} (DummyBackend): its tasks never run, so no task "
+            "identity reaches a worker and nothing is locked or reported.",
+            hint="Use django_tasks_db.DatabaseBackend (with manage.py db_worker), or "
+            "ImmediateBackend to run tasks in the calling process.",
+            id="otel_taskctx.W060",
+            obj=alias,
+        )
+        for alias, path, _ in _task_backends(DummyBackend)
+    ]
+
+
+@register(Tags.compatibility)
+def check_task_carrier_database(app_configs=None, **kwargs):
+    """The carriers of queued tasks live on the database of django-tasks-db's results: they
+    are written in the transaction that writes the task's row."""
+    from django.apps import apps
+    from django.db import router
+
+    if not apps.is_installed("django_tasks_db") or not (_settings("DJANGO_TASKS") or [0])[0]:
+        return []
+    from otel_taskctx.models import TaskCarrier
+
+    config = next(c for c in apps.get_app_configs() if c.name == "django_tasks_db")
+    database = router.db_for_write(config.get_model("DBTaskResult"))
+    if router.allow_migrate_model(database, TaskCarrier):
+        return []
+    return [
+        Warning(
+            f"otel_taskctx's TaskCarrier table is not migrated on database {database!r}, where "
+            "django-tasks-db writes its task results: a task's carrier is written in the same "
+            "transaction as its row, so django.tasks tasks run without a task identity (no "
+            "locks, no nesting).",
+            hint="Route the model otel_taskctx.TaskCarrier like django_tasks_db's models in "
+            "DATABASE_ROUTERS (allow_migrate and db_for_read/db_for_write).",
+            id="otel_taskctx.W061",
+            obj="otel_taskctx.TaskCarrier",
+        )
+    ]
 
 
 @register(Tags.compatibility)
 def check_fan_out(app_configs=None, **kwargs):
-    """Fan-out configured where the job could not wait for its children (a sync broker)."""
-    from otel_taskctx.conf import get_setting
-
-    try:
-        policy, listed = get_setting("NESTED_POLICY"), get_setting("FAN_OUT")
-    except Exception:  # OTEL_TASKCTX is not a dict: otel_taskctx.E001
-        return []
+    """Fan-out configured where the job could not wait for its children."""
+    policy, listed = _settings("NESTED_POLICY", "FAN_OUT") or ("inline", [])
     if policy not in ("inline", "fan_out"):
         return [
             Error(
@@ -153,9 +164,28 @@ def check_fan_out(app_configs=None, **kwargs):
         ]
     if policy != "fan_out" and not listed:
         return []
-    problems = _fan_out_task_backends()
+    problems = []
+    try:
+        from django.tasks.backends.dummy import DummyBackend
+        from django.tasks.backends.immediate import ImmediateBackend
+    except ImportError:  # Django before 6.0
+        pass
+    else:
+        for alias, path, backend in _task_backends(ImmediateBackend, DummyBackend):
+            runs = "in the caller" if issubclass(backend, ImmediateBackend) else "never"
+            problems.append(
+                Warning(
+                    "Nested launches fan out (OTEL_TASKCTX NESTED_POLICY/FAN_OUT) but "
+                    f"TASKS[{alias!r}] is {path}, which runs tasks {runs}: a nested enqueue of "
+                    "one of its tasks that fans out raises FanOutUnavailable.",
+                    hint="Use django_tasks_db.DatabaseBackend with manage.py db_worker, or mark "
+                    "that alias's tasks @run_inline.",
+                    id="otel_taskctx.W072",
+                    obj=alias,
+                )
+            )
     if (getattr(settings, "Q_CLUSTER", None) or {}).get("sync"):
-        return problems + [
+        problems.append(
             Error(
                 "Nested launches fan out (OTEL_TASKCTX NESTED_POLICY/FAN_OUT) but "
                 "Q_CLUSTER['sync'] runs every task in the caller: no other worker can run a "
@@ -166,32 +196,5 @@ def check_fan_out(app_configs=None, **kwargs):
                 id="otel_taskctx.E070",
                 obj="OTEL_TASKCTX",
             )
-        ]
-    return problems
-
-
-def _fan_out_task_backends() -> list:
-    """``django.tasks`` backends that run a task in the caller or never: a nested enqueue
-    that fans out there raises FanOutUnavailable."""
-    try:
-        from django.tasks.backends.dummy import DummyBackend
-        from django.tasks.backends.immediate import ImmediateBackend
-    except ImportError:  # Django before 6.0
-        return []
-    problems = []
-    for alias, path, backend in _task_backends():
-        if issubclass(backend, ImmediateBackend | DummyBackend):
-            problems.append(
-                Warning(
-                    f"Nested launches fan out (OTEL_TASKCTX NESTED_POLICY/FAN_OUT) but "
-                    f"TASKS[{alias!r}] is {path}, which runs tasks "
-                    f"{'in the caller' if issubclass(backend, ImmediateBackend) else 'never'}: "
-                    "a nested enqueue of one of its tasks that fans out raises "
-                    "FanOutUnavailable.",
-                    hint="Use django_tasks_db.DatabaseBackend with manage.py db_worker, or mark "
-                    "that alias's tasks @run_inline.",
-                    id="otel_taskctx.W072",
-                    obj=alias,
-                )
-            )
+        )
     return problems

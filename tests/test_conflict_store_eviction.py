@@ -97,7 +97,7 @@ def test_lock_safe_databasecache_routes_every_cache_operation(locks_cache):
 
 def test_redis_without_eviction_passes_the_check(locks_cache):
     locks_cache("redis")
-    policy, _ = checks._redis_memory_policy(caches[ALIAS])
+    policy, _ = checks._redis_memory_policy(ALIAS)
     assert policy == "noeviction"  # this machine's server
     assert checks.check_lock_eviction() == []
 

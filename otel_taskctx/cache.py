@@ -110,9 +110,14 @@ class LockCache(BaseCache):
         mine = {self.make_and_validate_key(k, version): k for k in keys if self.is_lock_key(k)}
         others = [k for k in keys if not self.is_lock_key(k)]
         found = self.fallback.get_many(others, version) if others else {}
-        rows = locks().filter(cache_key__in=list(mine), expires__gte=now())
-        for db_key, value in rows.values_list("cache_key", "value"):
-            found[mine[db_key]] = decode(value)
+        rows, moment, expired = locks().filter(cache_key__in=list(mine)), now(), []
+        for db_key, value, expires in rows.values_list("cache_key", "value", "expires"):
+            if expires >= moment:
+                found[mine[db_key]] = decode(value)
+            else:
+                expired.append(db_key)
+        if expired:  # as Django's DatabaseCache does: an expired row read is deleted
+            locks().filter(cache_key__in=expired, expires__lt=moment).delete()
         return found
 
     def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]

@@ -87,7 +87,7 @@ def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
     """Reserve descendant objects under the current task key, all-or-nothing: raises
     ``DescendantConflict`` (nothing new reserved) or ``ConflictStoreUnavailable``. Outside a
     task, does nothing and says so (a false :class:`Registration`, a DEBUG log line)."""
-    from otel_taskctx.conflicts import normalise_ids
+    from otel_taskctx.conflicts.base import normalise_ids
 
     label = model_label(model)
     id_list = normalise_ids(ids)
@@ -116,7 +116,8 @@ def register_for(
     """Reserve ``conflict_ids`` (``{model: ids}``) under ``identity``'s task key, as
     :func:`register_descendants`; with ``record_event``, the current span gets a descendants
     event per model. Returns the :class:`~otel_taskctx.conflicts.Reservation`."""
-    from otel_taskctx.conflicts import Reservation, get_conflict_store, normalise_ids
+    from otel_taskctx.conflicts import get_conflict_store
+    from otel_taskctx.conflicts.base import Reservation, normalise_ids
 
     if not isinstance(conflict_ids, Mapping):
         raise TypeError(

@@ -10,7 +10,7 @@ import pytest
 from django.core.cache import caches
 from powercrud.async_manager import AsyncManager
 
-from otel_taskctx import cache_checks as checks
+from otel_taskctx import checks
 from otel_taskctx.conflicts import get_conflict_store
 from otel_taskctx.errors import ConflictStoreUnavailable
 from tests.conflict_caches import ALIAS, cache_config, use_locks_cache, wipe

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from otel_taskctx.conflicts.base import CacheConflictStore, Reservation, lock_ttl, normalise_ids
-from otel_taskctx.conflicts.keepalive import LockKeeper, keep_locks_alive
+from otel_taskctx.conflicts.base import CacheConflictStore, lock_ttl
+from otel_taskctx.conflicts.base import Reservation as Reservation
+from otel_taskctx.conflicts.keepalive import keep_locks_alive as keep_locks_alive
 
 BACKENDS = ("redis", "database", "cache")
 
@@ -59,17 +60,3 @@ def release_locks(task_key: str, manager: Any = None) -> int:
 
         manager = AsyncManager()
     return get_conflict_store(manager).release(task_key)
-
-
-__all__ = [
-    "BACKENDS",
-    "CacheConflictStore",
-    "LockKeeper",
-    "Reservation",
-    "backend_for",
-    "get_conflict_store",
-    "keep_locks_alive",
-    "lock_ttl",
-    "normalise_ids",
-    "release_locks",
-]

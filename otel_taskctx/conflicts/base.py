@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import batched
 from typing import Any, NamedTuple
 
 from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict
@@ -33,11 +35,6 @@ def normalise_ids(ids: Iterable[Hashable]) -> list[Hashable]:
             raise TypeError(f"unsupported primary key {pk!r}")
         seen.setdefault(str(pk), pk)
     return list(seen.values())
-
-
-def chunked(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def lock_ttl(manager: Any) -> int | None:
@@ -124,7 +121,6 @@ class CacheConflictStore:
         except Exception as exc:
             raise ConflictStoreUnavailable(f"could not {what} ({self.kind} store): {exc}") from exc
 
-    # public API ------------------------------------------------------------------------------
     def reserve(self, task_key: str, conflict_ids: Mapping[str, Iterable[Hashable]]) -> Reservation:
         """Lock every id for ``task_key``, or none: raises DescendantConflict naming the holders.
 
@@ -146,7 +142,7 @@ class CacheConflictStore:
     ) -> dict[str, dict[Hashable, str]]:
         """``{model: {id: holder}}`` for the ids that are locked."""
         out: dict[str, dict[Hashable, str]] = {}
-        for batch in chunked(self.items(conflict_ids), self.batch_size):
+        for batch in batched(self.items(conflict_ids), self.batch_size):
             values = self.cache.get_many([i.key for i in batch])
             for item in batch:
                 if values.get(item.key) is not None:
@@ -177,7 +173,6 @@ class CacheConflictStore:
         found = {m: {i: h for i, h in ids.items() if h != task_key} for m, ids in held.items()}
         return DescendantConflict(task_key, {m: c for m, c in found.items() if c} or known)
 
-    # the generic per-key implementation ------------------------------------------------------
     def _reserve(self, task_key: str, items: list[Item]) -> tuple[list[Item], list[Item]]:
         cache, ttl = self.cache, self.ttl
         fresh: list[Item] = []
@@ -221,24 +216,18 @@ class CacheConflictStore:
         self.cache.touch(self.tracking_key(task_key), ttl)
         return count
 
-    def _mutex(self, task_key: str) -> _CacheMutex:
-        return _CacheMutex(self.cache, f"{self.tracking_key(task_key)}:mutex")
-
-
-class _CacheMutex:
-    """A short mutual exclusion through ``cache.add`` (held 30 s at most, waited 10 s)."""
-
-    def __init__(self, cache: Any, key: str) -> None:
-        self.cache, self.key, self.token = cache, key, uuid.uuid4().hex
-
-    def __enter__(self) -> None:
+    @contextmanager
+    def _mutex(self, task_key: str) -> Iterator[None]:
+        """A short mutual exclusion through ``cache.add`` (held 30 s at most, waited 10 s)."""
+        key, token = f"{self.tracking_key(task_key)}:mutex", uuid.uuid4().hex
         deadline, pause = time.monotonic() + 10, 0.001
-        while not self.cache.add(self.key, self.token, 30):
+        while not self.cache.add(key, token, 30):
             if time.monotonic() > deadline:
-                raise ConflictStoreUnavailable(f"timed out waiting for {self.key}")
+                raise ConflictStoreUnavailable(f"timed out waiting for {key}")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cache.get(self.key) == self.token:
-            self.cache.delete(self.key)
+        try:
+            yield
+        finally:
+            if self.cache.get(key) == token:
+                self.cache.delete(key)

@@ -9,6 +9,7 @@ task's tracking row locked first (see docs/conflicts.md, *Storage*).
 from __future__ import annotations
 
 import time
+from itertools import batched
 from typing import Any
 
 from django.db import IntegrityError, OperationalError, connections, transaction
@@ -16,7 +17,7 @@ from django.db.models import F
 from django.utils.timezone import now
 
 from otel_taskctx.cache import LockCache, decode, encode, lock_db, locks, purge_expired
-from otel_taskctx.conflicts.base import CacheConflictStore, Item, chunked
+from otel_taskctx.conflicts.base import CacheConflictStore, Item
 from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict
 
 
@@ -83,7 +84,7 @@ class DatabaseConflictStore(CacheConflictStore):
             rows.bulk_create([empty], ignore_conflicts=True)
             tracked = rows.select_for_update().filter(cache_key=tracking)
             tracked_value, tracked_exp = tracked.values_list("value", "expires").get()
-            for batch in chunked(sorted(by_key), self.batch_size):
+            for batch in batched(sorted(by_key), self.batch_size):
                 live = rows.select_for_update().filter(cache_key__in=batch, expires__gte=moment)
                 found = dict(live.order_by("cache_key").values_list("cache_key", "value"))
                 for key in batch:
@@ -97,13 +98,13 @@ class DatabaseConflictStore(CacheConflictStore):
                         others.setdefault(item.model, {})[item.obj_id] = str(decode(value))
             if others:
                 raise DescendantConflict(task_key, others)  # (rolls the tracking row back)
-            for batch in chunked(fresh, self.batch_size):
+            for batch in batched(fresh, self.batch_size):
                 rows.filter(cache_key__in=batch, expires__lt=moment).delete()  # expired ones
                 new = [DescendantLock(cache_key=k, value=holder, expires=exp) for k in batch]
                 rows.bulk_create(new, ignore_conflicts=True)
                 if rows.filter(cache_key__in=batch, value=holder).count() != len(batch):
                     raise _Retry()  # another transaction took one since we read them
-            for batch in chunked(held, self.batch_size):  # ours already: a fresh TTL
+            for batch in batched(held, self.batch_size):  # ours already: a fresh TTL
                 rows.filter(cache_key__in=batch, expires__lt=exp).update(expires=exp)
             if fresh or tracked_exp < exp:
                 keys = set(decode(tracked_value) or ()) | {by_key[k].key for k in fresh}
@@ -139,7 +140,7 @@ class DatabaseConflictStore(CacheConflictStore):
             tracking.update(expires=F("expires"))  # a write first: the write lock, the row lock
             value = tracking.values_list("value", flat=True).first()
             keys = sorted(self.cache.make_key(k) for k in (decode(value) or ())) if value else []
-            for batch in chunked(keys, self.batch_size):
+            for batch in batched(keys, self.batch_size):
                 count += on_mine(rows.filter(cache_key__in=batch, value=holder))
             on_tracking(tracking)
         return count

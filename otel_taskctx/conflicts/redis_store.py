@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import pickle
+from itertools import batched
 from typing import Any
 
-from otel_taskctx.conflicts.base import CacheConflictStore, Item, chunked, log
+from otel_taskctx.conflicts.base import CacheConflictStore, Item, log
 from otel_taskctx.errors import ConflictStoreUnavailable
 
 # KEYS: none (the lock keys go as ARGV: one server, not Redis Cluster). ARGV[1] encoded holder,
@@ -140,7 +141,7 @@ class RedisConflictStore(CacheConflictStore):
             for model in dict.fromkeys(i.model for i in items):
                 group = [i for i in items if i.model == model]
                 prefix = self.cache.make_key(f"{self.model_prefix}{model}:")
-                for batch in chunked(group, self.batch_size):
+                for batch in batched(group, self.batch_size):
                     texts = json.dumps([i.text for i in batch])
                     full = "" if self._by_prefix else self._full([i.key for i in batch])
                     args = [holder, self._ms(self.ttl), prefix, texts, full]
@@ -172,7 +173,7 @@ class RedisConflictStore(CacheConflictStore):
         """Compare-and-act (delete or expire) on ``keys``; the tracking key last."""
         tracking = self.cache.make_key(self.tracking_key(task_key))
         holder, count, done = self.client.encode(task_key), 0, True
-        batches = list(chunked(keys, self.batch_size)) or [[]]
+        batches = list(batched(keys, self.batch_size)) or [()]
         for n, batch in enumerate(batches):
             last = n == len(batches) - 1
             args = [op, holder, self._full(list(batch)), size if last else ""]

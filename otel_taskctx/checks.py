@@ -188,11 +188,6 @@ def check_fan_out(app_configs=None, **kwargs):
 
 # --- powercrud's cache ----------------------------------------------------------------------
 FIX = f"Set the cache's BACKEND to '{LOCK_SAFE_BACKEND}' (run createcachetable and migrate)"
-EVICTS = {
-    "culling-database": (30, "culls entries beyond its MAX_ENTRIES"),
-    "filebased": (30, "culls files beyond its MAX_ENTRIES, and its add() is not atomic"),
-    "memcached": (31, "evicts least recently used items when full"),
-}
 
 
 def _powercrud_cache() -> tuple[str, str, str] | None:
@@ -286,15 +281,25 @@ def check_lock_eviction(app_configs=None, **kwargs):
     if found is None:
         return []
     alias, path, kind = found
-    number, how = EVICTS.get(kind, (0, ""))
-    if number:
-        refused = " otel_taskctx's locking refuses it; powercrud's runs unchanged." * (number == 30)
+    hint = f"{FIX} or use a Redis cache with maxmemory-policy noeviction."
+    if kind in ("culling-database", "filebased"):
+        entries = (settings.CACHES[alias].get("OPTIONS") or {}).get("MAX_ENTRIES", 300)
+        racy = ", and its add() is not atomic" if kind == "filebased" else ""
         return _warning(
             alias,
-            number,
-            f"Cache {alias!r} ({path}) cannot keep conflict locks: it {how}, live locks "
-            f"included.{refused}",
-            f"{FIX} or use a Redis cache with maxmemory-policy noeviction.",
+            30,
+            f"Cache {alias!r} ({path}) cannot keep conflict locks: it culls entries once it "
+            f"holds MAX_ENTRIES ({entries}), live locks with them{racy}, so two jobs can edit "
+            "the same objects. otel_taskctx's locking refuses it; powercrud's runs unchanged.",
+            hint,
+        )
+    if kind == "memcached":
+        return _warning(
+            alias,
+            31,
+            f"Cache {alias!r} ({path}) is Memcached, which evicts least recently used items "
+            "when it is full, live conflict locks included.",
+            hint,
         )
     if kind != "redis":
         return []

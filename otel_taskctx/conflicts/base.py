@@ -39,14 +39,10 @@ def normalise_ids(ids: Iterable[Hashable]) -> list[Hashable]:
 
 def lock_ttl(manager: Any) -> int | None:
     """Seconds a lock lives without refresh: ``OTEL_TASKCTX["LOCK_TTL"]`` or powercrud's."""
-    try:
-        from otel_taskctx.conf import get_setting
+    from otel_taskctx.conf import get_setting
 
-        value = get_setting("LOCK_TTL")
-    except Exception:  # settings not configured: powercrud's value
-        value = None
-    if value is None:
-        value = getattr(manager, "conflict_ttl", 3600)
+    value = get_setting("LOCK_TTL")
+    value = getattr(manager, "conflict_ttl", 3600) if value is None else value
     return None if value is None else int(value)
 
 

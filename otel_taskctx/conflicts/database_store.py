@@ -36,11 +36,6 @@ def supports(cache: Any, manager: Any) -> bool:
     )
 
 
-def _is_deadlock(exc: BaseException) -> bool:
-    cause = exc.__cause__
-    return getattr(cause, "sqlstate", None) in ("40P01", "40001") or "deadlock" in str(exc)
-
-
 class DatabaseConflictStore(CacheConflictStore):
     """All-or-nothing reservations in one transaction, ``batch_size`` rows per statement."""
 
@@ -58,8 +53,8 @@ class DatabaseConflictStore(CacheConflictStore):
                 return self._reserve_once(task_key, items)
             except (_Retry, IntegrityError):
                 pass
-            except OperationalError as exc:
-                if not _is_deadlock(exc):
+            except OperationalError as exc:  # a PostgreSQL deadlock or serialization failure
+                if getattr(exc.__cause__, "sqlstate", None) not in ("40P01", "40001"):
                     raise
             time.sleep(0.005 * (attempt + 1))
         raise ConflictStoreUnavailable(

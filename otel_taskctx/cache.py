@@ -1,10 +1,5 @@
-"""A cache backend that keeps powercrud's locks on a model of our own, never culled.
-
-:class:`LockCache` (the public ``BaseCache`` API) keeps keys that start with
-``LOCK_KEY_PREFIXES`` (powercrud's locks, tracking sets, progress, active tasks) as rows of
-:class:`otel_taskctx.models.DescendantLock`, where only expired rows are deleted; every other
-key goes to the ``fallback`` cache. See docs/conflicts.md, *Storage* and *Eviction*.
-"""
+"""A cache backend that keeps powercrud's locks on a model of our own, never culled, and which
+caches would lose them (see docs/conflicts.md, *Storage* and *Eviction*)."""
 
 from __future__ import annotations
 
@@ -39,7 +34,6 @@ def lock_db() -> str:
 
 
 def locks(db: str | None = None) -> Any:
-    """``DescendantLock.objects`` on the lock database."""
     from otel_taskctx.models import DescendantLock
 
     return DescendantLock.objects.using(db or lock_db())

@@ -212,10 +212,6 @@ def _powercrud_cache() -> tuple[str, str, str] | None:
     return (alias, path, backend_kind(backend)) if isinstance(backend, type) else None
 
 
-def _warning(alias: str, number: int, msg: str, hint: str) -> list[Warning]:
-    return [Warning(msg, hint=hint, id=f"otel_taskctx.W{number:03}", obj=alias)]
-
-
 @register(Tags.caches)
 def check_powercrud_cache(app_configs=None, **kwargs):
     """powercrud's cache alias exists (E003) and is shared between processes (W004)."""
@@ -224,24 +220,21 @@ def check_powercrud_cache(app_configs=None, **kwargs):
         return []
     alias, path, kind = found
     if not path:
-        return [
-            Error(
-                f"powercrud's cache alias {alias!r} is not in CACHES; descendant locks need it.",
-                id="otel_taskctx.E003",
-            )
-        ]
+        msg = f"powercrud's cache alias {alias!r} is not in CACHES; descendant locks need it."
+        return _issue(Error, "E003", msg, obj=alias)
     if kind not in ("locmem", "dummy"):
         return []
     what = "lives in one process" if kind == "locmem" else "stores nothing"
-    return _warning(
-        alias,
-        4,
+    return _issue(
+        Warning,
+        "W004",
         f"Cache {alias!r} ({path}) {what}: conflict locks and progress are not shared across "
         "processes, so two jobs can edit the same objects. powercrud's AsyncManager refuses "
         "it, and so does otel_taskctx's locking (ConflictStoreUnavailable); nothing else "
         "changes.",
         f"{FIX} or use a django-redis cache; silence 'otel_taskctx.W004' where no powercrud "
         "async job runs.",
+        alias,
     )
 
 
@@ -285,43 +278,47 @@ def check_lock_eviction(app_configs=None, **kwargs):
     if kind in ("culling-database", "filebased"):
         entries = (settings.CACHES[alias].get("OPTIONS") or {}).get("MAX_ENTRIES", 300)
         racy = ", and its add() is not atomic" if kind == "filebased" else ""
-        return _warning(
-            alias,
-            30,
+        return _issue(
+            Warning,
+            "W030",
             f"Cache {alias!r} ({path}) cannot keep conflict locks: it culls entries once it "
             f"holds MAX_ENTRIES ({entries}), live locks with them{racy}, so two jobs can edit "
             "the same objects. otel_taskctx's locking refuses it; powercrud's runs unchanged.",
             hint,
+            alias,
         )
     if kind == "memcached":
-        return _warning(
-            alias,
-            31,
+        return _issue(
+            Warning,
+            "W031",
             f"Cache {alias!r} ({path}) is Memcached, which evicts least recently used items "
             "when it is full, live conflict locks included.",
             hint,
+            alias,
         )
     if kind != "redis":
         return []
     try:
         policy, maxmemory = _redis_memory_policy(alias)
     except Exception as exc:
-        return _warning(
-            alias,
-            33,
+        return _issue(
+            Warning,
+            "W033",
             f"Could not read the maxmemory-policy of the Redis server behind cache {alias!r} "
             f"({type(exc).__name__}: {exc}); if it evicts keys, live locks can disappear.",
             "Run it with maxmemory-policy noeviction; then silence this check.",
+            alias,
         )
     if policy == "noeviction" or not maxmemory:
         return []
     scope = "any key" if policy.startswith("allkeys") else "keys with a TTL (locks have one)"
-    return _warning(
-        alias,
-        32,
+    return _issue(
+        Warning,
+        "W032",
         f"The Redis server behind cache {alias!r} has maxmemory {maxmemory} with "
         f"maxmemory-policy {policy!r}: when full it evicts {scope}, live locks included.",
         "Set maxmemory-policy noeviction on the server (or Redis database) holding locks.",
+        alias,
     )
 
 
@@ -345,12 +342,13 @@ def check_lock_visibility(app_configs=None, **kwargs):
         return []
     if db != DEFAULT_DB_ALIAS:
         return []
-    return _warning(
-        alias,
-        40,
+    return _issue(
+        Warning,
+        "W040",
         f"Cache {alias!r} writes conflict locks and progress on the {db!r} connection, the "
         "models' own: written inside a job's transaction, they stay invisible to other "
         "processes until it commits.",
         "Route the cache table (app label 'django_cache') and otel_taskctx's models to a "
         "second DATABASES alias of the same database (see docs/conflicts.md).",
+        alias,
     )

@@ -1,8 +1,5 @@
-"""Keeping a running job's locks alive: one refresher thread per process refreshes their TTLs.
-
-Entering :func:`keep_locks_alive` only registers the task (a short job starts no thread and
-does not wake the sleeping one); if the process dies, the locks expire one TTL later.
-"""
+"""Keeping a running job's locks alive: one refresher thread per process refreshes their TTLs
+(a short job starts no thread and does not wake it; see docs/conflicts.md, *Lifecycle*)."""
 
 from __future__ import annotations
 
@@ -39,8 +36,7 @@ class LockKeeper:
         return self.refreshed
 
     def start(self) -> LockKeeper:
-        refresher.add(self)
-        return self
+        return refresher.add(self)
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """No refresh after this returns (a round under way is waited for)."""
@@ -51,8 +47,7 @@ class LockKeeper:
 
 
 class Refresher:
-    """The process's refresher thread: it sleeps until the earliest round is due (``wake_at``)
-    and is woken only by a keeper due sooner."""
+    """The process's refresher thread, asleep until ``wake_at`` unless a keeper is due sooner."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
@@ -62,10 +57,10 @@ class Refresher:
         self.thread: threading.Thread | None = None
         self.wakeups = 0  #: times an ``add`` woke the sleeping thread
 
-    def add(self, keeper: LockKeeper) -> None:
+    def add(self, keeper: LockKeeper) -> LockKeeper:
         with self.cond:
             if keeper.due is not None:
-                return
+                return keeper
             keeper.due = time.monotonic() + keeper.interval
             self.keepers[keeper] = None
             if self.thread is None:
@@ -77,6 +72,7 @@ class Refresher:
                 self.wakeups += 1
                 self.wake_at = keeper.due
                 self.cond.notify_all()
+        return keeper
 
     def remove(self, keeper: LockKeeper, timeout: float | None) -> None:
         with self.cond:
@@ -108,8 +104,7 @@ class Refresher:
                         keeper.due = time.monotonic() + keeper.interval
                     self.cond.notify_all()
                     connections.close_all()  # (this thread's; a round per minute reconnects)
-                # until the earliest round due, or a stopped one's if sooner (an ``add``, due
-                # later with one interval for all, then leaves the thread asleep)
+                # until the earliest round due, or a stopped one's if sooner
                 nxt = min((k.due for k in self.keepers if k.due), default=math.inf)
                 if nxt < self.wake_at or self.wake_at <= time.monotonic():
                     self.wake_at = nxt

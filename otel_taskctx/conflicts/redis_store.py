@@ -44,14 +44,10 @@ return {1, held}
 # KEYS[1] tracking key; ARGV[1] TTL in ms ("0": none), ARGV[2] JSON lock keys to add -> 1, or 0
 # when the value there is not a pickle (nothing written)
 APPEND_LUA = r"""
-local function pickled(k)
-  local n = #k
-  if n < 256 then return '\140' .. string.char(n) .. k end
-  return 'X' .. string.char(n % 256, math.floor(n / 256) % 256,
-                            math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256) .. k
+local parts = {'('}  -- MARK, BINUNICODE key..., ADDITEMS, STOP
+for _, k in ipairs(cjson.decode(ARGV[2])) do
+  parts[#parts + 1] = 'X' .. struct.pack('<I4', #k) .. k
 end
-local parts = {'('}
-for _, k in ipairs(cjson.decode(ARGV[2])) do parts[#parts + 1] = pickled(k) end
 parts[#parts + 1] = '\144.'
 local chunk = table.concat(parts)
 local size = redis.call('STRLEN', KEYS[1])

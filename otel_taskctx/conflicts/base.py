@@ -1,8 +1,5 @@
-"""The conflict store's API, and its generic backend: locks through any Django cache, key by key.
-
-Locks are powercrud's own (see docs/conflicts.md): ``<model prefix><app_label.modelname>:<id>``
-holds the task key, ``<tracking prefix><task key>`` the ``set`` of the task's lock keys.
-"""
+"""The conflict store's API, and its generic backend: locks through any Django cache, key by key,
+in powercrud's own format (docs/conflicts.md, *Lock format*)."""
 
 from __future__ import annotations
 
@@ -118,11 +115,8 @@ class CacheConflictStore:
             raise ConflictStoreUnavailable(f"could not {what} ({self.kind} store): {exc}") from exc
 
     def reserve(self, task_key: str, conflict_ids: Mapping[str, Iterable[Hashable]]) -> Reservation:
-        """Lock every id for ``task_key``, or none: raises DescendantConflict naming the holders.
-
-        Ids the task already holds are not a conflict (their TTL is refreshed) and are never
-        rolled back. Raises ConflictStoreUnavailable when the cache cannot be used.
-        """
+        """Lock every id for ``task_key``, or none (DescendantConflict names the holders); ids
+        the task holds are fine, their TTL refreshed. ConflictStoreUnavailable: no cache."""
         items = self.items(conflict_ids)
         if not items:
             return Reservation(task_key)

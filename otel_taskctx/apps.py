@@ -18,7 +18,7 @@ class OtelTaskCtxConfig(AppConfig):
         processor and store, as the settings ask (the signing keys are read on first use)."""
         from django.core.signals import setting_changed
 
-        from otel_taskctx import checks, powercrud_cache, tasks_checks  # noqa: F401 (checks)
+        from otel_taskctx import checks, powercrud_cache  # noqa: F401 (checks)
         from otel_taskctx.conf import get_setting
         from otel_taskctx.descendants import clear_manager_cache
         from otel_taskctx.propagation import install_propagator_filter

@@ -1,18 +1,9 @@
-"""Descendants: lock the objects a job's nested work touches, under the job's task key.
-
-:func:`register_descendants` is the call for code that runs inside a task (a model's
-``save()``); :func:`register_for` does the same for a given identity (the instrumentation's
-inline launches, the span processor). Both reserve in the conflict store of the task's
-powercrud manager (:func:`resolve_manager`), all-or-nothing.
-
-Imports of Django and powercrud happen at call time, so ``import otel_taskctx`` needs only
-the OpenTelemetry API.
-"""
+"""Descendants: lock the objects a job's nested work touches, under the job's task key, in
+the conflict store of the task's manager (Django and powercrud are imported at call time)."""
 
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,67 +24,41 @@ _managers = threading.local()
 def model_label(model: Any) -> str:
     """``app_label.modelname`` for a model class, an instance or an ``"app.Model"`` string."""
     meta = getattr(model, "_meta", None)
-    if meta is not None:
-        return f"{meta.app_label}.{meta.model_name}"
-    if isinstance(model, str):
+    if meta is None and isinstance(model, str):
         if model.count(".") != 1 or not all(model.split(".")):
             raise ValueError(f"model must be 'app_label.ModelName', got {model!r}")
         from django.apps import apps
 
         try:
             meta = apps.get_model(model)._meta
-            return f"{meta.app_label}.{meta.model_name}"
         except LookupError:
-            app_label, name = model.split(".")
-            return f"{app_label}.{name.lower()}"
-    raise TypeError(
-        f"model must be a model class, instance or 'app_label.ModelName', got {model!r}"
-    )
+            return model.lower()
+    if meta is None:
+        raise TypeError(f"model must be a model class, instance or 'app.Model', got {model!r}")
+    return f"{meta.app_label}.{meta.model_name}"
 
 
 def resolve_manager(identity: TaskIdentity) -> Any:
     """The manager named by a verified identity (one instance per thread and class): a
-    powercrud ``AsyncManager`` (subclass), or for ``django.tasks`` tasks the
-    :class:`~otel_taskctx.task_manager.TaskManager`."""
+    powercrud ``AsyncManager`` (subclass), or the ``TaskManager`` of ``django.tasks`` tasks."""
+    managers = vars(_managers).setdefault("by_path", {})
     path = identity.manager_class_path
-    cache: dict[str | None, Any] = getattr(_managers, "by_path", None) or {}
-    _managers.by_path = cache
-    manager = cache.get(path)
-    if manager is not None:
-        return manager
-    if path == TASK_MANAGER_PATH:  # a django.tasks task: no powercrud
-        from otel_taskctx.task_manager import TaskManager
+    if path not in managers:
+        if path == TASK_MANAGER_PATH:  # a django.tasks task: no powercrud
+            from otel_taskctx.task_manager import TaskManager
 
-        manager = TaskManager()
-    elif path:
-        from django.utils.module_loading import import_string
-        from powercrud.async_manager import AsyncManager
+            managers[path] = TaskManager()
+        else:
+            from django.utils.module_loading import import_string
+            from powercrud.async_manager import AsyncManager
 
-        cls = import_string(path)
-        if not (isinstance(cls, type) and issubclass(cls, AsyncManager)):
-            raise TypeError(
-                f"manager class {path} of task {identity.task_key} is not an AsyncManager"
-            )
-        manager = AsyncManager.resolve_manager(path)
-    else:
-        from powercrud.async_manager import AsyncManager
-
-        manager = AsyncManager()
-    cache[path] = manager
-    return manager
-
-
-def _locking_manager(identity: TaskIdentity) -> Any:
-    """The task's manager; a cache powercrud refuses (LocMem, Dummy) refuses the lock."""
-    from django.core.exceptions import ImproperlyConfigured
-
-    from otel_taskctx.errors import ConflictStoreUnavailable
-    from otel_taskctx.powercrud_cache import refusal_for_alias
-
-    try:
-        return resolve_manager(identity)
-    except ImproperlyConfigured as exc:
-        raise ConflictStoreUnavailable(refusal_for_alias() or str(exc)) from exc
+            cls = import_string(path) if path else AsyncManager
+            if not (isinstance(cls, type) and issubclass(cls, AsyncManager)):
+                raise TypeError(
+                    f"manager class {path} of task {identity.task_key} is not an AsyncManager"
+                )
+            managers[path] = AsyncManager.resolve_manager(path) if path else AsyncManager()
+    return managers[path]
 
 
 def clear_manager_cache(setting: str | None = None, **kwargs: Any) -> None:
@@ -119,15 +84,10 @@ class Registration:
 
 
 def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
-    """Reserve descendant objects under the current task key, all-or-nothing.
-
-    Raises :class:`~otel_taskctx.errors.DescendantConflict` (nothing new reserved) when
-    another task holds any of them, and
-    :class:`~otel_taskctx.errors.ConflictStoreUnavailable` when the locks cannot be held.
-    Outside a task, does nothing and says so (a false :class:`Registration`; logged at DEBUG
-    once per call site).
-    """
-    from otel_taskctx.conflicts import normalise_ids
+    """Reserve descendant objects under the current task key, all-or-nothing: raises
+    ``DescendantConflict`` (nothing new reserved) or ``ConflictStoreUnavailable``. Outside a
+    task, does nothing and says so (a false :class:`Registration`, a DEBUG log line)."""
+    from otel_taskctx.conflicts.base import normalise_ids
 
     label = model_label(model)
     id_list = normalise_ids(ids)
@@ -153,14 +113,11 @@ def register_for(
     conflict_ids: Mapping[Any, Iterable[Hashable]],
     record_event: bool = True,
 ) -> Any:
-    """Reserve ``conflict_ids`` (``{model: ids}``) under ``identity``'s task key.
-
-    All-or-nothing: raises ``DescendantConflict`` or ``ConflictStoreUnavailable``. With
-    ``record_event``, the current span gets a descendants event per model (marked forwarded,
-    so the span processor does not reserve them again). Returns the
-    :class:`~otel_taskctx.conflicts.Reservation`.
-    """
-    from otel_taskctx.conflicts import Reservation, get_conflict_store, normalise_ids
+    """Reserve ``conflict_ids`` (``{model: ids}``) under ``identity``'s task key, as
+    :func:`register_descendants`; with ``record_event``, the current span gets a descendants
+    event per model. Returns the :class:`~otel_taskctx.conflicts.Reservation`."""
+    from otel_taskctx.conflicts import get_conflict_store
+    from otel_taskctx.conflicts.base import Reservation, normalise_ids
 
     if not isinstance(conflict_ids, Mapping):
         raise TypeError(
@@ -173,7 +130,16 @@ def register_for(
             wanted.setdefault(model_label(model), []).extend(id_list)
     if not wanted:
         return Reservation(identity.task_key)
-    result = get_conflict_store(_locking_manager(identity)).reserve(identity.task_key, wanted)
+    from django.core.exceptions import ImproperlyConfigured
+
+    from otel_taskctx.errors import ConflictStoreUnavailable
+    from otel_taskctx.powercrud_cache import refusal_for_alias
+
+    try:
+        manager = resolve_manager(identity)
+    except ImproperlyConfigured as exc:  # a cache powercrud refuses (LocMem, Dummy)
+        raise ConflictStoreUnavailable(refusal_for_alias() or str(exc)) from exc
+    result = get_conflict_store(manager).reserve(identity.task_key, wanted)
     if record_event:
         span = trace.get_current_span()
         if span.is_recording():
@@ -184,17 +150,7 @@ def register_for(
     return result
 
 
-#: call sites (file, line) already logged as calling a helper outside a task
-_outside_task_sites: set[tuple[str, int]] = set()
-
-
 def log_outside_task(helper: str, outcome: str) -> None:
-    """Say at DEBUG, once per call site of ``helper``, that it was called outside a task."""
-    if not log.isEnabledFor(logging.DEBUG):
-        return
-    caller = sys._getframe(2)  # 0: here, 1: the helper, 2: the code that called it
-    site = (caller.f_code.co_filename, caller.f_lineno)
-    if site in _outside_task_sites:
-        return
-    _outside_task_sites.add(site)
-    log.debug("%s() called outside a task at %s:%d: %s", helper, site[0], site[1], outcome)
+    """Say at DEBUG that ``helper`` was called outside a task; the record's ``pathname`` and
+    ``lineno`` are those of the code that called it."""
+    log.debug("%s() called outside a task: %s", helper, outcome, stacklevel=3)

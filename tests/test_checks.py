@@ -5,8 +5,7 @@ from django.core.cache.backends.locmem import LocMemCache
 from django.core.cache.backends.memcached import PyMemcacheCache
 from django_q.models import Task
 
-from otel_taskctx.cache_checks import check_powercrud_cache
-from otel_taskctx.checks import check_settings
+from otel_taskctx.checks import check_powercrud_cache, check_settings
 
 
 def ids(messages):
@@ -76,7 +75,7 @@ class CacheOnItsOwnConnection:
 
 
 def test_database_cache_on_the_models_connection_warns(settings):
-    from otel_taskctx.cache_checks import check_lock_visibility
+    from otel_taskctx.checks import check_lock_visibility
 
     msgs = check_lock_visibility()
     assert ids(msgs) == ["otel_taskctx.W040"]  # the test settings share one connection
@@ -86,7 +85,7 @@ def test_database_cache_on_the_models_connection_warns(settings):
 
 
 def test_a_redis_cache_does_not_warn_about_transactions(settings):
-    from otel_taskctx.cache_checks import check_lock_visibility
+    from otel_taskctx.checks import check_lock_visibility
 
     settings.CACHES = {
         "default": {
@@ -171,7 +170,7 @@ def test_caches_are_classified_by_class_not_by_name(path, kind):
     ],
 )
 def test_w031_names_memcached_only(settings, path, expected):
-    from otel_taskctx.cache_checks import check_lock_eviction
+    from otel_taskctx.checks import check_lock_eviction
 
     settings.CACHES = {"default": {"BACKEND": path}}  # (pymemcache/pylibmc are not installed:
     found = check_powercrud_cache() + check_lock_eviction()  # the checks build no cache object)

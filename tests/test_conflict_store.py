@@ -159,6 +159,19 @@ def test_int_str_and_uuid_primary_keys(env):
     assert env.store.holders({CHILD: [1, 2, 3, 4]}) == {CHILD: {1: "job-6", 2: "job-6", 3: "job-6"}}
 
 
+def test_long_and_unicode_ids_join_a_tracking_set_powercrud_wrote(env):
+    long_id = "é" * 130  # a lock key of more than 255 bytes
+    assert env.manager.add_conflict_ids("job-u", {"testapp.parent": {1}})  # powercrud's set
+    env.store.reserve("job-u", {"testapp.tag": [long_id, "ü-1"]})
+    env.store.reserve("job-u", {"testapp.tag": ["x"]})
+    expected = {f"powercrud:conflict:model:testapp.tag:{i}" for i in (long_id, "ü-1", "x")}
+    expected.add("powercrud:conflict:model:testapp.parent:1")
+    assert env.manager.cache.get("powercrud:async:conflict:job-u") == expected
+    assert env.manager.check_conflict({"testapp.tag": [long_id, "ü-1"]}) == {long_id, "ü-1"}
+    assert env.store.release("job-u") == 4
+    assert env.manager.check_conflict({"testapp.tag": [long_id], "testapp.parent": [1]}) == set()
+
+
 def test_release_is_compare_and_delete(env):
     env.store.reserve("job-7", {CHILD: [1, 2, 3]})
     # job-7's lock on 2 expired and another task took it: job-7's tracking set still lists it
@@ -332,7 +345,6 @@ def _held_for_refresh(env, ttl, held):
     store = get_conflict_store(env.manager, backend=env.store.kind, ttl=ttl)
     for task, ids in held.items():
         store.reserve(task, {CHILD: ids})
-    env.manager.__dict__.pop("_otel_taskctx_conflict_store", None)
     return store
 
 
@@ -393,7 +405,7 @@ def test_short_blocks_one_after_another_do_not_wake_the_refresher(env):
     # ended blocks stay in the schedule until due, so the refresher keeps sleeping until the
     # first of them and each new entry, due later, leaves it asleep.
     _held_for_refresh(env, 60, {})  # locks or none: the schedule is the same
-    refresher = keepalive._refresher()
+    refresher = keepalive.refresher
     with keep_locks_alive("job-s-first", env.manager, interval=30, ttl=60):
         pass
     time.sleep(0.05)  # the refresher is asleep, as between jobs
@@ -411,7 +423,8 @@ def test_a_block_that_ends_while_its_refresh_runs_waits_for_it(env):
     in_refresh, release, finished = threading.Event(), threading.Event(), threading.Event()
     refreshed_after_exit = []
     exited = threading.Event()
-    real_refresh = type(store).refresh
+    shared = get_conflict_store(env.manager)  # the store keep_locks_alive refreshes through
+    real_refresh = type(shared).refresh
 
     def slow_refresh(self, task_key, ttl=None):
         in_refresh.set()
@@ -422,8 +435,7 @@ def test_a_block_that_ends_while_its_refresh_runs_waits_for_it(env):
         finished.set()
         return count
 
-    env.manager.__dict__["_otel_taskctx_conflict_store"] = store
-    store.refresh = slow_refresh.__get__(store)
+    shared.refresh = slow_refresh.__get__(shared)
     block = keep_locks_alive("job-14", env.manager, interval=0.05, ttl=5)
     keeper = block.__enter__()
     assert in_refresh.wait(5)

@@ -10,7 +10,7 @@ import pytest
 from django.core.cache import caches
 from powercrud.async_manager import AsyncManager
 
-from otel_taskctx import cache_checks as checks
+from otel_taskctx import checks
 from otel_taskctx.conflicts import get_conflict_store
 from otel_taskctx.errors import ConflictStoreUnavailable
 from tests.conflict_caches import ALIAS, cache_config, use_locks_cache, wipe
@@ -97,7 +97,7 @@ def test_lock_safe_databasecache_routes_every_cache_operation(locks_cache):
 
 def test_redis_without_eviction_passes_the_check(locks_cache):
     locks_cache("redis")
-    policy, _ = checks._redis_memory_policy(caches[ALIAS])
+    policy, _ = checks._redis_memory_policy(ALIAS)
     assert policy == "noeviction"  # this machine's server
     assert checks.check_lock_eviction() == []
 

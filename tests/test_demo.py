@@ -136,6 +136,8 @@ def test_demo_runs_the_whole_story_from_nothing(tmp_path):
         assert job["progress_left"] is None
         assert job["nested_progress_seen"] >= 1
         assert job["dashboard_status"] == "success" and job["dashboard_user"] == "demo"
+        # no held (throttled) message landed after powercrud's own final one
+        assert job["dashboard_progress"].startswith("completed update: "), job
     refused = [r for r in books["refusals"] if r["ids"]]
     assert len(refused) == 2 and all(r["refused"] for r in refused)
     assert {model for r in refused for model in r["holders"]} == {"library.book", "library.chapter"}

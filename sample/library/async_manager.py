@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Any
 
 from powercrud.async_dashboard import ModelTrackingAsyncManager
@@ -31,8 +32,12 @@ def _job_size(task_key: str) -> int | None:
     """How many objects the job was queued for (its ``selected_ids``, from the dashboard)."""
     from sample.library.models import AsyncTaskRecord
 
-    record = AsyncTaskRecord.objects.filter(task_name=task_key).only("task_args").first()
-    args = record.task_args if record is not None else None
+    deadline = time.monotonic() + 2  # powercrud writes the row just after queueing the job
+    while (record := AsyncTaskRecord.objects.filter(task_name=task_key).first()) is None:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+    args = record.task_args
     if isinstance(args, list) and len(args) > 1 and isinstance(args[1], list):
         return len(args[1]) or None
     return None

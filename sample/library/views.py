@@ -227,6 +227,9 @@ class AsyncTaskRecordCRUDView(SampleCRUDView):
     ]
     detail_fields = "__all__"
     column_value_formats = {"created_at": "datetime", "completed_at": "datetime"}
+    # seven columns of powercrud's default 25ch are wider than a laptop's page: the long
+    # texts (task name, affected objects, progress) are cut with an ellipsis instead
+    table_max_col_width = 16
     filterset_fields = ["status"]
     # the task name opens the job's span tree (otel_taskctx's viewer)
     link_fields = {"task_name": {"view_name": "library:job-trace", "open_in": "current"}}

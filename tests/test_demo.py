@@ -155,6 +155,22 @@ def test_demo_runs_the_whole_story_from_nothing(tmp_path):
 
 
 @pytest.mark.cluster
+def test_powercrud_final_message_stays_last_at_a_fast_pace(tmp_path):
+    """Chapters 20 ms apart: the last nested message is held by the progress throttle when
+    powercrud writes its final one; the finished job's last progress message (the
+    dashboard's) must still be powercrud's own, not the held chapter step."""
+    proc, out, report = run_demo(
+        tmp_path,
+        *("--books", "6", "--chapters", "5", "--albums", "0", "--delay", "0.02"),
+        *("--timeout", "90"),
+    )
+    assert report is not None, out[-5000:]
+    (job,) = report["jobs"]
+    assert job["dashboard_progress"] == "completed update: 6 processed", job
+    assert proc.returncode == 0, out[-5000:]
+
+
+@pytest.mark.cluster
 def test_demo_fails_and_says_why_without_the_instrumentation(tmp_path):
     """powercrud on its own: the nested jobs escape, and the demo exits non-zero."""
     proc, out, report = run_demo(

@@ -362,10 +362,20 @@ def test_book_progress_in_a_bulk_job_is_the_jobs_fraction(data, broker):
     """In powercrud's bulk job the nested message carries the job's fraction: books done
     (powercrud's own "updating: i/n") plus chapters within the current book."""
     manager = SampleAsyncManager()
-    book = Book.objects.order_by("pk").first()
     key = "c3b1f0a2-0000-4000-8000-000000000003"
+    first, second = Book.objects.order_by("pk")[:2]
+    # the dashboard row powercrud writes at launch: bulk_update_task's args (selected_ids 2nd)
+    AsyncTaskRecord.objects.create(
+        task_name=key, task_args=["library.Book", [1, 2, 3, 4], None, [], ["status"], []]
+    )
     with task_context(key, SampleAsyncManager.class_path()):
+        manager.update_progress(key, "starting update")  # powercrud, before the first book
+        first.status = Book.Status.PUBLISHED
+        first.save()
+        n = first.chapters.count()
+        assert manager.get_progress(key).endswith(f"(book 1/4): chapter {n}/{n} synced (25%)")
         manager.update_progress(key, "updating: 1/4")  # powercrud: one of four books done
+        book = second
         book.status = Book.Status.PUBLISHED
         book.save()
         n = book.chapters.count()

@@ -1,5 +1,6 @@
 """A task's progress message to its manager: one write per ``PROGRESS_MIN_INTERVAL`` per task;
-a message arriving sooner is held (the newest wins) and written by a timer or at the job's end."""
+a message arriving sooner is held (the newest wins) and written by a timer or at the job's end,
+unless the job wrote the key itself meanwhile (powercrud's "completed update": it stays last)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class _Task:
     interval: float = 0.0
     due: float = 0.0  # monotonic time from which the job's thread may write itself
     held: str | None = None
+    written: str | None = None  # the last message this throttle wrote
     timer: threading.Timer | None = None
 
 
@@ -80,7 +82,7 @@ def report_for(identity: TaskIdentity, message: str) -> None:
         task.identity, task.interval = identity, interval
         write_now = task.timer is None and now >= task.due
         if write_now:
-            task.due = now + interval
+            task.due, task.written = now + interval, str(message)
         else:  # while a timer is set only it writes: no older message lands last
             task.held = str(message)
             if task.timer is None:
@@ -100,10 +102,10 @@ def _write_held(task: _Task) -> None:
     """The timer: write the held message, and again after the interval if a newer came."""
     with _lock:
         message, task.held = task.held, None
-    if message is not None:
-        _write(task.identity, message)
+    written = message is not None and _write(task, message)
     with _lock:
-        task.due = time.monotonic() + task.interval
+        if written:
+            task.due = time.monotonic() + task.interval
         task.timer = None
         if task.held is not None:
             _start_timer(task, task.interval)
@@ -112,16 +114,20 @@ def _write_held(task: _Task) -> None:
     connections.close_all()  # this thread ends: its database connections with it
 
 
-def _write(identity: TaskIdentity, message: str) -> bool:
-    """Write a held message, unless the job's end deleted the progress key already."""
+def _write(task: _Task, message: str) -> bool:
+    """Write a held message, unless the progress key changed since this throttle's last write:
+    deleted by the job's end, or written by the job's own code (powercrud's "updating: i/n" or
+    its final "completed update"), which is newer than the held message or may be."""
+    key = task.identity.task_key
     try:
-        manager = resolve_manager(identity)
-        if manager.get_progress(identity.task_key) is None:
+        manager = resolve_manager(task.identity)
+        if manager.get_progress(key) != task.written:
             return False
-        manager.update_progress(identity.task_key, message)
+        manager.update_progress(key, message)
     except Exception:
-        log.warning("could not write progress of task %s", identity.task_key, exc_info=True)
+        log.warning("could not write progress of task %s", key, exc_info=True)
         return False
+    task.written = message
     return True
 
 
@@ -137,7 +143,7 @@ def flush_progress(task_key: str) -> bool:
         timer.cancel()
         if timer.is_alive() and timer is not threading.current_thread():
             timer.join()  # a write it started ends first
-    return message is not None and _write(task.identity, message)
+    return message is not None and _write(task, message)
 
 
 def flush_all_progress() -> int:

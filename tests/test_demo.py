@@ -136,6 +136,8 @@ def test_demo_runs_the_whole_story_from_nothing(tmp_path):
         assert job["progress_left"] is None
         assert job["nested_progress_seen"] >= 1
         assert job["dashboard_status"] == "success" and job["dashboard_user"] == "demo"
+        # no held (throttled) message landed after powercrud's own final one
+        assert job["dashboard_progress"].startswith("completed update: "), job
     refused = [r for r in books["refusals"] if r["ids"]]
     assert len(refused) == 2 and all(r["refused"] for r in refused)
     assert {model for r in refused for model in r["holders"]} == {"library.book", "library.chapter"}
@@ -150,6 +152,22 @@ def test_demo_runs_the_whole_story_from_nothing(tmp_path):
     assert tree.count("sync chapters internal") >= 3  # long runs of siblings are shortened
     assert re.search(r"Book\.save internal [\d.]+(ms|s) ok", tree)
     assert books["tree_summary"]["descendants_locked"] == 12
+
+
+@pytest.mark.cluster
+def test_powercrud_final_message_stays_last_at_a_fast_pace(tmp_path):
+    """Chapters 20 ms apart: the last nested message is held by the progress throttle when
+    powercrud writes its final one; the finished job's last progress message (the
+    dashboard's) must still be powercrud's own, not the held chapter step."""
+    proc, out, report = run_demo(
+        tmp_path,
+        *("--books", "6", "--chapters", "5", "--albums", "0", "--delay", "0.02"),
+        *("--timeout", "90"),
+    )
+    assert report is not None, out[-5000:]
+    (job,) = report["jobs"]
+    assert job["dashboard_progress"] == "completed update: 6 processed", job
+    assert proc.returncode == 0, out[-5000:]
 
 
 @pytest.mark.cluster

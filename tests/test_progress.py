@@ -117,6 +117,25 @@ def test_a_held_message_does_not_outlive_the_job(manager, settings):
     assert flush_progress("burst-7") is False
 
 
+def test_a_held_message_never_lands_after_the_jobs_own_final_message(manager, settings):
+    """powercrud writes "completed update" itself, past the throttle: a message held before
+    it (by the timer or by the flush at the job's end) must not overwrite it."""
+    settings.OTEL_TASKCTX = {"PROGRESS_MIN_INTERVAL": 0.3}
+    with task_context("burst-8", MANAGER):
+        report_progress("chapter 4/5")
+        report_progress("chapter 5/5")  # held
+        AsyncManager().update_progress("burst-8", "completed update: 1 processed")
+        time.sleep(0.6)  # the timer's turn came and went
+        assert manager.get_progress("burst-8") == "completed update: 1 processed"
+        report_progress("chapter 1/5")  # written (due again)
+        report_progress("chapter 2/5")  # held: the timer is due in 0.3 s
+        AsyncManager().update_progress("burst-8", "completed update: 1 processed")
+    assert flush_progress("burst-8") is False  # the worker's flush at the job's end
+    assert manager.get_progress("burst-8") == "completed update: 1 processed"
+    assert "chapter 5/5" not in CountingManager.writes["burst-8"]
+    assert "chapter 2/5" not in CountingManager.writes["burst-8"]
+
+
 class BlockingManager(AsyncManager):
     """A manager whose progress writes wait, like a write blocked on a row the job locked."""
 

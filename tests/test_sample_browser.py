@@ -109,7 +109,7 @@ def live_sample(tmp_path):
             [
                 sys.executable, "sample/manage.py", "taskctx_demo", "--serve",
                 "--port", str(port), "--books", "6", "--chapters", "3",
-                "--albums", "2", "--tracks", "2", "--delay", "0.4",
+                "--albums", "3", "--tracks", "2",  # at --serve's default pace
             ],
             cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True,
@@ -189,11 +189,13 @@ def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
             # progress from the nested saves, shown by powercrud's own modal
             progress = page.locator("#progress-display")
             expect(progress).to_contain_text(re.compile(r"Book #\d+ .*chapter \d/3 synced"))
-            # the bar shows the fraction the message carries (report_progress(done=, total=))
+            # the bar shows the JOB's fraction the message carries: books done plus chapters
+            # of the current book (report_progress(done=, total=)), with its percentage
             bar = page.wait_for_function(BAR_STATE, timeout=20_000).json_value()
-            shown = re.search(r"chapter (\d)/3 synced \((\d+)%\)", bar["text"])
+            shown = re.search(r"\(book (\d)/3\): chapter (\d)/3 synced \((\d+)%\)", bar["text"])
             assert shown, bar
-            assert bar["now"] == int(shown[2]) == int(shown[1]) * 100 // 3
+            book, chapter, percent = (int(g) for g in shown.groups())
+            assert bar["now"] == percent == ((book - 1) * 3 + chapter) * 100 // 9
             assert bar["track"] > 0 and abs(bar["width"] - bar["track"] * bar["now"] / 100) < 2
             assert bar["colour"] not in ("transparent", "rgba(0, 0, 0, 0)"), bar
             page.screenshot(path=str(ARTIFACTS / "sample-bulk-edit-progress.png"))

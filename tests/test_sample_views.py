@@ -12,8 +12,9 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.contrib.auth.models import AnonymousUser
 from django.core.management import call_command
-from django.test import override_settings
+from django.test import RequestFactory, override_settings
 from django.urls import reverse
 from django.utils import timezone
 from django_q.brokers import get_broker
@@ -246,6 +247,24 @@ def test_demo_submission_reports_conflicts(user, broker):
     second = submit_bulk_edit(views.BookCRUDView, ids[1:3], {"status": "draft"}, user)
     assert second.outcome == "conflict"
     assert "Another bulk operation is already running on books" in second.message
+    # the refusal names the held object and its job (a link to the job's trace)
+    assert f"Book {ids[1]} is held by job {first.task_key[:8]}…" in second.message
+    many = submit_bulk_edit(views.BookCRUDView, ids[:2], {"status": "draft"}, user)
+    assert f"Books {ids[0]}, {ids[1]} are held by job" in many.message
+    SampleAsyncManager().remove_active_task(first.task_key)
+
+
+@pytest.mark.stack
+def test_a_refusal_names_the_first_objects_and_how_many_more(user, broker):
+    seed(books=8, chapters=1, albums=0, tracks=0)
+    ids = list(Book.objects.order_by("pk").values_list("pk", flat=True))
+    first = submit_bulk_edit(views.BookCRUDView, ids, {"status": "published"}, user)
+    assert first.queued
+    html = views.conflict_message(Book, ids)
+    named = ", ".join(str(pk) for pk in ids[: views.NAMED_OBJECTS])
+    assert f"Books {named} and {len(ids) - views.NAMED_OBJECTS} more are held by job" in html
+    assert f'href="/taskctx/job/{first.task_key}/"' in html
+    assert f'data-holder="{first.task_key}"' in html
     SampleAsyncManager().remove_active_task(first.task_key)
 
 
@@ -276,6 +295,41 @@ def test_single_row_edit_runs_in_the_request_and_hands_chapters_to_a_job(signed_
     SampleAsyncManager().remove_active_task(job["name"])
 
 
+@pytest.mark.stack
+def test_a_follow_on_job_names_the_signed_in_user(signed_in, broker):
+    """A book's status changed in its form launches the chapters' job: the dashboard
+    attributes it to the user who saved the book, not to "anonymous"."""
+    book = Book.objects.order_by("pk").first()
+    response = signed_in.post(
+        f"{BOOKS_URL}{book.pk}/edit/",
+        {
+            "title": book.title,
+            "author": book.author,
+            "genre": book.genre,
+            "status": "published",
+            "edition": book.edition,
+            "published_on": "",
+        },
+    )
+    assert response.status_code in (200, 302), response.content[:2000]
+    (job,) = queued(broker)
+    assert job["func"] == "sample.library.tasks.sync_book_chapters"
+    record = AsyncTaskRecord.objects.get(task_name=job["name"])
+    assert record.user_label == "demo"
+    SampleAsyncManager().remove_active_task(job["name"])
+
+
+def test_powercrud_progress_endpoint_refuses_a_signed_out_request(client, data):
+    from sample.config.urls import progress_patterns
+
+    progress = progress_patterns().url_patterns[0]
+    request = RequestFactory().get("/", {"task_name": "made-up-key"})
+    request.user = AnonymousUser()
+    response = progress.callback(request)
+    assert response.status_code == 403
+    assert b"Completed successfully" not in response.content
+
+
 # --------------------------------------------------------------------------------------------
 # the two save() styles, inside a task (what a worker sees) and outside
 # --------------------------------------------------------------------------------------------
@@ -300,6 +354,57 @@ def test_book_save_inside_a_task_updates_chapters_inline_under_its_key(data, bro
     assert manager.get_progress(key).endswith(f"chapter {n}/{n} synced (100%)")
     assert broker.queue_size() == 0  # nothing escaped to the queue
     manager.remove_active_task(key)
+
+
+@pytest.mark.stack
+@override_settings(OTEL_TASKCTX=NO_THROTTLE)
+def test_book_progress_in_a_bulk_job_is_the_jobs_fraction(data, broker):
+    """In powercrud's bulk job the nested message carries the job's fraction: books done
+    (powercrud's own "updating: i/n") plus chapters within the current book."""
+    manager = SampleAsyncManager()
+    key = "c3b1f0a2-0000-4000-8000-000000000003"
+    first, second = Book.objects.order_by("pk")[:2]
+    # the dashboard row powercrud writes at launch: bulk_update_task's args (selected_ids 2nd)
+    AsyncTaskRecord.objects.create(
+        task_name=key, task_args=["library.Book", [1, 2, 3, 4], None, [], ["status"], []]
+    )
+    with task_context(key, SampleAsyncManager.class_path()):
+        manager.update_progress(key, "starting update")  # powercrud, before the first book
+        first.status = Book.Status.PUBLISHED
+        first.save()
+        n = first.chapters.count()
+        assert manager.get_progress(key).endswith(f"(book 1/4): chapter {n}/{n} synced (25%)")
+        manager.update_progress(key, "updating: 1/4")  # powercrud: one of four books done
+        book = second
+        book.status = Book.Status.PUBLISHED
+        book.save()
+        n = book.chapters.count()
+        # 1 book + all n chapters of the second, of 4 books x n chapters
+        assert manager.get_progress(key).endswith(f"(book 2/4): chapter {n}/{n} synced (50%)")
+        manager.update_progress(key, "completed update: 4 processed")
+    manager.remove_active_task(key)
+
+
+@pytest.mark.stack
+def test_the_fan_out_page_queues_a_bulk_edit_that_fans_out(signed_in, user, broker):
+    """The sample's fan-out switch: the *Albums (fan-out)* page's bulk edit runs powercrud's
+    update with the FanOutBulkUpdate backend, under which Album.save() launches the
+    fan-out twin of the repricing (a child job on another worker)."""
+    from otel_taskctx.policy import may_fan_out
+
+    ids = list(Album.objects.order_by("pk").values_list("pk", flat=True))[:2]
+    submission = submit_bulk_edit(views.AlbumFanOutCRUDView, ids, {"price_tier": "premium"}, user)
+    assert submission.queued, submission
+    (job,) = queued(broker)
+    assert job["func"] == "powercrud.tasks.bulk_update_task"
+    assert job["kwargs"]["bulk_update_persistence_backend_path"] == (
+        "sample.library.bulk.FanOutBulkUpdate"
+    )
+    assert may_fan_out("sample.library.tasks.reprice_album_tracks_fanned_out")
+    assert not may_fan_out("sample.library.tasks.reprice_album_tracks")
+    SampleAsyncManager().remove_active_task(submission.task_key)
+    response = signed_in.get("/sample/library/album-fan-out/")
+    assert response.status_code == 200 and b"Albums (fan-out)" in response.content
 
 
 @pytest.mark.stack

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import wraps
 
 from django.contrib.auth.views import LogoutView
+from django.http import JsonResponse
 from django.urls import include, path
 from powercrud.async_manager import AsyncManager
 
@@ -19,10 +21,30 @@ site_patterns = [
     path("library/", include("sample.library.urls")),
 ]
 
+
+def signed_in_only(view):
+    """powercrud's progress endpoint answers anyone; here only a signed-in user (403 JSON)."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return JsonResponse({"error": "sign in to read a job's progress"}, status=403)
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def progress_patterns():
+    """powercrud's ``AsyncManager.get_urlpatterns()`` (same URL and namespace), signed-in only."""
+    progress = AsyncManager.get_url(name="async_progress")
+    progress.callback = signed_in_only(progress.callback)
+    return path("powercrud/", include(([progress], "powercrud"), namespace="powercrud"))
+
+
 urlpatterns = [
     *site_patterns,
     # powercrud's progress endpoint, polled by its bulk-edit modal (namespace "powercrud")
-    AsyncManager.get_urlpatterns(),
+    progress_patterns(),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from html import unescape
 from typing import Any
@@ -18,6 +19,7 @@ from django.contrib.sessions.backends.cache import SessionStore
 from django.test import RequestFactory
 from django.urls import reverse
 from django_htmx.middleware import HtmxDetails
+from powercrud.bulk_persistence import DefaultBulkUpdatePersistenceBackend
 from powercrud.mixins import BulkEditRole
 
 
@@ -79,3 +81,19 @@ def submit_bulk_edit(
     else:
         outcome = "error"
     return BulkSubmission(outcome, None, _text(content), response.status_code)
+
+
+#: set while a job of the "Albums (fan-out)" page saves its albums (see FanOutBulkUpdate)
+fan_out_requested: ContextVar[bool] = ContextVar("sample_fan_out_requested", default=False)
+
+
+class FanOutBulkUpdate(DefaultBulkUpdatePersistenceBackend):
+    """powercrud's own bulk update, with the sample's fan-out switch on: ``Album.save()`` then
+    launches the repricing of its tracks as a child job on another worker (fan-out)."""
+
+    def persist_bulk_update(self, **kwargs: Any) -> dict[str, Any]:
+        token = fan_out_requested.set(True)
+        try:
+            return super().persist_bulk_update(**kwargs)
+        finally:
+            fan_out_requested.reset(token)

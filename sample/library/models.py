@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextvars import ContextVar
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -23,11 +25,15 @@ from django.utils import timezone
 from opentelemetry import trace
 from powercrud.async_manager import AsyncManager
 
-from otel_taskctx import register_descendants, report_progress, skip_nested_async
-from sample.library.async_manager import SampleAsyncManager
+from otel_taskctx import current_task, register_descendants, report_progress, skip_nested_async
+from sample.library.async_manager import SampleAsyncManager, job_position
 
 log = logging.getLogger("sample.library")
 tracer = trace.get_tracer("sample.library")
+
+
+#: the user of the request that saves (set by the sample's views): a follow-on job names it
+launching_user: ContextVar[Any] = ContextVar("sample_launching_user", default=None)
 
 
 def save_delay() -> float:
@@ -125,15 +131,21 @@ class Book(TrackedFieldsMixin, models.Model):
             register_descendants(Chapter, [c.pk for c in chapters])
             delay = save_delay()
             now = timezone.now()
+            count = len(chapters)
+            task = current_task()
+            # in powercrud's bulk job: the job's fraction (books done + chapters of this one)
+            position = job_position(task.task_key) if task is not None else None
+            books_done, books = position or (0, 1)
+            where = f" (book {books_done + 1}/{books})" if position else ""
             for done, chapter in enumerate(chapters, 1):
                 chapter.status = self.status
                 chapter.edition = self.edition
                 chapter.synced_at = now
                 chapter.save(update_fields=["status", "edition", "synced_at"])
                 report_progress(
-                    f"Book #{self.pk} {self.title!r}: chapter {done}/{len(chapters)} synced",
-                    done=done,
-                    total=len(chapters),
+                    f"Book #{self.pk} {self.title!r}{where}: chapter {done}/{count} synced",
+                    done=min(books_done * count + done, books * count),
+                    total=books * count,
                 )
                 if delay:
                     time.sleep(delay)
@@ -148,6 +160,8 @@ class Book(TrackedFieldsMixin, models.Model):
             "sample.library.tasks.sync_book_chapters",
             self.pk,
             conflict_ids={"library.chapter": ids},
+            # the dashboard names who launched it (set by the form view that saved the book)
+            user=launching_user.get(),
             affected_objects=f"{len(ids)} chapters of {self}",
             manager_class=manager.class_path(),
         )
@@ -218,8 +232,12 @@ class Album(TrackedFieldsMixin, models.Model):
         if reprice:
             # the way a powercrud project writes it: hand the tracks to a background job
             track_ids = set(self.tracks.values_list("pk", flat=True))
+            from sample.library.bulk import fan_out_requested
+
+            # the sample's fan-out switch (the "Albums (fan-out)" page) picks the fan-out twin
+            fanned = "_fanned_out" if fan_out_requested.get() else ""
             AsyncManager().launch_async_task(
-                "sample.library.tasks.reprice_album_tracks",
+                f"sample.library.tasks.reprice_album_tracks{fanned}",
                 self.pk,
                 conflict_ids={"library.track": track_ids},
             )

@@ -7,6 +7,7 @@ import time
 from django.utils import timezone
 from powercrud.async_manager import AsyncManager
 
+from otel_taskctx import fan_out
 from sample.library.models import Album, Book, save_delay
 
 
@@ -37,3 +38,10 @@ def reprice_album_tracks(album_id: int, task_key: str | None = None, **kwargs) -
         if delay:
             time.sleep(delay)
     return len(tracks)
+
+
+@fan_out
+def reprice_album_tracks_fanned_out(album_id: int, task_key: str | None = None, **kwargs) -> int:
+    """:func:`reprice_album_tracks` as a child job on another worker (the sample's fan-out
+    switch: the *Albums (fan-out)* page)."""
+    return reprice_album_tracks(album_id, task_key=task_key, **kwargs)

@@ -11,6 +11,7 @@ from django.contrib.auth.views import LoginView
 from django.http import Http404, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import NoReverseMatch, reverse
+from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme
 from neapolitan.views import CRUDView, Role
 from powercrud.mixins import PowerCRUDAsyncMixin
@@ -39,6 +40,35 @@ class SampleCRUDView(LoginRequiredMixin, PowerCRUDAsyncMixin, CRUDView):
     bulk_async_conflict_checking = True
     bulk_delete = True
     show_record_count = True
+    #: the refused ids of this request (powercrud's conflict message then names their holders)
+    refused_ids: list | None = None
+
+    def dispatch(self, request, *args, **kwargs):
+        # a save() in this request that launches a follow-on job (a book's form -> its
+        # chapters' job) names the signed-in user on powercrud's dashboard
+        token = models.launching_user.set(request.user)
+        try:
+            return super().dispatch(request, *args, **kwargs)
+        finally:
+            models.launching_user.reset(token)
+
+    def _check_for_conflicts(self, selected_ids=None):
+        refused = super()._check_for_conflicts(selected_ids)
+        self.refused_ids = list(selected_ids or []) if refused else None
+        return refused
+
+    def _render_bulk_conflict_response(self, request, selected_ids, delete_selected):
+        self.refused_ids = list(selected_ids)
+        return super()._render_bulk_conflict_response(request, selected_ids, delete_selected)
+
+    def get_bulk_form_component_context(self):
+        # powercrud spreads this over its conflict context: name the objects and their job
+        context = super().get_bulk_form_component_context()
+        if self.refused_ids:
+            message = conflict_message(self.model, self.refused_ids)
+            if message:
+                context["conflict_message"] = message
+        return context
 
     def _handle_async_bulk_operation(
         self, request, selected_ids, delete_selected, bulk_fields, fields_to_update, field_data
@@ -55,6 +85,50 @@ class SampleCRUDView(LoginRequiredMixin, PowerCRUDAsyncMixin, CRUDView):
             fields_to_update,
             worker_field_data(field_data),
         )
+
+
+#: how many refused objects a conflict message names before "and N more"
+NAMED_OBJECTS = 5
+
+
+def conflict_message(model: type, ids: list) -> str | None:
+    """'Books 19, 20 and 3 more are held by job 193414a3…' (a link to its trace): the refused
+    objects that are locked, by holding job (otel_taskctx's conflict store); None if none is."""
+    from otel_taskctx import get_conflict_store
+
+    label = f"{model._meta.app_label}.{model._meta.model_name}"
+    try:
+        held = get_conflict_store(SampleAsyncManager()).holders({label: ids}).get(label, {})
+    except Exception:  # the store cannot be read: powercrud's own message stays
+        return None
+    by_job: dict[str, list[str]] = {}
+    for obj_id in ids:
+        holder = held.get(obj_id, held.get(str(obj_id)))
+        if holder is not None:
+            by_job.setdefault(holder, []).append(str(obj_id))
+    parts = []
+    for job, objects in by_job.items():
+        named = ", ".join(objects[:NAMED_OBJECTS])
+        if len(objects) > NAMED_OBJECTS:
+            named += f" and {len(objects) - NAMED_OBJECTS} more"
+        url = viewer_url(job)
+        link = format_html('<a class="link" href="{}">{}…</a>', url, job[:8]) if url else job
+        meta = model._meta
+        noun, verb = (
+            (meta.verbose_name, "is") if len(objects) == 1 else (meta.verbose_name_plural, "are")
+        )
+        parts.append((str(noun).capitalize(), named, verb, job, link))
+    if not parts:
+        return None
+    return format_html(
+        "Another bulk operation is already running on {}: {} Try again when it has ended.",
+        model._meta.verbose_name_plural,
+        format_html_join(
+            " ",
+            '{} {} {} held by job <span data-holder="{}">{}</span>.',
+            parts,
+        ),
+    )
 
 
 def worker_field_data(field_data: list[dict]) -> list[dict]:
@@ -110,6 +184,19 @@ class AlbumCRUDView(SampleCRUDView):
     filterset_fields = ["price_tier", "artist"]
 
 
+class AlbumFanOutCRUDView(AlbumCRUDView):
+    """The albums again, with the sample's fan-out switch on for their bulk edits."""
+
+    url_base = "album-fan-out"
+    view_title = "Albums (fan-out)"
+    view_instructions = (
+        "The same albums. A bulk edit here fans out: each Album.save() launches the repricing "
+        "of its tracks as a child job on another worker, and the bulk job completes when the "
+        "last child has."
+    )
+    bulk_update_persistence_backend_path = "sample.library.bulk.FanOutBulkUpdate"
+
+
 class TrackCRUDView(SampleCRUDView):
     model = models.Track
     view_title = "Tracks"
@@ -140,6 +227,9 @@ class AsyncTaskRecordCRUDView(SampleCRUDView):
     ]
     detail_fields = "__all__"
     column_value_formats = {"created_at": "datetime", "completed_at": "datetime"}
+    # seven columns of powercrud's default 25ch are wider than a laptop's page: the long
+    # texts (task name, affected objects, progress) are cut with an ellipsis instead
+    table_max_col_width = 16
     filterset_fields = ["status"]
     # the task name opens the job's span tree (otel_taskctx's viewer)
     link_fields = {"task_name": {"view_name": "library:job-trace", "open_in": "current"}}
@@ -222,6 +312,7 @@ def crud_urls():
         *BookCRUDView.get_urls(),
         *ChapterCRUDView.get_urls(),
         *AlbumCRUDView.get_urls(),
+        *AlbumFanOutCRUDView.get_urls(),
         *TrackCRUDView.get_urls(),
         *AsyncTaskRecordCRUDView.get_urls(roles={Role.LIST, Role.DETAIL, Role.DELETE}),
     ]

@@ -134,7 +134,8 @@ def _judge(report: TasksReport) -> None:
 def _print(console: Console, report: TasksReport) -> None:
     mark = {True: "[green]✓[/]", False: "[red]✗[/]"}
     console.print(
-        f"task {report.task_key}: {report.status} in {report.duration_s:.2f}s (db_worker)"
+        f"inline job {report.task_key}: {report.status}, run {report.job_s:.2f} s by a "
+        f"db_worker ({report.duration_s:.2f} s from enqueue to result)"
     )
     console.print(
         f"{mark[report.books_published == report.books]} books published "

@@ -317,6 +317,7 @@ class Demo:
         if record is not None:
             report.dashboard_status = record.status
             report.dashboard_user = record.user_label
+            report.dashboard_progress = record.progress_payload
         # nothing may write the job's progress after it ended (powercrud's progress view would
         # then never report completion)
         late = self.manager().get_progress(key)

@@ -64,6 +64,8 @@ class JobReport:
     nested_progress_seen: int = 0
     dashboard_status: str = ""
     dashboard_user: str = ""
+    #: the dashboard's last progress message of the ended job (powercrud's own final one)
+    dashboard_progress: str = ""
     refusals: list[Refusal] = field(default_factory=list)
     tree_text: list[str] = field(default_factory=list)
     tree_summary: dict[str, Any] = field(default_factory=dict)

@@ -55,6 +55,11 @@ def judge(report: JobReport) -> None:
         f.append(f"{report.locks_left} locks were still held after the job ended")
     if report.dashboard_status and report.dashboard_status not in {"success", "failed"}:
         f.append(f"powercrud's dashboard still shows the ended job as {report.dashboard_status!r}")
+    if report.dashboard_progress and not report.dashboard_progress.startswith(FINAL_MESSAGES):
+        f.append(
+            "the ended job's last progress message is not powercrud's own final one: "
+            f"{report.dashboard_progress!r} (a held message landed after it)"
+        )
     if report.progress_left is not None:
         f.append(
             "the job's progress key was still set 5s after it ended "
@@ -64,6 +69,10 @@ def judge(report: JobReport) -> None:
         if refusal.ids and not refusal.refused:
             f.append(f"{refusal.what} was not refused: {refusal.message}")
     report.ok = not f
+
+
+#: how powercrud's bulk tasks start their last progress message
+FINAL_MESSAGES = ("completed update", "completed delete", "failed update", "failed delete")
 
 
 def print_report(console: Console, report: JobReport, tree: Any = None) -> None:
@@ -120,7 +129,8 @@ def print_report(console: Console, report: JobReport, tree: Any = None) -> None:
         good = report.dashboard_status in {"success", "failed"}
         table.add_row(
             "powercrud dashboard",
-            f"{mark(good)} {report.dashboard_status} (user {report.dashboard_user})",
+            f"{mark(good)} {report.dashboard_status} (user {report.dashboard_user}, last "
+            f"progress {escape(report.dashboard_progress)!r})",
         )
     for refusal in report.refusals:
         if not refusal.ids:

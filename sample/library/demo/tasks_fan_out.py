@@ -166,7 +166,7 @@ def _judge(report: FanOutTasksReport, count: int) -> None:
 
 def _print(console: Console, report: FanOutTasksReport) -> None:
     mark = {True: "[green]✓[/]", False: "[red]✗[/]"}
-    console.print(f"fan-out job: {report.status} in {report.job_s:.2f}s")
+    console.print(f"fan-out job: {report.status}, run {report.job_s:.2f} s (start to end)")
     console.print(
         f"{mark[report.children == report.books]} child tasks {report.children}, run by "
         f"{report.workers} db_worker(s)"
@@ -180,7 +180,7 @@ def _print(console: Console, report: FanOutTasksReport) -> None:
     console.print(
         f"speed-up of the django.tasks job with fan-out: "
         f"[bold]{report.inline_job_s / max(report.job_s, 1e-6):.1f}x[/] "
-        f"({report.inline_job_s:.2f}s inline, {report.job_s:.2f}s fan-out)"
+        f"(job run time: {report.inline_job_s:.2f} s inline, {report.job_s:.2f} s fan-out)"
     )
     for failure in report.failures:
         console.print(f"[red]FAILED[/] {failure}")

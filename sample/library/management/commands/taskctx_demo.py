@@ -9,6 +9,12 @@ from django.core.management.base import BaseCommand, CommandError
 from sample.library import demo, serve
 from sample.library.demo.report import terminal_console
 
+#: seconds per descendant update: the terminal demo, and --serve (the browser's modal polls
+#: once a second; at 0.3 s a chapter, each book's nested steps show for 1.5 s, and every step
+#: is written: the progress throttle, PROGRESS_MIN_INTERVAL 0.25 s, is shorter than one)
+DEMO_DELAY = 0.05
+SERVE_DELAY = 0.3
+
 
 class Command(BaseCommand):
     help = (
@@ -25,8 +31,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--delay",
             type=float,
-            default=0.05,
-            help="seconds each descendant update sleeps, so progress is visible (0.05)",
+            default=None,
+            help="seconds each descendant update sleeps, so progress is visible "
+            f"({DEMO_DELAY}; with --serve {SERVE_DELAY}: a person sees each nested step)",
         )
         parser.add_argument("--workers", type=int, default=2, help="qcluster workers (2)")
         parser.add_argument(
@@ -48,6 +55,8 @@ class Command(BaseCommand):
         for name in ("books", "chapters", "albums", "tracks", "workers"):
             if options[name] < (1 if name == "workers" else 0):
                 raise CommandError(f"--{name} must be positive")
+        if options["delay"] is None:
+            options["delay"] = SERVE_DELAY if options["serve"] else DEMO_DELAY
         if options["delay"] < 0:
             raise CommandError("--delay must be >= 0")
         # the cluster logs to its own file; here only the demo's own output

@@ -1,4 +1,4 @@
-"""A job's tree of stored spans (made by :func:`otel_taskctx.spans.build.build_tree`).
+"""A job's tree of stored spans and its JSON (built by :func:`~.queries.build_tree`).
 
 A :class:`Node` is one stored span (or a placeholder for a parent that was not recorded); a
 :class:`SpanTree` is a job's forest with its critical path and its target, where to look first
@@ -8,7 +8,7 @@ A :class:`Node` is one stored span (or a placeholder for a parent that was not r
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from otel_taskctx import semconv
@@ -19,13 +19,6 @@ STATE_ERROR = "error"
 STATE_RUNNING = "running"
 STATE_MISSING = "missing"
 ERROR_KEYS = ("type", "message", "stacktrace")
-
-#: the stored span fields a tree is built from
-SPAN_FIELDS = tuple(
-    "trace_id span_id parent_span_id name kind start_ns end_ns status status_message attributes"
-    " events links task_key root_task_key user_id user_label descendants_count service process"
-    " manager".split()
-)
 
 
 @dataclass(eq=False, slots=True)
@@ -58,10 +51,6 @@ class Node:
     depth: int = 0
     effective_end: int = 0
     critical: bool = False
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.trace_id, self.span_id)
 
     @property
     def running(self) -> bool:
@@ -139,15 +128,15 @@ class Node:
         return out
 
 
+#: the stored span fields a tree is built from (the first fields of a Node)
+SPAN_FIELDS = tuple(f.name for f in fields(Node))[:20]
+
+
 def node_from(row: Mapping[str, Any] | Any) -> Node:
-    get = row.get if isinstance(row, Mapping) else (lambda k, d=None: getattr(row, k, d))
-    kwargs = {name: get(name, None) for name in SPAN_FIELDS}
+    get = row.get if isinstance(row, Mapping) else (lambda k: getattr(row, k, None))
+    kwargs = {name: get(name) for name in SPAN_FIELDS}
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "end_ns"}
-    kwargs.setdefault("parent_span_id", "")
-    kwargs.setdefault("name", "")
-    kwargs["attributes"] = dict(kwargs.get("attributes") or {})
-    kwargs["events"] = list(kwargs.get("events") or [])
-    return Node(**kwargs)
+    return Node(**{"parent_span_id": "", "name": "", **kwargs})
 
 
 def request_label(node: Node) -> str:

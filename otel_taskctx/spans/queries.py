@@ -178,39 +178,28 @@ def decorate_summaries(
         end = now_ns if row["running"] or row["last_end_ns"] is None else row["last_end_ns"]
         row["duration_ns"] = max(0, end - row["start_ns"])
         row["descendants"] = row["descendants"] or 0
-        row["request"] = launching_request(row["root_task_key"], row["start_ns"], hours=hours)
+        row["request"] = launching_request(row["root_task_key"], hours)
         out.append(row)
     return out
 
 
-def launching_request(
-    root_key: str, start_ns: int | None = None, max_hops: int = 6, hours: range | None = None
-) -> str | None:
-    """Name of the request (server span) above the job's first span, if it was stored."""
+def launching_request(root_key: str, hours: range | None = None) -> str | None:
+    """Name of the request (the latest server span of the trace started before the job's
+    first span, outside the job) that launched the job, if it was stored."""
     hours = stored_hours() if hours is None else hours
-    first = (
-        of_tree(root_key, hours=hours)
-        .order_by("start_ns")
-        .values("trace_id", "parent_span_id")
+    first = of_tree(root_key, hours=hours).order_by("start_ns").values("trace_id", "start_ns")
+    first = first.first()
+    if first is None:
+        return None
+    server = (
+        TaskSpan.objects.filter(in_hours(hours), trace_id=first["trace_id"], kind="SERVER")
+        .filter(start_ns__lte=first["start_ns"])
+        .exclude(root_task_key=root_key)
+        .order_by("-start_ns")
+        .values(*SPAN_FIELDS)
         .first()
     )
-    if not first:
-        return None
-    trace_id, parent_id = first["trace_id"], first["parent_span_id"]
-    for _ in range(max_hops):
-        if not parent_id:
-            return None
-        parent = (
-            TaskSpan.objects.filter(in_hours(hours), trace_id=trace_id, span_id=parent_id)
-            .values(*SPAN_FIELDS)
-            .first()
-        )
-        if parent is None:
-            return None
-        if parent["kind"] == "SERVER":
-            return request_label(node_from(parent))
-        parent_id = parent["parent_span_id"]
-    return None
+    return request_label(node_from(server)) if server else None
 
 
 def _placeholder_parent(ph: Node, by_task: dict[str, list[Node]]) -> Node | None:
@@ -267,14 +256,9 @@ def build_tree(
             continue
         parent = by_key.get((node.trace_id, pid))
         if parent is None:
-            parent = placeholders.get((node.trace_id, pid))
-            if parent is None:
-                name = "(span not recorded)"
-                parent = Node(
-                    node.trace_id, pid, "", name, placeholder=True, start_ns=node.start_ns
-                )
-                placeholders[(node.trace_id, pid)] = parent
-            parent.start_ns = min(parent.start_ns, node.start_ns)
+            missing = Node(node.trace_id, pid, "", "(span not recorded)", placeholder=True)
+            parent = placeholders.setdefault((node.trace_id, pid), missing)
+            parent.start_ns = min(parent.start_ns or node.start_ns, node.start_ns)
         node.parent = parent
         parent.children.append(node)
     if placeholders:
@@ -318,20 +302,12 @@ def build_tree(
         node.effective_end = max([end, *(c.effective_end for c in node.children)])
 
     # job membership: spans of other tasks above the job are context
-    if root_task_key is not None:
-        in_job: set[int] = set()
-        for node in ordered:  # pre-order: parents first
-            if (
-                node.root_task_key == root_task_key
-                or (node.parent is not None and id(node.parent) in in_job)
-                or (
-                    node.placeholder
-                    and any(c.root_task_key == root_task_key for c in node.children)
-                )
-            ):
-                in_job.add(id(node))
-        for node in ordered:
-            node.context = id(node) not in in_job
+    for node in ordered if root_task_key is not None else ():  # pre-order: parents first
+        node.context = not (
+            node.root_task_key == root_task_key
+            or (node.parent is not None and not node.parent.context)
+            or (node.placeholder and any(c.root_task_key == root_task_key for c in node.children))
+        )
 
     _mark_critical_path(roots)
     tree = SpanTree(

@@ -77,8 +77,7 @@ class _Dashboard:
         self.task_field = config.resolve_field("task_name", "task_name")
         self.user_field = config.resolve_field("user", "user_label")
         for name in (self.task_field, self.user_field):
-            if name:
-                self.model._meta.get_field(name)  # a missing field: this dashboard is skipped
+            self.model._meta.get_field(name)  # none or a missing field: this dashboard is skipped
 
     def records(self, **lookup: Any) -> QuerySet:
         return self.model.objects.filter(**lookup)
@@ -118,11 +117,10 @@ def _dashboards(spans: QuerySet) -> list[_Dashboard]:
 def dashboard_user(root_task_key: str, spans: QuerySet | None = None) -> str | None:
     """The user label powercrud's dashboard record holds for a job, if there is one."""
     for dashboard in _dashboards(queries.of_tree(root_task_key) if spans is None else spans):
-        if dashboard.task_field and dashboard.user_field:
-            records = dashboard.records(**{dashboard.task_field: root_task_key})
-            value = records.values_list(dashboard.user_field, flat=True).first()
-            if value:
-                return str(value)
+        records = dashboard.records(**{dashboard.task_field: root_task_key})
+        value = records.values_list(dashboard.user_field, flat=True).first()
+        if value:
+            return str(value)
     return None
 
 
@@ -136,8 +134,6 @@ def own_spans(user: Any, spans: QuerySet | None = None) -> QuerySet:
     mine = TaskSpan.objects.filter(Q(user_id=str(user.pk)) | Q(user_label=label))
     roots = Q(root_task_key__in=mine.exclude(root_task_key=None).values("root_task_key"))
     for dashboard in _dashboards(spans):
-        if not (dashboard.task_field and dashboard.user_field):
-            continue
         records = dashboard.records(**{dashboard.user_field: dashboard.user_value(user)})
         names = records.values_list(dashboard.task_field, flat=True)
         if router.db_for_read(dashboard.model) != router.db_for_read(TaskSpan):

@@ -74,11 +74,8 @@ def resolve_root_key(
 def load_tree(
     task_key: str, spans: QuerySet | None = None, max_spans: int = MAX_TREE_SPANS
 ) -> SpanTree | None:
-    """The tree of the job ``task_key`` belongs to, or None when nothing was stored for it.
-
-    It holds the job's spans, the spans below them (e.g. detached jobs they launched) and the
-    chain of spans above them in the same trace (the launching request).
-    """
+    """The tree of ``task_key``'s job (None if nothing was stored): its spans, the spans below
+    them (detached jobs they launched) and the chain above them (the launching request)."""
     spans = TaskSpan.objects.all() if spans is None else spans
     hours = stored_hours()
     root_key = resolve_root_key(task_key, spans, hours)
@@ -233,11 +230,8 @@ def build_tree(
     root_task_key: str | None = None,
     truncated: bool = False,
 ) -> SpanTree:
-    """Link ``rows`` (dicts or objects with the span store's fields) into a :class:`SpanTree`.
-
-    With ``root_task_key``, spans of other tasks are marked as context (e.g. the launching
-    request) unless they are descendants of the job's spans (detached jobs it started).
-    """
+    """Link ``rows`` (dicts or objects with the store's fields) into a :class:`SpanTree`; with
+    ``root_task_key``, spans above the job's (the launching request) are its context."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     by_key: dict[tuple[str, str], Node] = {}
     for row in rows:

@@ -181,11 +181,9 @@ def _in_event_loop() -> bool:
 
 
 class _Batches(SpanProcessor):
-    """The SDK's ``BatchSpanProcessor`` for the span database the settings name now.
-
-    Made at the process's first span (a qcluster forks with no thread of ours alive), and made
-    again when the settings name another database: the old one's spans are then dropped.
-    """
+    """The SDK's ``BatchSpanProcessor`` for the span database the settings name now: made at
+    the first span (a qcluster forks with no thread of ours alive), made anew (the old one's
+    spans dropped) when the settings name another."""
 
     def __init__(self, schedule_delay_millis: float = 1000, using: str | None = None) -> None:
         self.schedule_delay_millis = schedule_delay_millis
@@ -240,11 +238,8 @@ class StoreSpanProcessor(_Batches):
 
 class RunningSpanProcessor(_Batches):
     """Gives spans still running ``running_delay`` seconds after they started a "running" row,
-    and the spans open under one that has a row, whatever their age (the step a job is in).
-
-    Started spans go through a ``BatchSpanProcessor`` of their own; at each of its passes
-    (every ``schedule_delay_millis``) spans still too young go back to its queue.
-    """
+    and the spans open under one that has a row, whatever their age (the step a job is in);
+    spans too young go back to the queue of its batch processor."""
 
     def __init__(self, running_delay: float = 1.0, schedule_delay_millis: float = 500, using=None):
         super().__init__(schedule_delay_millis, using)
@@ -365,12 +360,8 @@ def _processor(name: str, env: dict[str, str]) -> Any | None:
 
 
 def install_env_exporters(environ: dict[str, str] | None = None, provider: Any = None) -> list[str]:
-    """Add the exporters the environment names; returns their names.
-
-    Without ``provider``: to otel_taskctx's private provider (their processors are made when
-    it is set up, at our first span), and nothing when the host has a provider of its own.
-    With ``provider``: only if otel_taskctx created it.
-    """
+    """Add the exporters the environment names to otel_taskctx's private provider (none when
+    the host has a provider), or to ``provider`` if we created it; returns their names."""
     env = dict(os.environ if environ is None else environ)
     names = requested_exporters(env)
     if provider is None and host_tracer_provider() is not None:

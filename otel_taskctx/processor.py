@@ -68,13 +68,6 @@ def _add_progress(items: list[tuple[str, Any]], attrs: Mapping[str, Any]) -> Non
         items.append(("progress", str(message)))
 
 
-def _lineage_missing(span: Span, identity: TaskIdentity) -> bool:
-    """False when the span was started with this task's lineage already (the worker's
-    CONSUMER span is): no second pass over the same attributes."""
-    attributes = span.attributes
-    return attributes is None or attributes.get(semconv.TASK_KEY) != identity.task_key
-
-
 def _add_descendants(items: list[tuple[str, Any]], attributes: Mapping[str, Any]) -> None:
     found = semconv.read_descendants(attributes)
     if found is not None and found[1]:
@@ -90,20 +83,16 @@ class TaskContextSpanProcessor(SpanProcessor):
         self.stamp = stamp
         self.forward = forward
         self.on_conflict = on_conflict
-        # (trace id, span id) -> identity of spans started in a task and not ended yet. on_end
-        # receives a read-only copy of the span, so the span context is the key.
+        # (trace id, span id) -> identity of spans started in a task and not ended yet
         self._started: dict[tuple[int, int], TaskIdentity] = {}
         self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        try:
-            identity = identity_from_context(parent_context)
-        except Exception:  # pragma: no cover - never break span creation
-            log.debug("could not read the task identity", exc_info=True)
-            return
+        identity = identity_from_context(parent_context)
         if identity is None:
             return
-        if self.stamp and _lineage_missing(span, identity):
+        # (a span started with its task's lineage, as the worker's CONSUMER span is: kept)
+        if self.stamp and (span.attributes or {}).get(semconv.TASK_KEY) != identity.task_key:
             span.set_attributes(identity.lineage_attributes())
         if self.forward:
             ctx = span.get_span_context()
@@ -117,18 +106,9 @@ class TaskContextSpanProcessor(SpanProcessor):
         if not self.forward:
             return
         ctx = span.context
-        if ctx is None:  # pragma: no cover - not an SDK span
-            return
         with self._lock:
             identity = self._started.pop((ctx.trace_id, ctx.span_id), None)
-        if identity is None:
-            return
-        try:
-            items = span_items(span)
-        except Exception:  # pragma: no cover - malformed attributes
-            log.warning("could not read taskctx items of span %s", span.name, exc_info=True)
-            return
-        for kind, payload in items:
+        for kind, payload in span_items(span) if identity is not None else ():
             self._forward(identity, kind, payload, span)
 
     def _forward(self, identity: TaskIdentity, kind: str, payload: Any, span: ReadableSpan) -> None:
@@ -156,12 +136,9 @@ class TaskContextSpanProcessor(SpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Write progress messages still waiting for their throttle interval."""
-        try:
-            from otel_taskctx.progress import flush_all_progress
+        from otel_taskctx.progress import flush_all_progress
 
-            flush_all_progress()
-        except Exception:  # pragma: no cover - Django not configured
-            log.debug("could not flush progress", exc_info=True)
+        flush_all_progress()
         return True
 
 

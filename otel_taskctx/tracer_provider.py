@@ -1,16 +1,13 @@
 """The tracer providers otel_taskctx's processors and spans go to; never set globally.
 
-The host's SDK ``TracerProvider`` once it has set one (before or after ``django.setup()``: our
-processors join it at our next span, or at :func:`join_tracer_provider`), else a private one
-of our own. Imports the OpenTelemetry API only (the SDK when a provider is made), and uses the
-SDK's public API only (``add_span_processor``, ``get_tracer``, ``force_flush``): what was added
-where is kept here, weakly by provider.
+The host's SDK ``TracerProvider`` once it has set one (our processors join it at our next span,
+or at :func:`join_tracer_provider`), else a private one of ours (docs/core.md). The OpenTelemetry
+API only at import; the SDK's public API (``add_span_processor``) when a provider is used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -18,10 +15,10 @@ from typing import Any
 
 from opentelemetry import trace
 
-log = logging.getLogger("otel_taskctx.tracing")
 _lock = threading.RLock()
-#: name -> [factory, processor (None until made), for our private provider only]
-_registered: dict[str, list[Any]] = {}
+#: name -> (factory, for our private provider only); name -> the processor once made
+_factories: dict[str, tuple[Callable[[], Any], bool]] = {}
+_made: dict[str, Any] = {}
 #: provider -> {name: processor} added to it by otel_taskctx
 _added: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 _created: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -57,22 +54,19 @@ def private_tracer_provider(create: bool = True) -> Any | None:
     global _private
     with _lock:
         if _private is None and create and _sdk_provider_class() is not None:
-            _join(provider := create_sdk_tracer_provider(), private=True)
-            _private = provider
+            _private = create_sdk_tracer_provider()
+            _join(_private)
     return _private
 
 
 def sdk_tracer_provider(create: bool = True) -> Any | None:
-    """The SDK provider our spans and processors use now: the host's (joined) or our private
-    one; None when the host's provider is not the SDK's."""
+    """The SDK provider our spans and processors use now (the host's, joined, or our private
+    one); None when the host's provider is not the SDK's."""
     host = host_tracer_provider()
     if host is None:
         return private_tracer_provider(create)
     cls = _sdk_provider_class()
-    if cls is None or not isinstance(host, cls):
-        return None
-    _join(host, private=False)
-    return host
+    return join_tracer_provider(host) and host if cls and isinstance(host, cls) else None
 
 
 def join_tracer_provider(provider: Any = None) -> bool:
@@ -84,27 +78,27 @@ def join_tracer_provider(provider: Any = None) -> bool:
     provider = provider or host_tracer_provider()
     if provider is None or not hasattr(provider, "add_span_processor"):
         return False
-    _join(provider, private=provider is _private)
+    _join(provider)
     return True
 
 
-def _join(provider: Any, private: bool) -> None:
-    wanted = [n for n, entry in list(_registered.items()) if private or not entry[2]]
-    added = _added.get(provider)
-    if added is not None and all(name in added for name in wanted):
+def _join(provider: Any) -> None:
+    private = provider is _private
+    names = [n for n, (_, only) in list(_factories.items()) if private or not only]
+    if all(n in _added.get(provider, ()) for n in names):
         return
     with _lock:
         added = _added.setdefault(provider, {})
-        for name in wanted:
+        for name in names:
             if name not in added:
-                added[name] = _instance(_registered[name])
+                added[name] = _instance(name)
                 provider.add_span_processor(added[name])
 
 
-def _instance(entry: list[Any]) -> Any:
-    if entry[1] is None:
-        entry[1] = entry[0]()
-    return entry[1]
+def _instance(name: str) -> Any:
+    if name not in _made:
+        _made[name] = _factories[name][0]()
+    return _made[name]
 
 
 def added_processors(provider: Any) -> dict[str, Any]:
@@ -117,7 +111,7 @@ def added_processors(provider: Any) -> dict[str, Any]:
 
 def registered_processors() -> dict[str, Any]:
     """Every processor otel_taskctx made in this process, by name (a copy)."""
-    return {name: entry[1] for name, entry in list(_registered.items()) if entry[1] is not None}
+    return dict(_made)
 
 
 def add_span_processor_once(
@@ -130,9 +124,9 @@ def add_span_processor_once(
     """Our processor ``name`` (made once by ``factory``) on the providers we use.
 
     Without ``provider``: on the host's provider (now, or once it sets one) and on our private
-    one (``private_only``: that one only, made when it is set up, at our first span);
-    ``create=False`` does not set up the private provider now. With ``provider``: added to it
-    only. Returns the processor (None when not made yet, or without the SDK).
+    one (``private_only``: that one only, made when it is set up); ``create=False`` does not set
+    up the private provider now. With ``provider``: added to it only. Returns the processor
+    (None when not made yet, or without the SDK).
     """
     if _sdk_provider_class() is None:
         return None
@@ -143,13 +137,16 @@ def add_span_processor_once(
                 added[name] = factory()
                 provider.add_span_processor(added[name])
             return added[name]
-        entry = _registered.setdefault(name, [factory, None, private_only])
+        _factories.setdefault(name, (factory, private_only))
         if not private_only:
-            _instance(entry)  # the same one on every provider
-    target = private_tracer_provider(create) if private_only else sdk_tracer_provider(create)
-    if target is not None:
-        _join(target, private=target is _private)
-    return entry[1]
+            _instance(name)  # the same one on every provider
+    if private_only:
+        private_tracer_provider(create)
+        if _private is not None:
+            _join(_private)
+    else:
+        sdk_tracer_provider(create)
+    return _made.get(name)
 
 
 class _Tracer(trace.Tracer):
@@ -161,17 +158,14 @@ class _Tracer(trace.Tracer):
         self._own: Any = None
 
     def _tracer(self) -> Any:
-        if self._host is not None:
-            return self._host
-        host = host_tracer_provider()
-        if host is not None:
+        host = self._host or host_tracer_provider()
+        if host is not None and self._host is None:
             join_tracer_provider(host)
-            self._host = host.get_tracer(*self._args)
-            return self._host
-        if self._own is None:
-            provider = private_tracer_provider()
-            self._own = trace.NoOpTracer() if provider is None else provider.get_tracer(*self._args)
-        return self._own
+            self._host = host = host.get_tracer(*self._args)
+        if host is None and self._own is None:
+            provider = private_tracer_provider() or trace.NoOpTracerProvider()
+            self._own = provider.get_tracer(*self._args)
+        return host or self._own
 
     def start_span(self, *args: Any, **kwargs: Any) -> Any:
         return self._tracer().start_span(*args, **kwargs)
@@ -198,9 +192,8 @@ class TaskCtxTracerProvider(trace.TracerProvider):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Flush the provider our spans go to (and our private one, if used before)."""
-        providers = {id(p): p for p in (sdk_tracer_provider(False), private_tracer_provider(False))}
-        flushed = [p.force_flush(timeout_millis) for p in providers.values() if p is not None]
-        return all(flushed)
+        providers = {sdk_tracer_provider(False), private_tracer_provider(False)} - {None}
+        return all([p.force_flush(timeout_millis) for p in providers])
 
 
 #: pass it as ``tracer_provider`` to an instrumentor whose spans should follow the host's

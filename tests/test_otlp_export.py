@@ -24,13 +24,16 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from otel_taskctx.spans.provider import (
+from otel_taskctx.spans.store import (
+    STORE,
     install_env_exporters,
-    provider_is_unconfigured,
     requested_exporters,
 )
-from otel_taskctx.spans.store import STORE
-from otel_taskctx.tracer_provider import added_processors, create_sdk_tracer_provider
+from otel_taskctx.tracer_provider import (
+    added_processors,
+    create_sdk_tracer_provider,
+    created_here,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -162,11 +165,11 @@ def test_a_provider_otel_taskctx_created_counts_as_unconfigured_with_our_process
     from otel_taskctx.tracer_provider import add_span_processor_once
 
     provider = create_sdk_tracer_provider()
-    assert provider_is_unconfigured(provider)
+    assert created_here(provider)
     processor = SimpleSpanProcessor(InMemorySpanExporter())
     assert add_span_processor_once(STORE, lambda: processor, provider=provider) is processor
-    assert provider_is_unconfigured(provider)
-    assert not provider_is_unconfigured(TracerProvider())
+    assert created_here(provider)
+    assert not created_here(TracerProvider())
 
 
 def test_spans_arrive_on_a_local_otlp_endpoint():

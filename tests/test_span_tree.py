@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otel_taskctx.spans.build import build_tree
+from otel_taskctx.spans.queries import build_tree
 from otel_taskctx.spans.render import format_duration, render_text
 
 TRACE = "a" * 32

@@ -1,4 +1,9 @@
-"""Reading job trees back from the span store (Django ORM).
+"""Reading job trees back from the span store: rows (Django ORM) linked into a tree.
+
+Building is pure Python, without recursion (trees thousands of levels deep are fine). Spans
+arrive in any order, from several processes, some missing: a span whose parent was not recorded
+hangs under a placeholder for it, attached by task lineage to a recorded span of its task when
+there is one.
 
 The span table's indexes lead with the hour a span started in (``start_hour``); lookups name
 the stored hours to seek (docs/viewer.md, "Keys led by the hour").
@@ -7,13 +12,21 @@ the stored hours to seek (docs/viewer.md, "Keys led by the hour").
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.db.models import Count, Max, Min, Q, QuerySet, Sum
 
+from otel_taskctx import semconv
 from otel_taskctx.models import TaskSpan
-from otel_taskctx.spans.build import build_tree
-from otel_taskctx.spans.tree import SPAN_FIELDS, SpanTree, node_from, request_label
+from otel_taskctx.spans.tree import (
+    SPAN_FIELDS,
+    STATE_ERROR,
+    Node,
+    SpanTree,
+    node_from,
+    request_label,
+)
 
 #: most spans loaded for one tree (the tree says when it was cut)
 MAX_TREE_SPANS = 20_000
@@ -61,11 +74,8 @@ def resolve_root_key(
 def load_tree(
     task_key: str, spans: QuerySet | None = None, max_spans: int = MAX_TREE_SPANS
 ) -> SpanTree | None:
-    """The tree of the job ``task_key`` belongs to, or None when nothing was stored for it.
-
-    It holds the job's spans, the spans below them (e.g. detached jobs they launched) and the
-    chain of spans above them in the same trace (the launching request).
-    """
+    """The tree of ``task_key``'s job (None if nothing was stored): its spans, the spans below
+    them (detached jobs they launched) and the chain above them (the launching request)."""
     spans = TaskSpan.objects.all() if spans is None else spans
     hours = stored_hours()
     root_key = resolve_root_key(task_key, spans, hours)
@@ -165,36 +175,174 @@ def decorate_summaries(
         end = now_ns if row["running"] or row["last_end_ns"] is None else row["last_end_ns"]
         row["duration_ns"] = max(0, end - row["start_ns"])
         row["descendants"] = row["descendants"] or 0
-        row["request"] = launching_request(row["root_task_key"], row["start_ns"], hours=hours)
+        row["request"] = launching_request(row["root_task_key"], hours)
         out.append(row)
     return out
 
 
-def launching_request(
-    root_key: str, start_ns: int | None = None, max_hops: int = 6, hours: range | None = None
-) -> str | None:
-    """Name of the request (server span) above the job's first span, if it was stored."""
+def launching_request(root_key: str, hours: range | None = None) -> str | None:
+    """Name of the request (the latest server span of the trace started before the job's
+    first span, outside the job) that launched the job, if it was stored."""
     hours = stored_hours() if hours is None else hours
-    first = (
-        of_tree(root_key, hours=hours)
-        .order_by("start_ns")
-        .values("trace_id", "parent_span_id")
+    first = of_tree(root_key, hours=hours).order_by("start_ns").values("trace_id", "start_ns")
+    first = first.first()
+    if first is None:
+        return None
+    server = (
+        TaskSpan.objects.filter(in_hours(hours), trace_id=first["trace_id"], kind="SERVER")
+        .filter(start_ns__lte=first["start_ns"])
+        .exclude(root_task_key=root_key)
+        .order_by("-start_ns")
+        .values(*SPAN_FIELDS)
         .first()
     )
-    if not first:
-        return None
-    trace_id, parent_id = first["trace_id"], first["parent_span_id"]
-    for _ in range(max_hops):
-        if not parent_id:
-            return None
-        parent = (
-            TaskSpan.objects.filter(in_hours(hours), trace_id=trace_id, span_id=parent_id)
-            .values(*SPAN_FIELDS)
-            .first()
-        )
-        if parent is None:
-            return None
-        if parent["kind"] == "SERVER":
-            return request_label(node_from(parent))
-        parent_id = parent["parent_span_id"]
+    return request_label(node_from(server)) if server else None
+
+
+def _placeholder_parent(ph: Node, by_task: dict[str, list[Node]]) -> Node | None:
+    """A recorded span to hang a placeholder under, found by task lineage (or None)."""
+    keys = []
+    for child in ph.children:
+        for key in (child.task_key, child.attributes.get(semconv.PARENT_TASK_KEY)):
+            if key and key not in keys:
+                keys.append(key)
+    for key in keys:
+        best = None
+        for candidate in by_task.get(key, ()):
+            if candidate.start_ns > ph.start_ns or candidate.trace_id != ph.trace_id:
+                continue
+            # prefer the worker run of the task, then the latest-starting span
+            rank = (candidate.kind == "CONSUMER", candidate.start_ns)
+            if best is None or rank > best[0]:
+                node = candidate  # no cycles: not inside the placeholder's subtree
+                while node is not None and node is not ph:
+                    node = node.parent
+                if node is None:
+                    best = (rank, candidate)
+        if best is not None:
+            return best[1]
     return None
+
+
+def build_tree(
+    rows: Iterable[Mapping[str, Any] | Any],
+    now_ns: int | None = None,
+    root_task_key: str | None = None,
+    truncated: bool = False,
+) -> SpanTree:
+    """Link ``rows`` (dicts or objects with the store's fields) into a :class:`SpanTree`; with
+    ``root_task_key``, spans above the job's (the launching request) are its context."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    by_key: dict[tuple[str, str], Node] = {}
+    for row in rows:
+        node = node_from(row)
+        if not node.span_id or not node.trace_id:
+            continue
+        key = (node.trace_id, node.span_id)
+        seen = by_key.get(key)
+        # duplicates (a running row and a finished one): the finished one wins
+        if seen is None or (seen.end_ns is None and node.end_ns is not None):
+            by_key[key] = node
+    placeholders: dict[tuple[str, str], Node] = {}
+    for node in by_key.values():
+        pid = node.parent_span_id
+        if not pid:
+            continue
+        parent = by_key.get((node.trace_id, pid))
+        if parent is None:
+            missing = Node(node.trace_id, pid, "", "(span not recorded)", placeholder=True)
+            parent = placeholders.setdefault((node.trace_id, pid), missing)
+            parent.start_ns = min(parent.start_ns or node.start_ns, node.start_ns)
+        node.parent = parent
+        parent.children.append(node)
+    if placeholders:
+        by_task: dict[str, list[Node]] = {}
+        for node in by_key.values():
+            if node.task_key:
+                by_task.setdefault(node.task_key, []).append(node)
+        for ph in sorted(placeholders.values(), key=lambda n: n.start_ns):
+            for child in ph.children:
+                if child.task_key and not ph.task_key:
+                    ph.task_key, ph.root_task_key = child.task_key, child.root_task_key
+            host = _placeholder_parent(ph, by_task)
+            if host is not None:
+                ph.parent = host
+                host.children.append(ph)
+    all_nodes = list(by_key.values()) + list(placeholders.values())
+    roots = sorted(
+        (n for n in all_nodes if n.parent is None), key=lambda n: (n.start_ns, n.span_id)
+    )
+
+    # pre-order walk: depth, ids, child order
+    ordered: list[Node] = []
+    used_ids: set[str] = set()
+    stack = list(reversed(roots))
+    while stack:
+        node = stack.pop()
+        node.children.sort(key=lambda n: (n.start_ns, n.span_id))
+        node.depth = node.parent.depth + 1 if node.parent is not None else 0
+        node.id = ("missing-" if node.placeholder else "") + node.span_id
+        if node.id in used_ids:  # the same span id in another trace
+            node.id += f"-{node.trace_id}"
+        used_ids.add(node.id)
+        ordered.append(node)
+        stack.extend(reversed(node.children))
+
+    # effective end = own end (now while running) or the latest end below it (post-order)
+    for node in reversed(ordered):
+        end = node.end_ns
+        if end is None:
+            end = node.start_ns if node.placeholder else now_ns
+        node.effective_end = max([end, *(c.effective_end for c in node.children)])
+
+    # job membership: spans of other tasks above the job are context
+    for node in ordered if root_task_key is not None else ():  # pre-order: parents first
+        node.context = not (
+            node.root_task_key == root_task_key
+            or (node.parent is not None and not node.parent.context)
+            or (node.placeholder and any(c.root_task_key == root_task_key for c in node.children))
+        )
+
+    _mark_critical_path(roots)
+    tree = SpanTree(
+        nodes=ordered, roots=roots, now_ns=now_ns, root_task_key=root_task_key, truncated=truncated
+    )
+    _choose_target(tree)
+    return tree
+
+
+def _mark_critical_path(roots: list[Node]) -> None:
+    """The chain of spans that decided when the tree finished (a span's end counts its
+    descendants: work that outlives its parent stays on the path)."""
+    if not roots:
+        return
+    top = max(roots, key=lambda n: n.effective_end)
+    stack: list[tuple[Node, int]] = [(top, top.effective_end)]
+    while stack:
+        node, limit = stack.pop()
+        node.critical = True
+        cursor = min(node.effective_end, limit)
+        for child in sorted(node.children, key=lambda c: c.effective_end, reverse=True):
+            if cursor <= node.start_ns:
+                break
+            if child.start_ns >= cursor:
+                continue
+            stack.append((child, cursor))
+            cursor = child.start_ns
+
+
+def _choose_target(tree: SpanTree) -> None:
+    nodes = tree.job_nodes or tree.nodes
+    failed = [
+        n
+        for n in nodes
+        if n.status == STATE_ERROR and not any(c.status == STATE_ERROR for c in n.children)
+    ]
+    if failed:
+        tree.target = min(failed, key=lambda n: (n.start_ns, -n.depth))
+        tree.target_reason = "failed"
+        return
+    running = [n for n in nodes if n.running and not any(c.running for c in n.children)]
+    if running:
+        tree.target = max(running, key=lambda n: (n.start_ns, n.depth))
+        tree.target_reason = "running"

@@ -27,21 +27,14 @@ def render_text(tree: SpanTree, show_events: bool = False, max_indent: int = 40)
     lines = []
     for node in tree.nodes:
         depth = node.depth
-        if depth <= max_indent:
-            indent = "  " * depth
-        else:
-            indent = "  " * max_indent + f"[{depth}] "
+        indent = "  " * min(depth, max_indent) + (f"[{depth}] " if depth > max_indent else "")
         end = node.end_ns if node.end_ns is not None else tree.now_ns
         duration = "" if node.placeholder else format_duration(end - node.start_ns)
-        state = node.state.upper()
-        marks = []
-        if node.critical:
-            marks.append("*")
         parts = [
             f"{indent}{node.name}",
             f"[{node.kind.lower()}]" if not node.placeholder else "",
             duration,
-            state,
+            node.state.upper(),
         ]
         if node.task_key and (node.parent is None or node.parent.task_key != node.task_key):
             parts.append(f"task={node.task_key}")
@@ -51,7 +44,7 @@ def render_text(tree: SpanTree, show_events: bool = False, max_indent: int = 40)
             parts.append("fan-out")
         if node.process and (node.parent is None or node.parent.process != node.process):
             parts.append(f"{'worker' if node.worker else 'process'}={node.process}")
-        line = " ".join(p for p in parts if p) + (" " + "".join(marks) if marks else "")
+        line = " ".join(p for p in parts if p) + (" *" if node.critical else "")
         if node.status == STATE_ERROR and node.status_message:
             line += f" -- {node.status_message.splitlines()[0][:200]}"
         lines.append(line)

@@ -143,10 +143,8 @@ def _within_budget(attrs: dict[str, Any], events: list[Any], max_len: int) -> in
 
 
 def span_row(span: Any, max_len: int, running: bool = False) -> dict[str, Any] | None:
-    """The column values for ``span`` (an SDK span), or None if it has no context.
-
-    With ``running`` the row describes a span that has not ended (no end, no status).
-    """
+    """The column values for ``span`` (an SDK span; ``running``: as not ended yet), or None
+    if it has no context."""
     ctx = span.context
     if ctx is None or span.start_time is None:
         return None

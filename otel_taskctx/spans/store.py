@@ -2,27 +2,41 @@
 
 Finished spans go through the SDK's ``BatchSpanProcessor`` (its thread and queue) to
 :class:`DatabaseSpanExporter`; :class:`RunningSpanProcessor` gives spans still running a
-"running" row. How it behaves is in docs/viewer.md ("The span store").
+"running" row. How it behaves is in docs/viewer.md ("The span store"). The exporters of
+``OTEL_TRACES_EXPORTER`` join otel_taskctx's private provider only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 from opentelemetry import context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 
 from otel_taskctx.context import start_detached
 from otel_taskctx.spans.rows import span_row
-from otel_taskctx.tracer_provider import add_span_processor_once, registered_processors
+from otel_taskctx.tracer_provider import (
+    add_span_processor_once,
+    added_processors,
+    created_here,
+    host_tracer_provider,
+    registered_processors,
+)
 
 log = logging.getLogger("otel_taskctx.spans")
 
@@ -167,11 +181,9 @@ def _in_event_loop() -> bool:
 
 
 class _Batches(SpanProcessor):
-    """The SDK's ``BatchSpanProcessor`` for the span database the settings name now.
-
-    Made at the process's first span (a qcluster forks with no thread of ours alive), and made
-    again when the settings name another database: the old one's spans are then dropped.
-    """
+    """The SDK's ``BatchSpanProcessor`` for the span database the settings name now: made at
+    the first span (a qcluster forks with no thread of ours alive), made anew (the old one's
+    spans dropped) when the settings name another."""
 
     def __init__(self, schedule_delay_millis: float = 1000, using: str | None = None) -> None:
         self.schedule_delay_millis = schedule_delay_millis
@@ -226,11 +238,8 @@ class StoreSpanProcessor(_Batches):
 
 class RunningSpanProcessor(_Batches):
     """Gives spans still running ``running_delay`` seconds after they started a "running" row,
-    and the spans open under one that has a row, whatever their age (the step a job is in).
-
-    Started spans go through a ``BatchSpanProcessor`` of their own; at each of its passes
-    (every ``schedule_delay_millis``) spans still too young go back to its queue.
-    """
+    and the spans open under one that has a row, whatever their age (the step a job is in);
+    spans too young go back to the queue of its batch processor."""
 
     def __init__(self, running_delay: float = 1.0, schedule_delay_millis: float = 500, using=None):
         super().__init__(schedule_delay_millis, using)
@@ -313,3 +322,64 @@ def flush_span_store(
         elif name.startswith(ENV_PREFIX) and include_exporters:
             processor.force_flush(int(timeout * 1000))
     return ok
+
+
+def requested_exporters(environ: dict[str, str] | None = None) -> list[str]:
+    """Exporter names from ``OTEL_TRACES_EXPORTER`` (default: ``otlp`` when an OTLP endpoint
+    is set, else none)."""
+    env = os.environ if environ is None else environ
+    value = env.get("OTEL_TRACES_EXPORTER")
+    if value is None:
+        endpoint = "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        return ["otlp"] if any(env.get(name) for name in endpoint) else []
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    return [n for n in names if n != "none"]
+
+
+def _processor(name: str, env: dict[str, str]) -> Any | None:
+    """A processor for the exporter ``name`` (an ``opentelemetry_traces_exporter`` entry
+    point; ``otlp`` is ``otlp_proto_http``, or ``otlp_proto_grpc`` with that protocol)."""
+    if name == "otlp":
+        protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+        )
+        name = "otlp_proto_grpc" if protocol == "grpc" else "otlp_proto_http"
+    try:
+        exporter = next(iter(entry_points(group="opentelemetry_traces_exporter", name=name)))
+        exporter = exporter.load()()
+    except Exception as exc:
+        log.warning(
+            "otel_taskctx: could not make span exporter %r for OTEL_TRACES_EXPORTER (%s); "
+            "for OTLP: pip install 'otel-taskctx[otlp]'",
+            name,
+            "not installed" if isinstance(exc, StopIteration) else exc,
+        )
+        return None
+    kind = SimpleSpanProcessor if name == "console" else BatchSpanProcessor
+    return functools.partial(kind, exporter)
+
+
+def install_env_exporters(environ: dict[str, str] | None = None, provider: Any = None) -> list[str]:
+    """Add the exporters the environment names to otel_taskctx's private provider (none when
+    the host has a provider), or to ``provider`` if we created it; returns their names."""
+    env = dict(os.environ if environ is None else environ)
+    names = requested_exporters(env)
+    if provider is None and host_tracer_provider() is not None:
+        return []
+    if provider is not None and not created_here(provider):
+        return []
+    added = []
+    for name in names:
+        if ENV_PREFIX + name in added_processors(provider):
+            continue
+        factory = _processor(name, env)
+        if factory is not None:
+            add_span_processor_once(
+                ENV_PREFIX + name,
+                factory,
+                create=False,
+                provider=provider,
+                private_only=provider is None,
+            )
+            added.append(name)
+    return added

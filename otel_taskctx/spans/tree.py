@@ -1,4 +1,4 @@
-"""A job's tree of stored spans (made by :func:`otel_taskctx.spans.build.build_tree`).
+"""A job's tree of stored spans and its JSON (built by :func:`~.queries.build_tree`).
 
 A :class:`Node` is one stored span (or a placeholder for a parent that was not recorded); a
 :class:`SpanTree` is a job's forest with its critical path and its target, where to look first
@@ -8,7 +8,7 @@ A :class:`Node` is one stored span (or a placeholder for a parent that was not r
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from otel_taskctx import semconv
@@ -19,13 +19,6 @@ STATE_ERROR = "error"
 STATE_RUNNING = "running"
 STATE_MISSING = "missing"
 ERROR_KEYS = ("type", "message", "stacktrace")
-
-#: the stored span fields a tree is built from
-SPAN_FIELDS = tuple(
-    "trace_id span_id parent_span_id name kind start_ns end_ns status status_message attributes"
-    " events links task_key root_task_key user_id user_label descendants_count service process"
-    " manager".split()
-)
 
 
 @dataclass(eq=False, slots=True)
@@ -58,10 +51,6 @@ class Node:
     depth: int = 0
     effective_end: int = 0
     critical: bool = False
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.trace_id, self.span_id)
 
     @property
     def running(self) -> bool:
@@ -139,15 +128,21 @@ class Node:
         return out
 
 
+#: a node's fields in the viewer's JSON as they are
+NODE_JSON_FIELDS = (
+    "id span_id trace_id depth name kind state start_ns end_ns critical placeholder context"
+    " task_key process worker mode service status_message descendants_count attributes events"
+    " links"
+).split()
+#: the stored span fields a tree is built from (the first fields of a Node)
+SPAN_FIELDS = tuple(f.name for f in fields(Node))[:20]
+
+
 def node_from(row: Mapping[str, Any] | Any) -> Node:
-    get = row.get if isinstance(row, Mapping) else (lambda k, d=None: getattr(row, k, d))
-    kwargs = {name: get(name, None) for name in SPAN_FIELDS}
+    get = row.get if isinstance(row, Mapping) else (lambda k: getattr(row, k, None))
+    kwargs = {name: get(name) for name in SPAN_FIELDS}
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "end_ns"}
-    kwargs.setdefault("parent_span_id", "")
-    kwargs.setdefault("name", "")
-    kwargs["attributes"] = dict(kwargs.get("attributes") or {})
-    kwargs["events"] = list(kwargs.get("events") or [])
-    return Node(**kwargs)
+    return Node(**{"parent_span_id": "", "name": "", **kwargs})
 
 
 def request_label(node: Node) -> str:
@@ -180,9 +175,12 @@ class SpanTree:
         return [n for n in self.nodes if not n.context]
 
     @property
+    def _job(self) -> list[Node]:
+        return self.job_nodes or self.nodes
+
+    @property
     def start_ns(self) -> int:
-        nodes = self.job_nodes or self.nodes
-        return min((n.start_ns for n in nodes), default=0)
+        return min((n.start_ns for n in self._job), default=0)
 
     @property
     def axis_start_ns(self) -> int:
@@ -191,10 +189,9 @@ class SpanTree:
     @property
     def end_ns(self) -> int | None:
         """When the job ended (None while some span still runs)."""
-        nodes = self.job_nodes or self.nodes
-        if any(n.running for n in nodes):
+        if any(n.running for n in self._job):
             return None
-        return max((n.effective_end for n in nodes), default=None)
+        return max((n.effective_end for n in self._job), default=None)
 
     @property
     def axis_end_ns(self) -> int:
@@ -202,17 +199,13 @@ class SpanTree:
 
     @property
     def status(self) -> str:
-        nodes = self.job_nodes or self.nodes
-        if any(n.status == STATE_ERROR for n in nodes):
+        if any(n.status == STATE_ERROR for n in self._job):
             return STATE_ERROR
-        if any(n.running for n in nodes):
-            return STATE_RUNNING
-        return STATE_OK
+        return STATE_RUNNING if any(n.running for n in self._job) else STATE_OK
 
     @property
     def duration_ns(self) -> int:
-        nodes = self.job_nodes or self.nodes
-        end = max((n.effective_end for n in nodes), default=self.start_ns)
+        end = max((n.effective_end for n in self._job), default=self.start_ns)
         return max(0, end - self.start_ns)
 
     @property
@@ -257,7 +250,7 @@ class SpanTree:
         return sorted(out, key=lambda p: p["time_ns"] or 0)
 
     def summary(self) -> dict[str, Any]:
-        nodes = self.job_nodes or self.nodes
+        nodes = self._job
         user_id = next((n.user_id for n in nodes if n.user_id), None)
         user_label = next((n.user_label for n in nodes if n.user_label), "")
         servers = (n for n in self.nodes if n.context and n.kind == "SERVER")
@@ -282,49 +275,30 @@ class SpanTree:
 
     def to_dict(self) -> dict[str, Any]:
         axis_start = self.axis_start_ns
+
+        def ms(ns: int) -> float:
+            return round(ns / 1e6, 3)
+
         out_nodes = []
         for node in self.nodes:
-            end = node.end_ns
-            item: dict[str, Any] = {
-                "id": node.id,
-                "span_id": node.span_id,
-                "trace_id": node.trace_id,
-                "parent": node.parent.id if node.parent is not None else None,
-                "children": [c.id for c in node.children],
-                "depth": node.depth,
-                "name": node.name,
-                "kind": node.kind,
-                "state": node.state,
-                "start_ns": node.start_ns,
-                "end_ns": end,
-                "offset_ms": round((node.start_ns - axis_start) / 1e6, 3),
-                "duration_ms": round(
-                    ((end if end is not None else self.now_ns) - node.start_ns) / 1e6, 3
-                ),
-                "subtree_end_ms": round((node.effective_end - axis_start) / 1e6, 3),
-                "critical": node.critical,
-                "placeholder": node.placeholder,
-                "context": node.context,
-                "task_key": node.task_key,
-                "process": node.process,
-                "worker": node.worker,
-                "mode": node.mode,
-                "service": node.service,
-                "status_message": node.status_message,
-                "errors": node.errors(),
-                "descendants": node.descendants(),
-                "descendants_count": node.descendants_count,
-                "progress": node.progress(),
-                "attributes": node.attributes,
-                "events": node.events,
-                "links": node.links,
-            }
+            end = node.end_ns if node.end_ns is not None else self.now_ns
+            item = {name: getattr(node, name) for name in NODE_JSON_FIELDS}
+            item.update(
+                parent=node.parent.id if node.parent is not None else None,
+                children=[c.id for c in node.children],
+                offset_ms=ms(node.start_ns - axis_start),
+                duration_ms=ms(end - node.start_ns),
+                subtree_end_ms=ms(node.effective_end - axis_start),
+                errors=node.errors(),
+                descendants=node.descendants(),
+                progress=node.progress(),
+            )
             out_nodes.append(item)
         return {
             **self.summary(),
             "now_ns": self.now_ns,
             "axis_start_ns": axis_start,
-            "axis_ms": round(max(0, self.axis_end_ns - axis_start) / 1e6, 3),
+            "axis_ms": ms(max(0, self.axis_end_ns - axis_start)),
             "roots": [r.id for r in self.roots],
             "target": self.target.id if self.target is not None else None,
             "target_reason": self.target_reason,

@@ -11,13 +11,13 @@ import logging
 import sys
 from typing import Any
 
-from opentelemetry import baggage, trace
+from opentelemetry import baggage
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import fan_out, runs, sweeper
+from opentelemetry.instrumentation.taskctx import fan_out, runs
 from opentelemetry.instrumentation.taskctx.producer import CARRIER_KEY, FAN_OUT_KEY
 from opentelemetry.instrumentation.taskctx.runs import record_error
 from opentelemetry.instrumentation.taskctx.tracing import STATE, flush_spans, messaging_attributes
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.context import (
@@ -94,10 +94,34 @@ def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
     )
 
 
-def carries_identity(carrier: object) -> bool:
-    """Does ``carrier`` hold a task identity (verified or not)?"""
-    value = carrier.get("baggage") if isinstance(carrier, dict) else None
-    return isinstance(value, str) and f"{BAGGAGE_ENTRY}=" in value
+def _identity_of(task: dict[str, Any]) -> tuple[Context, TaskIdentity | None, bool]:
+    """``(context, identity, fanned out)`` of a starting job, from its carrier."""
+    carrier = task.get(CARRIER_KEY)
+    ctx = extract(carrier) if carrier is not None else Context()
+    identity = identity_from_context(ctx)
+    if identity is None and carrier is not None:
+        identity = _renewed_identity(carrier, str(task.get("name")))
+        if identity is not None:
+            ctx = context_with_identity(identity, ctx=ctx)
+        elif runs.carries_identity(carrier):
+            # our producer wrote it inside django-q2's signed package: an identity that
+            # no longer verifies (truncated, other key) is an anomaly, not just noise
+            log.warning(
+                "task %s carried a task identity that does not verify (damaged, or "
+                "signed with another key): it runs as a plain job, without locks "
+                "or nesting",
+                task.get("name"),
+            )
+    fanned_out = identity is not None and task.get(FAN_OUT_KEY) == identity.task_key
+    if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
+        log.warning(
+            "ignoring the identity of task %s: it names task %s",
+            task.get("name"),
+            identity.task_key,
+        )
+        ctx = context_without_identity(ctx)
+        identity = None
+    return ctx, identity, fanned_out
 
 
 def on_pre_execute(
@@ -105,48 +129,14 @@ def on_pre_execute(
 ) -> None:
     if not STATE.active or not isinstance(task, dict):
         return
+    label = func_path(task.get("func") if task.get("func") is not None else func)
     try:
-        carrier = task.get(CARRIER_KEY)
-        ctx = extract(carrier) if carrier is not None else Context()
-        identity = identity_from_context(ctx)
-        if identity is None and carrier is not None:
-            identity = _renewed_identity(carrier, str(task.get("name")))
-            if identity is not None:
-                ctx = context_with_identity(identity, ctx=ctx)
-            elif carries_identity(carrier):
-                # our producer wrote it inside django-q2's signed package: an identity that
-                # no longer verifies (truncated, other key) is an anomaly, not just noise
-                log.warning(
-                    "task %s carried a task identity that does not verify (damaged, or "
-                    "signed with another key): it runs as a plain job, without locks "
-                    "or nesting",
-                    task.get("name"),
-                )
-        fanned_out = identity is not None and task.get(FAN_OUT_KEY) == identity.task_key
-        if fanned_out:
-            sweeper.ensure_running()
-        if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
-            log.warning(
-                "ignoring the identity of task %s: it names task %s",
-                task.get("name"),
-                identity.task_key,
-            )
-            ctx = context_without_identity(ctx)
-            identity = None
-        label = func_path(task.get("func") if task.get("func") is not None else func)
+        ctx, identity, fanned_out = _identity_of(task)
         attributes = _attributes(task, label)
-        if identity is not None:
-            attributes.update(identity.lineage_attributes())
-        if fanned_out:
-            attributes[semconv.NESTED_MODE] = "fan_out"
-        span = STATE.tracer.start_span(
-            f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
-        )
     except Exception:
         log.exception("could not start the consumer span of task %s", task.get("name"))
-        # still isolate the run from whatever context the process had
-        ctx, identity, span = Context(), None, trace.INVALID_SPAN
-    run = runs.start(id(task), span, ctx, identity, worker=not task.get("sync"))
+        ctx, identity, fanned_out, attributes = Context(), None, False, None
+    run = runs.begin(id(task), label, attributes, ctx, identity, fanned_out, not task.get("sync"))
     if identity is not None:
         try:
             run.powercrud_cm = _enter_powercrud_context(identity)

@@ -18,13 +18,13 @@ from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx.tracing import STATE
+from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.context import context_with_identity
 from otel_taskctx.descendants import register_for, resolve_manager
-from otel_taskctx.identity import TaskIdentity
+from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
 from otel_taskctx.policy import func_path, resolve_callable
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
@@ -43,6 +43,34 @@ def running_in(span: Any, ctx: Any) -> Iterator[Any]:
     finally:
         context.detach(token)
         span.end()
+
+
+#: the otel context entry of an instrumented enqueue in progress
+PLAN_KEY = context.create_key("otel_taskctx.enqueue-plan")
+
+
+@dataclass(slots=True, eq=False)
+class Plan:
+    """An instrumented enqueue in progress, for the queue's enqueue signal receiver."""
+
+    span: trace.Span
+    #: a fanned-out child's identity (and, ``django.tasks``, its barrier record)
+    child: TaskIdentity | None = None
+    fan_out: str = ""
+    #: django-q2: the powercrud launch it is the job of; ``django.tasks``: the task sent
+    launch: Any = None
+    task: Any = None
+    done: bool = False
+
+
+def sending(plan: Plan) -> Any:
+    """Run the enqueue under ``plan``'s PRODUCER span, ``plan`` in the context."""
+    ctx = context.set_value(PLAN_KEY, plan, trace.set_span_in_context(plan.span))
+    return running_in(plan.span, ctx)
+
+
+def plan() -> Plan | None:
+    return context.get_value(PLAN_KEY)
 
 
 def record_error(span: Any, exc: BaseException) -> None:
@@ -127,6 +155,45 @@ def start(
         except Exception:
             log.exception("could not start refreshing the locks of %s", identity.task_key)
     return run
+
+
+def begin(
+    key: Hashable,
+    label: str,
+    attributes: dict[str, Any] | None,
+    ctx: Context,
+    identity: TaskIdentity | None,
+    fan_out: bool,
+    worker: bool,
+) -> Run:
+    """Start a run under its CONSUMER span (``attributes`` None: the carrier could not be read,
+    the run is isolated from the process's context, unrecorded)."""
+    if attributes is None:
+        ctx, identity, span = Context(), None, trace.INVALID_SPAN
+    else:
+        if identity is not None:
+            attributes.update(identity.lineage_attributes())
+        if fan_out:
+            attributes[semconv.NESTED_MODE] = "fan_out"
+            from opentelemetry.instrumentation.taskctx import sweeper
+
+            sweeper.ensure_running()
+        span = STATE.tracer.start_span(
+            f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
+        )
+    return start(key, span, ctx, identity, worker)
+
+
+def send_span(system: str, label: str, attributes: dict[str, Any]) -> trace.Span:
+    """The PRODUCER span of a task being sent."""
+    attributes = {**messaging_attributes(system, "send", label), **attributes}
+    return STATE.tracer.start_span(f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes)
+
+
+def carries_identity(carrier: object) -> bool:
+    """Does ``carrier`` hold a task identity, readable or not?"""
+    sent = carrier.get("baggage") if isinstance(carrier, dict) else None
+    return sent is not None and (not isinstance(sent, str) or BAGGAGE_ENTRY in sent)
 
 
 def get(key: Hashable) -> Run | None:

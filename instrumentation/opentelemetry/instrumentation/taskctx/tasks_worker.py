@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
 from opentelemetry.instrumentation.taskctx.tasks_producer import (
@@ -20,12 +19,12 @@ from opentelemetry.instrumentation.taskctx.tasks_producer import (
     attributes_of,
 )
 from opentelemetry.instrumentation.taskctx.tracing import STATE
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.conflicts.base import reserved_here
 from otel_taskctx.context import context_with_identity, context_without_identity
-from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
+from otel_taskctx.identity import TaskIdentity
 from otel_taskctx.propagation import extract, extract_bound, inject
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
@@ -40,12 +39,6 @@ def _fan_out_name(carrier: Any, stored_name: str, identity: TaskIdentity | None)
         return ""
     job = barrier.job_of_name(name)
     return name if job in (None, identity.task_key) else ""
-
-
-def _carries_identity(carrier: Any) -> bool:
-    """Does ``carrier`` hold a task identity, readable or not?"""
-    sent = carrier.get("baggage") if isinstance(carrier, dict) else None
-    return sent is not None and (not isinstance(sent, str) or BAGGAGE_ENTRY in sent)
 
 
 def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, bool]:
@@ -82,7 +75,7 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
         else:  # an in-process run (ImmediateBackend): the enqueue's trace context, as sent
             inject(sent := {}, context_without_identity())
             ctx = extract(sent)
-        if _carries_identity(carrier):
+        if runs.carries_identity(carrier):
             log.warning(
                 "task %s (%s): its carrier holds a task identity, which a root task never "
                 "gets; ignored (the task runs under its own key)",
@@ -92,7 +85,7 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
         identity = TaskIdentity(f"task-{result_id}", TASK_MANAGER_PATH, bound_to=result_id)
         return context_with_identity(identity, ctx=ctx), identity, "", stored
     ctx, identity, refusal = extract_bound(carrier, result_id)
-    if identity is None and not refusal and _carries_identity(carrier):
+    if identity is None and not refusal and runs.carries_identity(carrier):
         refusal = "its identity is malformed or oversized"  # the carrier's reader dropped it
     fan_out = _fan_out_name(carrier, stored_name, identity)
     if identity is not None and not fan_out:
@@ -112,28 +105,18 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
 def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
     if not STATE.active or task_result is None:
         return
-    stored, fan_out = False, ""
-    worker = tasks_carriers.is_database_backend(task_result.task.get_backend())
+    stored, fan_out, attributes = False, "", None
     try:
         ctx, identity, fan_out, stored = _identity_of(task_result)
         attributes = attributes_of(task_result.task, "process")
         attributes[semconv.MESSAGING_MESSAGE_ID] = str(task_result.id)
-        if identity is not None:
-            attributes.update(identity.lineage_attributes())
-        if fan_out:
-            attributes[semconv.NESTED_MODE] = "fan_out"
-            sweeper.ensure_running()
-        span = STATE.tracer.start_span(
-            f"process {task_result.task.module_path}",
-            context=ctx,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        )
     except Exception:
         log.exception("could not start the consumer span of task %s", task_result.id)
-        ctx, identity, span = Context(), None, trace.INVALID_SPAN
+        ctx, identity = Context(), None
     # a db_worker's run (not one in the enqueuing process) keeps the job's locks alive
-    run = runs.start(str(task_result.id), span, ctx, identity, worker=worker)
+    worker = tasks_carriers.is_database_backend(task_result.task.get_backend())
+    label = task_result.task.module_path
+    run = runs.begin(str(task_result.id), label, attributes, ctx, identity, bool(fan_out), worker)
     run.fan_out, run.stored = fan_out, stored
 
 

@@ -1,7 +1,5 @@
-"""django-q2's worker side: ``pre_execute`` extracts the carrier (verifying the identity),
-starts the CONSUMER span and attaches both for the run (with powercrud's own ``task_context``
-inside a verified task); ``post_execute_in_worker`` ends it with the outcome. And powercrud's
-lock release through the conflict store.
+"""django-q2's worker side: ``pre_execute`` starts the run from the verified carrier (and
+powercrud's ``task_context``), ``post_execute_in_worker`` ends it; powercrud's lock release.
 """
 
 from __future__ import annotations
@@ -53,9 +51,7 @@ def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def _enter_powercrud_context(identity: TaskIdentity) -> Any:
-    """Enter powercrud's own ``task_context`` for the run (None: no powercrud). Where
-    ``otel_taskctx.compat`` stands in for its module, the attached identity answers the
-    stand-in already: powercrud's own module (which older imports point at) is entered."""
+    """Enter powercrud's own ``task_context`` (its real module where ``compat`` stands in)."""
     try:
         module = importlib.import_module("powercrud.async_context")
     except Exception:
@@ -71,9 +67,7 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
 
 
 def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
-    """The identity of a job whose token expired while it waited in the queue: an authentic
-    token naming this very task (inside django-q2's signed package) is re-issued for the run;
-    anything else (forged, tampered, another task's) stays ignored."""
+    """An authentic, expired token naming this very task (it waited in the queue), renewed."""
     if not isinstance(carrier, dict) or not isinstance(carrier.get("baggage"), str):
         return None
     from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -174,25 +168,13 @@ def _record_outcome(run: runs.Run, func: Any, task: dict[str, Any]) -> bool:
         return exc is not None and type(exc).__name__ == "TimeoutException"
     if not success:
         message, error_type = _describe_failure(task.get("result"))
-        if span.is_recording():
-            span.add_event(
-                "exception",
-                {
-                    "exception.type": error_type,
-                    "exception.message": message,
-                    "exception.stacktrace": str(task.get("result"))[:8000],
-                },
-            )
-            span.set_status(Status(StatusCode.ERROR, message))
-            span.set_attribute(semconv.ERROR_TYPE, error_type)
+        runs.fail(span, error_type, message, str(task.get("result"))[:8000])
         return error_type == "TimeoutException"
     label = func_path(task.get("func") if task.get("func") is not None else func)
     if label in POWERCRUD_BULK_TASKS and task.get("result") is False:
         errors = _powercrud_reported_errors(run, task)
-        if span.is_recording():
-            span.set_status(Status(StatusCode.ERROR, errors[:1000]))
-            span.set_attribute(semconv.ERROR_TYPE, "powercrud_reported_failure")
-            span.set_attribute(semconv.REPORTED_ERRORS, errors[:4000])
+        runs.fail(span, "powercrud_reported_failure", errors)
+        span.set_attribute(semconv.REPORTED_ERRORS, errors[:4000])
     return False
 
 
@@ -232,9 +214,8 @@ def _describe_failure(result: object) -> tuple[str, str]:
 
 
 def release_through_store(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``AsyncManager.remove_conflict_ids(task_name, conflict_ids=None)``:
-    the conflict store's batched compare-and-delete of what the task holds; powercrud's own
-    loop if the store is unreachable or steps aside (``powercrud_cache.steps_aside``)."""
+    """wrapt wrapper of ``AsyncManager.remove_conflict_ids``: one batched release through the
+    conflict store; powercrud's own loop if it is unreachable or steps aside."""
     from otel_taskctx.powercrud_cache import steps_aside
 
     if not STATE.active or steps_aside(instance):

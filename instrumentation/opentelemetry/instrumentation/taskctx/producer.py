@@ -1,7 +1,5 @@
-"""django-q2's enqueue side: the ``async_task`` and ``AsyncManager.launch_async_task``
-wrappers (PRODUCER span, a powercrud job's own identity, nested launches dispatched by
-:func:`otel_taskctx.policy.nested_launch`) and the ``pre_enqueue`` receiver that writes the
-carrier into the task package, whatever way ``async_task`` was reached.
+"""django-q2's enqueue side: the ``async_task`` and ``launch_async_task`` wrappers and the
+``pre_enqueue`` receiver that writes the carrier into the task package.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Runs of tasks, the same for both queues: one registry of the runs a worker has open (by the
-key the queue's start and end signals share), and nested launches run inline in a run.
-
-:func:`start` attaches the run's context (its CONSUMER span and the verified identity) and, in
-a worker, keeps the job's locks alive while it runs; :meth:`Run.finish` writes the last
-progress and stops the refresher; :meth:`Run.close` detaches the context and ends the span.
+"""Runs of tasks, the same for both queues: the enqueue plan and PRODUCER span, the registry
+of open runs with their CONSUMER span, and nested launches run inline.
 """
 
 from __future__ import annotations
@@ -79,6 +75,16 @@ def record_error(span: Any, exc: BaseException) -> None:
         span.record_exception(exc)
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
         span.set_attribute(semconv.ERROR_TYPE, type(exc).__qualname__)
+
+
+def fail(span: Any, error_type: str, message: str, stacktrace: str = "") -> None:
+    """Mark ``span`` failed with an error its queue reported (not one raised here)."""
+    if span.is_recording():
+        if stacktrace:
+            event = {"exception.type": error_type, "exception.message": message}
+            span.add_event("exception", {**event, "exception.stacktrace": stacktrace})
+        span.set_status(Status(StatusCode.ERROR, message[:1000]))
+        span.set_attribute(semconv.ERROR_TYPE, error_type)
 
 
 @dataclass

@@ -1,8 +1,5 @@
-"""Django's task framework (``django.tasks``), the enqueue side (the worker side is
-:mod:`.tasks_worker`; see docs/django_tasks.md). ``Task.enqueue`` is wrapped for the PRODUCER
-span and the decision of :func:`otel_taskctx.policy.nested_launch`: a root task is enqueued
-(its worker derives its identity from its result id); a nested one runs inline and returns a
-finished ``TaskResult``, or is fanned out as a child whose carrier waits beside it.
+"""``django.tasks``' enqueue side: ``Task.enqueue`` wrapped, ``task_enqueued`` keeps the
+carrier beside the task (see docs/django_tasks.md).
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
+from opentelemetry.instrumentation.taskctx import barrier, runs, tasks_carriers
 from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
 
 from otel_taskctx import policy, semconv
@@ -165,17 +162,9 @@ def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict)
     """Enqueue a nested task as a fanned-out child of ``identity``'s job (its row and carrier
     in one transaction, the caller's if any); its ``TaskResult``."""
     _refuse_fan_out(identity, task)
-    name = barrier.child_name(identity.task_key)
-    barrier.add_child(identity.task_key, name, task.module_path)
-    child = identity.child(identity.task_key, identity.manager_class_path)
-    try:
+    with barrier.new_child(identity, task.module_path) as (name, child):
         plan = runs.Plan(_start_send(task, child), child, name, task=task)
-        result = _send(plan, lambda: task.get_backend().enqueue(task, args, kwargs))
-    except BaseException:
-        barrier.remove_child(identity.task_key, name)
-        raise
-    sweeper.ensure_running()
-    return result
+        return _send(plan, lambda: task.get_backend().enqueue(task, args, kwargs))
 
 
 def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:

@@ -1,9 +1,5 @@
-"""Django's task framework (``django.tasks``), the worker side: ``task_started`` accepts a
-carried identity only if it verifies and was issued for this very task (a root task's is
-derived from its result id), and starts the CONSUMER span; ``task_finished`` ends it and the
-task: a fanned-out child reports to the barrier, a job with pending children stays
-``RUNNING`` (django-tasks-db's ``pre_save``) until the barrier completes it, any other job
-releases its locks now (see docs/django_tasks.md).
+"""``django.tasks``' worker side: ``task_started`` starts the run from the verified identity,
+``task_finished`` ends it (see docs/django_tasks.md).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from opentelemetry.instrumentation.taskctx.tasks_producer import (
     attributes_of,
 )
 from opentelemetry.instrumentation.taskctx.tracing import STATE
-from opentelemetry.trace import Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.conflicts.base import reserved_here
@@ -175,14 +170,8 @@ def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any)
         return
     try:
         error_type, traceback = _failure_of(run, task_result)
-        if run.span.is_recording() and error_type:
-            run.span.set_status(Status(StatusCode.ERROR, error_type))
-            run.span.set_attribute(semconv.ERROR_TYPE, error_type)
-            if traceback:
-                run.span.add_event(
-                    "exception",
-                    {"exception.type": error_type, "exception.stacktrace": traceback},
-                )
+        if error_type:
+            runs.fail(run.span, error_type, error_type, traceback)
         run.finish()  # the last progress written, the lock refresher stopped
         if run.identity is not None:
             _end(run, task_result, _last_line(error_type, traceback) if error_type else "")

@@ -1,7 +1,5 @@
-"""The task context in threads a job starts: OpenTelemetry's threading instrumentation copies
-the context at ``Thread.start()`` and ``ThreadPoolExecutor.submit()``. Turned on with ours unless
-the host instrumented it (then it is the host's) or disabled it through
-``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``; :func:`uninstrument_threads` undoes only our own.
+"""The task context in a job's threads: OpenTelemetry's threading instrumentation, unless the
+host instrumented or disabled it.
 """
 
 from __future__ import annotations

@@ -342,13 +342,21 @@ def child_ended(name: str, error: str, what: str = "") -> str | None:
 
 
 def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> bool:
-    """The job's function ended: False without fanned-out children (the caller completes it),
-    else the barrier completes it once they have ended."""
+    """The job's function ended: False without fanned-out children or with the barrier
+    unreachable (the caller completes it now), else the barrier completes it after them."""
     launched.discard(job_key)
-    barrier = store()
-    claimed = barrier.job_ended(job_key, func[:255], result_id, error[:4000])
+    try:
+        barrier = store()
+        claimed = barrier.job_ended(job_key, func[:255], result_id, error[:4000])
+    except Exception:
+        log.warning("could not check the fan-out children of job %s", job_key, exc_info=True)
+        return False
     if claimed == 1:
         complete(job_key, *barrier.take(job_key))
+    elif claimed == 0:  # the sweeper fails its lost children while it waits
+        from opentelemetry.instrumentation.taskctx import sweeper
+
+        sweeper.ensure_running()
     return claimed != -1
 
 

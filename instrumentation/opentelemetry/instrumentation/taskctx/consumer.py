@@ -183,7 +183,7 @@ def on_post_execute(
 ) -> None:
     if not isinstance(task, dict):
         return
-    run = runs.pop(id(task))
+    run = runs.RUNS.pop(id(task), None)
     if run is None:
         return
     timed_out = False

@@ -99,14 +99,7 @@ def defer_completion(task: dict[str, Any], identity: TaskIdentity | None) -> Non
 def job_done(task: Any) -> None:
     """django-q2 hook of a job that fanned out: powercrud's completion runs when its last
     child has ended (now, if none is pending)."""
-    try:
-        deferred = barrier.job_ended(str(task.name), str(task.func))
-    except Exception:  # the barrier is unreachable: powercrud's completion still runs
-        log.warning("could not check the fan-out children of job %s", task.name, exc_info=True)
-        deferred = False
-    if deferred:  # the monitor lives as long as the cluster: it sweeps while the job waits
-        sweeper.ensure_running()
-        return
-    from powercrud import async_hooks
+    if not barrier.job_ended(str(task.name), str(task.func)):
+        from powercrud import async_hooks
 
-    async_hooks.task_completion_hook(task)
+        async_hooks.task_completion_hook(task)

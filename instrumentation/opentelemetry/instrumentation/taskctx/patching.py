@@ -29,10 +29,8 @@ _WORKER_MODULES = (
 
 
 def django_models_ready() -> bool:
-    try:
-        from django.apps import apps
-    except ImportError:
-        return False
+    from django.apps import apps
+
     return bool(apps.models_ready)
 
 

@@ -137,30 +137,7 @@ class Run:
 
 
 #: the runs in progress in this process, by the key the queue's two signals share
-_runs: dict[Hashable, Run] = {}
-
-
-def start(
-    key: Hashable, span: trace.Span, ctx: Context, identity: TaskIdentity | None, worker: bool
-) -> Run:
-    """Attach ``span`` in ``ctx`` for the run; in a worker, refresh the job's locks. A
-    worker's run still open from before never got its end signal: it is closed first."""
-    if worker:
-        for stale_key, stale in list(_runs.items()):
-            if stale.worker:
-                del _runs[stale_key]
-                if stale.span.is_recording():
-                    stale.span.set_status(Status(StatusCode.ERROR, "the worker never ended it"))
-                stale.finish()
-                stale.close()
-    token = context.attach(trace.set_span_in_context(span, ctx))
-    run = _runs[key] = Run(span, token, identity, worker)
-    if identity is not None and worker:
-        try:
-            run.lock_keeper = keep_locks_alive(identity)
-        except Exception:
-            log.exception("could not start refreshing the locks of %s", identity.task_key)
-    return run
+RUNS: dict[Hashable, Run] = {}
 
 
 def begin(
@@ -173,7 +150,8 @@ def begin(
     worker: bool,
 ) -> Run:
     """Start a run under its CONSUMER span (``attributes`` None: the carrier could not be read,
-    the run is isolated from the process's context, unrecorded)."""
+    the run is isolated from the process's context, unrecorded); in a worker, refresh the
+    job's locks. A worker's run still open never got its end signal: it is closed first."""
     if attributes is None:
         ctx, identity, span = Context(), None, trace.INVALID_SPAN
     else:
@@ -187,7 +165,22 @@ def begin(
         span = STATE.tracer.start_span(
             f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
         )
-    return start(key, span, ctx, identity, worker)
+    if worker:
+        for stale_key, stale in list(RUNS.items()):
+            if stale.worker:
+                del RUNS[stale_key]
+                if stale.span.is_recording():
+                    stale.span.set_status(Status(StatusCode.ERROR, "the worker never ended it"))
+                stale.finish()
+                stale.close()
+    token = context.attach(trace.set_span_in_context(span, ctx))
+    run = RUNS[key] = Run(span, token, identity, worker)
+    if identity is not None and worker:
+        try:
+            run.lock_keeper = keep_locks_alive(identity)
+        except Exception:
+            log.exception("could not start refreshing the locks of %s", identity.task_key)
+    return run
 
 
 def send_span(system: str, label: str, attributes: dict[str, Any]) -> trace.Span:
@@ -200,14 +193,6 @@ def carries_identity(carrier: object) -> bool:
     """Does ``carrier`` hold a task identity, readable or not?"""
     sent = carrier.get("baggage") if isinstance(carrier, dict) else None
     return sent is not None and (not isinstance(sent, str) or BAGGAGE_ENTRY in sent)
-
-
-def get(key: Hashable) -> Run | None:
-    return _runs.get(key)
-
-
-def pop(key: Hashable) -> Run | None:
-    return _runs.pop(key, None)
 
 
 def keep_locks_alive(identity: TaskIdentity) -> Any:

@@ -87,20 +87,16 @@ def take(task_result: Any) -> tuple[Any, str, bool] | None:
 #: carriers of ended tasks deleted together (a commit costs more than the rest of a task)
 DROP_BATCH = 64
 _ended: list[str] = []
-_atexit_registered = False
 
 
 def drop(result_id: str) -> None:
     """Forget the carrier of a task that ended: deleted in batches, or at exit."""
-    global _atexit_registered
     _ended.append(result_id)
-    if not _atexit_registered:
-        atexit.register(flush_dropped)
-        _atexit_registered = True
     if len(_ended) >= DROP_BATCH:
         flush_dropped()
 
 
+@atexit.register
 def flush_dropped() -> None:
     ids = _ended[:]
     del _ended[: len(ids)]

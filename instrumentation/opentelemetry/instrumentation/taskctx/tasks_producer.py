@@ -62,21 +62,14 @@ def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
 
 
 def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``Task.aenqueue``: the same as :func:`traced_enqueue`, awaited."""
+    """wrapt wrapper of ``Task.aenqueue``: a root task without a carrier row is awaited under
+    its span; anything else is the instrumented ``enqueue``, in a thread."""
     if not STATE.active:
         return wrapped(*args, **kwargs)
-    from asgiref.sync import sync_to_async
+    nested = policy.nested_launch(current_task(), instance.func) != policy.ENQUEUE
+    if nested or CARRIER_KWARG in kwargs or tasks_carriers.carries_roots(instance.get_backend()):
+        from asgiref.sync import sync_to_async
 
-    if CARRIER_KWARG in kwargs:
-        _hand_carrier(instance)
-        return wrapped(*args, **kwargs)
-    identity = current_task()
-    how = policy.nested_launch(identity, instance.func)
-    if how != policy.ENQUEUE:
-        run = _enqueue_child if how == policy.FAN_OUT else _run_nested
-        return sync_to_async(run, thread_sensitive=True)(identity, instance, args, kwargs)
-    if tasks_carriers.carries_roots(instance.get_backend()):
-        # the row and its carrier in one transaction: the synchronous enqueue, in a thread
         return sync_to_async(instance.enqueue, thread_sensitive=True)(*args, **kwargs)
     return _aenqueue_root(wrapped, instance, args, kwargs)
 

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
+from opentelemetry.instrumentation.taskctx import barrier, runs, tasks_carriers
 from opentelemetry.instrumentation.taskctx.tasks_producer import (
     CARRIER_KWARG,
     FAN_OUT_FIELD,
@@ -118,7 +118,7 @@ def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) 
 def hold_result(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
     """``pre_save`` of django_tasks_db's ``DBTaskResult``: a job whose function ended while
     fanned-out children of it are pending stays ``RUNNING`` until the last has ended."""
-    run = runs.get(str(getattr(instance, "id", "")))
+    run = runs.RUNS.get(str(getattr(instance, "id", "")))
     if run is None or run.identity is None or run.fan_out:
         return
     if run.identity.task_key not in barrier.launched:
@@ -165,7 +165,7 @@ def _last_line(error_type: str, traceback: str) -> str:
 def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
     if task_result is None:
         return
-    run = runs.pop(str(task_result.id))
+    run = runs.RUNS.pop(str(task_result.id), None)
     if run is None:
         return
     try:
@@ -197,14 +197,8 @@ def _end(run: runs.Run, task_result: Any, error: str) -> None:
         except Exception:
             log.warning("could not record the end of fan-out child %s", run.fan_out, exc_info=True)
         return
-    deferred = False
-    if run.held or (not run.checked and launched):
-        try:
-            deferred = barrier.job_ended(identity.task_key, path, str(task_result.id), error)
-        except Exception:  # the barrier table is unreachable: the task ends now
-            log.warning("could not check the fan-out children of %s", path, exc_info=True)
-    if deferred:
-        sweeper.ensure_running()
+    deferred = run.held or (not run.checked and launched)
+    if deferred and barrier.job_ended(identity.task_key, path, str(task_result.id), error):
         log.info(
             "task id=%s path=%s returned: it stays RUNNING until its fanned-out children end",
             task_result.id,

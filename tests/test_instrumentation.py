@@ -19,7 +19,8 @@ from django_q.models import OrmQ, Task
 from django_q.signing import SignedPackage
 from opentelemetry import baggage, context, trace
 from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor
-from opentelemetry.instrumentation.taskctx.producer import _PLAN_KEY, CARRIER_KEY
+from opentelemetry.instrumentation.taskctx.producer import CARRIER_KEY
+from opentelemetry.instrumentation.taskctx.runs import PLAN_KEY
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -127,7 +128,7 @@ def test_a_failed_enqueue_fails_its_span_and_restores_the_callers_context(spans)
                 q_tasks.async_task("tests.testapp.tasks.noop", 1)
             # the enqueue's context (its span, its plan) is gone again
             assert trace.get_current_span() is outer
-            assert context.get_value(_PLAN_KEY) is None
+            assert context.get_value(PLAN_KEY) is None
     finally:
         q_signals.pre_enqueue.disconnect(dispatch_uid="tests.refuse")
     assert _queued() == []

@@ -1,10 +1,5 @@
 """OpenTelemetry instrumentation carrying task identity through django-q2, powercrud and
-``django.tasks`` (see docs/instrumentation.md). Enabled by ``"otel_taskctx"`` in
-``INSTALLED_APPS``, by ``opentelemetry-instrument`` (entry point ``taskctx``), or::
-
-    TaskContextInstrumentor().instrument(tracer_provider=provider)  # provider optional
-
-Before ``django.setup()`` has finished, patching waits for it.
+``django.tasks`` (see docs/instrumentation.md).
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""The fan-out barrier: which children of a job are pending, and the job's completion (one
-path for both queues) once none is (see docs/fan_out.md).
-
-It lives beside the locks. In Redis where the conflict store is Redis: per job a hash
-``<prefix>job:<job key>`` (a field ``c:<child>`` per child, ``pending``, and ``job`` once the
-job's function ended) and a sorted set ``<prefix>pending`` of pending children by start time;
-each step is one Lua script, so a job is claimed for completion exactly once. Else in
-:class:`otel_taskctx.models.FanOutChild` rows, the job's own end a row ``task_id="(job)"``.
-Each store's ``child_ended`` / ``job_ended`` answer -1 (no record), 0 (recorded) or 1 (the job
-is complete and claimed: :meth:`take` its records).
+"""The fan-out barrier: which children of a job are pending, and the job's one completion
+once none is. In Redis where the conflict store is Redis (a hash per job, a Lua script per
+step), else in ``FanOutChild`` rows (see docs/fan_out.md).
 """
 
 from __future__ import annotations
@@ -17,6 +10,8 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -219,8 +214,7 @@ class DatabaseBarrier:
         return self._claim(job_key)
 
     def _claim(self, job_key: str) -> int:
-        """1 when the job's function ended and no child is pending: its rows are deleted in
-        the same transaction (so once) and kept for :meth:`take`."""
+        """1 (once) when the job's function ended and no child is pending; rows for take()."""
         from django.db import transaction
 
         pending = self.rows.filter(job_key=job_key, state="pending")
@@ -307,6 +301,22 @@ def add_child(job_key: str, name: str, func: str) -> None:
     store().add_child(job_key, name, func[:255], named=job_of_name(name) == job_key)
 
 
+@contextmanager
+def new_child(identity: Any, func: str) -> Iterator[tuple[str, Any]]:
+    """The pending record of a child of ``identity``'s job for the enqueue in the block
+    (removed if it fails): ``(its name, its identity)``."""
+    name = child_name(identity.task_key)
+    add_child(identity.task_key, name, func)
+    try:
+        yield name, identity.child(identity.task_key, identity.manager_class_path)
+    except BaseException:
+        remove_child(identity.task_key, name)
+        raise
+    from opentelemetry.instrumentation.taskctx import sweeper
+
+    sweeper.ensure_running()
+
+
 def remove_child(job_key: str, name: str) -> None:
     """Undo :func:`add_child`: the child could not be enqueued."""
     store().remove_child(job_key, name)
@@ -317,8 +327,8 @@ def has_children(job_key: str) -> bool:
 
 
 def child_ended(name: str, error: str, what: str = "") -> str | None:
-    """Record a child's end (``error`` empty: it succeeded); complete its job if it was the
-    last. Returns the job's key (None: no barrier record has that name)."""
+    """Record a child's end (``error`` empty: success), completing its job after the last;
+    the job's key (None: no such record)."""
     barrier = store()
     job_key = job_of_name(name) or barrier.job_of(name)
     state = "failed" if error else "done"
@@ -332,13 +342,21 @@ def child_ended(name: str, error: str, what: str = "") -> str | None:
 
 
 def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> bool:
-    """The job's own function ended. False when it has no fanned-out child (the caller
-    completes it now); else its end is recorded and the barrier completes it (maybe now)."""
+    """The job's function ended: False without fanned-out children or with the barrier
+    unreachable (the caller completes it now), else the barrier completes it after them."""
     launched.discard(job_key)
-    barrier = store()
-    claimed = barrier.job_ended(job_key, func[:255], result_id, error[:4000])
+    try:
+        barrier = store()
+        claimed = barrier.job_ended(job_key, func[:255], result_id, error[:4000])
+    except Exception:
+        log.warning("could not check the fan-out children of job %s", job_key, exc_info=True)
+        return False
     if claimed == 1:
         complete(job_key, *barrier.take(job_key))
+    elif claimed == 0:  # the sweeper fails its lost children while it waits
+        from opentelemetry.instrumentation.taskctx import sweeper
+
+        sweeper.ensure_running()
     return claimed != -1
 
 
@@ -354,9 +372,8 @@ def failure_message(failed: list[Any]) -> str:
 
 
 def complete(job_key: str, job: Any, failed: list[Any]) -> None:
-    """The one completion of a fanned-out job, once its last child has ended: a
-    ``django.tasks`` job (``job.result_id``) has its locks released and its held result
-    finished; a django-q2 job gets powercrud's completion hook (which releases its locks)."""
+    """Complete a fanned-out job after its last child: a ``django.tasks`` job's locks and held
+    result; a django-q2 job through powercrud's completion hook."""
     try:
         if job.result_id:
             from opentelemetry.instrumentation.taskctx import runs, tasks_carriers

@@ -1,7 +1,5 @@
-"""django-q2's worker side: ``pre_execute`` extracts the carrier (verifying the identity),
-starts the CONSUMER span and attaches both for the run (with powercrud's own ``task_context``
-inside a verified task); ``post_execute_in_worker`` ends it with the outcome. And powercrud's
-lock release through the conflict store.
+"""django-q2's worker side: ``pre_execute`` starts the run from the verified carrier (and
+powercrud's ``task_context``), ``post_execute_in_worker`` ends it; powercrud's lock release.
 """
 
 from __future__ import annotations
@@ -11,13 +9,13 @@ import logging
 import sys
 from typing import Any
 
-from opentelemetry import baggage, trace
+from opentelemetry import baggage
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import fan_out, runs, sweeper
+from opentelemetry.instrumentation.taskctx import fan_out, runs
 from opentelemetry.instrumentation.taskctx.producer import CARRIER_KEY, FAN_OUT_KEY
 from opentelemetry.instrumentation.taskctx.runs import record_error
 from opentelemetry.instrumentation.taskctx.tracing import STATE, flush_spans, messaging_attributes
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.context import (
@@ -53,9 +51,7 @@ def _attributes(task: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def _enter_powercrud_context(identity: TaskIdentity) -> Any:
-    """Enter powercrud's own ``task_context`` for the run (None: no powercrud). Where
-    ``otel_taskctx.compat`` stands in for its module, the attached identity answers the
-    stand-in already: powercrud's own module (which older imports point at) is entered."""
+    """Enter powercrud's own ``task_context`` (its real module where ``compat`` stands in)."""
     try:
         module = importlib.import_module("powercrud.async_context")
     except Exception:
@@ -71,9 +67,7 @@ def _enter_powercrud_context(identity: TaskIdentity) -> Any:
 
 
 def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
-    """The identity of a job whose token expired while it waited in the queue: an authentic
-    token naming this very task (inside django-q2's signed package) is re-issued for the run;
-    anything else (forged, tampered, another task's) stays ignored."""
+    """An authentic, expired token naming this very task (it waited in the queue), renewed."""
     if not isinstance(carrier, dict) or not isinstance(carrier.get("baggage"), str):
         return None
     from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -94,10 +88,34 @@ def _renewed_identity(carrier: object, task_name: str) -> TaskIdentity | None:
     )
 
 
-def carries_identity(carrier: object) -> bool:
-    """Does ``carrier`` hold a task identity (verified or not)?"""
-    value = carrier.get("baggage") if isinstance(carrier, dict) else None
-    return isinstance(value, str) and f"{BAGGAGE_ENTRY}=" in value
+def _identity_of(task: dict[str, Any]) -> tuple[Context, TaskIdentity | None, bool]:
+    """``(context, identity, fanned out)`` of a starting job, from its carrier."""
+    carrier = task.get(CARRIER_KEY)
+    ctx = extract(carrier) if carrier is not None else Context()
+    identity = identity_from_context(ctx)
+    if identity is None and carrier is not None:
+        identity = _renewed_identity(carrier, str(task.get("name")))
+        if identity is not None:
+            ctx = context_with_identity(identity, ctx=ctx)
+        elif runs.carries_identity(carrier):
+            # our producer wrote it inside django-q2's signed package: an identity that
+            # no longer verifies (truncated, other key) is an anomaly, not just noise
+            log.warning(
+                "task %s carried a task identity that does not verify (damaged, or "
+                "signed with another key): it runs as a plain job, without locks "
+                "or nesting",
+                task.get("name"),
+            )
+    fanned_out = identity is not None and task.get(FAN_OUT_KEY) == identity.task_key
+    if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
+        log.warning(
+            "ignoring the identity of task %s: it names task %s",
+            task.get("name"),
+            identity.task_key,
+        )
+        ctx = context_without_identity(ctx)
+        identity = None
+    return ctx, identity, fanned_out
 
 
 def on_pre_execute(
@@ -105,48 +123,14 @@ def on_pre_execute(
 ) -> None:
     if not STATE.active or not isinstance(task, dict):
         return
+    label = func_path(task.get("func") if task.get("func") is not None else func)
     try:
-        carrier = task.get(CARRIER_KEY)
-        ctx = extract(carrier) if carrier is not None else Context()
-        identity = identity_from_context(ctx)
-        if identity is None and carrier is not None:
-            identity = _renewed_identity(carrier, str(task.get("name")))
-            if identity is not None:
-                ctx = context_with_identity(identity, ctx=ctx)
-            elif carries_identity(carrier):
-                # our producer wrote it inside django-q2's signed package: an identity that
-                # no longer verifies (truncated, other key) is an anomaly, not just noise
-                log.warning(
-                    "task %s carried a task identity that does not verify (damaged, or "
-                    "signed with another key): it runs as a plain job, without locks "
-                    "or nesting",
-                    task.get("name"),
-                )
-        fanned_out = identity is not None and task.get(FAN_OUT_KEY) == identity.task_key
-        if fanned_out:
-            sweeper.ensure_running()
-        if identity is not None and not fanned_out and identity.task_key != str(task.get("name")):
-            log.warning(
-                "ignoring the identity of task %s: it names task %s",
-                task.get("name"),
-                identity.task_key,
-            )
-            ctx = context_without_identity(ctx)
-            identity = None
-        label = func_path(task.get("func") if task.get("func") is not None else func)
+        ctx, identity, fanned_out = _identity_of(task)
         attributes = _attributes(task, label)
-        if identity is not None:
-            attributes.update(identity.lineage_attributes())
-        if fanned_out:
-            attributes[semconv.NESTED_MODE] = "fan_out"
-        span = STATE.tracer.start_span(
-            f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
-        )
     except Exception:
         log.exception("could not start the consumer span of task %s", task.get("name"))
-        # still isolate the run from whatever context the process had
-        ctx, identity, span = Context(), None, trace.INVALID_SPAN
-    run = runs.start(id(task), span, ctx, identity, worker=not task.get("sync"))
+        ctx, identity, fanned_out, attributes = Context(), None, False, None
+    run = runs.begin(id(task), label, attributes, ctx, identity, fanned_out, not task.get("sync"))
     if identity is not None:
         try:
             run.powercrud_cm = _enter_powercrud_context(identity)
@@ -184,25 +168,13 @@ def _record_outcome(run: runs.Run, func: Any, task: dict[str, Any]) -> bool:
         return exc is not None and type(exc).__name__ == "TimeoutException"
     if not success:
         message, error_type = _describe_failure(task.get("result"))
-        if span.is_recording():
-            span.add_event(
-                "exception",
-                {
-                    "exception.type": error_type,
-                    "exception.message": message,
-                    "exception.stacktrace": str(task.get("result"))[:8000],
-                },
-            )
-            span.set_status(Status(StatusCode.ERROR, message))
-            span.set_attribute(semconv.ERROR_TYPE, error_type)
+        runs.fail(span, error_type, message, str(task.get("result"))[:8000])
         return error_type == "TimeoutException"
     label = func_path(task.get("func") if task.get("func") is not None else func)
     if label in POWERCRUD_BULK_TASKS and task.get("result") is False:
         errors = _powercrud_reported_errors(run, task)
-        if span.is_recording():
-            span.set_status(Status(StatusCode.ERROR, errors[:1000]))
-            span.set_attribute(semconv.ERROR_TYPE, "powercrud_reported_failure")
-            span.set_attribute(semconv.REPORTED_ERRORS, errors[:4000])
+        runs.fail(span, "powercrud_reported_failure", errors)
+        span.set_attribute(semconv.REPORTED_ERRORS, errors[:4000])
     return False
 
 
@@ -211,7 +183,7 @@ def on_post_execute(
 ) -> None:
     if not isinstance(task, dict):
         return
-    run = runs.pop(id(task))
+    run = runs.RUNS.pop(id(task), None)
     if run is None:
         return
     timed_out = False
@@ -242,9 +214,8 @@ def _describe_failure(result: object) -> tuple[str, str]:
 
 
 def release_through_store(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``AsyncManager.remove_conflict_ids(task_name, conflict_ids=None)``:
-    the conflict store's batched compare-and-delete of what the task holds; powercrud's own
-    loop if the store is unreachable or steps aside (``powercrud_cache.steps_aside``)."""
+    """wrapt wrapper of ``AsyncManager.remove_conflict_ids``: one batched release through the
+    conflict store; powercrud's own loop if it is unreachable or steps aside."""
     from otel_taskctx.powercrud_cache import steps_aside
 
     if not STATE.active or steps_aside(instance):

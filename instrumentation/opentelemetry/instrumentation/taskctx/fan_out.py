@@ -1,8 +1,5 @@
-"""django-q2 fan-out: a nested launch runs as a child job on another worker, and the job ends
-(powercrud's completion) only when its last child has (see docs/fan_out.md).
-
-:func:`child_done` and :func:`job_done` are django-q2 hooks: their dotted paths are stored in
-``Task`` rows (``_fan_out`` keeps the paths of earlier versions importable).
+"""django-q2 fan-out: a nested launch runs as a child job, the job completes after its last
+child (docs/fan_out.md). ``child_done`` / ``job_done`` are hooks stored in ``Task`` rows.
 """
 
 from __future__ import annotations
@@ -54,21 +51,14 @@ def launch(
         register_for(identity, conflict_ids)  # all-or-nothing, before anything is enqueued
 
     def enqueue_child() -> Any:
-        name = barrier.child_name(identity.task_key)
-        barrier.add_child(identity.task_key, name, label)  # the child may end before we return
-        child = identity.child(identity.task_key, identity.manager_class_path)
-        original = getattr(q_tasks.async_task, "__wrapped__", q_tasks.async_task)
-        options = {**kwargs, "hook": CHILD_HOOK, "task_name": name}
-        token = context.attach(context_with_identity(child))
-        try:
-            task_id = enqueue(original, func, args, options, child)
-        except BaseException:
-            barrier.remove_child(identity.task_key, name)
-            raise
-        finally:
-            context.detach(token)
-        sweeper.ensure_running()
-        return task_id
+        with barrier.new_child(identity, label) as (name, child):
+            original = getattr(q_tasks.async_task, "__wrapped__", q_tasks.async_task)
+            options = {**kwargs, "hook": CHILD_HOOK, "task_name": name}
+            token = context.attach(context_with_identity(child))
+            try:
+                return enqueue(original, func, args, options, child)
+            finally:
+                context.detach(token)
 
     if connection.in_atomic_block:  # the child must see what the job commits
         transaction.on_commit(enqueue_child)
@@ -109,14 +99,7 @@ def defer_completion(task: dict[str, Any], identity: TaskIdentity | None) -> Non
 def job_done(task: Any) -> None:
     """django-q2 hook of a job that fanned out: powercrud's completion runs when its last
     child has ended (now, if none is pending)."""
-    try:
-        deferred = barrier.job_ended(str(task.name), str(task.func))
-    except Exception:  # the barrier is unreachable: powercrud's completion still runs
-        log.warning("could not check the fan-out children of job %s", task.name, exc_info=True)
-        deferred = False
-    if deferred:  # the monitor lives as long as the cluster: it sweeps while the job waits
-        sweeper.ensure_running()
-        return
-    from powercrud import async_hooks
+    if not barrier.job_ended(str(task.name), str(task.func)):
+        from powercrud import async_hooks
 
-    async_hooks.task_completion_hook(task)
+        async_hooks.task_completion_hook(task)

@@ -1,7 +1,5 @@
-"""What the instrumentor patches, and how it is undone: only what the project uses (asked of
-``INSTALLED_APPS``), with wrapt function wrappers removed by ``unwrap``, and signal receivers
-with a dispatch uid (django-q2's, ``django.tasks``'); module-level copies of ``async_task``
-made before instrumentation are pointed at the wrapper (see docs/instrumentation.md).
+"""What the instrumentor patches (only what ``INSTALLED_APPS`` uses) and how it is undone
+(see docs/instrumentation.md).
 """
 
 from __future__ import annotations
@@ -31,10 +29,8 @@ _WORKER_MODULES = (
 
 
 def django_models_ready() -> bool:
-    try:
-        from django.apps import apps
-    except ImportError:
-        return False
+    from django.apps import apps
+
     return bool(apps.models_ready)
 
 

@@ -1,7 +1,5 @@
-"""django-q2's enqueue side: the ``async_task`` and ``AsyncManager.launch_async_task``
-wrappers (PRODUCER span, a powercrud job's own identity, nested launches dispatched by
-:func:`otel_taskctx.policy.nested_launch`) and the ``pre_enqueue`` receiver that writes the
-carrier into the task package, whatever way ``async_task`` was reached.
+"""django-q2's enqueue side: the ``async_task`` and ``launch_async_task`` wrappers and the
+``pre_enqueue`` receiver that writes the carrier into the task package.
 """
 
 from __future__ import annotations
@@ -11,11 +9,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from opentelemetry import context, trace
+from opentelemetry import context
 from opentelemetry.instrumentation.taskctx import fan_out, runs
-from opentelemetry.instrumentation.taskctx.runs import running_in
-from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
-from opentelemetry.trace import SpanKind
+from opentelemetry.instrumentation.taskctx.tracing import STATE
 
 from otel_taskctx import policy, semconv
 from otel_taskctx.context import (
@@ -44,7 +40,6 @@ LAUNCH_OPTION_KEYS = frozenset(
 )
 
 _LAUNCH_KEY = context.create_key("otel_taskctx.launch")
-_PLAN_KEY = context.create_key("otel_taskctx.enqueue-plan")
 
 
 @dataclass
@@ -66,15 +61,6 @@ def _user_of(user: Any) -> tuple[str | None, str | None]:
         return None, None
     label = user.get_username() if hasattr(user, "get_username") else None
     return str(pk)[:200], (str(label)[:200] if label else None)
-
-
-@dataclass(slots=True, eq=False)
-class _Plan:
-    """What the ``async_task`` wrapper decided for the package being enqueued."""
-
-    launch: _Launch | None = None
-    span: trace.Span | None = None
-    fan_out: TaskIdentity | None = None
 
 
 def _own_identity(task: dict[str, Any], launch: _Launch) -> TaskIdentity | None:
@@ -101,7 +87,7 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
         return
     try:
         ctx = context.get_current()
-        plan: _Plan | None = context.get_value(_PLAN_KEY, ctx)
+        plan = runs.plan()
         own: TaskIdentity | None = None
         if plan is None:
             parent = identity_from_context(ctx)
@@ -113,8 +99,8 @@ def on_pre_enqueue(sender: Any = None, task: dict[str, Any] | None = None, **kwa
                     func_path(task.get("func")),
                     parent.task_key,
                 )
-        elif plan.fan_out is not None:
-            own = plan.fan_out
+        elif plan.child is not None:
+            own = plan.child
             task[FAN_OUT_KEY] = own.task_key
         elif plan.launch is not None:
             own = _own_identity(task, plan.launch)
@@ -170,13 +156,10 @@ def _enqueue(
         launch = None  # an enqueue inside the launched one: the launch is taken already
     if launch is not None:
         launch.used = True
-    attributes = messaging_attributes(semconv.MESSAGING_SYSTEM_VALUE, "send", label)
     group = kwargs.get("group") or (kwargs.get("q_options") or {}).get("group")
-    if group:
-        attributes[semconv.TASK_GROUP] = str(group)
-    span = STATE.tracer.start_span(f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes)
-    ctx = context.set_value(_PLAN_KEY, _Plan(launch, span, child), trace.set_span_in_context(span))
-    with running_in(span, ctx):
+    attributes = {semconv.TASK_GROUP: str(group)} if group else {}
+    span = runs.send_span(semconv.MESSAGING_SYSTEM_VALUE, label, attributes)
+    with runs.sending(runs.Plan(span, child, launch=launch)):
         return original(func, *args, **kwargs)
 
 

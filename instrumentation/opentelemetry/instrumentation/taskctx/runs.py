@@ -1,9 +1,5 @@
-"""Runs of tasks, the same for both queues: one registry of the runs a worker has open (by the
-key the queue's start and end signals share), and nested launches run inline in a run.
-
-:func:`start` attaches the run's context (its CONSUMER span and the verified identity) and, in
-a worker, keeps the job's locks alive while it runs; :meth:`Run.finish` writes the last
-progress and stops the refresher; :meth:`Run.close` detaches the context and ends the span.
+"""Runs of tasks, the same for both queues: the enqueue plan and PRODUCER span, the registry
+of open runs with their CONSUMER span, and nested launches run inline.
 """
 
 from __future__ import annotations
@@ -18,13 +14,13 @@ from typing import Any
 
 from opentelemetry import context, trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx.tracing import STATE
+from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.context import context_with_identity
 from otel_taskctx.descendants import register_for, resolve_manager
-from otel_taskctx.identity import TaskIdentity
+from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
 from otel_taskctx.policy import func_path, resolve_callable
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
@@ -45,12 +41,50 @@ def running_in(span: Any, ctx: Any) -> Iterator[Any]:
         span.end()
 
 
+#: the otel context entry of an instrumented enqueue in progress
+PLAN_KEY = context.create_key("otel_taskctx.enqueue-plan")
+
+
+@dataclass(slots=True, eq=False)
+class Plan:
+    """An instrumented enqueue in progress, for the queue's enqueue signal receiver."""
+
+    span: trace.Span
+    #: a fanned-out child's identity (and, ``django.tasks``, its barrier record)
+    child: TaskIdentity | None = None
+    fan_out: str = ""
+    #: django-q2: the powercrud launch it is the job of; ``django.tasks``: the task sent
+    launch: Any = None
+    task: Any = None
+    done: bool = False
+
+
+def sending(plan: Plan) -> Any:
+    """Run the enqueue under ``plan``'s PRODUCER span, ``plan`` in the context."""
+    ctx = context.set_value(PLAN_KEY, plan, trace.set_span_in_context(plan.span))
+    return running_in(plan.span, ctx)
+
+
+def plan() -> Plan | None:
+    return context.get_value(PLAN_KEY)
+
+
 def record_error(span: Any, exc: BaseException) -> None:
     """Mark ``span`` failed with ``exc`` (exception event, status, ``error.type``)."""
     if span.is_recording():
         span.record_exception(exc)
         span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:1000]))
         span.set_attribute(semconv.ERROR_TYPE, type(exc).__qualname__)
+
+
+def fail(span: Any, error_type: str, message: str, stacktrace: str = "") -> None:
+    """Mark ``span`` failed with an error its queue reported (not one raised here)."""
+    if span.is_recording():
+        if stacktrace:
+            event = {"exception.type": error_type, "exception.message": message}
+            span.add_event("exception", {**event, "exception.stacktrace": stacktrace})
+        span.set_status(Status(StatusCode.ERROR, message[:1000]))
+        span.set_attribute(semconv.ERROR_TYPE, error_type)
 
 
 @dataclass
@@ -103,24 +137,44 @@ class Run:
 
 
 #: the runs in progress in this process, by the key the queue's two signals share
-_runs: dict[Hashable, Run] = {}
+RUNS: dict[Hashable, Run] = {}
 
 
-def start(
-    key: Hashable, span: trace.Span, ctx: Context, identity: TaskIdentity | None, worker: bool
+def begin(
+    key: Hashable,
+    label: str,
+    attributes: dict[str, Any] | None,
+    ctx: Context,
+    identity: TaskIdentity | None,
+    fan_out: bool,
+    worker: bool,
 ) -> Run:
-    """Attach ``span`` in ``ctx`` for the run; in a worker, refresh the job's locks. A
-    worker's run still open from before never got its end signal: it is closed first."""
+    """Start a run under its CONSUMER span (``attributes`` None: the carrier could not be read,
+    the run is isolated from the process's context, unrecorded); in a worker, refresh the
+    job's locks. A worker's run still open never got its end signal: it is closed first."""
+    if attributes is None:
+        ctx, identity, span = Context(), None, trace.INVALID_SPAN
+    else:
+        if identity is not None:
+            attributes.update(identity.lineage_attributes())
+        if fan_out:
+            attributes[semconv.NESTED_MODE] = "fan_out"
+            from opentelemetry.instrumentation.taskctx import sweeper
+
+            sweeper.ensure_running()
+        span = STATE.tracer.start_span(
+            f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
+        )
     if worker:
-        for stale_key, stale in list(_runs.items()):
+        for stale_key, stale in list(RUNS.items()):
             if stale.worker:
-                del _runs[stale_key]
+                del RUNS[stale_key]
                 if stale.span.is_recording():
                     stale.span.set_status(Status(StatusCode.ERROR, "the worker never ended it"))
                 stale.finish()
                 stale.close()
     token = context.attach(trace.set_span_in_context(span, ctx))
-    run = _runs[key] = Run(span, token, identity, worker)
+    run = RUNS[key] = Run(span, token, identity, worker)
     if identity is not None and worker:
         try:
             run.lock_keeper = keep_locks_alive(identity)
@@ -129,12 +183,16 @@ def start(
     return run
 
 
-def get(key: Hashable) -> Run | None:
-    return _runs.get(key)
+def send_span(system: str, label: str, attributes: dict[str, Any]) -> trace.Span:
+    """The PRODUCER span of a task being sent."""
+    attributes = {**messaging_attributes(system, "send", label), **attributes}
+    return STATE.tracer.start_span(f"send {label}", kind=SpanKind.PRODUCER, attributes=attributes)
 
 
-def pop(key: Hashable) -> Run | None:
-    return _runs.pop(key, None)
+def carries_identity(carrier: object) -> bool:
+    """Does ``carrier`` hold a task identity, readable or not?"""
+    sent = carrier.get("baggage") if isinstance(carrier, dict) else None
+    return sent is not None and (not isinstance(sent, str) or BAGGAGE_ENTRY in sent)
 
 
 def keep_locks_alive(identity: TaskIdentity) -> Any:

@@ -1,7 +1,5 @@
-"""Lost fan-out children fail their job by themselves: :func:`sweep` fails children with no
-result after ``OTEL_TASKCTX["FAN_OUT_TIMEOUT"]`` seconds, and one daemon thread per process that
-met fan-out work runs it every ``FAN_OUT_SWEEP_INTERVAL`` seconds while any child is pending
-(started lazily: a process without fan-out has no thread and makes no query for it).
+"""Lost fan-out children fail their job: :func:`sweep`, run by a lazy daemon thread per
+process while any child is pending (see docs/fan_out.md).
 """
 
 from __future__ import annotations

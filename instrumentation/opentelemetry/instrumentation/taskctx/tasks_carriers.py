@@ -1,6 +1,5 @@
-"""django-tasks-db's side of ``django.tasks``: where a queued task's carrier waits for its
-worker (beside the task, never in its arguments), and the
-final status of a result held for its fanned-out children (see docs/django_tasks.md).
+"""django-tasks-db's side of ``django.tasks``: carriers beside queued tasks, and the final
+status of a result held for its fanned-out children.
 """
 
 from __future__ import annotations
@@ -32,11 +31,9 @@ def carries_roots(backend: Any) -> bool:
 
 
 def result_model() -> Any:
-    """django-tasks-db's ``DBTaskResult`` model, found through the app registry."""
-    from django.apps import apps
+    from django_tasks_db.models import DBTaskResult
 
-    config = next(c for c in apps.get_app_configs() if c.name == "django_tasks_db")
-    return config.get_model("DBTaskResult")
+    return DBTaskResult
 
 
 def database() -> str:
@@ -66,8 +63,8 @@ def store(task_result: Any, carrier: dict[str, str], fan_out: str = "") -> None:
 
 
 def take(task_result: Any) -> tuple[Any, str, bool] | None:
-    """``(carrier, fan_out, from the table)`` of the task, or None; the table is asked only
-    for a function that may be fanned out, or with the trace-context setting on."""
+    """``(carrier, fan_out, True)`` of the task, or None; asked only of a function that may be
+    fanned out, or with the trace-context setting on."""
     result_id = str(task_result.id)
     task = task_result.task
     if not is_database_backend(task.get_backend()):
@@ -90,20 +87,16 @@ def take(task_result: Any) -> tuple[Any, str, bool] | None:
 #: carriers of ended tasks deleted together (a commit costs more than the rest of a task)
 DROP_BATCH = 64
 _ended: list[str] = []
-_atexit_registered = False
 
 
 def drop(result_id: str) -> None:
     """Forget the carrier of a task that ended: deleted in batches, or at exit."""
-    global _atexit_registered
     _ended.append(result_id)
-    if not _atexit_registered:
-        atexit.register(flush_dropped)
-        _atexit_registered = True
     if len(_ended) >= DROP_BATCH:
         flush_dropped()
 
 
+@atexit.register
 def flush_dropped() -> None:
     ids = _ended[:]
     del _ended[: len(ids)]

@@ -1,23 +1,17 @@
-"""Django's task framework (``django.tasks``), the enqueue side (the worker side is
-:mod:`.tasks_worker`; see docs/django_tasks.md). ``Task.enqueue`` is wrapped for the PRODUCER
-span and the decision of :func:`otel_taskctx.policy.nested_launch`: a root task is enqueued
-(its worker derives its identity from its result id); a nested one runs inline and returns a
-finished ``TaskResult``, or is fanned out as a child whose carrier waits beside it.
+"""``django.tasks``' enqueue side: ``Task.enqueue`` wrapped, ``task_enqueued`` keeps the
+carrier beside the task (see docs/django_tasks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
-from opentelemetry.instrumentation.taskctx.runs import running_in
+from opentelemetry.instrumentation.taskctx import barrier, runs, tasks_carriers
 from opentelemetry.instrumentation.taskctx.tracing import STATE, messaging_attributes
-from opentelemetry.trace import SpanKind
 
 from otel_taskctx import policy, semconv
 from otel_taskctx.context import context_with_identity, context_without_identity, current_task
@@ -38,21 +32,6 @@ def attributes_of(task: Any, operation: str) -> dict[str, Any]:
     attributes = messaging_attributes(MESSAGING_SYSTEM_VALUE, operation, task.module_path)
     attributes[semconv.MESSAGING_DESTINATION_NAME] = str(task.queue_name or "")
     return attributes
-
-
-@dataclass(slots=True, eq=False)
-class _Plan:
-    """An instrumented enqueue in progress, for the ``task_enqueued`` receiver."""
-
-    task: Any
-    span: trace.Span
-    #: a fanned-out child's identity and barrier record (None, "" for a root)
-    child: TaskIdentity | None = None
-    fan_out: str = ""
-    done: bool = False
-
-
-_plan: ContextVar[_Plan | None] = ContextVar("otel_taskctx.tasks-enqueue", default=None)
 
 
 def _hand_carrier(task: Any) -> None:
@@ -78,62 +57,46 @@ def traced_enqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
         return _enqueue_child(identity, instance, args, kwargs)
     if how == policy.INLINE:
         return _run_nested(identity, instance, args, kwargs)
-    plan = _Plan(instance, _start_send(instance))
+    plan = runs.Plan(_start_send(instance), task=instance)
     return _send(plan, lambda: wrapped(*args, **kwargs))
 
 
 def traced_aenqueue(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper of ``Task.aenqueue``: the same as :func:`traced_enqueue`, awaited."""
+    """wrapt wrapper of ``Task.aenqueue``: a root task without a carrier row is awaited under
+    its span; anything else is the instrumented ``enqueue``, in a thread."""
     if not STATE.active:
         return wrapped(*args, **kwargs)
-    from asgiref.sync import sync_to_async
+    nested = policy.nested_launch(current_task(), instance.func) != policy.ENQUEUE
+    if nested or CARRIER_KWARG in kwargs or tasks_carriers.carries_roots(instance.get_backend()):
+        from asgiref.sync import sync_to_async
 
-    if CARRIER_KWARG in kwargs:
-        _hand_carrier(instance)
-        return wrapped(*args, **kwargs)
-    identity = current_task()
-    how = policy.nested_launch(identity, instance.func)
-    if how != policy.ENQUEUE:
-        run = _enqueue_child if how == policy.FAN_OUT else _run_nested
-        return sync_to_async(run, thread_sensitive=True)(identity, instance, args, kwargs)
-    if tasks_carriers.carries_roots(instance.get_backend()):
-        # the row and its carrier in one transaction: the synchronous enqueue, in a thread
         return sync_to_async(instance.enqueue, thread_sensitive=True)(*args, **kwargs)
     return _aenqueue_root(wrapped, instance, args, kwargs)
 
 
 async def _aenqueue_root(wrapped: Any, task: Any, args: tuple, kwargs: dict) -> Any:
-    plan = _Plan(task, _start_send(task))
-    token = _plan.set(plan)
-    try:
-        with running_in(plan.span, trace.set_span_in_context(plan.span)):
-            return await wrapped(*args, **kwargs)
-    finally:
-        _plan.reset(token)
+    with runs.sending(runs.Plan(_start_send(task), task=task)):
+        return await wrapped(*args, **kwargs)
 
 
-def _send(plan: _Plan, enqueue: Any) -> Any:
+def _send(plan: runs.Plan, enqueue: Any) -> Any:
     """Run ``enqueue()`` under ``plan``'s span (in one transaction with the carrier's row
     where one is written)."""
-    token = _plan.set(plan)
     backend = plan.task.get_backend()
     written = plan.child is not None or tasks_carriers.carries_roots(backend)
-    try:
-        with (
-            running_in(plan.span, trace.set_span_in_context(plan.span)),
-            tasks_carriers.atomic_for(backend) if written else contextlib.nullcontext(),
-        ):
-            return enqueue()
-    finally:
-        _plan.reset(token)
+    with (
+        runs.sending(plan),
+        tasks_carriers.atomic_for(backend) if written else contextlib.nullcontext(),
+    ):
+        return enqueue()
 
 
 def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
     """``task_enqueued``: a fanned-out child's identity is bound to its result id and its
     carrier kept beside the task (in the enqueue's transaction); a root task's carrier holds
     its trace context only."""
-    plan = _plan.get()
-    if plan is None or plan.done or task_result is None:
+    plan = runs.plan()
+    if plan is None or plan.task is None or plan.done or task_result is None:
         return
     if getattr(task_result.task, "func", None) is not plan.task.func:
         return
@@ -164,13 +127,11 @@ def on_task_enqueued(sender: Any = None, task_result: Any = None, **kwargs: Any)
 
 def _start_send(task: Any, child: TaskIdentity | None = None) -> trace.Span:
     """The PRODUCER span of a task being sent (``child``: a fanned-out child's identity)."""
-    attributes = attributes_of(task, "send")
+    attributes = {semconv.MESSAGING_DESTINATION_NAME: str(task.queue_name or "")}
     if child is not None:
         attributes.update(child.lineage_attributes())
         attributes[semconv.NESTED_MODE] = "fan_out"
-    return STATE.tracer.start_span(
-        f"send {task.module_path}", kind=SpanKind.PRODUCER, attributes=attributes
-    )
+    return runs.send_span(MESSAGING_SYSTEM_VALUE, task.module_path, attributes)
 
 
 def _refuse_fan_out(identity: TaskIdentity, task: Any) -> None:
@@ -194,17 +155,9 @@ def _enqueue_child(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict)
     """Enqueue a nested task as a fanned-out child of ``identity``'s job (its row and carrier
     in one transaction, the caller's if any); its ``TaskResult``."""
     _refuse_fan_out(identity, task)
-    name = barrier.child_name(identity.task_key)
-    barrier.add_child(identity.task_key, name, task.module_path)
-    child = identity.child(identity.task_key, identity.manager_class_path)
-    try:
-        plan = _Plan(task, _start_send(task, child), child, name)
-        result = _send(plan, lambda: task.get_backend().enqueue(task, args, kwargs))
-    except BaseException:
-        barrier.remove_child(identity.task_key, name)
-        raise
-    sweeper.ensure_running()
-    return result
+    with barrier.new_child(identity, task.module_path) as (name, child):
+        plan = runs.Plan(_start_send(task, child), child, name, task=task)
+        return _send(plan, lambda: task.get_backend().enqueue(task, args, kwargs))
 
 
 def _run_nested(identity: TaskIdentity, task: Any, args: tuple, kwargs: dict) -> Any:

@@ -1,9 +1,5 @@
-"""Django's task framework (``django.tasks``), the worker side: ``task_started`` accepts a
-carried identity only if it verifies and was issued for this very task (a root task's is
-derived from its result id), and starts the CONSUMER span; ``task_finished`` ends it and the
-task: a fanned-out child reports to the barrier, a job with pending children stays
-``RUNNING`` (django-tasks-db's ``pre_save``) until the barrier completes it, any other job
-releases its locks now (see docs/django_tasks.md).
+"""``django.tasks``' worker side: ``task_started`` starts the run from the verified identity,
+``task_finished`` ends it (see docs/django_tasks.md).
 """
 
 from __future__ import annotations
@@ -11,21 +7,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.instrumentation.taskctx import barrier, runs, sweeper, tasks_carriers
+from opentelemetry.instrumentation.taskctx import barrier, runs, tasks_carriers
 from opentelemetry.instrumentation.taskctx.tasks_producer import (
     CARRIER_KWARG,
     FAN_OUT_FIELD,
     attributes_of,
 )
 from opentelemetry.instrumentation.taskctx.tracing import STATE
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from otel_taskctx import semconv
 from otel_taskctx.conflicts.base import reserved_here
 from otel_taskctx.context import context_with_identity, context_without_identity
-from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
+from otel_taskctx.identity import TaskIdentity
 from otel_taskctx.propagation import extract, extract_bound, inject
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
@@ -40,12 +34,6 @@ def _fan_out_name(carrier: Any, stored_name: str, identity: TaskIdentity | None)
         return ""
     job = barrier.job_of_name(name)
     return name if job in (None, identity.task_key) else ""
-
-
-def _carries_identity(carrier: Any) -> bool:
-    """Does ``carrier`` hold a task identity, readable or not?"""
-    sent = carrier.get("baggage") if isinstance(carrier, dict) else None
-    return sent is not None and (not isinstance(sent, str) or BAGGAGE_ENTRY in sent)
 
 
 def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, bool]:
@@ -82,7 +70,7 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
         else:  # an in-process run (ImmediateBackend): the enqueue's trace context, as sent
             inject(sent := {}, context_without_identity())
             ctx = extract(sent)
-        if _carries_identity(carrier):
+        if runs.carries_identity(carrier):
             log.warning(
                 "task %s (%s): its carrier holds a task identity, which a root task never "
                 "gets; ignored (the task runs under its own key)",
@@ -92,7 +80,7 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
         identity = TaskIdentity(f"task-{result_id}", TASK_MANAGER_PATH, bound_to=result_id)
         return context_with_identity(identity, ctx=ctx), identity, "", stored
     ctx, identity, refusal = extract_bound(carrier, result_id)
-    if identity is None and not refusal and _carries_identity(carrier):
+    if identity is None and not refusal and runs.carries_identity(carrier):
         refusal = "its identity is malformed or oversized"  # the carrier's reader dropped it
     fan_out = _fan_out_name(carrier, stored_name, identity)
     if identity is not None and not fan_out:
@@ -112,35 +100,25 @@ def _identity_of(task_result: Any) -> tuple[Context, TaskIdentity | None, str, b
 def on_task_started(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
     if not STATE.active or task_result is None:
         return
-    stored, fan_out = False, ""
-    worker = tasks_carriers.is_database_backend(task_result.task.get_backend())
+    stored, fan_out, attributes = False, "", None
     try:
         ctx, identity, fan_out, stored = _identity_of(task_result)
         attributes = attributes_of(task_result.task, "process")
         attributes[semconv.MESSAGING_MESSAGE_ID] = str(task_result.id)
-        if identity is not None:
-            attributes.update(identity.lineage_attributes())
-        if fan_out:
-            attributes[semconv.NESTED_MODE] = "fan_out"
-            sweeper.ensure_running()
-        span = STATE.tracer.start_span(
-            f"process {task_result.task.module_path}",
-            context=ctx,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-        )
     except Exception:
         log.exception("could not start the consumer span of task %s", task_result.id)
-        ctx, identity, span = Context(), None, trace.INVALID_SPAN
+        ctx, identity = Context(), None
     # a db_worker's run (not one in the enqueuing process) keeps the job's locks alive
-    run = runs.start(str(task_result.id), span, ctx, identity, worker=worker)
+    worker = tasks_carriers.is_database_backend(task_result.task.get_backend())
+    label = task_result.task.module_path
+    run = runs.begin(str(task_result.id), label, attributes, ctx, identity, bool(fan_out), worker)
     run.fan_out, run.stored = fan_out, stored
 
 
 def hold_result(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
     """``pre_save`` of django_tasks_db's ``DBTaskResult``: a job whose function ended while
     fanned-out children of it are pending stays ``RUNNING`` until the last has ended."""
-    run = runs.get(str(getattr(instance, "id", "")))
+    run = runs.RUNS.get(str(getattr(instance, "id", "")))
     if run is None or run.identity is None or run.fan_out:
         return
     if run.identity.task_key not in barrier.launched:
@@ -187,19 +165,13 @@ def _last_line(error_type: str, traceback: str) -> str:
 def on_task_finished(sender: Any = None, task_result: Any = None, **kwargs: Any) -> None:
     if task_result is None:
         return
-    run = runs.pop(str(task_result.id))
+    run = runs.RUNS.pop(str(task_result.id), None)
     if run is None:
         return
     try:
         error_type, traceback = _failure_of(run, task_result)
-        if run.span.is_recording() and error_type:
-            run.span.set_status(Status(StatusCode.ERROR, error_type))
-            run.span.set_attribute(semconv.ERROR_TYPE, error_type)
-            if traceback:
-                run.span.add_event(
-                    "exception",
-                    {"exception.type": error_type, "exception.stacktrace": traceback},
-                )
+        if error_type:
+            runs.fail(run.span, error_type, error_type, traceback)
         run.finish()  # the last progress written, the lock refresher stopped
         if run.identity is not None:
             _end(run, task_result, _last_line(error_type, traceback) if error_type else "")
@@ -225,14 +197,8 @@ def _end(run: runs.Run, task_result: Any, error: str) -> None:
         except Exception:
             log.warning("could not record the end of fan-out child %s", run.fan_out, exc_info=True)
         return
-    deferred = False
-    if run.held or (not run.checked and launched):
-        try:
-            deferred = barrier.job_ended(identity.task_key, path, str(task_result.id), error)
-        except Exception:  # the barrier table is unreachable: the task ends now
-            log.warning("could not check the fan-out children of %s", path, exc_info=True)
-    if deferred:
-        sweeper.ensure_running()
+    deferred = run.held or (not run.checked and launched)
+    if deferred and barrier.job_ended(identity.task_key, path, str(task_result.id), error):
         log.info(
             "task id=%s path=%s returned: it stays RUNNING until its fanned-out children end",
             task_result.id,

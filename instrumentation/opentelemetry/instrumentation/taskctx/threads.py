@@ -1,60 +1,41 @@
-"""The task context in threads a job starts: OpenTelemetry's threading instrumentation copies
-the context at ``Thread.start()`` and ``ThreadPoolExecutor.submit()``. Turned on with ours unless
-the host instrumented it (then it is the host's) or disabled it through
-``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``; :func:`uninstrument_threads` undoes only our own.
+"""The task context in a job's threads: OpenTelemetry's threading instrumentation, unless the
+host instrumented or disabled it (``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS``).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-
-log = logging.getLogger("otel_taskctx.instrumentation")
 
 _lock = threading.Lock()
 _ours = False
 
 
-def disabled_by_host() -> bool:
-    names = {
-        n.strip() for n in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
-    }
-    return "threading" in names or "*" in names
-
-
-def _instrumentor():
-    try:
-        from opentelemetry.instrumentation.threading import ThreadingInstrumentor
-    except ImportError:  # a dependency of ours, but an environment may lack it
-        log.warning(
-            "opentelemetry-instrumentation-threading is missing: threads of a job do not see its task"
-        )
-        return None
-    return ThreadingInstrumentor()
-
-
-def instrument_threads() -> bool:
-    """True when threading is instrumented for us (by this call or an earlier one)."""
+def instrument_threads() -> None:
+    """Instrument threading for us, unless the host did or disabled it."""
     global _ours
+    disabled = os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
+    from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
     with _lock:
-        if _ours or disabled_by_host():
-            return _ours
-        instrumentor = _instrumentor()
-        if instrumentor is None or instrumentor.is_instrumented_by_opentelemetry:
-            return False  # the host's: it serves us as it is
-        instrumentor.instrument()
-        _ours = bool(instrumentor.is_instrumented_by_opentelemetry)
-        return _ours
+        instrumentor = ThreadingInstrumentor()
+        if _ours or {"threading", "*"} & {n.strip() for n in disabled}:
+            return
+        if not instrumentor.is_instrumented_by_opentelemetry:  # else the host's serves us
+            instrumentor.instrument()
+            _ours = bool(instrumentor.is_instrumented_by_opentelemetry)
 
 
 def uninstrument_threads() -> None:
+    """Undo our own threading instrumentation only."""
     global _ours
+    from opentelemetry.instrumentation.threading import ThreadingInstrumentor
+
     with _lock:
-        instrumentor = _instrumentor() if _ours else None
-        _ours = False
-        if instrumentor is not None and instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor = ThreadingInstrumentor()
+        if _ours and instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.uninstrument()
+        _ours = False
 
 
 def instrumented_by_us() -> bool:

@@ -12,7 +12,7 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args, **options):
-        from opentelemetry.instrumentation.taskctx import sweeper
+        from opentelemetry.instrumentation.taskctx import barrier
 
-        failed = sweeper.sweep()
+        failed = barrier.sweep()
         self.stdout.write(f"{failed} fanned-out child(ren) failed after FAN_OUT_TIMEOUT")

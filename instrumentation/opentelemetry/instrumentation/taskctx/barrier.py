@@ -1,250 +1,36 @@
-"""The fan-out barrier: which children of a job are pending, and the job's one completion
-once none is. In Redis where the conflict store is Redis (a hash per job, a Lua script per
-step), else in ``FanOutChild`` rows (see docs/fan_out.md).
+"""The fan-out barrier: which children of a job are pending, the job's one completion once
+none is, and the sweep that fails children lost with their worker (a lazy daemon thread per
+process while any child is pending). See docs/fan_out.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from django.core.signals import setting_changed
-from django.utils import timezone
+from opentelemetry.instrumentation.taskctx import tasks_carriers
+from opentelemetry.instrumentation.taskctx.barrier_stores import (
+    JOB_ROW,
+    DatabaseBarrier,
+    RedisBarrier,
+    Row,
+)
+
+from otel_taskctx.conf import get_setting
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
-JOB_ROW = "(job)"
+__all__ = ["JOB_ROW", "DatabaseBarrier", "RedisBarrier", "Row"]
+
 _PREFIX = "fan-out-"
 _TOKEN_HEX = 16
 _NAME_MAX = 64  # FanOutChild.task_id
-
-PREFIX = "otel_taskctx:fan_out:"
-KEEP_SECONDS = 7 * 24 * 3600
-
-# KEYS[1] the job's hash, KEYS[2] the pending set
-# ARGV[1] child name, ARGV[2] new state, ARGV[3] error, ARGV[4] pending-set member
-# -> -1 no such child, 0 recorded (the job is not ready), 1 the job is ready: claimed
-CHILD_END_LUA = r"""
-local field = 'c:' .. ARGV[1]
-local raw = redis.call('HGET', KEYS[1], field)
-if not raw then return -1 end
-local child = cjson.decode(raw)
-if child.s ~= 'pending' then return 0 end
-child.s = ARGV[2]
-child.e = ARGV[3]
-redis.call('HSET', KEYS[1], field, cjson.encode(child))
-redis.call('ZREM', KEYS[2], ARGV[4])
-if redis.call('HINCRBY', KEYS[1], 'pending', -1) > 0 then return 0 end
-local job = redis.call('HGET', KEYS[1], 'job')
-if not job then return 0 end
-local j = cjson.decode(job)
-if j.s ~= 'pending' then return 0 end
-j.s = 'completing'
-redis.call('HSET', KEYS[1], 'job', cjson.encode(j))
-return 1
-"""
-
-# KEYS[1] the job's hash; ARGV[1] the job's end as JSON
-# -> -1 no child (nothing recorded), 0 recorded (children pending), 1 ready: claimed
-JOB_END_LUA = r"""
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local job = redis.call('HGET', KEYS[1], 'job')
-if not job then
-  job = ARGV[1]
-  redis.call('HSET', KEYS[1], 'job', job)
-end
-if tonumber(redis.call('HGET', KEYS[1], 'pending') or '0') > 0 then return 0 end
-local j = cjson.decode(job)
-if j.s ~= 'pending' then return 0 end
-j.s = 'completing'
-redis.call('HSET', KEYS[1], 'job', cjson.encode(j))
-return 1
-"""
-
-
-@dataclass
-class Row:
-    """A record with the fields of ``FanOutChild`` that the completion reads."""
-
-    task_id: str
-    func: str = ""
-    state: str = "pending"
-    error: str = ""
-    result_id: str = ""
-
-
-class RedisBarrier:
-    def __init__(self, cache: Any) -> None:
-        self.client = cache.client
-        redis = self.client.get_client(write=True)
-        self._child_end = redis.register_script(CHILD_END_LUA)
-        self._job_end = redis.register_script(JOB_END_LUA)
-        self._pending = str(self.client.make_key(f"{PREFIX}pending"))
-
-    def _redis(self) -> Any:
-        return self.client.get_client(write=True)
-
-    def _job(self, job_key: str) -> str:
-        return str(self.client.make_key(f"{PREFIX}job:{job_key}"))
-
-    @staticmethod
-    def _member(job_key: str, name: str) -> str:
-        return f"{job_key}\n{name}"
-
-    def _name(self, name: str) -> str:
-        return str(self.client.make_key(f"{PREFIX}name:{name}"))
-
-    def job_of(self, name: str) -> str | None:
-        raw = self._redis().get(self._name(name))
-        return raw.decode() if isinstance(raw, bytes) else raw
-
-    def add_child(self, job_key: str, name: str, func: str, named: bool = True) -> None:
-        key = self._job(job_key)
-        now = time.time()
-        with self._redis().pipeline(transaction=True) as pipe:
-            if not named:
-                pipe.set(self._name(name), job_key, ex=KEEP_SECONDS)
-            pipe.hset(key, f"c:{name}", json.dumps({"f": func, "s": "pending", "e": "", "t": now}))
-            pipe.hincrby(key, "pending", 1)
-            pipe.expire(key, KEEP_SECONDS)
-            pipe.zadd(self._pending, {self._member(job_key, name): now})
-            pipe.execute()
-
-    def remove_child(self, job_key: str, name: str) -> None:
-        key = self._job(job_key)
-        with self._redis().pipeline(transaction=True) as pipe:
-            pipe.hdel(key, f"c:{name}")
-            pipe.hincrby(key, "pending", -1)
-            pipe.zrem(self._pending, self._member(job_key, name))
-            results = pipe.execute()
-        if results[1] <= 0 and self._redis().hlen(key) <= 1:
-            self._redis().delete(key)  # only the counter was left: no child any more
-
-    def has_children(self, job_key: str) -> bool:
-        return bool(self._redis().exists(self._job(job_key)))
-
-    def child_ended(self, job_key: str, name: str, state: str, error: str) -> int:
-        keys = [self._job(job_key), self._pending]
-        return int(self._child_end(keys, [name, state, error, self._member(job_key, name)]))
-
-    def job_ended(self, job_key: str, func: str, result_id: str, error: str) -> int:
-        job = json.dumps({"s": "pending", "f": func, "r": result_id, "e": error})
-        return int(self._job_end([self._job(job_key)], [job]))
-
-    def take(self, job_key: str) -> tuple[Row, list[Row]]:
-        key = self._job(job_key)
-        with self._redis().pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            pipe.delete(key)
-            fields = pipe.execute()[0]
-        job, failed = Row(JOB_ROW), []
-        for raw_field, raw in fields.items():
-            field = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
-            if field == "job":
-                j = json.loads(raw)
-                job = Row(JOB_ROW, j.get("f", ""), "done", j.get("e", ""), j.get("r", ""))
-            elif field.startswith("c:"):
-                c = json.loads(raw)
-                if c.get("s") == "failed":
-                    failed.append(Row(field[2:], c.get("f", ""), "failed", c.get("e", "")))
-        return job, failed
-
-    def any_pending(self) -> bool:
-        return bool(self._redis().zcard(self._pending))
-
-    def stale(self, timeout: float) -> list[tuple[str, str]]:
-        members = self._redis().zrangebyscore(self._pending, "-inf", time.time() - timeout)
-        out = []
-        for member in members:
-            text = member.decode() if isinstance(member, bytes) else str(member)
-            job_key, _, name = text.partition("\n")
-            out.append((job_key, name))
-        return out
-
-    def discard(self, job_key: str) -> None:
-        key = self._job(job_key)
-        names = [f.decode()[2:] for f in self._redis().hkeys(key) if f.startswith(b"c:")]
-        if names:
-            self._redis().zrem(self._pending, *(self._member(job_key, n) for n in names))
-        self._redis().delete(key)
-
-
-class DatabaseBarrier:
-    """The barrier in :class:`otel_taskctx.models.FanOutChild` rows."""
-
-    def __init__(self) -> None:
-        from otel_taskctx.models import FanOutChild
-
-        self.rows = FanOutChild.objects
-        self.claimed: dict[str, list[Any]] = {}
-
-    def job_of(self, name: str) -> str | None:
-        return self.rows.filter(task_id=name).values_list("job_key", flat=True).first()
-
-    def add_child(self, job_key: str, name: str, func: str, named: bool = True) -> None:
-        self.rows.create(job_key=job_key, task_id=name, func=func)
-
-    def remove_child(self, job_key: str, name: str) -> None:
-        self.rows.filter(job_key=job_key, task_id=name).delete()
-
-    def has_children(self, job_key: str) -> bool:
-        return self.rows.filter(job_key=job_key).exclude(task_id=JOB_ROW).exists()
-
-    def child_ended(self, job_key: str, name: str, state: str, error: str) -> int:
-        rows = self.rows.filter(job_key=job_key, task_id=name)
-        if not rows.filter(state="pending").update(
-            state=state, error=error, finished_at=timezone.now()
-        ):
-            return 0 if rows.exists() else -1
-        return self._claim(job_key)
-
-    def job_ended(self, job_key: str, func: str, result_id: str, error: str) -> int:
-        if not self.has_children(job_key):
-            return -1
-        fields = {"func": func, "result_id": result_id, "error": error}
-        self.rows.get_or_create(job_key=job_key, task_id=JOB_ROW, defaults=fields)
-        return self._claim(job_key)
-
-    def _claim(self, job_key: str) -> int:
-        """1 (once) when the job's function ended and no child is pending; rows for take()."""
-        from django.db import transaction
-
-        pending = self.rows.filter(job_key=job_key, state="pending")
-        if list(pending.values_list("task_id", flat=True)[:2]) != [JOB_ROW]:
-            return 0
-        with transaction.atomic(using=self.rows.db):
-            rows = list(self.rows.select_for_update().filter(job_key=job_key))
-            job = [r for r in rows if r.task_id == JOB_ROW and r.state == "pending"]
-            if not job or any(r.state == "pending" for r in rows if r is not job[0]):
-                return 0
-            self.rows.filter(job_key=job_key).delete()
-        self.claimed[job_key] = rows
-        return 1
-
-    def take(self, job_key: str) -> tuple[Any, list[Any]]:
-        rows = self.claimed.pop(job_key)
-        job = next(r for r in rows if r.task_id == JOB_ROW)
-        return job, [r for r in rows if r.state == "failed" and r is not job]
-
-    def any_pending(self) -> bool:
-        return self.rows.filter(state="pending").exclude(task_id=JOB_ROW).exists()
-
-    def stale(self, timeout: float) -> list[tuple[str, str]]:
-        since = timezone.now() - timedelta(seconds=timeout)
-        rows = self.rows.filter(state="pending", created_at__lt=since).exclude(task_id=JOB_ROW)
-        return list(rows.values_list("job_key", "task_id"))
-
-    def discard(self, job_key: str) -> None:
-        self.rows.filter(job_key=job_key).delete()
-
 
 _stores: dict[int, Any] = {}
 
@@ -312,9 +98,7 @@ def new_child(identity: Any, func: str) -> Iterator[tuple[str, Any]]:
     except BaseException:
         remove_child(identity.task_key, name)
         raise
-    from opentelemetry.instrumentation.taskctx import sweeper
-
-    sweeper.ensure_running()
+    ensure_sweeper()
 
 
 def remove_child(job_key: str, name: str) -> None:
@@ -354,9 +138,7 @@ def job_ended(job_key: str, func: str, result_id: str = "", error: str = "") -> 
     if claimed == 1:
         complete(job_key, *barrier.take(job_key))
     elif claimed == 0:  # the sweeper fails its lost children while it waits
-        from opentelemetry.instrumentation.taskctx import sweeper
-
-        sweeper.ensure_running()
+        ensure_sweeper()
     return claimed != -1
 
 
@@ -376,10 +158,13 @@ def complete(job_key: str, job: Any, failed: list[Any]) -> None:
     result; a django-q2 job through powercrud's completion hook."""
     try:
         if job.result_id:
-            from opentelemetry.instrumentation.taskctx import runs, tasks_carriers
+            from otel_taskctx.conflicts import release_locks
+            from otel_taskctx.descendants import resolve_manager
+            from otel_taskctx.identity import TaskIdentity
+            from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
             try:
-                runs.release_locks(job_key)
+                release_locks(job_key, resolve_manager(TaskIdentity(job_key, TASK_MANAGER_PATH)))
             finally:
                 tasks_carriers.finish_result(job, failure_message(failed) if failed else "")
             return
@@ -393,3 +178,81 @@ def complete(job_key: str, job: Any, failed: list[Any]) -> None:
             async_hooks.task_completion_hook(task)
     except Exception:
         log.exception("could not complete fan-out job %s", job_key)
+
+
+def sweep(force: bool = True) -> int:
+    """Fail children with no result after ``FAN_OUT_TIMEOUT`` seconds and complete their jobs;
+    the number failed. (``force`` is accepted for callers of earlier versions.)"""
+    timeout = float(get_setting("FAN_OUT_TIMEOUT") or 0)
+    if timeout <= 0:
+        return 0
+    stale = store().stale(timeout)
+    results = tasks_carriers.results_of_children([name for _, name in stale])
+    failed = 0
+    for _, name in stale:
+        lost = (
+            "the db_worker that ran it was killed or lost (django-tasks-db never runs a task "
+            "twice), or no db_worker took it in time"
+            if name in results
+            else "its worker was killed or lost, and the broker did not deliver it again"
+        )
+        error = f"no result within FAN_OUT_TIMEOUT ({timeout:g} s): {lost}"
+        if name in results:
+            tasks_carriers.fail_lost(results[name], error)
+        failed += child_ended(name, error, "lost") is not None
+    return failed
+
+
+_lock = threading.Lock()
+_thread: tuple[int, threading.Thread] | None = None
+#: set to stop the thread early (tests)
+stopping = threading.Event()
+
+
+def running() -> bool:
+    return _thread is not None and _thread[0] == os.getpid() and _thread[1].is_alive()
+
+
+def ensure_sweeper() -> None:
+    """Start this process's sweeper thread if it is not running (and a timeout is set)."""
+    global _thread
+    try:
+        if running() or float(get_setting("FAN_OUT_TIMEOUT") or 0) <= 0:
+            return
+    except Exception:  # settings not configured
+        return
+    with _lock:
+        if running():
+            return
+        from otel_taskctx.context import start_detached
+
+        stopping.clear()
+        interval = float(get_setting("FAN_OUT_SWEEP_INTERVAL") or 10)
+        thread = threading.Thread(target=_run, args=(interval,), daemon=True)
+        thread.name = "otel_taskctx-fan-out-sweeper"
+        _thread = (os.getpid(), thread)
+        start_detached(thread)  # outside the job that happened to start it
+
+
+def _run(interval: float) -> None:
+    global _thread
+    from django.db import connections
+
+    pending = True
+    try:
+        while pending and not stopping.wait(interval):
+            try:
+                if failed := sweep():
+                    log.warning("fan-out sweep: %d lost children failed their jobs", failed)
+                pending = store().any_pending()
+            except Exception:
+                log.warning("could not sweep fan-out jobs", exc_info=True)
+        with _lock:
+            if _thread is not None and _thread[1] is threading.current_thread():
+                _thread = None
+        if not stopping.is_set() and store().any_pending():  # added after the last look
+            ensure_sweeper()
+    except Exception:
+        log.debug("could not look for pending fan-out children", exc_info=True)
+    finally:
+        connections.close_all()  # this thread's own connections

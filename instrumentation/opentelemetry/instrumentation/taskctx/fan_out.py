@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from opentelemetry import context
-from opentelemetry.instrumentation.taskctx import barrier, sweeper
+from opentelemetry.instrumentation.taskctx import barrier
 
 from otel_taskctx.context import context_with_identity
 from otel_taskctx.errors import FanOutUnavailable
@@ -69,7 +69,7 @@ def launch(
 def swept_cleanup(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper of powercrud's ``cleanup_completed_tasks``: sweep fan-out jobs first."""
     try:
-        sweeper.sweep()
+        barrier.sweep()
     except Exception:
         log.warning("could not sweep fan-out jobs", exc_info=True)
     return wrapped(*args, **kwargs)

@@ -22,7 +22,6 @@ from otel_taskctx.context import context_with_identity
 from otel_taskctx.descendants import register_for, resolve_manager
 from otel_taskctx.identity import BAGGAGE_ENTRY, TaskIdentity
 from otel_taskctx.policy import func_path, resolve_callable
-from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
@@ -159,9 +158,9 @@ def begin(
             attributes.update(identity.lineage_attributes())
         if fan_out:
             attributes[semconv.NESTED_MODE] = "fan_out"
-            from opentelemetry.instrumentation.taskctx import sweeper
+            from opentelemetry.instrumentation.taskctx import barrier
 
-            sweeper.ensure_running()
+            barrier.ensure_sweeper()
         span = STATE.tracer.start_span(
             f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
         )
@@ -205,14 +204,6 @@ def keep_locks_alive(identity: TaskIdentity) -> Any:
     if steps_aside(manager):
         return None
     return start_keeping_locks_alive(identity.task_key, manager)
-
-
-def release_locks(task_key: str, manager_class_path: str = TASK_MANAGER_PATH) -> None:
-    """Release everything ``task_key`` holds (a ``django.tasks`` job's end)."""
-    from otel_taskctx.conflicts import get_conflict_store
-
-    manager = resolve_manager(TaskIdentity(task_key, manager_class_path))
-    get_conflict_store(manager).release(task_key)
 
 
 # nested steps of a run are numbered per task (bounded)

@@ -17,8 +17,10 @@ from opentelemetry.instrumentation.taskctx.tasks_producer import (
 from opentelemetry.instrumentation.taskctx.tracing import STATE
 
 from otel_taskctx import semconv
+from otel_taskctx.conflicts import release_locks
 from otel_taskctx.conflicts.base import reserved_here
 from otel_taskctx.context import context_with_identity, context_without_identity
+from otel_taskctx.descendants import resolve_manager
 from otel_taskctx.identity import TaskIdentity
 from otel_taskctx.propagation import extract, extract_bound, inject
 from otel_taskctx.task_manager import TASK_MANAGER_PATH
@@ -207,6 +209,6 @@ def _end(run: runs.Run, task_result: Any, error: str) -> None:
     elif run.held or identity.task_key in reserved_here:
         reserved_here.discard(identity.task_key)
         try:
-            runs.release_locks(identity.task_key, identity.manager_class_path)
+            release_locks(identity.task_key, resolve_manager(identity))
         except Exception:
             log.warning("could not release the locks of task %s", identity.task_key, exc_info=True)

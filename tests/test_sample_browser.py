@@ -230,6 +230,15 @@ def test_async_bulk_edit_in_powercrud_ui(live_sample, tmp_path):
             # (3 chapters of each of the 3 books, locked under the job's key)
             expect(page.locator("body")).to_contain_text(re.compile(r"Descendants locked\s*9"))
             expect(page.locator("body")).to_contain_text("bulk_update_task")
+            # each Book.save row names its book (the span's taskctx.label)
+            page.wait_for_selector('#taskctx-job[data-ready="1"]')
+            run = page.locator(".tc-row[data-depth='1']", has_text="bulk_update_task")
+            if run.get_attribute("aria-expanded") == "false":
+                run.locator(".tc-toggle").click()
+            for pk in picked:
+                save = page.locator(".tc-row", has=page.locator(".tc-name", has_text="Book.save"))
+                book = save.locator(".tc-what", has_text=re.compile(rf"^Book #{pk} '"))
+                expect(book).to_be_visible()
             page.screenshot(path=str(ARTIFACTS / "sample-job-tree.png"), full_page=True)
             assert not errors, errors
         finally:

@@ -114,11 +114,12 @@ def test_refusal_names_the_holder_and_fan_out_page(live_sample):
             page.get_by_role("link", name="Albums (fan-out)").first.click()
             expect(page).to_have_url(re.compile(r"/library/album-fan-out/$"))
             select_rows(page, base, "/library/album-fan-out/", albums)
-            bulk_edit(page, "price_tier", target.capitalize())
+            fan_key = bulk_edit(page, "price_tier", target.capitalize())
             expect(page.locator("#async-status-heading")).to_have_text(
                 "Bulk Operation Completed", timeout=60_000
             )
             page.screenshot(path=str(ARTIFACTS / "sample-fan-out.png"))
+            fan_out_trace(page, base, fan_key, changed)
             assert not errors, errors
         finally:
             browser.close()
@@ -128,6 +129,30 @@ def test_refusal_names_the_holder_and_fan_out_page(live_sample):
             " WHERE func = 'sample.library.tasks.reprice_album_tracks_fanned_out' AND success"
         ).fetchone()[0]
     assert children == changed  # one child job per album whose tier changed
+
+
+def fan_out_trace(page, base: str, key: str, children: int) -> None:
+    """The fan-out job's trace, in the sample's navigation: open on its children's runs, each
+    naming its album and its worker, their steps and progress counted."""
+    from playwright.sync_api import expect
+
+    runs = page.locator(".tc-row", has=page.locator(".tc-fan"))
+    for _ in range(20):  # the children's spans reach the store when their batch is flushed
+        page.goto(f"{base}/taskctx/job/{key}/")
+        page.wait_for_selector('#taskctx-job[data-ready="1"]')
+        if runs.count() == children:
+            break
+        page.wait_for_timeout(500)
+    expect(page.locator("nav[aria-label='Sample navigation']")).to_be_visible()
+    expect(page.locator("[data-nav=traces]")).to_be_visible()
+    assert runs.count() == children  # visible without expanding anything
+    for i in range(children):
+        expect(runs.nth(i)).to_be_visible()
+        expect(runs.nth(i).locator(".tc-what")).to_have_text(re.compile(r"^Album #\d+ '"))
+        expect(runs.nth(i).locator(".tc-worker")).to_have_text(re.compile(r"^worker \d+$"))
+    expect(page.locator("#tc-steps")).to_have_text(str(children))
+    expect(page.locator("#tc-progress li", has_text="repriced").first).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "sample-fan-out-trace.png"), full_page=True)
 
 
 def test_pages_are_styled_and_the_dashboard_fits(live_sample):

@@ -375,3 +375,42 @@ def test_pages_extend_a_configurable_base_template(client, users, trees, setting
     for url in (LIST, "/taskctx/job/job-A/"):
         html = client.get(url).content.decode()
         assert "SITE NAV" in html and "tc-" in html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_fanned_out_job_opens_on_its_children_counted_with_their_progress(client, users):
+    """Every fanned-out child's run is open (its ancestors in ``expand``), counted as a nested
+    step, names its worker (the parent's own process too) and its ``taskctx.label``."""
+    fan = {"taskctx.nested.mode": "fan_out"}
+    send = span("fan", "send bulk", None, 0, 1, "PRODUCER", user_id=str(users["root"].pk))
+    run = span("fan", "process bulk", send, 2, 50, "CONSUMER")
+    runs = []
+    for n in range(3):
+        child_send = span("fan", "send reprice", run, 3 + n, 4 + n, "PRODUCER")
+        event = {"name": "taskctx.progress", "time_ns": BASE + (10 + n) * MS}
+        event["attributes"] = {"taskctx.progress": f"Album #{n}: track 1/1 repriced"}
+        label = {"taskctx.label": f"Album #{n} 'Blue {n}'"}
+        child = span("fan", "process reprice", child_send, 5, 40, "CONSUMER", events=[event])
+        child.attributes.update(fan, **label)
+        child.process = "host:1" if n == 0 else f"host:{n + 10}"  # the first in the parent's
+        child.save()
+        runs.append(child)
+    client_for(client, users["root"])
+    rows = {t["root_task_key"]: t for t in client.get(LIST).context["trees"]}
+    assert rows["fan"]["steps"] == 3
+    data = json.loads(client.get("/taskctx/api/job/fan").content)
+    assert data["nested_steps"] == 3
+    assert [p["message"] for p in data["progress"]] == [
+        f"Album #{n}: track 1/1 repriced" for n in range(3)
+    ]
+    nodes = {n["span_id"]: n for n in data["nodes"]}
+    children = [nodes[r.span_id] for r in runs]
+    assert set(data["expand"]) == {nodes[send.span_id]["id"], nodes[run.span_id]["id"]} | {
+        c["parent"] for c in children
+    }
+    assert [c["worker"] for c in children] == ["host:1", "host:11", "host:12"]
+    assert [c["attributes"]["taskctx.label"] for c in children] == [
+        f"Album #{n} 'Blue {n}'" for n in range(3)
+    ]
+    html = client.get("/taskctx/job/fan/").content.decode()
+    assert '<span id="tc-steps">3</span>' in html and "taskctx.label" in html

@@ -147,7 +147,7 @@ def tree_summaries(
         spans=Count("id"),
         running=Count("id", filter=Q(end_ns=None)),
         errors=Count("id", filter=Q(status=TaskSpan.STATUS_ERROR)),
-        steps=Count("id", filter=Q(kind="INTERNAL")),
+        steps=Count("id", filter=Q(kind="INTERNAL") | Q(attributes__has_key=semconv.NESTED_MODE)),
         descendants=Sum("descendants_count"),
         tasks=Count("task_key", distinct=True),
         user_id=Max("user_id"),

@@ -63,12 +63,13 @@ class Node:
 
     @property
     def worker(self) -> str:
-        """The process (``host:pid``) of a job's or child job's run when its parent span ran
-        in another process (the worker that ran it); else ""."""
+        """The process (``host:pid``) of a job's run in another process than its parent span,
+        or of any fanned-out child's run; else ""."""
         if self.kind != "CONSUMER" or not self.process:
             return ""
         parent = self.parent
-        return self.process if parent is None or parent.process != self.process else ""
+        away = parent is None or parent.process != self.process
+        return self.process if away or self.mode == "fan_out" else ""
 
     @property
     def state(self) -> str:
@@ -214,16 +215,16 @@ class SpanTree:
 
     @property
     def expand(self) -> list[Node]:
-        """The nodes to open to show the target, root first: its ancestors, and a running
-        target itself when it has children (the steps it has done so far)."""
-        path = []
-        node = self.target.parent if self.target is not None else None
-        while node is not None:
-            path.insert(0, node)
-            node = node.parent
+        """The nodes to open: the ancestors of the target and of every fanned-out child's run,
+        and a running target itself when it has children (the steps it has done so far)."""
+        path = set()
+        for node in [*(n for n in self.nodes if n.mode == "fan_out"), self.target]:
+            while node is not None and node.parent is not None:
+                node = node.parent
+                path.add(node)
         if self.target is not None and self.target.running and self.target.children:
-            path.append(self.target)
-        return path
+            path.add(self.target)
+        return [n for n in self.nodes if n in path]
 
     @property
     def target_path(self) -> list[str]:
@@ -255,6 +256,7 @@ class SpanTree:
         user_label = next((n.user_label for n in nodes if n.user_label), "")
         servers = (n for n in self.nodes if n.context and n.kind == "SERVER")
         request = next((request_label(n) for n in servers), None)
+        steps = sum(1 for n in nodes if n.mode or (n.kind == "INTERNAL" and not n.placeholder))
         return {
             "root_task_key": self.root_task_key,
             "status": self.status,
@@ -262,7 +264,7 @@ class SpanTree:
             "end_ns": self.end_ns,
             "duration_ms": round(self.duration_ns / 1e6, 3),
             "spans": len(nodes),
-            "nested_steps": sum(1 for n in nodes if n.kind == "INTERNAL" and not n.placeholder),
+            "nested_steps": steps,
             "descendants_locked": sum(n.descendants_count for n in nodes),
             "tasks": len({n.task_key for n in nodes if n.task_key}),
             "processes": sorted({n.process for n in nodes if n.process}),

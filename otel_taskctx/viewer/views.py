@@ -172,10 +172,6 @@ def viewer_required(view: Callable[..., HttpResponse]) -> Callable[..., HttpResp
     return wrapper
 
 
-def _base_template() -> str:
-    return get_setting("VIEWER_BASE_TEMPLATE") or "otel_taskctx/base.html"
-
-
 def _page(request: HttpRequest) -> tuple[Any, list[dict[str, Any]], str, str]:
     """The requested page of job summaries (displayable), the status filter and search."""
     status = request.GET.get("status") or ""
@@ -199,7 +195,7 @@ def tree_list(request: HttpRequest) -> HttpResponse:
     query = request.GET.copy()
     query.pop("page", None)
     context = {
-        "base_template": _base_template(),
+        "base_template": get_setting("VIEWER_BASE_TEMPLATE"),
         "page": page,
         "trees": items,
         "status": status,
@@ -252,7 +248,7 @@ def tree_detail(request: HttpRequest, task_key: str) -> HttpResponse:
         return redirect(url + (f"#span-{focus.id}" if focus is not None else ""))
     summary = tree.summary()
     context = {
-        "base_template": _base_template(),
+        "base_template": get_setting("VIEWER_BASE_TEMPLATE"),
         "tree": _payload(request, tree),
         "summary": summary,
         "started": ns_to_datetime(summary["start_ns"]) if summary["start_ns"] else None,

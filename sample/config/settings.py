@@ -189,7 +189,8 @@ POWERCRUD_SETTINGS = {
 
 # SAMPLE_INSTRUMENT=0 runs the sample without the worker instrumentation: the way powercrud
 # behaves on its own (nested jobs escape to the queue; the demo shows it and fails)
-OTEL_TASKCTX: dict = {}
+# the viewer's pages inside the sample's own (its navigation): docs/viewer.md
+OTEL_TASKCTX: dict = {"VIEWER_BASE_TEMPLATE": "library/base.html"}
 if os.environ.get("SAMPLE_INSTRUMENT", "1").lower() in {"0", "false", "no", "off"}:
     OTEL_TASKCTX["AUTO_INSTRUMENT"] = False
 # SAMPLE_FAN_OUT=1: Album.save()'s nested repricing job runs on other workers (fan-out), and

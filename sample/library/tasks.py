@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 from django.utils import timezone
+from opentelemetry import trace
 from powercrud.async_manager import AsyncManager
 
-from otel_taskctx import fan_out
+from otel_taskctx import current_task, fan_out, report_progress
 from sample.library.models import Album, Book, save_delay
 
 
@@ -25,16 +26,18 @@ def reprice_album_tracks(album_id: int, task_key: str | None = None, **kwargs) -
     album = Album.objects.get(pk=album_id)
     price = Album.TRACK_PRICES[album.price_tier]
     tracks = list(album.tracks.order_by("number"))
-    manager = AsyncManager()
+    # the viewer shows it beside the run's name: the album this run repriced
+    trace.get_current_span().set_attribute("taskctx.label", f"Album #{album.pk} {album.title!r}")
     delay = save_delay()
     for done, track in enumerate(tracks, 1):
         track.price = price
         track.repriced_at = timezone.now()
         track.save(update_fields=["price", "repriced_at"])
-        if task_key:
-            manager.update_progress(
-                task_key, f"Album #{album.pk} {album.title!r}: track {done}/{len(tracks)} repriced"
-            )
+        message = f"Album #{album.pk} {album.title!r}: track {done}/{len(tracks)} repriced"
+        if current_task() is not None:  # in the job's trace too, as a progress event
+            report_progress(message, done=done, total=len(tracks))
+        elif task_key:  # without otel_taskctx's instrumentation: powercrud's own call
+            AsyncManager().update_progress(task_key, message)
         if delay:
             time.sleep(delay)
     return len(tracks)

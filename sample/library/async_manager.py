@@ -30,10 +30,11 @@ def job_position(task_key: str) -> tuple[int, int] | None:
 
 def _job_size(task_key: str) -> int | None:
     """How many objects the job was queued for (its ``selected_ids``, from the dashboard)."""
-    from sample.library.models import AsyncTaskRecord
+    from django.apps import apps
 
+    records = apps.get_model(SampleAsyncManager.record_model_path)
     deadline = time.monotonic() + 2  # powercrud writes the row just after queueing the job
-    while (record := AsyncTaskRecord.objects.filter(task_name=task_key).first()) is None:
+    while (record := records.objects.filter(task_name=task_key).first()) is None:
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)

@@ -45,6 +45,15 @@ def wait_for(predicate, timeout=5.0):
     return predicate()
 
 
+def timers_done(timeout=5.0):
+    """Wait until no progress timer is pending: each held message's turn came and went."""
+    deadline = time.monotonic() + timeout
+    while timers := [t for t in threading.enumerate() if t.name == "otel-taskctx-progress"]:
+        assert time.monotonic() < deadline, "a progress timer never ran"
+        for timer in timers:
+            timer.join(max(0.0, deadline - time.monotonic()))
+
+
 def test_a_burst_is_throttled_and_the_newest_message_lands(manager, settings):
     settings.OTEL_TASKCTX = {"PROGRESS_MIN_INTERVAL": 0.2}
     started = time.monotonic()
@@ -79,7 +88,7 @@ def test_no_older_message_overwrites_a_newer_one(manager, settings):
         report_progress("b")
         report_progress("c")
         flush_progress("burst-3")
-    time.sleep(0.6)  # the background writer had "b" and "c" held: it must not write either
+    timers_done()  # the background writer had "b" and "c" held: it must not write either
     assert manager.get_progress("burst-3") == "c"
     assert CountingManager.writes["burst-3"] == ["a", "c"]
 
@@ -111,7 +120,7 @@ def test_a_held_message_does_not_outlive_the_job(manager, settings):
         report_progress("almost done")  # held
     manager.add_active_task("burst-7")
     manager.remove_active_task("burst-7")  # what handle_task_completion does
-    time.sleep(0.6)
+    timers_done()
     assert manager.get_progress("burst-7") is None
     assert manager.cache.has_key("powercrud:async:progress:burst-7") is False
     assert flush_progress("burst-7") is False
@@ -125,7 +134,7 @@ def test_a_held_message_never_lands_after_the_jobs_own_final_message(manager, se
         report_progress("chapter 4/5")
         report_progress("chapter 5/5")  # held
         AsyncManager().update_progress("burst-8", "completed update: 1 processed")
-        time.sleep(0.6)  # the timer's turn came and went
+        timers_done()  # the timer's turn came and went
         assert manager.get_progress("burst-8") == "completed update: 1 processed"
         report_progress("chapter 1/5")  # written (due again)
         report_progress("chapter 2/5")  # held: the timer is due in 0.3 s

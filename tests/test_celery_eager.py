@@ -17,6 +17,7 @@ from tests.testapp.celery_tasks import holders
 
 pytestmark = [
     pytest.mark.celery,
+    pytest.mark.stack,
     pytest.mark.django_db,
     pytest.mark.usefixtures("export_spans_after_test"),
 ]

@@ -134,3 +134,22 @@ def fan(
     if fail_self:
         raise RuntimeError(f"{label} failed after fanning out")
     return label
+
+
+def _record_completion(
+    sender: Any = None, task_key: str = "", task_id: str = "", error: str = "", **kw: Any
+) -> None:
+    """``job_completed``: a marker ``completed-<task id>.json`` in ``TASKCTX_CELERY_MARKERS``."""
+    directory = os.environ.get("TASKCTX_CELERY_MARKERS")
+    if directory:
+        data = {"sender": sender, "task_key": task_key, "error": error, "pid": os.getpid()}
+        write(directory, f"completed-{task_id}", data)
+
+
+def _connect() -> None:
+    from otel_taskctx.signals import job_completed
+
+    job_completed.connect(_record_completion, dispatch_uid="tests.celery_tasks.completion")
+
+
+_connect()

@@ -38,9 +38,10 @@ def hold_result(identity: TaskIdentity) -> None:
     """The job fans out: Celery must not store its result when its function returns (the
     job is not over); :func:`end` keeps it as :data:`WAITING` instead."""
     request = _worker_request(identity)
-    if request is not None and not getattr(request, "is_eager", False):
-        request.otel_taskctx_held = not request.ignore_result  # stored once it completes
-        request.ignore_result = True
+    if request is None or getattr(request, "is_eager", False) or request.ignore_result:
+        return  # (held already, or no result wanted)
+    request.otel_taskctx_held = True  # stored when the job completes
+    request.ignore_result = True
 
 
 def _backend(task: Any = None) -> Any:

@@ -163,6 +163,18 @@ def on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> N
     _lost(sender, task_id, request, "the task was revoked")
 
 
+def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    """``worker_ready`` (a worker's main process): fanned-out children still pending (their
+    worker may have died whole) are swept from here after ``FAN_OUT_TIMEOUT``."""
+    if not STATE.active:
+        return
+    try:
+        if barrier.store().any_pending():
+            barrier.ensure_sweeper()
+    except Exception:
+        log.warning("could not look for pending fan-out children", exc_info=True)
+
+
 def _lost(task: Any, task_id: str, request: Any, error: str) -> None:
     try:
         _, identity, fan_out = identity_of(task, task_id, request)

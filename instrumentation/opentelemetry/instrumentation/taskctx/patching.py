@@ -189,6 +189,7 @@ class Patches:
             (c_signals.task_failure, celery_worker.on_task_failure, "failure"),
             (c_signals.task_postrun, celery_worker.on_task_postrun, "postrun"),
             (c_signals.task_revoked, celery_worker.on_task_revoked, "revoked"),
+            (c_signals.worker_ready, celery_worker.on_worker_ready, "ready"),
         ):
             self.connect(signal, receiver, f"celery_{name}")
 

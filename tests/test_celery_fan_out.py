@@ -79,6 +79,8 @@ def test_a_failed_child_fails_the_job(celery_worker, tmp_path, backend):
     done = wait_until(lambda: completed(tmp_path, job.id), "the job's completion", worker=worker)
     assert "fan-out child tests.testapp.celery_tasks.part" in done["error"]
     assert "bad-1 failed on purpose" in done["error"]
+    ended = f"Celery job {job.id} (tests.testapp.celery_tasks.fan) ended after its fanned-out"
+    assert f"{ended} children: fan-out child" in worker.log_text()  # visibly, in the log
     result = AsyncResult(job.id, app=backend)
     wait_until(lambda: result.ready(), "the job's final state", worker=worker)
     assert result.state == "FAILURE" and isinstance(result.result, FanOutChildFailed)

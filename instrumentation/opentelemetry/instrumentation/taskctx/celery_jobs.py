@@ -113,6 +113,15 @@ def _finish(key: str, task_id: str, name: str, error: str, held: bool, failed: s
     if held:
         _store_final(task_id, failed)
     error = error or failed or ""
+    if held:  # it ended after its fanned-out children: say so, as Celery did for its function
+        level = logging.ERROR if error else logging.INFO
+        log.log(
+            level,
+            "Celery job %s (%s) ended after its fanned-out children%s",
+            task_id,
+            name,
+            f": {error}" if error else "",
+        )
     try:
         job_completed.send(sender=name, task_key=key, task_id=task_id, error=error)
     except Exception:

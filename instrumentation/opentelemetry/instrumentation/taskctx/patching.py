@@ -164,8 +164,8 @@ class Patches:
         self.celery_hook = hook = [self]
 
         def imported(module: Any) -> None:
-            patches = hook[0]
-            if patches is not None and patches.applied and patches is hook[0]:
+            patches = hook[0]  # None once these patches were removed
+            if patches is not None and patches.applied:
                 try:
                     patches._patch_celery()
                 except Exception:

@@ -81,16 +81,14 @@ class CacheConflictStore:
     batch_size = 1000
 
     def __init__(self, manager: Any, ttl: int | None = None) -> None:
-        from otel_taskctx.cache import lock_loss, refusal
+        from otel_taskctx.cache import refusal
 
         self.manager, self.cache = manager, manager.cache
         self.ttl = lock_ttl(manager) if ttl is None else ttl
         self.model_prefix = manager.conflict_model_prefix
         self.tracking_prefix = manager.conflict_prefix
-        reason = lock_loss(self.cache)
-        alias = getattr(manager, "cache_name", "?")
         #: why this cache would lose locks for certain (then every reservation is refused)
-        self.refusal = refusal(alias, self.cache, reason) if reason else None
+        self.refusal = refusal(getattr(manager, "cache_name", "?"), self.cache)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} ttl={self.ttl}>"

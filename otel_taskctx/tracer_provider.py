@@ -69,11 +69,8 @@ def sdk_tracer_provider(create: bool = True) -> Any | None:
 
 
 def join_tracer_provider(provider: Any = None) -> bool:
-    """Add otel_taskctx's processors to ``provider`` (default: the host's global one), once.
-
-    Call it right after your ``trace.set_tracer_provider(...)`` if that comes after
-    ``django.setup()`` and your spans before our next one should be processed too.
-    """
+    """Add otel_taskctx's processors to ``provider`` (default: the host's global one), once:
+    right after a ``trace.set_tracer_provider(...)`` made after ``django.setup()``."""
     provider = provider or host_tracer_provider()
     if provider is None or not hasattr(provider, "add_span_processor"):
         return False
@@ -126,13 +123,9 @@ def add_span_processor_once(
     provider: Any = None,
     private_only: bool = False,
 ) -> Any | None:
-    """Our processor ``name`` (made once by ``factory``) on the providers we use.
-
-    Without ``provider``: on the host's provider (now, or once it sets one) and on our private
-    one (``private_only``: that one only, made when it is set up); ``create=False`` does not set
-    up the private provider now. With ``provider``: added to it only. Returns the processor
-    (None when not made yet, or without the SDK).
-    """
+    """Our processor ``name`` (made once by ``factory``) on the host's provider (now or once
+    set) and our private one (``private_only``: that one only, made with it; ``create=False``:
+    not set up now); with ``provider``, on that one only. None if not made yet or no SDK."""
     if _sdk_provider_class() is None:
         return None
     with _lock:

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from otel_taskctx.context import start_detached
+from otel_taskctx.context import attached, start_detached
 from otel_taskctx.spans.rows import span_row
 from otel_taskctx.tracer_provider import (
     add_span_processor_once,
@@ -190,15 +190,12 @@ class StoreSpanProcessor(SpanProcessor):
         with _lock:
             made_for, old = self._current
             if old is None or made_for != target:
-                token = context.attach(context.Context())  # its thread runs in no job
-                try:
+                with attached(context.Context()):  # its thread runs in no job
                     batch = BatchSpanProcessor(
                         self._exporter(target),
                         schedule_delay_millis=self.schedule_delay_millis,
                         max_export_batch_size=BATCH,
                     )
-                finally:
-                    context.detach(token)
                 self._current = (target, batch)
                 if old is not None:
                     old.shutdown()

@@ -16,6 +16,9 @@ from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict
 
 log = logging.getLogger("otel_taskctx.conflicts")
 
+#: ``{model label: ids}``; ``{model label: {id: holder task key}}``
+Ids = Mapping[str, Iterable[Hashable]]
+Holders = dict[str, dict[Hashable, str]]
 #: task keys this process reserved locks for (a task that reserved none has nothing to release)
 reserved_here: set[str] = set()
 
@@ -96,7 +99,7 @@ class CacheConflictStore:
     def tracking_key(self, task_key: str) -> str:
         return f"{self.tracking_prefix}{task_key}"
 
-    def items(self, conflict_ids: Mapping[str, Iterable[Hashable]]) -> list[Item]:
+    def items(self, conflict_ids: Ids) -> list[Item]:
         """The requested locks, grouped by model, each key once."""
         out = []
         for model, ids in conflict_ids.items():
@@ -112,7 +115,7 @@ class CacheConflictStore:
         except Exception as exc:
             raise ConflictStoreUnavailable(f"could not {what} ({self.kind} store): {exc}") from exc
 
-    def reserve(self, task_key: str, conflict_ids: Mapping[str, Iterable[Hashable]]) -> Reservation:
+    def reserve(self, task_key: str, conflict_ids: Ids) -> Reservation:
         """Lock every id for ``task_key``, or none (DescendantConflict names the holders); ids
         the task holds are fine, their TTL refreshed. ConflictStoreUnavailable: no cache."""
         items = self.items(conflict_ids)
@@ -125,11 +128,9 @@ class CacheConflictStore:
         fresh, held = self._guard(what, self._reserve, task_key, items)
         return Reservation(task_key, by_model(fresh), by_model(held))
 
-    def holders(
-        self, conflict_ids: Mapping[str, Iterable[Hashable]]
-    ) -> dict[str, dict[Hashable, str]]:
+    def holders(self, conflict_ids: Ids) -> Holders:
         """``{model: {id: holder}}`` for the ids that are locked."""
-        out: dict[str, dict[Hashable, str]] = {}
+        out: Holders = {}
         for batch in batched(self.items(conflict_ids), self.batch_size):
             values = self.cache.get_many([i.key for i in batch])
             for item in batch:
@@ -153,9 +154,7 @@ class CacheConflictStore:
             return 0
         return self._guard(f"refresh the locks of task {task_key}", self._refresh, task_key, ttl)
 
-    def conflict(
-        self, task_key: str, items: list[Item], known: dict[str, dict[Hashable, str]]
-    ) -> DescendantConflict:
+    def conflict(self, task_key: str, items: list[Item], known: Holders) -> DescendantConflict:
         """The conflict naming every requested id another task holds now (else ``known``)."""
         held = self.holders(by_model(items))
         found = {m: {i: h for i, h in ids.items() if h != task_key} for m, ids in held.items()}

@@ -267,12 +267,8 @@ class _RunningRows(DatabaseSpanExporter):
         for span in sorted(spans, key=lambda s: s.start_time or 0):
             if span.end_time is not None:
                 continue
-            parent = span.parent
-            if (
-                force
-                or now - span.start_time >= delay
-                or (parent is not None and (parent.trace_id, parent.span_id) in self.recorded)
-            ):
+            parent = span.parent and (span.parent.trace_id, span.parent.span_id)
+            if force or now - span.start_time >= delay or parent in self.recorded:
                 self.recorded[span.context.trace_id, span.context.span_id] = span
                 due.append(span)
             else:

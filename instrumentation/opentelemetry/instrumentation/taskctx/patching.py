@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import wrapt
-from opentelemetry.instrumentation.taskctx import _conflict_log, consumer, fan_out, producer
+from opentelemetry.instrumentation.taskctx import consumer, fan_out, producer
 from opentelemetry.instrumentation.taskctx.tracing import flush_at_exit
 from opentelemetry.instrumentation.utils import unwrap
 
@@ -127,9 +127,6 @@ class Patches:
             self.wrap(AsyncManager, "remove_conflict_ids", consumer.release_through_store)
         if "cleanup_completed_tasks" in vars(AsyncManager):
             self.wrap(AsyncManager, "cleanup_completed_tasks", fan_out.swept_cleanup)
-        if "check_conflict" in vars(AsyncManager):
-            self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
-            _conflict_log.install_filter()
 
     def _apply_django_tasks(self) -> None:
         """Django's task framework (``OTEL_TASKCTX["DJANGO_TASKS"]``, Django 6+)."""
@@ -213,7 +210,6 @@ class Patches:
         for signal, uid, sender in self.signals:
             signal.disconnect(sender=sender, dispatch_uid=uid)
         self.signals = []
-        _conflict_log.remove_filter()
         while self.wrapped:
             target, name, installed = self.wrapped.pop()
             current = vars(target).get(name) if isinstance(target, type) else getattr(target, name)

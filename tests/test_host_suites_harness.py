@@ -23,12 +23,14 @@ HARNESS = REPO_ROOT / "tests" / "host_suites"
 
 @pytest.fixture(scope="module")
 def harness():
+    sys.path.insert(0, str(HARNESS))  # as when run as a script: its sibling modules
     spec = importlib.util.spec_from_file_location("host_suites_run", HARNESS / "run.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
+    sys.path.remove(str(HARNESS))
 
 
 SAMPLE = """

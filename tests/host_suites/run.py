@@ -5,7 +5,7 @@ Usage (from the project's root, ``make host-suites`` does this)::
     .venv/bin/python tests/host_suites/run.py [--only SUITE[:VARIANT] ...] [--json FILE]
 
 For each suite (django-tasks-db on SQLite and PostgreSQL, django-q2 on its ORM broker and on
-Redis) the released sdist of the version installed here is taken from PyPI (cached, its
+Redis, Celery's task and worker unit tests) the released sdist of the version installed here is taken from PyPI (cached, its
 sha256 checked), unpacked afresh for every run and its tests run twice with the suite's own
 runner: once as released, once with ``"otel_taskctx"`` appended to ``INSTALLED_APPS`` and
 nothing else changed. A test that passes plain and does not pass with ``otel_taskctx`` is run
@@ -21,13 +21,21 @@ lists them and the exit status is 1), if it passes it is listed as flaky.
   extras that this environment lacks (croniter, psutil, blessed, setproctitle) are installed
   by uv into the cache, after the environment on ``sys.path``. Its MongoDB, SQS and IronMQ
   tests need services this machine does not have: deselected in both runs.
+* Celery: pytest on ``t/unit/tasks`` and ``t/unit/worker`` (in-memory transport and cache
+  backend: no service; none deselected, the few that need gevent, eventlet or tblib skip
+  themselves in both runs), against the installed ``celery`` (the sdist's copy of the
+  package is removed). Its test extras that the slice uses (freezegun, pytest-timeout,
+  pytest-subtests, pytest-rerunfailures, pytest-order) go into the cache as above.
+  "With ``otel_taskctx``" is a project, not an app in a settings file: the plugin of
+  ``celery_unit/`` (``-p host_suite_taskctx``) sets up a minimal Django project with
+  ``otel_taskctx`` and instruments ``TaskContextInstrumentor`` and
+  ``opentelemetry-instrumentation-celery`` before Celery's conftest imports celery (see its
+  README).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -35,18 +43,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tarfile
 import tempfile
 import time
-import urllib.request
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent.parent
-INDEX = os.environ.get("HOST_SUITES_INDEX", "https://pypi.org/simple")
-CACHE = Path(os.environ.get("HOST_SUITES_CACHE", REPO_ROOT / ".tools" / "host-suites"))
+from sources import CACHE, HERE, REPO_ROOT, extras, sdist, unpack
+
 WITH_US = "HOST_SUITE_WITH_OTEL_TASKCTX"
 #: django-q2's test extras (its ``testing`` extra) missing from the project's environment
 Q_EXTRAS = ("croniter==7.0.0", "psutil==7.2.2", "blessed==1.52.0", "setproctitle==1.3.8")
@@ -83,72 +87,6 @@ class Result:
     regressions: list[str] = field(default_factory=list)
     #: passed plain, failed with us, passed with us when run again alone
     flaky: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- the sdists
-def sdist(package: str) -> Path:
-    """The released sdist of the installed version of ``package`` (downloaded once)."""
-    version = importlib.metadata.version(package)
-    target = CACHE / "sdists"
-    target.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(
-        f"{INDEX}/{package}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-    )
-    normalized = package.replace("-", "_").lower()
-    wanted = f"{normalized}-{version}.tar.gz"
-    cached = target / wanted
-    if cached.exists():
-        return cached
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = json.load(response)["files"]
-    (entry,) = [f for f in files if f["filename"].lower() == wanted]
-    with urllib.request.urlopen(entry["url"], timeout=120) as response:
-        data = response.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["hashes"]["sha256"]:
-        raise RuntimeError(f"{wanted}: sha256 {digest} is not the index's")
-    partial = cached.with_suffix(".part")
-    partial.write_bytes(data)
-    partial.replace(cached)
-    return cached
-
-
-def unpack(archive: Path, into: Path) -> Path:
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    (root,) = [p for p in into.iterdir() if p.is_dir()]
-    return root
-
-
-def _uv() -> str | None:
-    """uv as the Makefile found it (``UV``), on PATH, or the project's private copy."""
-    for candidate in (os.environ.get("UV"), "uv", str(REPO_ROOT / ".tools" / "bin" / "uv")):
-        found = shutil.which(candidate) if candidate else None
-        if found:
-            return found
-    return None
-
-
-def q_extras() -> Path:
-    """django-q2's missing test extras, installed once into the cache by uv. Without uv (or
-    when the install fails) the suites run without them: the tests that need them fail in
-    both runs alike, and the reason is printed."""
-    target = CACHE / "q-extras"
-    stamp = target / ".installed"
-    if stamp.exists() and stamp.read_text() == " ".join(Q_EXTRAS):
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    uv = _uv()
-    argv = [uv or "uv", "pip", "install", "--quiet", "--python", sys.executable]
-    try:
-        if uv is None:
-            raise FileNotFoundError("uv not found (UV, PATH, .tools/bin/uv)")
-        subprocess.run([*argv, "--target", str(target), *Q_EXTRAS], check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        print(f"  django-q2's test extras not installed ({exc}): running without them")
-        return target
-    stamp.write_text(" ".join(Q_EXTRAS))
-    return target
 
 
 # --------------------------------------------------------------------------- running
@@ -253,7 +191,7 @@ def run_django_q(
 ) -> Run:
     root = unpack(sdist("django-q2"), work)
     (root / "host_suite_settings.py").write_text(
-        Q_SETTINGS.format(extras=str(q_extras()), with_us=WITH_US)
+        Q_SETTINGS.format(extras=str(extras("django-q2", Q_EXTRAS)), with_us=WITH_US)
     )
     name = f"django-q2-{variant}-{'with' if with_us else 'plain'}{'-rerun' if only else ''}"
     junit = logs / f"{name}.xml"
@@ -273,9 +211,53 @@ def run_django_q(
     return Run(junit_outcomes(junit), seconds, rc, log)
 
 
-def _node_id(test_id: str) -> str:
-    """pytest's node id of a junit test id (``django_q.tests.test_x::test_y[p]``)."""
+#: Celery's test extras (requirements/test.txt) its task and worker tests use and the
+#: environment lacks. Not needed by this slice: pytest-celery[all] (Docker containers),
+#: moto/boto3 (S3 backend), pytest-click (CLI tests), mypy and the backends' extras.
+CELERY_EXTRAS = (
+    "freezegun==1.5.5",
+    "pytest-timeout==2.4.0",
+    "pytest-subtests==0.15.0",
+    "pytest-rerunfailures==16.7",
+    "pytest-order==1.5.0",
+)
+#: its unit tests of tasks and of the worker: memory transport and cache backend, no service
+CELERY_TESTS = ("t/unit/tasks", "t/unit/worker")
+
+
+def run_celery(
+    variant: str, with_us: bool, work: Path, logs: Path, only: list[str] | None = None
+) -> Run:
+    root = unpack(sdist("celery"), work)
+    shutil.rmtree(root / "celery")  # the tests import the installed celery, the one we patch
+    shutil.copytree(HERE / "celery_unit", root, dirs_exist_ok=True)
+    name = f"celery-{variant}-{'with' if with_us else 'plain'}{'-rerun' if only else ''}"
+    junit = logs / f"{name}.xml"
+    junit.unlink(missing_ok=True)
+    env = _env(
+        HOST_SUITE_EXTRAS=str(extras("celery", CELERY_EXTRAS)),
+        HOST_SUITE_DB=str(work / "taskctx.sqlite3"),
+    )
+    targets = [_node_id(t, root) for t in only] if only else list(CELERY_TESTS)
+    argv = [sys.executable, "host_suite_pytest.py", *targets, "-p", "no:cacheprovider"]
+    argv += ["-p", "no:django", f"--junitxml={junit}", "-q"]
+    argv += ["-o", f"faulthandler_timeout={Q_TEST_STACK_DUMP}"]
+    argv += ["-p", "host_suite_taskctx"] if with_us else []
+    log = logs / f"{name}.log"
+    rc, seconds = _run(argv, root, env, log)
+    return Run(junit_outcomes(junit), seconds, rc, log)
+
+
+def _node_id(test_id: str, root: Path | None = None) -> str:
+    """pytest's node id of a junit test id (``django_q.tests.test_x::test_y[p]``); with the
+    suite's ``root``, a class's name is told from its module's (``t.unit.m.test_C::test_y``
+    is ``t/unit/m.py::test_C::test_y``)."""
     module, name = test_id.split("::", 1)
+    parts = module.split(".")
+    if root is not None:
+        for end in range(len(parts), 0, -1):
+            if (root / Path(*parts[:end])).with_suffix(".py").is_file():
+                return "::".join(["/".join(parts[:end]) + ".py", *parts[end:], name])
     return f"{module.replace('.', '/')}.py::{name}"
 
 
@@ -302,6 +284,7 @@ SUITES = {
     ("django-tasks-db", "postgres"): run_tasks_db,
     ("django-q2", "orm"): run_django_q,
     ("django-q2", "redis"): run_django_q,
+    ("celery", "memory"): run_celery,
 }
 
 

@@ -135,3 +135,66 @@ def test_only_tests_that_fail_with_us_again_are_regressions(harness, tmp_path, m
     assert "REGRESSION suite [db] b: failed" in table
     assert "REGRESSION suite [db] d: did not run" in table
     assert "flaky     suite [db] c: passed when run again" in table
+
+
+def test_node_id_tells_a_class_from_its_module(harness, tmp_path):
+    """Celery's tests are methods of classes: the junit class name holds both."""
+    (tmp_path / "t" / "unit" / "tasks").mkdir(parents=True)
+    (tmp_path / "t" / "unit" / "tasks" / "test_tasks.py").write_text("")
+    test_id = "t.unit.tasks.test_tasks.test_task_retries::test_retry[x]"
+    assert harness._node_id(test_id, tmp_path) == (
+        "t/unit/tasks/test_tasks.py::test_task_retries::test_retry[x]"
+    )
+    assert harness._node_id("t.unit.tasks.test_tasks::test_f", tmp_path) == (
+        "t/unit/tasks/test_tasks.py::test_f"
+    )
+
+
+PROBE = """
+import threading
+
+
+def test_instrumented_before_the_tests():
+    from celery import Celery
+    from celery.app.task import Task
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor
+
+    assert TaskContextInstrumentor().is_instrumented_by_opentelemetry
+    assert CeleryInstrumentor().is_instrumented_by_opentelemetry
+    assert type(trace.get_tracer_provider()).__module__.startswith("opentelemetry.sdk")
+    # the span store's threads, started before the session (Celery's conftest compares)
+    assert any(t.name.startswith("OtelBatch") for t in threading.enumerate())
+    app = Celery("probe", broker="memory://")
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    assert add.apply((1, 2)).get() == 3
+"""
+
+
+def test_celery_plugin_instruments_before_celery_is_imported(harness, tmp_path):
+    """The run with us: the plugin sets up Django with otel_taskctx, both instrumentors and
+    the span store's threads before any test, celery not imported yet; the log says so."""
+    import shutil
+
+    shutil.copytree(HARNESS / "celery_unit", tmp_path, dirs_exist_ok=True)
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    env = harness._env(HOST_SUITE_EXTRAS=str(tmp_path / "no-extras"))
+    env["HOST_SUITE_DB"] = str(tmp_path / "taskctx.sqlite3")
+    proc = subprocess.run(
+        [sys.executable, "host_suite_pytest.py", "test_probe.py", "-p", "no:django"]
+        + ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "host_suite_taskctx"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+    assert "otel_taskctx and opentelemetry-instrumentation-celery instrumented" in proc.stdout
+    assert "(celery imported before: False)" in proc.stdout

@@ -73,7 +73,12 @@ def mark(path: str) -> None:
 
 @app.task(name="bench.fan_child")
 def fan_child(n: int, seconds: float, marker_dir: str) -> None:
-    """A nested child: I/O-like work (a sleep), its end recorded for the early-end check."""
+    """A nested child: reserves its descendant (``testapp.Child`` ``n``) under the job's key,
+    I/O-like work (a sleep), its end recorded for the early-end check."""
+    from otel_taskctx import register_descendants
+    from tests.testapp.models import Child
+
+    register_descendants(Child, [n])
     time.sleep(seconds)
     Path(marker_dir, f"child-{n}.json").write_text(json.dumps({"end": time.time()}))
 
@@ -81,20 +86,20 @@ def fan_child(n: int, seconds: float, marker_dir: str) -> None:
 @app.task(name="bench.fan_job")
 def fan_job(children: int, seconds: float, marker_dir: str) -> None:
     """The job: launches its children inside itself (inline or fanned out, as the policy says)."""
-    for n in range(children):
+    for n in range(1, children + 1):
         fan_child.delay(n, seconds, marker_dir)
 
 
-def _job_completed(sender=None, **kwargs) -> None:
-    """otel_taskctx's job completion (after the last descendant): recorded for the bench."""
+def _job_completed(sender=None, task_id=None, error=None, **kwargs) -> None:
+    """otel_taskctx's job completion (after its last descendant), recorded for the bench."""
     marker_dir = os.environ.get("BENCH_CELERY_MARKERS")
-    if marker_dir:
-        key = str(kwargs.get("key") or kwargs.get("job_key") or time.time_ns())
-        name = f"completed-{abs(hash(key))}.json"
-        Path(marker_dir, name).write_text(json.dumps({"end": time.time(), "key": key}))
+    if marker_dir and sender == "bench.fan_job":
+        Path(marker_dir, f"completed-{task_id}.json").write_text(
+            json.dumps({"end": time.time(), "error": str(error or "")})
+        )
 
 
-try:  # the core's completion signal (stage B); absent before it lands
+try:  # the core's completion signal (its fan-out stage); absent before it lands
     from otel_taskctx.signals import job_completed
 except ImportError:
     job_completed = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import django
@@ -27,11 +28,34 @@ if os.environ.get("BENCH_OTEL_CELERY") == "1":
 django.setup()
 
 from celery import Celery  # noqa: E402
+from kombu.transport import filesystem  # noqa: E402
+from kombu.utils.json import dumps  # noqa: E402
 
 if os.environ.get("BENCH_OTEL_CELERY") == "1":
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
     CeleryInstrumentor().instrument()
+
+
+class AtomicChannel(filesystem.Channel):
+    """kombu's filesystem channel, each message written aside and renamed into the folder.
+
+    kombu writes a message file in place, and a consumer polling the folder can move it away
+    (and read it empty: a ``JSONDecodeError`` that stops the worker's consumer) before the
+    write; a name that does not end in ``.<queue>.msg`` is not taken, and a rename is atomic.
+    """
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        partial = os.path.join(self.data_folder_out, f".{name}.part")
+        with open(partial, "wb") as out:
+            out.write(dumps(payload).encode())
+        os.replace(partial, os.path.join(self.data_folder_out, name))
+
+
+class AtomicTransport(filesystem.Transport):
+    Channel = AtomicChannel
+
 
 QUEUE = os.environ.get("BENCH_CELERY_QUEUE", "taskctx-bench")
 BROKER = os.environ.get("BENCH_CELERY_BROKER", "memory://")
@@ -50,7 +74,8 @@ app.conf.update(
 )
 if BROKER.startswith("filesystem:"):
     folder = BROKER.split(":", 1)[1]
-    app.conf.broker_url = "filesystem://"
+    app.conf.broker_url = None
+    app.conf.broker_transport = f"{__name__}:AtomicTransport"
     app.conf.broker_transport_options = {
         "data_folder_in": folder,
         "data_folder_out": folder,

@@ -103,9 +103,11 @@ def fan_child(n: int, seconds: float, marker_dir: str) -> None:
     from otel_taskctx import register_descendants
     from tests.testapp.models import Child
 
-    register_descendants(Child, [n])
+    reserved = bool(register_descendants(Child, [n]))
     time.sleep(seconds)
-    Path(marker_dir, f"child-{n}.json").write_text(json.dumps({"end": time.time()}))
+    Path(marker_dir, f"child-{n}.json").write_text(
+        json.dumps({"end": time.time(), "reserved": reserved})
+    )
 
 
 @app.task(name="bench.fan_job")

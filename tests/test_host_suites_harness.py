@@ -83,7 +83,7 @@ def test_junit_outcomes_of_a_real_pytest_run(harness, tmp_path):
         "pkg.test_sample::test_param[2]": "failed",
     }
     # the rerun addresses a test by its pytest node id
-    assert harness._node_id("pkg.test_sample::test_param[2]") == "pkg/test_sample.py::test_param[2]"
+    assert harness.node_id("pkg.test_sample::test_param[2]") == "pkg/test_sample.py::test_param[2]"
 
 
 def test_outcome_runner_records_each_test_of_a_real_django_run(tmp_path):
@@ -142,10 +142,10 @@ def test_node_id_tells_a_class_from_its_module(harness, tmp_path):
     (tmp_path / "t" / "unit" / "tasks").mkdir(parents=True)
     (tmp_path / "t" / "unit" / "tasks" / "test_tasks.py").write_text("")
     test_id = "t.unit.tasks.test_tasks.test_task_retries::test_retry[x]"
-    assert harness._node_id(test_id, tmp_path) == (
+    assert harness.node_id(test_id, tmp_path) == (
         "t/unit/tasks/test_tasks.py::test_task_retries::test_retry[x]"
     )
-    assert harness._node_id("t.unit.tasks.test_tasks::test_f", tmp_path) == (
+    assert harness.node_id("t.unit.tasks.test_tasks::test_f", tmp_path) == (
         "t/unit/tasks/test_tasks.py::test_f"
     )
 
@@ -198,3 +198,26 @@ def test_celery_plugin_instruments_before_celery_is_imported(harness, tmp_path):
     assert "1 passed" in proc.stdout
     assert "otel_taskctx and opentelemetry-instrumentation-celery instrumented" in proc.stdout
     assert "(celery imported before: False)" in proc.stdout
+
+
+def test_in_a_suite_without_timing_tests_passing_alone_is_still_a_regression(
+    harness, tmp_path, monkeypatch
+):
+    """Celery's unit tests have no timing: a test that fails with us in the whole run and
+    passes alone failed on state an earlier test left with us on."""
+    runs = {
+        (False, None): {"a": "passed", "b": "passed", "c": "passed"},
+        (True, None): {"a": "passed", "b": "failed", "c": "failed"},
+        (True, ("b", "c")): {"b": "failed", "c": "passed"},
+    }
+
+    def runner(variant, with_us, work, logs, only=None):
+        return harness.Run(runs[(with_us, tuple(only) if only else None)], 1.0, 0, logs / "x.log")
+
+    assert "celery" in harness.ORDER_STRICT
+    monkeypatch.setitem(harness.SUITES, ("celery", "memory"), runner)
+    result = harness.run_suite("celery", "memory", tmp_path)
+    assert result.regressions == ["b", "c"] and result.flaky == []
+    table = harness.table([result])
+    assert "REGRESSION celery [memory] b: failed\n" in table + "\n"
+    assert "REGRESSION celery [memory] c: failed (passed alone: order-dependent)" in table

@@ -21,16 +21,11 @@ lists them and the exit status is 1), if it passes it is listed as flaky.
   extras that this environment lacks (croniter, psutil, blessed, setproctitle) are installed
   by uv into the cache, after the environment on ``sys.path``. Its MongoDB, SQS and IronMQ
   tests need services this machine does not have: deselected in both runs.
-* Celery: pytest on ``t/unit/tasks`` and ``t/unit/worker`` (in-memory transport and cache
-  backend: no service; none deselected, the few that need gevent, eventlet or tblib skip
-  themselves in both runs), against the installed ``celery`` (the sdist's copy of the
-  package is removed). Its test extras that the slice uses (freezegun, pytest-timeout,
-  pytest-subtests, pytest-rerunfailures, pytest-order) go into the cache as above.
-  "With ``otel_taskctx``" is a project, not an app in a settings file: the plugin of
-  ``celery_unit/`` (``-p host_suite_taskctx``) sets up a minimal Django project with
-  ``otel_taskctx`` and instruments ``TaskContextInstrumentor`` and
-  ``opentelemetry-instrumentation-celery`` before Celery's conftest imports celery (see its
-  README).
+* Celery: pytest on ``t/unit/tasks`` and ``t/unit/worker`` (no service), against the
+  installed ``celery``, its test extras in the cache as above; "with ``otel_taskctx``" is the
+  pytest plugin of ``celery_unit/`` (a Django project, both instrumentors; see its README).
+  Its tests have no timing: one that fails with us and passes alone is order-dependent
+  (state an earlier test left with us on), a regression too.
 """
 
 from __future__ import annotations
@@ -45,10 +40,10 @@ import sys
 import sysconfig
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from junit import junit_outcomes, node_id
 from sources import CACHE, HERE, REPO_ROOT, extras, sdist, unpack
 
 WITH_US = "HOST_SUITE_WITH_OTEL_TASKCTX"
@@ -87,6 +82,8 @@ class Result:
     regressions: list[str] = field(default_factory=list)
     #: passed plain, failed with us, passed with us when run again alone
     flaky: list[str] = field(default_factory=list)
+    #: the same in a suite of ORDER_STRICT (also in ``regressions``)
+    order_dependent: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- running
@@ -201,7 +198,7 @@ def run_django_q(
         HOST_SUITE_Q_BROKER=variant,
         **({WITH_US: "1"} if with_us else {}),
     )
-    targets = [_node_id(t) for t in only] if only else ["django_q/tests"]
+    targets = [node_id(t) for t in only] if only else ["django_q/tests"]
     argv = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider"]
     argv += ["--ds", "host_suite_settings", "-o", "addopts=", f"--junitxml={junit}", "-q"]
     argv += ["-o", f"faulthandler_timeout={Q_TEST_STACK_DUMP}"]
@@ -223,6 +220,8 @@ CELERY_EXTRAS = (
 )
 #: its unit tests of tasks and of the worker: memory transport and cache backend, no service
 CELERY_TESTS = ("t/unit/tasks", "t/unit/worker")
+#: suites with no timing tests: a test failing with us only in the whole run is a regression
+ORDER_STRICT = {"celery"}
 
 
 def run_celery(
@@ -238,7 +237,7 @@ def run_celery(
         HOST_SUITE_EXTRAS=str(extras("celery", CELERY_EXTRAS)),
         HOST_SUITE_DB=str(work / "taskctx.sqlite3"),
     )
-    targets = [_node_id(t, root) for t in only] if only else list(CELERY_TESTS)
+    targets = [node_id(t, root) for t in only] if only else list(CELERY_TESTS)
     argv = [sys.executable, "host_suite_pytest.py", *targets, "-p", "no:cacheprovider"]
     argv += ["-p", "no:django", f"--junitxml={junit}", "-q"]
     argv += ["-o", f"faulthandler_timeout={Q_TEST_STACK_DUMP}"]
@@ -246,37 +245,6 @@ def run_celery(
     log = logs / f"{name}.log"
     rc, seconds = _run(argv, root, env, log)
     return Run(junit_outcomes(junit), seconds, rc, log)
-
-
-def _node_id(test_id: str, root: Path | None = None) -> str:
-    """pytest's node id of a junit test id (``django_q.tests.test_x::test_y[p]``); with the
-    suite's ``root``, a class's name is told from its module's (``t.unit.m.test_C::test_y``
-    is ``t/unit/m.py::test_C::test_y``)."""
-    module, name = test_id.split("::", 1)
-    parts = module.split(".")
-    if root is not None:
-        for end in range(len(parts), 0, -1):
-            if (root / Path(*parts[:end])).with_suffix(".py").is_file():
-                return "::".join(["/".join(parts[:end]) + ".py", *parts[end:], name])
-    return f"{module.replace('.', '/')}.py::{name}"
-
-
-def junit_outcomes(path: Path) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    outcomes = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        test_id = f"{case.get('classname')}::{case.get('name')}"
-        tags = {child.tag for child in case}
-        if "failure" in tags:
-            outcomes[test_id] = "failed"
-        elif "error" in tags:
-            outcomes[test_id] = "error"
-        elif "skipped" in tags:
-            outcomes[test_id] = "skipped"
-        else:
-            outcomes[test_id] = "passed"
-    return outcomes
 
 
 SUITES = {
@@ -291,7 +259,8 @@ SUITES = {
 def run_suite(suite: str, variant: str, logs: Path) -> Result:
     """Both runs; then each test that passed plain only is run again, alone, with
     ``otel_taskctx``: one that passes then is reported as flaky, not as a regression
-    (timing tests of a loaded machine fail now and then in the plain run too)."""
+    (timing tests of a loaded machine fail now and then in the plain run too), except in a
+    suite of ``ORDER_STRICT``: there it is an order-dependent regression."""
     runner = SUITES[(suite, variant)]
 
     def run(with_us: bool, only: list[str] | None = None) -> Run:
@@ -313,7 +282,10 @@ def run_suite(suite: str, variant: str, logs: Path) -> Result:
         flaky = [t for t in failing if rerun.outcomes.get(t) == "passed"]
         with_us.seconds += rerun.seconds
     result = Result(suite, variant, plain, with_us, [t for t in failing if t not in flaky])
-    result.flaky = flaky
+    if suite in ORDER_STRICT:
+        result.regressions, result.order_dependent = failing, flaky
+    else:
+        result.flaky = flaky
     return result
 
 
@@ -349,7 +321,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         for test in r.regressions:
             outcome = r.with_us.outcomes.get(test, "did not run")
-            lines.append(f"REGRESSION {r.suite} [{r.variant}] {test}: {outcome}")
+            alone = " (passed alone: order-dependent)" if test in r.order_dependent else ""
+            lines.append(f"REGRESSION {r.suite} [{r.variant}] {test}: {outcome}{alone}")
         for test in r.flaky:
             lines.append(f"flaky     {r.suite} [{r.variant}] {test}: passed when run again")
     return "\n".join(lines)

@@ -1,54 +1,77 @@
-"""The Celery benchmarks' worker: a real ``celery worker`` subprocess (prefork) on
-:mod:`tests.benchmarks.celery_bench_app`, its CPU read from ``/proc``, and the environment a
-variant's producer and worker share."""
+"""The Celery benchmarks' worker and environment: the test suite's real ``celery worker``
+(``tests.celery_worker.run_worker``, prefork) running :mod:`tests.benchmarks.celery_bench_tasks`,
+its CPU read from ``/proc``; a variant's producer and worker share one environment and one set
+of settings overrides."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-APP = "tests.benchmarks.celery_bench_app"
-INSTANCE = os.environ.get("TASKCTX_INSTANCE", "main")
+TASKS = "tests.benchmarks.celery_bench_tasks"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_OURS = ("OTEL_", "BENCH_", "TASKCTX_CELERY_", "TASKCTX_NO_PROVIDER", "TASKCTX_RUN_DIR")
 
 
-def broker_url(kind: str, folder: Path) -> str:
-    """``filesystem`` (kombu's filesystem transport in ``folder``: no server) or ``redis``
-    (Redis DB ``TASKCTX_REDIS_DB`` + 1, as the test stack's broker)."""
-    if kind == "filesystem":
-        folder.mkdir(parents=True, exist_ok=True)
-        return f"filesystem:{folder}"
-    if kind == "redis":
-        url = os.environ.get("TASKCTX_REDIS_URL", "redis://127.0.0.1:6379")
-        return f"{url}/{int(os.environ.get('TASKCTX_REDIS_DB', '1')) + 1}"
-    raise ValueError(f"unknown broker {kind!r} (filesystem or redis)")
-
-
-def variant_env(db: str, broker: str, otel_celery: bool, otel_taskctx: dict) -> dict[str, str]:
-    """One variant's environment, for its producer and its worker alike."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "BENCH_"))}
+def variant_env(
+    run_dir: Path, db: str, broker: str, otel_celery: bool, otel_taskctx: dict
+) -> dict[str, str]:
+    """One variant's environment, for its producer and its worker alike: ``broker`` as the
+    test settings take it (``filesystem`` in ``run_dir``, or ``redis``: DB
+    ``TASKCTX_REDIS_DB`` + 1), an SDK tracer provider and opentelemetry-instrumentation-celery
+    (``otel_celery``) or no provider, ``OTEL_TASKCTX`` from ``otel_taskctx``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OURS)}
     env.update(
         DJANGO_SETTINGS_MODULE="tests.settings",
         TASKCTX_STACK="embedded",
         TASKCTX_DB_NAME=db,
+        TASKCTX_RUN_DIR=str(run_dir),
+        TASKCTX_CELERY_BROKER=broker,
         TASKCTX_TEST_OTEL_TASKCTX=json.dumps(otel_taskctx),
-        BENCH_CELERY_BROKER=broker,
-        BENCH_CELERY_QUEUE=f"taskctx-bench-{INSTANCE}-{uuid.uuid4().hex[:6]}",
-        BENCH_OTEL_CELERY="1" if otel_celery else "0",
         PYTHONPATH=str(REPO_ROOT),
         PYTHONUNBUFFERED="1",
     )
+    env.update({"TASKCTX_CELERY_OTEL": "after"} if otel_celery else {"TASKCTX_NO_PROVIDER": "1"})
     return env
+
+
+def overrides() -> dict[str, Any]:
+    """Settings of the producer and the worker: the benchmark's tasks, and kombu's filesystem
+    transport written atomically (see ``celery_bench_tasks.AtomicChannel``)."""
+    from django.conf import settings
+
+    values: dict[str, Any] = {"CELERY_IMPORTS": [*settings.CELERY_IMPORTS, TASKS]}
+    if settings.CELERY_BROKER == "filesystem":
+        values.update(CELERY_BROKER_URL=None, CELERY_BROKER_TRANSPORT=f"{TASKS}:AtomicTransport")
+    return values
+
+
+def setup_producer() -> dict[str, Any]:
+    """This process as the worker is (``tests.celery_worker.main``): the overrides, tracing,
+    Django, opentelemetry-instrumentation-celery after it where the variant has it."""
+    from django.conf import settings
+
+    values = overrides()
+    for name, value in values.items():
+        setattr(settings, name, value)
+    from tests.cluster import _setup_tracing
+
+    _setup_tracing()
+    import django
+
+    django.setup()
+    if os.environ.get("TASKCTX_CELERY_OTEL") == "after":
+        from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+        CeleryInstrumentor().instrument()
+    return values
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
@@ -84,60 +107,15 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
         time.sleep(0.01)
 
 
-class Worker:
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
-        self.proc, self.log = proc, log
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cpu(self) -> float:
-        return tree_cpu(self.proc.pid)
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
 @contextmanager
-def run_worker(
-    env: dict[str, str], concurrency: int, marker: Callable[[str], None]
-) -> Iterator[Worker]:
-    """A ``celery worker`` (prefork, ``concurrency`` processes) on the variant's queue, ready
-    when a ``bench.mark`` task sent through ``marker(path)`` has run; stopped (SIGTERM, then
-    SIGKILL of its group) on exit."""
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-celery-worker-"))
-    log = run_dir / "worker.log"
-    argv = [sys.executable, "-m", "celery", "-A", APP, "worker", "--pool=prefork"]
-    argv += [f"--concurrency={concurrency}", f"--queues={env['BENCH_CELERY_QUEUE']}"]
-    argv += [f"--hostname=bench-{env['BENCH_CELERY_QUEUE']}@%h", "--loglevel=WARNING"]
-    argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    worker = Worker(proc, log)
-    try:
-        ready = run_dir / "ready.json"
-        marker(str(ready))
-        wait_for(lambda: ready.exists() or proc.poll() is not None, 120, "the worker")
-        if not ready.exists():
-            raise RuntimeError(f"the worker exited ({proc.returncode}):\n{worker.tail()}")
+def bench_worker(concurrency: int, settings: dict[str, Any]) -> Iterator[Any]:
+    """``tests.celery_worker.run_worker`` with the benchmark's settings, once it has run a
+    first task (its pool processes warm)."""
+    from tests.benchmarks.celery_bench_tasks import mark
+    from tests.celery_worker import run_worker
+
+    with run_worker(concurrency=concurrency, settings=settings) as worker:
+        ready = Path(tempfile.mkdtemp(prefix="bench-celery-")) / "ready.json"
+        mark.delay(str(ready))
+        worker.wait_for(ready.exists, timeout=120, what="the worker's first task")
         yield worker
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()

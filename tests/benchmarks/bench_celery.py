@@ -8,7 +8,8 @@ Each round runs every variant, in alternating order, on one SQLite database (emb
 and a broker of its own queue: kombu's filesystem transport in a temporary directory (the
 default: no server) or Redis (``--broker=redis``: DB ``TASKCTX_REDIS_DB`` + 1):
 
-* **uninstrumented** (baseline): no tracer provider, otel_taskctx installed with
+* **uninstrumented** (baseline): no tracer provider (``TASKCTX_NO_PROVIDER``), otel_taskctx
+  installed with
   ``AUTO_INSTRUMENT``, ``SPAN_PROCESSOR``, ``SPAN_STORE`` and ``EXPORT_FROM_ENV`` off;
 * **otel celery**: an SDK tracer provider and ``CeleryInstrumentor`` (its PRODUCER and
   CONSUMER spans, trace context in the headers), otel_taskctx as above;
@@ -17,8 +18,9 @@ default: no server) or Redis (``--broker=redis``: DB ``TASKCTX_REDIS_DB`` + 1):
   our attributes on the celery spans); the span store off (its cost is the viewer's: with
   ``--span-store``, a fourth variant with the defaults, the span store on).
 
-A child process per variant starts a worker (``celery worker --pool=prefork --concurrency=1``
-on :mod:`tests.benchmarks.celery_bench_app`), waits until it has run a first task, publishes
+A child process per variant starts a worker (the test suite's ``tests.celery_worker``:
+``celery worker --pool=prefork --concurrency=1``, with :mod:`tests.benchmarks.celery_bench_tasks`
+imported), waits until it has run a first task, publishes
 ``--tasks`` no-op tasks (``noop.delay(n)``) and a last one that writes a file, and waits for
 that file. Measured per task: the producer's CPU (its thread's, over the ``delay`` calls)
 and the worker's (its main process and pool process, from ``/proc``, between the first task
@@ -30,7 +32,6 @@ instrumentation alone adds (variant 2 less variant 1).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks._celery import REPO_ROOT, broker_url, run_worker, variant_env, wait_for
+from tests.benchmarks._celery import (
+    REPO_ROOT,
+    bench_worker,
+    setup_producer,
+    tree_cpu,
+    variant_env,
+    wait_for,
+)
 from tests.benchmarks._util import table
 
 TARGET = 1.5
@@ -65,11 +73,12 @@ def _option(argv: list[str], name: str, default: str) -> str:
 
 def _child(tasks: int) -> None:
     """In a child process, with a variant's environment: measure, print JSON."""
-    from tests.benchmarks.celery_bench_app import mark, noop
+    settings = setup_producer()
+    from tests.benchmarks.celery_bench_tasks import mark, noop
 
-    with run_worker(dict(os.environ), 1, mark.delay) as worker:
+    with bench_worker(1, settings) as worker:
         done = Path(tempfile.mkdtemp(prefix="bench-celery-")) / "done.json"
-        worker_before = worker.cpu()
+        worker_before = tree_cpu(worker.pid)
         cpu = 0.0
         for n in range(tasks):
             start = time.thread_time()
@@ -77,7 +86,7 @@ def _child(tasks: int) -> None:
             cpu += time.thread_time() - start
         mark.delay(str(done))
         wait_for(done.exists, 600, f"{tasks} tasks")
-        worker_cpu = worker.cpu() - worker_before
+        worker_cpu = tree_cpu(worker.pid) - worker_before
     print(
         json.dumps(
             {"producer_cpu_ms": cpu * 1000 / tasks, "worker_cpu_ms": worker_cpu * 1000 / tasks}
@@ -108,10 +117,9 @@ def main(argv: list[str]) -> int:
     names = [BASE, OTEL, OURS] + ([FULL] if "--span-store" in argv else [])
     run_dir = Path(tempfile.mkdtemp(prefix="bench-celery-"))
     db = str(run_dir / "bench.sqlite3")
-    url = broker_url(broker, run_dir / "broker")
     subprocess.run(
         [sys.executable, "-m", "django", "migrate", "-v", "0"],
-        env=variant_env(db, url, False, OFF),
+        env=variant_env(run_dir, db, broker, False, OFF),
         cwd=REPO_ROOT,
         check=True,
     )
@@ -119,7 +127,8 @@ def main(argv: list[str]) -> int:
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             otel_celery, otel_taskctx = VARIANTS[name]
-            results[name].append(_run(variant_env(db, url, otel_celery, otel_taskctx), tasks))
+            env = variant_env(run_dir, db, broker, otel_celery, otel_taskctx)
+            results[name].append(_run(env, tasks))
             print(f"  round {r + 1}/{rounds} {name}: {results[name][-1]}", flush=True)
     base = results[BASE]
     rows = []

@@ -36,7 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks._celery import REPO_ROOT, broker_url, run_worker, variant_env, wait_for
+from tests.benchmarks._celery import (
+    REPO_ROOT,
+    bench_worker,
+    setup_producer,
+    variant_env,
+    wait_for,
+)
 from tests.benchmarks._util import table
 
 TARGET = 0.35
@@ -55,12 +61,13 @@ def missing_core() -> list[str]:
 
 def _child(children: int, seconds: float) -> None:
     """In a child process, with a policy's environment: one job, measured; JSON printed."""
+    settings = setup_producer()
     from otel_taskctx.conflicts import get_conflict_store
     from otel_taskctx.task_manager import TaskManager
-    from tests.benchmarks.celery_bench_app import fan_job, mark
+    from tests.benchmarks.celery_bench_tasks import fan_job
 
     markers = Path(os.environ["BENCH_CELERY_MARKERS"])
-    with run_worker(dict(os.environ), 4, mark.delay):
+    with bench_worker(4, settings):
         started = time.time()
         result = fan_job.delay(children, seconds, str(markers))
         completed = markers / f"completed-{result.id}.json"
@@ -115,8 +122,7 @@ def main(argv: list[str]) -> int:
     results = {}
     for policy, otel_taskctx in POLICIES.items():
         db = str(run_dir / f"{policy}.sqlite3")
-        env = variant_env(db, broker_url(broker, run_dir / f"broker-{policy}"), False, {})
-        env["TASKCTX_TEST_OTEL_TASKCTX"] = json.dumps(otel_taskctx)
+        env = variant_env(run_dir / policy, db, broker, False, otel_taskctx)
         env["TASKCTX_SQLITE_INIT"] = SQLITE_INIT
         env["BENCH_CELERY_MARKERS"] = str(run_dir / f"markers-{policy}")
         Path(env["BENCH_CELERY_MARKERS"]).mkdir()

@@ -1,13 +1,5 @@
-"""The Celery benchmarks' app: ``celery -A tests.benchmarks.celery_bench_app worker``.
-
-Configured by environment (the same in the producer and the worker, see ``_celery.py``):
-``BENCH_CELERY_BROKER`` (``filesystem:<dir>`` or a broker URL), ``BENCH_CELERY_QUEUE``,
-``BENCH_OTEL_CELERY=1`` (an SDK tracer provider and opentelemetry-instrumentation-celery),
-and Django's settings (``tests.settings``: ``TASKCTX_TEST_OTEL_TASKCTX`` turns otel_taskctx's
-parts on or off, ``TASKCTX_DB_NAME`` its database). Django is set up before the app exists,
-so otel_taskctx's instrumentation patches Celery through its post-import hook, as in a
-project whose settings load first.
-"""
+"""The Celery benchmarks' tasks, on the test suite's app (:mod:`tests.celery_app`), and the
+filesystem transport they run on (``_celery.py`` adds this module to ``CELERY_IMPORTS``)."""
 
 from __future__ import annotations
 
@@ -17,24 +9,10 @@ import time
 import uuid
 from pathlib import Path
 
-import django
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
-if os.environ.get("BENCH_OTEL_CELERY") == "1":
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace import TracerProvider
-
-    trace.set_tracer_provider(TracerProvider())
-django.setup()
-
-from celery import Celery  # noqa: E402
-from kombu.transport import filesystem  # noqa: E402
-from kombu.utils.json import dumps  # noqa: E402
-
-if os.environ.get("BENCH_OTEL_CELERY") == "1":
-    from opentelemetry.instrumentation.celery import CeleryInstrumentor
-
-    CeleryInstrumentor().instrument()
+from tests.celery_app import app
 
 
 class AtomicChannel(filesystem.Channel):
@@ -55,34 +33,6 @@ class AtomicChannel(filesystem.Channel):
 
 class AtomicTransport(filesystem.Transport):
     Channel = AtomicChannel
-
-
-QUEUE = os.environ.get("BENCH_CELERY_QUEUE", "taskctx-bench")
-BROKER = os.environ.get("BENCH_CELERY_BROKER", "memory://")
-
-app = Celery(QUEUE)
-app.conf.update(
-    task_default_queue=QUEUE,
-    task_default_exchange=QUEUE,
-    task_default_routing_key=QUEUE,
-    control_exchange=f"{QUEUE}-control",
-    event_exchange=f"{QUEUE}-events",
-    task_ignore_result=True,
-    worker_hijack_root_logger=False,
-    worker_prefetch_multiplier=4,
-    broker_connection_retry_on_startup=True,
-)
-if BROKER.startswith("filesystem:"):
-    folder = BROKER.split(":", 1)[1]
-    app.conf.broker_url = None
-    app.conf.broker_transport = f"{__name__}:AtomicTransport"
-    app.conf.broker_transport_options = {
-        "data_folder_in": folder,
-        "data_folder_out": folder,
-        "polling_interval": 0.05,
-    }
-else:
-    app.conf.broker_url = BROKER
 
 
 @app.task(name="bench.noop")
@@ -126,7 +76,7 @@ def _job_completed(sender=None, task_id=None, error=None, **kwargs) -> None:
         )
 
 
-try:  # the core's completion signal (its fan-out stage); absent before it lands
+try:  # the Celery front end's completion signal; absent in a checkout without it
     from otel_taskctx.signals import job_completed
 except ImportError:
     job_completed = None

@@ -138,6 +138,7 @@ def on_task_failure(
 ) -> None:
     run = runs.RUNS.get(task_id) if isinstance(task_id, str) else None
     if run is not None:
+        run.detach()
         run.exception = exception
         if run.own_span and exception is not None:
             runs.record_error(run.span, exception)
@@ -148,6 +149,17 @@ def on_task_failure(
 
     if isinstance(exception, WorkerLostError | Terminated | TimeLimitExceeded):
         _lost(sender, str(task_id), sender.request, f"{type(exception).__name__}: {exception}")
+
+
+def on_task_left(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+    """``task_success`` / ``task_retry`` (sent before ``task_postrun``): leave the run's
+    context now. opentelemetry-instrumentation-celery enters its context before ours
+    (``task_prerun`` receivers are kept in that order) and leaves it at ``task_postrun``: ours
+    must be left first, whichever of the two ``task_postrun`` receivers runs first."""
+    request = request if request is not None else getattr(sender, "request", None)
+    run = runs.RUNS.get(getattr(request, "id", None))
+    if run is not None:
+        run.detach()
 
 
 def on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> None:

@@ -41,15 +41,33 @@ def both_instrumented(request):
             ours.instrument()
 
 
-def test_a_task_run_here_leaves_the_callers_context_as_it_was(both_instrumented, tmp_path):
+@pytest.fixture
+def eager():
+    from tests.celery_app import app
+
+    before = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = before
+
+
+def test_a_task_run_here_leaves_the_callers_context_as_it_was(both_instrumented, eager, tmp_path):
     before = context.get_current()
     for label in ("first", "second"):
-        result = jobs.observe.apply((label, str(tmp_path)))
+        result = jobs.observe.delay(label, str(tmp_path))  # eager: a job run here
         seen = json.loads((tmp_path / f"{label}.json").read_text())
         assert seen["task_key"] == f"celery-{result.id}", both_instrumented
         assert current_task() is None, f"{both_instrumented}: a job stays current after {label}"
         assert context.get_current() == before
         assert not trace.get_current_span().get_span_context().is_valid
+
+
+def test_an_explicit_apply_outside_a_job_is_a_plain_run(both_instrumented, tmp_path):
+    """``Task.apply()`` is Celery's "run it here": no job, so nested launches in it are
+    published as Celery would (Celery's own tests rely on it)."""
+    jobs.observe.apply(("plain", str(tmp_path)))
+    assert json.loads((tmp_path / "plain.json").read_text())["task_key"] is None
+    assert current_task() is None
 
 
 @pytest.mark.stack

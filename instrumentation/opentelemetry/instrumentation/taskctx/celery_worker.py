@@ -15,6 +15,7 @@ from opentelemetry.instrumentation.taskctx.celery_producer import (
     FAN_OUT_FIELD,
     HEADER,
     MESSAGING_SYSTEM_VALUE,
+    always_eager,
     job_key,
     root_identity,
     their_span,
@@ -123,8 +124,12 @@ def on_task_prerun(sender: Any = None, task_id: Any = None, task: Any = None, **
 
 def _eager_prerun(task: Any, task_id: str) -> None:
     """``task_always_eager`` or ``Task.apply``: a run in the caller. Inside a job it is part
-    of the job (inline); outside one, or under ``allow_nested_async()``, a job of its own."""
+    of the job (inline); outside one, or under ``allow_nested_async()``, a launch under
+    ``task_always_eager`` is a job of its own, and an explicit ``Task.apply()`` a plain run
+    (Celery's "run it here": its nested launches are published as Celery would)."""
     if current_task() is not None and not nested_async_allowed():
+        return
+    if not always_eager(task):
         return
     identity = root_identity(task_id)
     span = trace.get_current_span()

@@ -225,6 +225,9 @@ if CELERY_BROKER_URL == "filesystem://":
 CELERY_RESULT_BACKEND = f"file://{CELERY_DIR / 'results'}"
 CELERY_RESULT_EXTENDED = True  # a result names its task and worker (the demo checks them)
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("SAMPLE_CELERY_QUEUE") or Q_CLUSTER["name"]
+# remote control and events on exchanges of the same name (a shared broker)
+CELERY_CONTROL_EXCHANGE = CELERY_TASK_DEFAULT_QUEUE
+CELERY_EVENT_EXCHANGE = f"{CELERY_TASK_DEFAULT_QUEUE}.events"
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # a pool process takes one task at a time
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 

@@ -1,5 +1,5 @@
-"""The ```python blocks of docs/conflicts.md, core.md, processor.md and django_tasks.md run as
-written."""
+"""The ```python blocks of docs/conflicts.md, core.md, processor.md, django_tasks.md and
+celery.md run as written."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def blocks(doc: str) -> str:
     return "\n\n".join(re.findall(r"```python\n(.*?)```", text, flags=re.S))
 
 
-@pytest.mark.parametrize("doc", ["conflicts.md", "core.md", "processor.md", "django_tasks.md"])
+@pytest.mark.parametrize(
+    "doc", ["conflicts.md", "core.md", "processor.md", "django_tasks.md", "celery.md"]
+)
 def test_doc_examples_run(doc, settings):
     code = blocks(doc)
     assert code.strip()

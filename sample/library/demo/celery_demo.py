@@ -47,7 +47,10 @@ class CeleryRun:
     chapters_in_job: int = 0
     #: nested tasks that ran as tasks of their own (their results are in the backend)
     child_tasks: int = 0
+    #: the worker's pool processes that ran them
+    processes: int = 0
     job_ended_last: bool = False
+    concurrency: int = 0
     locks_peak: int = 0
     locks_left: int = 0
     tree: Any = None
@@ -113,6 +116,23 @@ def _stored_results() -> list[dict[str, Any]]:
     return out
 
 
+def _queued() -> int:
+    """Messages waiting in the sample's queue (none where the broker has no such queue yet)."""
+    from kombu.exceptions import ChannelError, OperationalError
+
+    from sample.config.celery import app
+
+    name = app.conf.task_default_queue
+    try:
+        with app.connection_for_write() as connection:
+            queue = app.amqp.queues[name](connection.default_channel)
+            return queue.queue_declare(passive=True).message_count
+    except (ChannelError, OperationalError) as exc:
+        if "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower():
+            return 0
+        raise
+
+
 def _run(console: Console, options: dict[str, Any], worker: CeleryWorker, policy: str):
     from django.utils import timezone
 
@@ -128,7 +148,9 @@ def _run(console: Console, options: dict[str, Any], worker: CeleryWorker, policy
     book_ids = list(Book.objects.order_by("pk").values_list("pk", flat=True))
     chapter_ids = list(Chapter.objects.values_list("pk", flat=True))
     run = CeleryRun(policy, books=len(book_ids), chapters=len(chapter_ids))
+    run.concurrency = worker.concurrency
     store = get_conflict_store(TaskManager())
+    log_start = worker.log_size()
     submitted = timezone.now()
     started = time.monotonic()
     result = celery_tasks.publish_books.delay(book_ids, parallel=policy == FAN_OUT)
@@ -149,7 +171,10 @@ def _run(console: Console, options: dict[str, Any], worker: CeleryWorker, policy
     job = next(m for m in stored if m["task_id"] == result.id)
     nested = {celery_tasks.publish_book.name, celery_tasks.publish_book_in_parallel.name}
     children = [m for m in stored if m.get("name") in nested]
-    run.child_tasks = len(children)
+    # published nested tasks: received by the worker (its log) or still in the queue
+    received = worker.received(nested, since=log_start)
+    run.child_tasks = max(len(children), len(received) + _queued())
+    run.processes = len(worker.ran_by({m["task_id"] for m in children}, since=log_start))
     run.books_published = Book.objects.filter(status=Book.Status.PUBLISHED).count()
     synced = Chapter.objects.filter(
         status=Book.Status.PUBLISHED, synced_at__gte=submitted, synced_at__lte=job["date_done"]
@@ -203,6 +228,8 @@ def _judge(run: CeleryRun) -> None:
         f.append(f"{run.child_tasks} nested task(s) reached the queue")
     if run.policy == FAN_OUT and run.child_tasks != run.books:
         f.append(f"{run.child_tasks} child tasks for {run.books} books")
+    if run.policy == FAN_OUT and run.books > 1 and run.concurrency > 1 and run.processes < 2:
+        f.append("every child task ran in one pool process")
     if not run.job_ended_last:
         f.append("the job's result was stored before its last descendant ended")
     if run.chapters and not run.locks_peak:
@@ -233,8 +260,8 @@ def _print(console: Console, run: CeleryRun, worker: CeleryWorker) -> None:
         )
     else:
         console.print(
-            f"{mark[run.child_tasks == run.books]} child tasks {run.child_tasks}, on "
-            f"{worker.nodename}'s pool processes"
+            f"{mark[run.child_tasks == run.books]} child tasks {run.child_tasks}, run by "
+            f"{run.processes} of {worker.nodename}'s {worker.concurrency} pool processes"
         )
     console.print(f"{mark[run.job_ended_last]} the job ended after its last descendant")
     console.print(

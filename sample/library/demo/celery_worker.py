@@ -26,6 +26,8 @@ from sample.library.demo.cluster import MANAGE_PY
 from sample.library.demo.records import DemoFailure
 
 READY = re.compile(r"^.*?(\S+@\S+) ready\.", re.M)
+RECEIVED = re.compile(r"Task (\S+)\[([0-9a-f-]+)\] received")
+SUCCEEDED = re.compile(r"INFO/(ForkPoolWorker-\d+)\] Task \S+\[([0-9a-f-]+)\] succeeded")
 PR_SET_PDEATHSIG = 1
 
 
@@ -122,6 +124,20 @@ class CeleryWorker:
         if not self.alive:
             code = self.proc.returncode if self.proc else "?"
             raise DemoFailure(f"celery worker exited with code {code}:\n{self.tail()}")
+
+    def log_size(self) -> int:
+        return len(self.log_text())
+
+    def received(self, names: set[str], since: int = 0) -> set[str]:
+        """Ids of the tasks of these names that the worker received (its log says so), since
+        the log had ``since`` characters."""
+        found = RECEIVED.findall(self.log_text()[since:])
+        return {task_id for name, task_id in found if name in names}
+
+    def ran_by(self, task_ids: set[str], since: int = 0) -> set[str]:
+        """The pool processes (``ForkPoolWorker-N``) that ran these tasks, from the log."""
+        found = SUCCEEDED.findall(self.log_text()[since:])
+        return {process for process, task_id in found if task_id in task_ids}
 
     def pool_pids(self) -> list[int]:
         """The worker's pool processes (children of its main process)."""

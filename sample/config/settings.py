@@ -211,8 +211,10 @@ if os.environ.get("SAMPLE_FAN_OUT", "0").lower() in {"1", "true", "yes", "on"}:
 # broker instead (redis://..., amqp://...). The queue's name is the cluster's: several
 # checkouts can share one broker.
 CELERY_DIR = VAR_DIR / "celery"
-CELERY_BROKER_URL = os.environ.get("SAMPLE_CELERY_BROKER_URL", "").strip() or "filesystem://"
-if CELERY_BROKER_URL == "filesystem://":
+CELERY_BROKER_URL = os.environ.get("SAMPLE_CELERY_BROKER_URL", "").strip() or None
+if CELERY_BROKER_URL is None:
+    # kombu's filesystem transport, each message renamed into place once written
+    CELERY_BROKER_TRANSPORT = "sample.config.celery_transport:Transport"
     for _folder in ("queue", "control"):
         (CELERY_DIR / _folder).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {

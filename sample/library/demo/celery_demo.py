@@ -80,7 +80,7 @@ def run_celery_demo(console: Console, options: dict[str, Any]) -> list[CeleryRun
             console.print(
                 f"celery worker [cyan]{worker.nodename}[/] running (pid {worker.proc.pid}, "
                 f"{len(worker.pool_pids())} prefork processes, queue {queue!r}, broker "
-                f"{app.conf.broker_url.split('://')[0]}, ready in {ready:.1f}s, log "
+                f"{_broker()}, ready in {ready:.1f}s, log "
                 f"{worker.log_path})"
             )
             for policy in policies:
@@ -90,6 +90,13 @@ def run_celery_demo(console: Console, options: dict[str, Any]) -> list[CeleryRun
             console.print(f"celery worker stopped (exit code {code})")
     _print_times(console, runs)
     return runs
+
+
+def _broker() -> str:
+    from sample.config.celery import app
+
+    with app.connection_for_write() as connection:
+        return str(connection.transport.driver_type)  # filesystem, redis, amqp
 
 
 def failures(runs: list[CeleryRun]) -> list[str]:

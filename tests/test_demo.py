@@ -284,6 +284,10 @@ def test_celery_demo_runs_the_nested_bulk_edit_inline_and_fanned_out(tmp_path):
         assert re.search(r"chapters seen locked under the job's key: [1-9]", part)
         assert "locks after the job: 0" in part
     assert "✓ nested tasks that reached the queue: 0" in inline
+    # the job trees: the job's run and each fanned-out child's badged with the worker's name
+    run = r"process sample\.library\.celery_tasks\.publish_book(s|_in_parallel) consumer .*"
+    assert re.search(rf"{run}worker {re.escape(nodename)}", inline)
+    assert len(re.findall(rf"{run}worker {re.escape(nodename)}", fanned)) >= 2
     assert re.search(rf"✓ child tasks 4, run by [234] of {re.escape(nodename)}\S+'s 4 pool", fanned)
     assert re.search(r"inline\s+SUCCESS\s+[\d.]+s\s+12/12\s+0", out), out[-2000:]
     assert re.search(r"fan-out\s+SUCCESS\s+[\d.]+s\s+12/12\s+0", out), out[-2000:]
@@ -309,7 +313,7 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 @pytest.mark.celery
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_celery_demo_stops_its_worker_when_it_is_stopped(tmp_path, how):
-    """The demo killed mid-job: on SIGTERM its own ``finally`` stops the worker (warm
+    """The demo killed mid-job: on SIGTERM (twice) its own ``finally`` stops the worker (warm
     shutdown); on SIGKILL the kernel's parent-death signal does. No worker process is left."""
     log = tmp_path / "demo.out"
     with log.open("w") as out:
@@ -327,6 +331,8 @@ def test_celery_demo_stops_its_worker_when_it_is_stopped(tmp_path, how):
         pool = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         assert len(pool) == 4
         demo.send_signal(getattr(signal, how))
+        if how == "SIGTERM":  # a second one while the demo stops its worker is ignored
+            demo.send_signal(signal.SIGTERM)
         demo.wait(120)
         _wait_for(lambda: not any(map(_running, [pid, *pool])), 120, "the worker to stop")
     finally:

@@ -3,10 +3,10 @@ says so in its log, and stopped cleanly whatever happens to the demo.
 
 The worker runs ``celery -A sample.config.celery worker`` with the prefork pool. It is stopped
 with Celery's warm shutdown (SIGTERM: the running tasks finish), then anything left in its
-process group is killed. The demo's ``finally`` does that on an error or Ctrl-C;
-:func:`stop_on_signals` turns SIGTERM and SIGHUP of the demo into an exception so that the
-``finally`` runs then too, and the worker gets SIGTERM from the kernel if the demo dies without
-a chance to clean up (``PR_SET_PDEATHSIG``).
+process group is killed. The demo's ``finally`` does that on an error; :func:`stop_on_signals`
+turns the first Ctrl-C, SIGTERM or SIGHUP of the demo into an exception, so that the
+``finally`` runs then too, and ignores the next ones until the worker has stopped. If the demo
+dies without a chance to clean up, the kernel sends the worker SIGTERM (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -39,15 +39,31 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class DemoInterrupted(Exception):
-    """The demo got SIGTERM or SIGHUP (raised where it runs, so its ``finally`` stops the worker)."""
+    """The demo got Ctrl-C, SIGTERM or SIGHUP (raised where it runs: its ``finally`` stops the
+    worker)."""
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     def interrupt(signum, frame):
+        for sig in SIGNALS:  # once: the cleanup that follows is not interrupted
+            signal.signal(sig, signal.SIG_IGN)
         raise DemoInterrupted(f"interrupted by {signal.Signals(signum).name}")
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, interrupt) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in SIGNALS}
     try:
         yield
     finally:
@@ -150,9 +166,14 @@ class CeleryWorker:
             return []
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """Warm shutdown (running tasks finish), then whatever is left of its process group."""
+        """Warm shutdown (running tasks finish), then whatever is left of its process group;
+        a Ctrl-C, SIGTERM or SIGHUP meanwhile is ignored (the stop is bounded)."""
         if self.proc is None:
             return None
+        with _signals_ignored():
+            return self._stop(timeout)
+
+    def _stop(self, timeout: float) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

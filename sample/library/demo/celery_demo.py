@@ -80,8 +80,7 @@ def run_celery_demo(console: Console, options: dict[str, Any]) -> list[CeleryRun
             console.print(
                 f"celery worker [cyan]{worker.nodename}[/] running (pid {worker.proc.pid}, "
                 f"{len(worker.pool_pids())} prefork processes, queue {queue!r}, broker "
-                f"{_broker()}, ready in {ready:.1f}s, log "
-                f"{worker.log_path})"
+                f"{_broker()}, ready in {ready:.1f}s, log {worker.log_path})"
             )
             for policy in policies:
                 runs.append(_run(console, options, worker, policy))
@@ -141,6 +140,7 @@ def _queued() -> int:
 
 
 def _run(console: Console, options: dict[str, Any], worker: CeleryWorker, policy: str):
+    from django.db.models import Max
     from django.utils import timezone
 
     from otel_taskctx.conflicts import get_conflict_store
@@ -187,7 +187,7 @@ def _run(console: Console, options: dict[str, Any], worker: CeleryWorker, policy
         status=Book.Status.PUBLISHED, synced_at__gte=submitted, synced_at__lte=job["date_done"]
     )
     run.chapters_in_job = synced.count()
-    last_chapter = Chapter.objects.order_by("-synced_at").values_list("synced_at", flat=True)[0]
+    last_chapter = Chapter.objects.aggregate(last=Max("synced_at"))["last"]
     ends = [m["date_done"] for m in children] + [last_chapter]
     run.job_ended_last = all(end is not None and job["date_done"] >= end for end in ends)
     # the worker releases the locks right after it stored the result: a moment to do so

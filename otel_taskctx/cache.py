@@ -25,7 +25,6 @@ _purged: dict[str, float] = {}
 
 
 def lock_db() -> str:
-    """The database alias the lock rows are written to (the routers decide)."""
     from django.db import router
 
     from otel_taskctx.models import DescendantLock
@@ -40,7 +39,7 @@ def locks(db: str | None = None) -> Any:
 
 
 def encode(value: Any) -> str:
-    """A row's ``value``: ``base64(pickle(value))``, as Django's DatabaseCache encodes it."""
+    """``base64(pickle(value))``, as Django's DatabaseCache encodes it."""
     return base64.b64encode(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)).decode("latin1")
 
 
@@ -88,11 +87,10 @@ class LockCache(BaseCache):
             return datetime.max.replace(microsecond=0, tzinfo=tz)
         return datetime.fromtimestamp(int(timestamp), tz=tz)
 
-    def _rows(self, keys: Any, version: Any) -> tuple[Any, list[Any]]:
-        """The lock rows of ``keys`` (a queryset) and the other keys."""
+    def _rows(self, keys: Any, version: Any) -> Any:
+        """The lock rows of those of ``keys`` that are lock keys."""
         mine = [self.make_and_validate_key(k, version) for k in keys if self.is_lock_key(k)]
-        others = [k for k in keys if not self.is_lock_key(k)]
-        return locks().filter(cache_key__in=mine), others
+        return locks().filter(cache_key__in=mine)
 
     def get(self, key, default=None, version=None):  # type: ignore[no-untyped-def]
         if not self.is_lock_key(key):
@@ -147,22 +145,21 @@ class LockCache(BaseCache):
     def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):  # type: ignore[no-untyped-def]
         if not self.is_lock_key(key):
             return self.fallback.touch(key, timeout, version)
-        rows = self._rows([key], version)[0].filter(expires__gte=now())
+        rows = self._rows([key], version).filter(expires__gte=now())
         return bool(rows.update(expires=self.expiry(timeout)))
 
     def delete(self, key, version=None):  # type: ignore[no-untyped-def]
         if not self.is_lock_key(key):
             return self.fallback.delete(key, version)
-        return bool(self._rows([key], version)[0].delete()[0])
+        return bool(self._rows([key], version).delete()[0])
 
     def delete_many(self, keys, version=None):  # type: ignore[no-untyped-def]
-        rows, others = self._rows(list(keys), version)
-        if others:
+        keys = list(keys)
+        if others := [k for k in keys if not self.is_lock_key(k)]:
             self.fallback.delete_many(others, version)
-        rows.delete()
+        self._rows(keys, version).delete()
 
     def clear(self) -> None:
-        """Clear the fallback cache and every lock row (as Django's ``clear`` its table)."""
         self.fallback.clear()
         locks().all().delete()
 
@@ -233,8 +230,11 @@ def lock_loss(cache: Any) -> str | None:
     return _LOSSES.get("database" if kind == "culling-database" else kind)
 
 
-def refusal(alias: str, cache: Any, reason: str) -> str:
-    """The message of a refused lock: the cache alias, the reason and the settings fix."""
+def refusal(alias: str, cache: Any) -> str | None:
+    """Why a lock in ``cache`` is refused (the alias, the reason, the settings fix), or None."""
+    reason = lock_loss(cache)
+    if reason is None:
+        return None
     path = f"{type(cache).__module__}.{type(cache).__qualname__}"
     return (
         f"cache {alias!r} ({path}) cannot hold conflict locks: {reason}. Nothing was locked. "

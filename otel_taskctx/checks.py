@@ -147,8 +147,8 @@ def check_task_carrier_database(app_configs=None, **kwargs):
 @register(Tags.compatibility)
 def check_fan_out(app_configs=None, **kwargs):
     """A known ``NESTED_POLICY`` (E071); fan-out only where a job can wait for its children:
-    not on a sync django-q2 cluster (E070) nor on a backend that runs tasks in the caller or
-    never (W072)."""
+    not on a sync django-q2 cluster (E070), a backend that runs tasks in the caller or never
+    (W072), nor with Celery's ``task_always_eager`` (W073)."""
     policy, listed = _settings("NESTED_POLICY", "FAN_OUT") or ("inline", [])
     if policy not in ("inline", "fan_out"):
         hint = "Use 'inline' (the default) or 'fan_out'."
@@ -174,6 +174,15 @@ def check_fan_out(app_configs=None, **kwargs):
             "alias's tasks @run_inline.",
             alias,
         )
+    if _celery_eager():
+        problems += _issue(
+            Warning,
+            "W073",
+            f"{FAN_OUT}Celery's task_always_eager runs every task in the caller: a nested "
+            "launch of a Celery task that fans out raises FanOutUnavailable.",
+            "Turn task_always_eager off (CELERY_TASK_ALWAYS_EAGER), or mark those tasks "
+            "@run_inline.",
+        )
     if (getattr(settings, "Q_CLUSTER", None) or {}).get("sync"):
         problems += _issue(
             Error,
@@ -184,6 +193,23 @@ def check_fan_out(app_configs=None, **kwargs):
             "Turn Q_CLUSTER['sync'] off, or set NESTED_POLICY to 'inline' and FAN_OUT to [].",
         )
     return problems
+
+
+def _celery_eager() -> bool:
+    """Celery runs tasks in the caller: ``CELERY_TASK_ALWAYS_EAGER`` (the Django settings
+    namespace), or the current app's ``task_always_eager`` where Celery is imported."""
+    import sys
+
+    if getattr(settings, "CELERY_TASK_ALWAYS_EAGER", False):
+        return True
+    if "celery" not in sys.modules:  # never imported here
+        return False
+    try:
+        from celery import current_app
+
+        return bool(current_app.conf.task_always_eager)
+    except Exception:
+        return False
 
 
 # --- powercrud's cache ----------------------------------------------------------------------

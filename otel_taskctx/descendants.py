@@ -97,15 +97,9 @@ def register_descendants(model: Any, ids: Iterable[Hashable]) -> Registration:
         return Registration(False, "not inside a task", model=label)
     if not id_list:
         return Registration(False, "no ids", task_key=identity.task_key, model=label)
-    result = register_for(identity, {label: id_list})
-    return Registration(
-        True,
-        "reserved",
-        task_key=identity.task_key,
-        model=label,
-        reserved=result.reserved.get(label, []),
-        already_held=result.already_held.get(label, []),
-    )
+    done = register_for(identity, {label: id_list})
+    reserved, held = done.reserved.get(label, []), done.already_held.get(label, [])
+    return Registration(True, "reserved", identity.task_key, label, reserved, held)
 
 
 def register_for(

@@ -47,3 +47,11 @@ class FanOutChildFailed(TaskContextError):
 
 class FanOutChildLost(TaskContextError):
     """A fanned-out ``django.tasks`` child that never ended: the sweep fails it with this."""
+
+
+class CanvasInsideJob(TaskContextError):
+    """A Celery canvas (group, chain, chord, link, link_error) launched inside a job."""
+
+
+class NestedTaskNotRegistered(TaskContextError, LookupError):
+    """``send_task`` inside a job, to run inline, of a task this process does not have."""

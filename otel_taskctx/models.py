@@ -1,26 +1,6 @@
-"""The otel_taskctx app's models: the span store, the descendant lock table, the fan-out
-barrier and the carriers of queued ``django.tasks`` tasks.
-
-**TaskSpan** — The span store: one row per span, written by :mod:`otel_taskctx.spans`.
-
-A row is inserted when a long-running span starts (``end_ns`` NULL: "running") and completed
-(upserted on its ids) when the span ends. Times are nanoseconds since the epoch as the
-OpenTelemetry SDK reports them; ``started_at`` repeats the start as a datetime for retention
-and listing.
-
-The two lookups (a span by its ids, a job tree by its root task key) are on random keys. Their
-indexes lead with ``start_hour`` (the hour ``start_ns`` falls in), so new rows land
-in the indexes' newest hour instead of on a page anywhere in them: with 100,000 spans of the
-past day in the table, 1,000 new spans dirty ~180 distinct pages instead of ~1,400 (each one
-written to the WAL and again at the checkpoint). Lookups name the hours to seek (see
-:func:`otel_taskctx.spans.queries.stored_hours`).
-
-**DescendantLock** — The lock rows of :class:`otel_taskctx.cache.LockCache` and of the
-database conflict store: powercrud's lock keys, tracking sets, progress and active-task keys
-(``cache_key`` with the cache's key prefix and version), written through the ORM. ``value``
-is ``base64(pickle(value))``, the encoding of Django's DatabaseCache (rows written before
-this model took over stay readable). Only expired rows are ever deleted, never live ones.
-"""
+"""The otel_taskctx app's models: the span store (docs/viewer.md, "The span store"), the lock
+rows of :class:`otel_taskctx.cache.LockCache` (docs/conflicts.md, *Storage*), the fan-out
+barrier and the carriers of queued ``django.tasks`` tasks."""
 
 from __future__ import annotations
 
@@ -38,19 +18,13 @@ def hour_of(start_ns: int) -> int:
 
 
 class HourField(models.BigIntegerField):
-    """``start_hour``: set from ``start_ns`` whenever the ORM writes the row (``save()``,
-    ``create()``, the span store's ``bulk_create()``).
-
-    (A plain column, not a ``GeneratedField``: Django's checks of a generated column connect to
-    PostgreSQL, so every management command would need the database to exist. A
-    ``QuerySet.update()`` of ``start_ns`` would leave it behind; nothing does that.)
-    """
+    """``start_hour``, set from ``start_ns`` whenever the ORM writes the row. (Not a
+    ``GeneratedField``: Django checks those against PostgreSQL in every management command.)"""
 
     def pre_save(self, model_instance: Any, add: bool) -> Any:
         start = model_instance.start_ns
-        value = None if start is None else hour_of(start)
-        setattr(model_instance, self.attname, value)
-        return value
+        setattr(model_instance, self.attname, None if start is None else hour_of(start))
+        return getattr(model_instance, self.attname)
 
 
 class TaskSpan(models.Model):

@@ -49,6 +49,9 @@ def func_path(func: Any) -> str:
     """Dotted path of a task function (django-q2 accepts a callable or a dotted string)."""
     if isinstance(func, str):
         return func
+    name = getattr(func, "name", None)
+    if isinstance(name, str) and callable(getattr(func, "apply_async", None)):
+        return name  # a Celery task: its registered name
     module = getattr(func, "__module__", None)
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
     if module and name:

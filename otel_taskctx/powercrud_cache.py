@@ -33,11 +33,9 @@ def refusal_for_alias() -> str | None:
 
     alias = get_powercrud_setting("CACHE_NAME", "default")
     try:
-        cache = caches[alias]
+        return refusal(alias, caches[alias])
     except Exception:  # a missing alias: powercrud's own error says so
         return None
-    reason = lock_loss(cache)
-    return refusal(alias, cache, reason) if reason else None
 
 
 def _async_manager() -> Any:
@@ -50,13 +48,13 @@ def _async_manager() -> Any:
     return AsyncManager
 
 
+class _Wrapper(wrapt.FunctionWrapper):
+    """Ours on ``AsyncManager.get_cache``."""
+
+
 def installed() -> bool:
     manager = _async_manager()
     return manager is not None and isinstance(vars(manager).get("get_cache"), _Wrapper)
-
-
-class _Wrapper(wrapt.FunctionWrapper):
-    """Ours on ``AsyncManager.get_cache``."""
 
 
 def install() -> bool:

@@ -35,43 +35,29 @@ def _truthy(value: Any) -> bool:
 def span_items(span: ReadableSpan) -> list[tuple[str, Any]]:
     """What ``span`` asks to forward, in order: ``("descendants", (model, ids))`` and
     ``("progress", message)`` items, skipping those marked ``taskctx.forwarded``."""
-    items: list[tuple[str, Any]] = []
     attrs: Mapping[str, Any] = span.attributes or {}
     if not span.events and not {semconv.DESCENDANTS_MODEL, semconv.PROGRESS_MESSAGE} & set(attrs):
-        return items
-    own = not _truthy(attrs.get(semconv.FORWARDED))
-    if own:
-        _add_descendants(items, attrs)
-    for event in span.events or ():
-        ev: Mapping[str, Any] = event.attributes or {}
-        if _truthy(ev.get(semconv.FORWARDED)):
-            continue
-        if event.name == semconv.DESCENDANTS_EVENT:
-            _add_descendants(items, ev)
-        elif event.name == semconv.PROGRESS_EVENT:
-            _add_progress(items, ev)
-    if own:
-        _add_progress(items, attrs)  # the span's final word
+        return []
+    own = [] if _truthy(attrs.get(semconv.FORWARDED)) else [attrs]
+    events = [(e.name, e.attributes or {}) for e in span.events or ()]
+    events = [(name, ev) for name, ev in events if not _truthy(ev.get(semconv.FORWARDED))]
+    # the span's own descendants first, then its events, its own progress last (its final word)
+    sources = [(semconv.DESCENDANTS_EVENT, a) for a in own] + events
+    items: list[tuple[str, Any]] = []
+    for name, source in sources + [(semconv.PROGRESS_EVENT, a) for a in own]:
+        if name == semconv.DESCENDANTS_EVENT:
+            found = semconv.read_descendants(source)
+            if found is not None and found[1]:
+                items.append(("descendants", found[:2]))
+        elif name == semconv.PROGRESS_EVENT and source.get(semconv.PROGRESS_MESSAGE) is not None:
+            message = source[semconv.PROGRESS_MESSAGE]
+            done, total = source.get(semconv.PROGRESS_DONE), source.get(semconv.PROGRESS_TOTAL)
+            try:  # with ``(NN%)`` when done and total are valid
+                items.append(("progress", progress_text(message, done, total)))
+            except (TypeError, ValueError):
+                log.debug("ignoring progress fraction %r/%r", done, total)
+                items.append(("progress", str(message)))
     return items
-
-
-def _add_progress(items: list[tuple[str, Any]], attrs: Mapping[str, Any]) -> None:
-    """The message, with ``(NN%)`` when ``taskctx.progress.done``/``.total`` are valid."""
-    message = attrs.get(semconv.PROGRESS_MESSAGE)
-    if message is None:
-        return
-    done, total = attrs.get(semconv.PROGRESS_DONE), attrs.get(semconv.PROGRESS_TOTAL)
-    try:
-        items.append(("progress", progress_text(message, done, total)))
-    except (TypeError, ValueError):
-        log.debug("ignoring progress fraction %r/%r", done, total)
-        items.append(("progress", str(message)))
-
-
-def _add_descendants(items: list[tuple[str, Any]], attributes: Mapping[str, Any]) -> None:
-    found = semconv.read_descendants(attributes)
-    if found is not None and found[1]:
-        items.append(("descendants", (found[0], found[1])))
 
 
 class TaskContextSpanProcessor(SpanProcessor):

@@ -7,10 +7,9 @@ API only at import; the SDK's public API (``add_span_processor``) when a provide
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import trace
@@ -70,16 +69,22 @@ def sdk_tracer_provider(create: bool = True) -> Any | None:
 
 
 def join_tracer_provider(provider: Any = None) -> bool:
-    """Add otel_taskctx's processors to ``provider`` (default: the host's global one), once.
-
-    Call it right after your ``trace.set_tracer_provider(...)`` if that comes after
-    ``django.setup()`` and your spans before our next one should be processed too.
-    """
+    """Add otel_taskctx's processors to ``provider`` (default: the host's global one), once:
+    right after a ``trace.set_tracer_provider(...)`` made after ``django.setup()``."""
     provider = provider or host_tracer_provider()
     if provider is None or not hasattr(provider, "add_span_processor"):
         return False
     _join(provider)
     return True
+
+
+def _add(provider: Any, name: str, make: Callable[[], Any]) -> Any:
+    """Add the processor ``make()`` to ``provider`` as ``name``, unless it has one (lock held)."""
+    added = _added.setdefault(provider, {})
+    if name not in added:
+        added[name] = make()
+        provider.add_span_processor(added[name])
+    return added[name]
 
 
 def _join(provider: Any) -> None:
@@ -88,11 +93,8 @@ def _join(provider: Any) -> None:
     if all(n in _added.get(provider, ()) for n in names):
         return
     with _lock:
-        added = _added.setdefault(provider, {})
         for name in names:
-            if name not in added:
-                added[name] = _instance(name)
-                provider.add_span_processor(added[name])
+            _add(provider, name, lambda name=name: _instance(name))
 
 
 def _instance(name: str) -> Any:
@@ -121,28 +123,19 @@ def add_span_processor_once(
     provider: Any = None,
     private_only: bool = False,
 ) -> Any | None:
-    """Our processor ``name`` (made once by ``factory``) on the providers we use.
-
-    Without ``provider``: on the host's provider (now, or once it sets one) and on our private
-    one (``private_only``: that one only, made when it is set up); ``create=False`` does not set
-    up the private provider now. With ``provider``: added to it only. Returns the processor
-    (None when not made yet, or without the SDK).
-    """
+    """Our processor ``name`` (made once by ``factory``) on the host's provider (now or once
+    set) and our private one (``private_only``: that one only, made with it; ``create=False``:
+    not set up now); with ``provider``, on that one only. None if not made yet or no SDK."""
     if _sdk_provider_class() is None:
         return None
     with _lock:
         if provider is not None:
-            added = _added.setdefault(provider, {})
-            if name not in added:
-                added[name] = factory()
-                provider.add_span_processor(added[name])
-            return added[name]
+            return _add(provider, name, factory)
         _factories.setdefault(name, (factory, private_only))
         if not private_only:
             _instance(name)  # the same one on every provider
     if private_only:
-        private_tracer_provider(create)
-        if _private is not None:
+        if private_tracer_provider(create) is not None:
             _join(_private)
     else:
         sdk_tracer_provider(create)
@@ -152,43 +145,32 @@ def add_span_processor_once(
 class _Tracer(trace.Tracer):
     """Starts spans on the host's provider once it has one, on our private one until then."""
 
-    def __init__(self, *args: Any) -> None:
-        self._args = args
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self._args, self._kwargs = args, kwargs
         self._host: Any = None  # the host's tracer: final once found (the global is set once)
         self._own: Any = None
 
     def _tracer(self) -> Any:
-        host = self._host or host_tracer_provider()
-        if host is not None and self._host is None:
+        if self._host is None and (host := host_tracer_provider()) is not None:
             join_tracer_provider(host)
-            self._host = host = host.get_tracer(*self._args)
-        if host is None and self._own is None:
+            self._host = host.get_tracer(*self._args, **self._kwargs)
+        if self._host is None and self._own is None:
             provider = private_tracer_provider() or trace.NoOpTracerProvider()
-            self._own = provider.get_tracer(*self._args)
-        return host or self._own
+            self._own = provider.get_tracer(*self._args, **self._kwargs)
+        return self._host or self._own
 
     def start_span(self, *args: Any, **kwargs: Any) -> Any:
         return self._tracer().start_span(*args, **kwargs)
 
-    @contextlib.contextmanager
-    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        with self._tracer().start_as_current_span(*args, **kwargs) as span:
-            yield span
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tracer().start_as_current_span(*args, **kwargs)
 
 
 class TaskCtxTracerProvider(trace.TracerProvider):
     """The provider otel_taskctx's instrumentation gets its tracers from (never global)."""
 
-    def get_tracer(
-        self,
-        instrumenting_module_name: str,
-        instrumenting_library_version: str | None = None,
-        schema_url: str | None = None,
-        attributes: Any = None,
-    ) -> trace.Tracer:
-        return _Tracer(
-            instrumenting_module_name, instrumenting_library_version, schema_url, attributes
-        )
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _Tracer(args, kwargs)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Flush the provider our spans go to (and our private one, if used before)."""

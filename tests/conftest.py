@@ -4,6 +4,7 @@ import pytest
 from django.core.management import call_command
 
 from otel_taskctx import identity
+from tests.celery_worker import celery_worker  # noqa: F401  (a real Celery worker)
 from tests.cluster import cluster_factory, qcluster  # noqa: F401  (fixtures: a real qcluster)
 
 STACK = os.environ.get("TASKCTX_STACK", "embedded")

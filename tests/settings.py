@@ -142,6 +142,40 @@ elif STACK == "embedded":
 else:  # pragma: no cover - configuration error
     raise RuntimeError(f"unknown TASKCTX_STACK {STACK!r}: use 'embedded' or 'redis-postgres'")
 
+# Celery (tests/celery_app.py, tests/celery_worker.py): the broker from TASKCTX_CELERY_BROKER,
+# kombu's filesystem transport in the run dir by default (no server), Redis DB REDIS_DB + 1 on
+# the production stack, or RabbitMQ; every queue and exchange name carries INSTANCE
+CELERY_BROKER = os.environ.get(
+    "TASKCTX_CELERY_BROKER", "redis" if STACK == "redis-postgres" else "filesystem"
+)
+CELERY_QUEUE = f"taskctx-{INSTANCE}"
+if CELERY_BROKER == "filesystem":
+    _celery_dir = _run_dir / "celery-broker"
+    _celery_dir.mkdir(exist_ok=True)
+    CELERY_BROKER_URL = "filesystem://"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_celery_dir),
+        "data_folder_out": str(_celery_dir),
+        "control_folder": str(_celery_dir / "control"),
+        "store_processed": False,
+        "polling_interval": 0.05,
+    }
+elif CELERY_BROKER == "redis":
+    CELERY_BROKER_URL = f"{REDIS_URL}/{REDIS_DB + 1}"
+elif CELERY_BROKER == "amqp":
+    CELERY_BROKER_URL = os.environ.get("TASKCTX_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+else:  # pragma: no cover - configuration error
+    raise RuntimeError(f"unknown TASKCTX_CELERY_BROKER {CELERY_BROKER!r}")
+CELERY_TASK_DEFAULT_QUEUE = CELERY_QUEUE
+CELERY_TASK_DEFAULT_EXCHANGE = CELERY_QUEUE
+CELERY_TASK_DEFAULT_ROUTING_KEY = CELERY_QUEUE
+CELERY_CONTROL_EXCHANGE = f"celery-{INSTANCE}"
+CELERY_EVENT_EXCHANGE = f"celeryev-{INSTANCE}"
+CELERY_IMPORTS = ["tests.testapp.celery_tasks"]
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# no result backend unless a test asks for one (tests.celery_worker.result_backend())
+
 POWERCRUD_SETTINGS = {"ASYNC_ENABLED": True, "CACHE_NAME": "default"}
 # Django's task framework: django-tasks-db's backend (a real ``manage.py db_worker`` runs it)
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}

@@ -5,13 +5,15 @@ import inspect
 import logging
 import sys
 import types
+import uuid
 
 import pytest
 from powercrud import async_context as pc
 from powercrud.async_manager import AsyncManager
 
-from otel_taskctx import DescendantConflict, compat, extract, inject
+from otel_taskctx import DescendantConflict, compat, extract, inject, register_descendants
 from otel_taskctx.context import attached
+from otel_taskctx.logids import format_ids
 
 NAMES = ["task_context", "get_current_task", "skip_nested_async", "register_descendant_conflicts"]
 
@@ -273,3 +275,31 @@ def test_worker_enters_powercrud_once_under_the_swap(cache, restore_powercrud):
     assert seen["powercrud"] == pc.TaskContext(key, "powercrud.async_manager.AsyncManager")
     assert (seen["depth"], seen["parent"]) == (0, None)
     assert compat.get_current_task() is None and pc.get_current_task() is None
+
+
+def test_format_ids():
+    ids = list(range(1, 2001))
+    assert format_ids([]) == "[]"
+    assert format_ids({12, 3, 7}) == "[3, 7, 12]"  # numbers in numeric order
+    assert format_ids(range(10, 0, -1)) == "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"
+    assert format_ids(range(11)) == "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] and 1 more"
+    assert format_ids(ids) == "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10] and 1,990 more"
+    keys = [uuid.UUID(int=i) for i in range(12)]
+    assert format_ids(keys, limit=2) == f"[{keys[0]}, {keys[1]}] and 10 more"
+    assert format_ids(["b", "a", 2, 1]) == "[1, 2, a, b]"
+
+
+@pytest.mark.django_db
+@pytest.mark.stack
+def test_compat_conflict_warning_lists_ten_ids_of_2000(cache, caplog):
+    manager, ids = "powercrud.async_manager.AsyncManager", list(range(1, 2001))
+    with compat.task_context("holder-3", manager):
+        assert register_descendants("testapp.Child", ids)
+    caplog.set_level(logging.WARNING)
+    with compat.task_context("other-task", manager):
+        compat.register_descendant_conflicts("testapp.Child", ids)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "otel_taskctx.compat"]
+    assert warnings == [
+        "register_descendant_conflicts: some testapp.child ids "
+        "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10] and 1,990 more are locked by another task"
+    ]

@@ -22,7 +22,7 @@ django.setup()
 import wrapt
 from django_q import signals, tasks
 from powercrud.async_manager import AsyncManager
-from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, _conflict_log, tracing
+from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor, patching, tracing
 
 def ours():
     return sorted(
@@ -36,11 +36,11 @@ def wrapped():
         "launch": isinstance(vars(AsyncManager)["launch_async_task"], wrapt.FunctionWrapper),
     }
 
-def boom():
+def boom(*args):
     raise RuntimeError("patching failed on purpose")
 
-real = _conflict_log.install_filter
-_conflict_log.install_filter = boom  # powercrud's last patch fails
+real = patching.Patches._apply_django_tasks
+patching.Patches._apply_django_tasks = boom  # the last patch fails
 error = None
 try:
     TaskContextInstrumentor().instrument()
@@ -50,7 +50,7 @@ after_failure = {
     "error": error, "wrapped": wrapped(), "receivers": ours(), "active": tracing.STATE.active
 }
 TaskContextInstrumentor().uninstrument()
-_conflict_log.install_filter = real
+patching.Patches._apply_django_tasks = real
 TaskContextInstrumentor().instrument()
 print("RESULT " + json.dumps({
     "after_failure": after_failure,

@@ -28,13 +28,9 @@ def backend_for(manager: Any) -> str:
 def get_conflict_store(
     manager: Any, backend: str | None = None, ttl: int | None = None
 ) -> CacheConflictStore:
-    """The conflict store for ``manager``'s cache.
-
-    Shared by the managers of one cache object with the same prefixes and lock TTL (kept on the
-    cache object: Django's are per thread, and a finished thread's stores go with its caches).
-    ``backend`` forces one of :data:`BACKENDS`; ``ttl`` overrides the lock TTL
-    (``OTEL_TASKCTX["LOCK_TTL"]``, else powercrud's ``CONFLICT_TTL``).
-    """
+    """The conflict store for ``manager``'s cache, shared by the managers of one cache object
+    with the same prefixes and TTL (kept on the cache object: Django's are per thread).
+    ``backend`` forces one of :data:`BACKENDS`; ``ttl`` overrides :func:`lock_ttl`."""
     if backend is None and ttl is None:
         shared = vars(manager.cache).setdefault("_otel_taskctx_conflict_stores", {})
         key = (manager.conflict_model_prefix, manager.conflict_prefix, lock_ttl(manager))

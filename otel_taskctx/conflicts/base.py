@@ -16,6 +16,9 @@ from otel_taskctx.errors import ConflictStoreUnavailable, DescendantConflict
 
 log = logging.getLogger("otel_taskctx.conflicts")
 
+#: ``{model label: ids}``; ``{model label: {id: holder task key}}``
+Ids = Mapping[str, Iterable[Hashable]]
+Holders = dict[str, dict[Hashable, str]]
 #: task keys this process reserved locks for (a task that reserved none has nothing to release)
 reserved_here: set[str] = set()
 
@@ -81,16 +84,14 @@ class CacheConflictStore:
     batch_size = 1000
 
     def __init__(self, manager: Any, ttl: int | None = None) -> None:
-        from otel_taskctx.cache import lock_loss, refusal
+        from otel_taskctx.cache import refusal
 
         self.manager, self.cache = manager, manager.cache
         self.ttl = lock_ttl(manager) if ttl is None else ttl
         self.model_prefix = manager.conflict_model_prefix
         self.tracking_prefix = manager.conflict_prefix
-        reason = lock_loss(self.cache)
-        alias = getattr(manager, "cache_name", "?")
         #: why this cache would lose locks for certain (then every reservation is refused)
-        self.refusal = refusal(alias, self.cache, reason) if reason else None
+        self.refusal = refusal(getattr(manager, "cache_name", "?"), self.cache)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.kind} ttl={self.ttl}>"
@@ -98,7 +99,7 @@ class CacheConflictStore:
     def tracking_key(self, task_key: str) -> str:
         return f"{self.tracking_prefix}{task_key}"
 
-    def items(self, conflict_ids: Mapping[str, Iterable[Hashable]]) -> list[Item]:
+    def items(self, conflict_ids: Ids) -> list[Item]:
         """The requested locks, grouped by model, each key once."""
         out = []
         for model, ids in conflict_ids.items():
@@ -114,7 +115,7 @@ class CacheConflictStore:
         except Exception as exc:
             raise ConflictStoreUnavailable(f"could not {what} ({self.kind} store): {exc}") from exc
 
-    def reserve(self, task_key: str, conflict_ids: Mapping[str, Iterable[Hashable]]) -> Reservation:
+    def reserve(self, task_key: str, conflict_ids: Ids) -> Reservation:
         """Lock every id for ``task_key``, or none (DescendantConflict names the holders); ids
         the task holds are fine, their TTL refreshed. ConflictStoreUnavailable: no cache."""
         items = self.items(conflict_ids)
@@ -127,11 +128,9 @@ class CacheConflictStore:
         fresh, held = self._guard(what, self._reserve, task_key, items)
         return Reservation(task_key, by_model(fresh), by_model(held))
 
-    def holders(
-        self, conflict_ids: Mapping[str, Iterable[Hashable]]
-    ) -> dict[str, dict[Hashable, str]]:
+    def holders(self, conflict_ids: Ids) -> Holders:
         """``{model: {id: holder}}`` for the ids that are locked."""
-        out: dict[str, dict[Hashable, str]] = {}
+        out: Holders = {}
         for batch in batched(self.items(conflict_ids), self.batch_size):
             values = self.cache.get_many([i.key for i in batch])
             for item in batch:
@@ -155,9 +154,7 @@ class CacheConflictStore:
             return 0
         return self._guard(f"refresh the locks of task {task_key}", self._refresh, task_key, ttl)
 
-    def conflict(
-        self, task_key: str, items: list[Item], known: dict[str, dict[Hashable, str]]
-    ) -> DescendantConflict:
+    def conflict(self, task_key: str, items: list[Item], known: Holders) -> DescendantConflict:
         """The conflict naming every requested id another task holds now (else ``known``)."""
         held = self.holders(by_model(items))
         found = {m: {i: h for i, h in ids.items() if h != task_key} for m, ids in held.items()}

@@ -108,12 +108,9 @@ class DatabaseConflictStore(CacheConflictStore):
         return [by_key[k] for k in fresh], [by_key[k] for k in held]
 
     def _insert(self, keys: tuple[str, ...], holder: str, exp: Any) -> int:
-        """Insert lock rows for ``keys`` where none is; the number inserted.
-
-        On SQLite and PostgreSQL one ``INSERT ... ON CONFLICT DO NOTHING`` that the driver runs
-        per row (``executemany``): the ORM's ``bulk_create`` builds its multi-row statement in
-        Python, 4x slower at 10,000 locks (docs/conflicts.md, *Performance*).
-        """
+        """Insert lock rows for ``keys`` where none is; the number inserted. On SQLite and
+        PostgreSQL one ``INSERT ... ON CONFLICT DO NOTHING`` run per row by the driver: the
+        ORM's ``bulk_create`` builds its statement in Python, 4x slower at 10,000 locks."""
         from otel_taskctx.models import DescendantLock
 
         connection = connections[self.db]

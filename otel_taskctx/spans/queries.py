@@ -39,9 +39,7 @@ def stored_hours() -> range:
     """The hours (``start_hour``) from the table's oldest span to its newest: two seeks."""
     hours = TaskSpan.objects.order_by("start_hour").values_list("start_hour", flat=True)
     first = hours.first()
-    if first is None:
-        return range(0)
-    return range(first, hours.reverse().first() + 1)
+    return range(0) if first is None else range(first, hours.reverse().first() + 1)
 
 
 def in_hours(hours: range) -> Q:
@@ -65,10 +63,8 @@ def resolve_root_key(
     spans = TaskSpan.objects.all() if spans is None else spans
     if of_tree(task_key, spans, hours).exists():
         return task_key
-    row = (
-        spans.filter(task_key=task_key).exclude(root_task_key=None).values("root_task_key").first()
-    )
-    return row["root_task_key"] if row else None
+    keys = spans.filter(task_key=task_key).exclude(root_task_key=None)
+    return keys.values_list("root_task_key", flat=True).first()
 
 
 def load_tree(
@@ -153,12 +149,8 @@ def tree_summaries(
         user_id=Max("user_id"),
         user_label=Max("user_label"),
     )
-    if status == "error":
-        rows = rows.filter(errors__gt=0)
-    elif status == "running":
-        rows = rows.filter(running__gt=0, errors=0)
-    elif status == "ok":
-        rows = rows.filter(running=0, errors=0)
+    ok, running = Q(running=0, errors=0), Q(running__gt=0, errors=0)
+    rows = rows.filter({"error": Q(errors__gt=0), "running": running, "ok": ok}.get(status, Q()))
     return rows.order_by("-start_ns", "root_task_key")
 
 
@@ -168,15 +160,13 @@ def decorate_summaries(
     """Add status, duration and the launching request to summary rows (one page of them)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     hours = stored_hours() if rows else range(0)
-    out = []
-    for row in rows:
-        row = dict(row)
+    out = [dict(row) for row in rows]
+    for row in out:
         row["status"] = "error" if row["errors"] else "running" if row["running"] else "ok"
         end = now_ns if row["running"] or row["last_end_ns"] is None else row["last_end_ns"]
         row["duration_ns"] = max(0, end - row["start_ns"])
         row["descendants"] = row["descendants"] or 0
         row["request"] = launching_request(row["root_task_key"], hours)
-        out.append(row)
     return out
 
 
@@ -185,8 +175,7 @@ def launching_request(root_key: str, hours: range | None = None) -> str | None:
     first span, outside the job) that launched the job, if it was stored."""
     hours = stored_hours() if hours is None else hours
     first = of_tree(root_key, hours=hours).order_by("start_ns").values("trace_id", "start_ns")
-    first = first.first()
-    if first is None:
+    if (first := first.first()) is None:
         return None
     server = (
         TaskSpan.objects.filter(in_hours(hours), trace_id=first["trace_id"], kind="SERVER")

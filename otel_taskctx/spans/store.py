@@ -1,10 +1,6 @@
-"""The span store: spans written to :class:`~otel_taskctx.models.TaskSpan` through the ORM.
-
-Finished spans go through the SDK's ``BatchSpanProcessor`` (its thread and queue) to
-:class:`DatabaseSpanExporter`; :class:`RunningSpanProcessor` gives spans still running a
-"running" row. How it behaves is in docs/viewer.md ("The span store"). The exporters of
-``OTEL_TRACES_EXPORTER`` join otel_taskctx's private provider only.
-"""
+"""The span store: spans written to :class:`~otel_taskctx.models.TaskSpan` through the ORM by
+the SDK's ``BatchSpanProcessor``, with a "running" row for spans still open (docs/viewer.md,
+"The span store"); and the exporters of ``OTEL_TRACES_EXPORTER`` on our private provider."""
 
 from __future__ import annotations
 
@@ -28,7 +24,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
-from otel_taskctx.context import start_detached
+from otel_taskctx.context import attached, start_detached
 from otel_taskctx.spans.rows import span_row
 from otel_taskctx.tracer_provider import (
     add_span_processor_once,
@@ -75,9 +71,8 @@ def span_target(using: str | None = None) -> tuple[str, Any]:
 
 
 class DatabaseSpanExporter(SpanExporter):
-    """Writes spans to the span table (an upsert on the span's hour and ids); never raises.
-    Spans made for another ``target`` than the database the settings name now (a test
-    database gone) are dropped."""
+    """Upserts spans into the span table; never raises. Spans made for another ``target`` than
+    the database the settings name now (a test database gone) are dropped."""
 
     running = False  # True: insert rows of running spans where absent
 
@@ -118,7 +113,10 @@ class DatabaseSpanExporter(SpanExporter):
         connection = connections[alias]
         if not rows:
             return True
-        in_loop = _in_event_loop()  # (Django refuses database access there)
+        try:  # Django refuses database access in an event loop
+            in_loop = asyncio.get_running_loop() is not None
+        except RuntimeError:
+            in_loop = False
         if connection.in_atomic_block or in_loop:
             thread = threading.Thread(target=self.write, args=(rows, alias), daemon=True)
             start_detached(thread)
@@ -141,7 +139,6 @@ class DatabaseSpanExporter(SpanExporter):
         finally:
             if opened:
                 connection.close()
-        return False  # pragma: no cover
 
     def _upsert(self, rows: list[dict[str, Any]], alias: str) -> None:
         from otel_taskctx.models import TaskSpan
@@ -172,18 +169,10 @@ class DatabaseSpanExporter(SpanExporter):
         return False
 
 
-def _in_event_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-class _Batches(SpanProcessor):
-    """The SDK's ``BatchSpanProcessor`` for the span database the settings name now: made at
-    the first span (a qcluster forks with no thread of ours alive), made anew (the old one's
-    spans dropped) when the settings name another."""
+class StoreSpanProcessor(SpanProcessor):
+    """Stores finished spans through the SDK's ``BatchSpanProcessor`` for the span database the
+    settings name now: made at the first span (a qcluster forks with no thread of ours alive),
+    made anew (the old one's spans dropped) when the settings name another."""
 
     def __init__(self, schedule_delay_millis: float = 1000, using: str | None = None) -> None:
         self.schedule_delay_millis = schedule_delay_millis
@@ -201,15 +190,12 @@ class _Batches(SpanProcessor):
         with _lock:
             made_for, old = self._current
             if old is None or made_for != target:
-                token = context.attach(context.Context())  # its thread runs in no job
-                try:
+                with attached(context.Context()):  # its thread runs in no job
                     batch = BatchSpanProcessor(
                         self._exporter(target),
                         schedule_delay_millis=self.schedule_delay_millis,
                         max_export_batch_size=BATCH,
                     )
-                finally:
-                    context.detach(token)
                 self._current = (target, batch)
                 if old is not None:
                     old.shutdown()
@@ -231,12 +217,7 @@ class _Batches(SpanProcessor):
             batch.shutdown()
 
 
-class StoreSpanProcessor(_Batches):
-    """Stores finished (sampled) spans, written in batches once a second (``schedule_delay``)
-    on the batch processor's thread."""
-
-
-class RunningSpanProcessor(_Batches):
+class RunningSpanProcessor(StoreSpanProcessor):
     """Gives spans still running ``running_delay`` seconds after they started a "running" row,
     and the spans open under one that has a row, whatever their age (the step a job is in);
     spans too young go back to the queue of its batch processor."""
@@ -256,8 +237,7 @@ class RunningSpanProcessor(_Batches):
         pass
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Write a running row for every span still open now."""
-        self.forcing = True
+        self.forcing = True  # a running row for every span still open now
         try:
             return super().force_flush(timeout_millis)
         finally:
@@ -287,12 +267,8 @@ class _RunningRows(DatabaseSpanExporter):
         for span in sorted(spans, key=lambda s: s.start_time or 0):
             if span.end_time is not None:
                 continue
-            parent = span.parent
-            if (
-                force
-                or now - span.start_time >= delay
-                or (parent is not None and (parent.trace_id, parent.span_id) in self.recorded)
-            ):
+            parent = span.parent and (span.parent.trace_id, span.parent.span_id)
+            if force or now - span.start_time >= delay or parent in self.recorded:
                 self.recorded[span.context.trace_id, span.context.span_id] = span
                 due.append(span)
             else:
@@ -315,18 +291,17 @@ def flush_span_store(
 ) -> bool:
     """Write this process's pending spans now (``running``: the running ones' rows too), and
     push the exporters of ``OTEL_TRACES_EXPORTER``."""
-    ok = True
+    ok, millis = True, int(timeout * 1000)
     for name, processor in registered_processors().items():
         if name == STORE or (name == RUNNING and running):
-            ok = processor.force_flush(int(timeout * 1000)) and ok
+            ok = processor.force_flush(millis) and ok
         elif name.startswith(ENV_PREFIX) and include_exporters:
-            processor.force_flush(int(timeout * 1000))
+            processor.force_flush(millis)
     return ok
 
 
 def requested_exporters(environ: dict[str, str] | None = None) -> list[str]:
-    """Exporter names from ``OTEL_TRACES_EXPORTER`` (default: ``otlp`` when an OTLP endpoint
-    is set, else none)."""
+    """``OTEL_TRACES_EXPORTER``'s names (default: ``otlp`` if an OTLP endpoint is set)."""
     env = os.environ if environ is None else environ
     value = env.get("OTEL_TRACES_EXPORTER")
     if value is None:
@@ -363,13 +338,10 @@ def install_env_exporters(environ: dict[str, str] | None = None, provider: Any =
     """Add the exporters the environment names to otel_taskctx's private provider (none when
     the host has a provider), or to ``provider`` if we created it; returns their names."""
     env = dict(os.environ if environ is None else environ)
-    names = requested_exporters(env)
-    if provider is None and host_tracer_provider() is not None:
-        return []
-    if provider is not None and not created_here(provider):
+    if not (host_tracer_provider() is None if provider is None else created_here(provider)):
         return []
     added = []
-    for name in names:
+    for name in requested_exporters(env):
         if ENV_PREFIX + name in added_processors(provider):
             continue
         factory = _processor(name, env)

@@ -27,14 +27,19 @@ class Command(BaseCommand):
         parser.add_argument("--every-hours", type=int, default=24, help="schedule interval")
 
     def handle(self, *args, **options):
-        if options["schedule"] or options["unschedule"]:
-            from django_q.models import Schedule
+        if not (options["schedule"] or options["unschedule"]):
+            count = prune_spans(options["days"], dry_run=options["dry_run"])
+            dry = options["dry_run"]
+            self.stdout.write(
+                f"{count} span(s) would be deleted" if dry else f"deleted {count} span(s)"
+            )
+            return
+        from django_q.models import Schedule
 
-            schedules = Schedule.objects.filter(name=SCHEDULE_NAME)
         if options["unschedule"]:
-            removed, _ = schedules.delete()
+            removed, _ = Schedule.objects.filter(name=SCHEDULE_NAME).delete()
             self.stdout.write(f"removed {removed} schedule(s) named {SCHEDULE_NAME!r}")
-        elif options["schedule"]:
+        else:
             hours = options["every_hours"]
             _, created = Schedule.objects.update_or_create(
                 name=SCHEDULE_NAME,
@@ -47,9 +52,3 @@ class Command(BaseCommand):
             )
             verb = "created" if created else "updated"
             self.stdout.write(f"{verb} django-q2 schedule {SCHEDULE_NAME!r} (every {hours}h)")
-        else:
-            count = prune_spans(options["days"], dry_run=options["dry_run"])
-            dry = options["dry_run"]
-            self.stdout.write(
-                f"{count} span(s) would be deleted" if dry else f"deleted {count} span(s)"
-            )

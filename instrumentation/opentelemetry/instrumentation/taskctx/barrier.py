@@ -153,10 +153,19 @@ def failure_message(failed: list[Any]) -> str:
     return f"fan-out child {first.func} (task {first.task_id}) failed: {first.error}{more}"
 
 
+#: ``(owns(job_key, result_id), complete(job_key, job, children_failure))`` of front ends
+#: that complete their own jobs (Celery's: ``celery_jobs``, registered when it is imported)
+completions: list[tuple[Any, Any]] = []
+
+
 def complete(job_key: str, job: Any, failed: list[Any]) -> None:
-    """Complete a fanned-out job after its last child: a ``django.tasks`` job's locks and held
-    result; a django-q2 job through powercrud's completion hook."""
+    """Complete a fanned-out job after its last child: through :data:`completions` (Celery);
+    a ``django.tasks`` job's locks and held result; a django-q2 job through powercrud's hook."""
     try:
+        for owns, finish in completions:
+            if owns(job_key, job.result_id):
+                finish(job_key, job, failure_message(failed) if failed else "")
+                return
         if job.result_id:
             from otel_taskctx.conflicts import release_locks
             from otel_taskctx.descendants import resolve_manager

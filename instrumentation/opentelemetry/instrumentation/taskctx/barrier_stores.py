@@ -68,37 +68,34 @@ class Row:
     result_id: str = ""
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 class RedisBarrier:
     def __init__(self, cache: Any) -> None:
         self.client = cache.client
-        redis = self.client.get_client(write=True)
-        self._child_end = redis.register_script(CHILD_END_LUA)
-        self._job_end = redis.register_script(JOB_END_LUA)
-        self._pending = str(self.client.make_key(f"{PREFIX}pending"))
+        self.redis = self.client.get_client(write=True)
+        self._child_end = self.redis.register_script(CHILD_END_LUA)
+        self._job_end = self.redis.register_script(JOB_END_LUA)
+        self._pending = self._key("pending")
 
-    def _redis(self) -> Any:
-        return self.client.get_client(write=True)
-
-    def _job(self, job_key: str) -> str:
-        return str(self.client.make_key(f"{PREFIX}job:{job_key}"))
+    def _key(self, name: str) -> str:
+        return str(self.client.make_key(f"{PREFIX}{name}"))
 
     @staticmethod
     def _member(job_key: str, name: str) -> str:
         return f"{job_key}\n{name}"
 
-    def _name(self, name: str) -> str:
-        return str(self.client.make_key(f"{PREFIX}name:{name}"))
-
     def job_of(self, name: str) -> str | None:
-        raw = self._redis().get(self._name(name))
-        return raw.decode() if isinstance(raw, bytes) else raw
+        raw = self.redis.get(self._key(f"name:{name}"))
+        return None if raw is None else _text(raw)
 
     def add_child(self, job_key: str, name: str, func: str, named: bool = True) -> None:
-        key = self._job(job_key)
-        now = time.time()
-        with self._redis().pipeline(transaction=True) as pipe:
+        key, now = self._key(f"job:{job_key}"), time.time()
+        with self.redis.pipeline(transaction=True) as pipe:
             if not named:
-                pipe.set(self._name(name), job_key, ex=KEEP_SECONDS)
+                pipe.set(self._key(f"name:{name}"), job_key, ex=KEEP_SECONDS)
             pipe.hset(key, f"c:{name}", json.dumps({"f": func, "s": "pending", "e": "", "t": now}))
             pipe.hincrby(key, "pending", 1)
             pipe.expire(key, KEEP_SECONDS)
@@ -106,62 +103,52 @@ class RedisBarrier:
             pipe.execute()
 
     def remove_child(self, job_key: str, name: str) -> None:
-        key = self._job(job_key)
-        with self._redis().pipeline(transaction=True) as pipe:
+        key = self._key(f"job:{job_key}")
+        with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(key, f"c:{name}")
             pipe.hincrby(key, "pending", -1)
             pipe.zrem(self._pending, self._member(job_key, name))
             results = pipe.execute()
-        if results[1] <= 0 and self._redis().hlen(key) <= 1:
-            self._redis().delete(key)  # only the counter was left: no child any more
+        if results[1] <= 0 and self.redis.hlen(key) <= 1:
+            self.redis.delete(key)  # only the counter was left: no child any more
 
     def has_children(self, job_key: str) -> bool:
-        return bool(self._redis().exists(self._job(job_key)))
+        return bool(self.redis.exists(self._key(f"job:{job_key}")))
 
     def child_ended(self, job_key: str, name: str, state: str, error: str) -> int:
-        keys = [self._job(job_key), self._pending]
+        keys = [self._key(f"job:{job_key}"), self._pending]
         return int(self._child_end(keys, [name, state, error, self._member(job_key, name)]))
 
     def job_ended(self, job_key: str, func: str, result_id: str, error: str) -> int:
         job = json.dumps({"s": "pending", "f": func, "r": result_id, "e": error})
-        return int(self._job_end([self._job(job_key)], [job]))
+        return int(self._job_end([self._key(f"job:{job_key}")], [job]))
 
     def take(self, job_key: str) -> tuple[Row, list[Row]]:
-        key = self._job(job_key)
-        with self._redis().pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key := self._key(f"job:{job_key}"))
             pipe.delete(key)
             fields = pipe.execute()[0]
         job, failed = Row(JOB_ROW), []
-        for raw_field, raw in fields.items():
-            field = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+        for field, raw in ((_text(f), json.loads(v)) for f, v in fields.items()):
             if field == "job":
-                j = json.loads(raw)
-                job = Row(JOB_ROW, j.get("f", ""), "done", j.get("e", ""), j.get("r", ""))
-            elif field.startswith("c:"):
-                c = json.loads(raw)
-                if c.get("s") == "failed":
-                    failed.append(Row(field[2:], c.get("f", ""), "failed", c.get("e", "")))
+                job = Row(JOB_ROW, raw.get("f", ""), "done", raw.get("e", ""), raw.get("r", ""))
+            elif field.startswith("c:") and raw.get("s") == "failed":
+                failed.append(Row(field[2:], raw.get("f", ""), "failed", raw.get("e", "")))
         return job, failed
 
     def any_pending(self) -> bool:
-        return bool(self._redis().zcard(self._pending))
+        return bool(self.redis.zcard(self._pending))
 
     def stale(self, timeout: float) -> list[tuple[str, str]]:
-        members = self._redis().zrangebyscore(self._pending, "-inf", time.time() - timeout)
-        out = []
-        for member in members:
-            text = member.decode() if isinstance(member, bytes) else str(member)
-            job_key, _, name = text.partition("\n")
-            out.append((job_key, name))
-        return out
+        members = self.redis.zrangebyscore(self._pending, "-inf", time.time() - timeout)
+        return [tuple(_text(member).split("\n", 1)) for member in members]
 
     def discard(self, job_key: str) -> None:
-        key = self._job(job_key)
-        names = [f.decode()[2:] for f in self._redis().hkeys(key) if f.startswith(b"c:")]
+        key = self._key(f"job:{job_key}")
+        names = [f.decode()[2:] for f in self.redis.hkeys(key) if f.startswith(b"c:")]
         if names:
-            self._redis().zrem(self._pending, *(self._member(job_key, n) for n in names))
-        self._redis().delete(key)
+            self.redis.zrem(self._pending, *(self._member(job_key, n) for n in names))
+        self.redis.delete(key)
 
 
 class DatabaseBarrier:

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import wrapt
-from opentelemetry.instrumentation.taskctx import _conflict_log, consumer, fan_out, producer
+from opentelemetry.instrumentation.taskctx import consumer, fan_out, producer
 from opentelemetry.instrumentation.taskctx.tracing import flush_at_exit
 from opentelemetry.instrumentation.utils import unwrap
 
@@ -63,6 +63,8 @@ class Patches:
         self.async_task: tuple[Any, Any] | None = None  # (original, wrapper)
         self.applied = False
         self.deferred = False
+        #: the post-import hook's handle on these patches (emptied by remove())
+        self.celery_hook: list[Any] = [None]
 
     def wrap(self, target: Any, name: str, wrapper: Any) -> Any:
         current = vars(target)[name] if isinstance(target, type) else getattr(target, name)
@@ -86,6 +88,7 @@ class Patches:
             if hosts.powercrud_async():
                 self._apply_powercrud()
             self._apply_django_tasks()
+            self._apply_celery()
         except BaseException:
             self.remove()
             raise
@@ -124,9 +127,6 @@ class Patches:
             self.wrap(AsyncManager, "remove_conflict_ids", consumer.release_through_store)
         if "cleanup_completed_tasks" in vars(AsyncManager):
             self.wrap(AsyncManager, "cleanup_completed_tasks", fan_out.swept_cleanup)
-        if "check_conflict" in vars(AsyncManager):
-            self.wrap(AsyncManager, "check_conflict", _conflict_log.capped_check_conflict)
-            _conflict_log.install_filter()
 
     def _apply_django_tasks(self) -> None:
         """Django's task framework (``OTEL_TASKCTX["DJANGO_TASKS"]``, Django 6+)."""
@@ -153,6 +153,42 @@ class Patches:
 
             self.connect(pre_save, tasks_worker.hold_result, "hold_result", DBTaskResult)
 
+    def _apply_celery(self) -> None:
+        """Celery, once it is imported (never imported here: a post-import hook waits)."""
+        if "celery" in sys.modules:
+            self._patch_celery()
+            return
+        self.celery_hook = hook = [self]
+
+        def imported(module: Any) -> None:
+            patches = hook[0]
+            if patches is not None and patches.applied and patches is hook[0]:
+                try:
+                    patches._patch_celery()
+                except Exception:
+                    log.exception("otel_taskctx could not instrument Celery")
+
+        wrapt.register_post_import_hook(imported, "celery")
+
+    def _patch_celery(self) -> None:
+        """``Task.apply_async`` and ``Celery.send_task`` (the nested-launch policy) and
+        Celery's task signals (see docs/celery.md)."""
+        from celery import signals as c_signals
+        from celery.app.base import Celery
+        from celery.app.task import Task
+        from opentelemetry.instrumentation.taskctx import celery_producer, celery_worker
+
+        self.wrap(Task, "apply_async", celery_producer.traced_apply_async)
+        self.wrap(Celery, "send_task", celery_producer.traced_send_task)
+        for signal, receiver, name in (
+            (c_signals.before_task_publish, celery_producer.on_before_task_publish, "publish"),
+            (c_signals.task_prerun, celery_worker.on_task_prerun, "prerun"),
+            (c_signals.task_failure, celery_worker.on_task_failure, "failure"),
+            (c_signals.task_postrun, celery_worker.on_task_postrun, "postrun"),
+            (c_signals.task_revoked, celery_worker.on_task_revoked, "revoked"),
+        ):
+            self.connect(signal, receiver, f"celery_{name}")
+
     def defer(self, ready: Any) -> None:
         """Wrap ``django.setup`` so that ``ready()`` runs once the app registry is ready."""
         import django
@@ -173,7 +209,6 @@ class Patches:
         for signal, uid, sender in self.signals:
             signal.disconnect(sender=sender, dispatch_uid=uid)
         self.signals = []
-        _conflict_log.remove_filter()
         while self.wrapped:
             target, name, installed = self.wrapped.pop()
             current = vars(target).get(name) if isinstance(target, type) else getattr(target, name)
@@ -186,4 +221,5 @@ class Patches:
             original, wrapper = self.async_task
             _point_names(wrapper, original)
             self.async_task = None
+        self.celery_hook[0] = None
         self.applied = self.deferred = False

@@ -104,6 +104,8 @@ class Run:
     #: (``django.tasks``) ``held`` was decided; a carrier row was read
     checked: bool = False
     stored: bool = False
+    #: the CONSUMER span is ours to end (not another instrumentation's)
+    own_span: bool = True
 
     def finish(self) -> None:
         """The run's work is over (before the queue reports the outcome): the last progress
@@ -129,7 +131,8 @@ class Run:
         except Exception:  # detached elsewhere (a run that never got its end signal)
             log.debug("could not leave the context of a run", exc_info=True)
         finally:
-            self.span.end()
+            if self.own_span:
+                self.span.end()
             if self.identity is not None:
                 with _counters_lock:
                     _counters.pop(self.identity.task_key, None)
@@ -147,12 +150,15 @@ def begin(
     identity: TaskIdentity | None,
     fan_out: bool,
     worker: bool,
+    span: trace.Span | None = None,
 ) -> Run:
     """Start a run under its CONSUMER span (``attributes`` None: the carrier could not be read,
-    the run is isolated from the process's context, unrecorded); in a worker, refresh the
-    job's locks. A worker's run still open never got its end signal: it is closed first."""
+    the run is isolated from the process's context, unrecorded; ``span``: another
+    instrumentation's, which gets the lineage and is not ended here); in a worker, refresh
+    the job's locks. A worker's run still open never got its end signal: it is closed first."""
+    own = span is None
     if attributes is None:
-        ctx, identity, span = Context(), None, trace.INVALID_SPAN
+        ctx, identity, span = Context(), None, span or trace.INVALID_SPAN
     else:
         if identity is not None:
             attributes.update(identity.lineage_attributes())
@@ -161,9 +167,15 @@ def begin(
             from opentelemetry.instrumentation.taskctx import barrier
 
             barrier.ensure_sweeper()
-        span = STATE.tracer.start_span(
-            f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
-        )
+        if span is None:
+            span = STATE.tracer.start_span(
+                f"process {label}", context=ctx, kind=SpanKind.CONSUMER, attributes=attributes
+            )
+        elif span.is_recording():
+            lineage = identity.lineage_attributes() if identity is not None else {}
+            span.set_attributes(
+                {**lineage, **{k: v for k, v in attributes.items() if k == semconv.NESTED_MODE}}
+            )
     if worker:
         for stale_key, stale in list(RUNS.items()):
             if stale.worker:
@@ -173,7 +185,7 @@ def begin(
                 stale.finish()
                 stale.close()
     token = context.attach(trace.set_span_in_context(span, ctx))
-    run = RUNS[key] = Run(span, token, identity, worker)
+    run = RUNS[key] = Run(span, token, identity, worker, own_span=own)
     if identity is not None and worker:
         try:
             run.lock_keeper = keep_locks_alive(identity)

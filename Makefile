@@ -3,8 +3,9 @@
 #   make serve  - the sample project in the browser (runserver + qcluster)
 #   make test   - run the whole test suite
 #   make wheel-check - build the wheel, install it outside the checkout, one project per queue
-#   make host-suites - django-tasks-db's and django-q2's own test suites, plain and with
-#                  otel_taskctx installed; fails on a test that passes plain only
+#   make host-suites - django-tasks-db's, django-q2's and (a slice of) Celery's own test
+#                  suites, plain and with otel_taskctx installed; fails on a test that
+#                  passes plain only
 SHELL := /bin/bash
 export UV_PYTHON_DOWNLOADS := never
 export UV_LINK_MODE := copy
@@ -58,7 +59,8 @@ bench: env
 	$(UV) run --frozen python -m tests.benchmarks $(BENCH_ARGS)
 
 # the released sdists of the installed versions (PyPI), cached under .tools/host-suites
-# (HOST_SUITES_ARGS="--only django-q2:redis" runs one suite on one broker)
+# (HOST_SUITES_ARGS="--only django-q2:redis" runs one suite on one broker, "--only celery"
+# Celery's task and worker unit tests)
 host-suites: env
 	UV=$(UV) $(UV) run --frozen python tests/host_suites/run.py $(HOST_SUITES_ARGS)
 

@@ -23,12 +23,14 @@ HARNESS = REPO_ROOT / "tests" / "host_suites"
 
 @pytest.fixture(scope="module")
 def harness():
+    sys.path.insert(0, str(HARNESS))  # as when run as a script: its sibling modules
     spec = importlib.util.spec_from_file_location("host_suites_run", HARNESS / "run.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
+    sys.path.remove(str(HARNESS))
 
 
 SAMPLE = """
@@ -81,7 +83,7 @@ def test_junit_outcomes_of_a_real_pytest_run(harness, tmp_path):
         "pkg.test_sample::test_param[2]": "failed",
     }
     # the rerun addresses a test by its pytest node id
-    assert harness._node_id("pkg.test_sample::test_param[2]") == "pkg/test_sample.py::test_param[2]"
+    assert harness.node_id("pkg.test_sample::test_param[2]") == "pkg/test_sample.py::test_param[2]"
 
 
 def test_outcome_runner_records_each_test_of_a_real_django_run(tmp_path):
@@ -133,3 +135,89 @@ def test_only_tests_that_fail_with_us_again_are_regressions(harness, tmp_path, m
     assert "REGRESSION suite [db] b: failed" in table
     assert "REGRESSION suite [db] d: did not run" in table
     assert "flaky     suite [db] c: passed when run again" in table
+
+
+def test_node_id_tells_a_class_from_its_module(harness, tmp_path):
+    """Celery's tests are methods of classes: the junit class name holds both."""
+    (tmp_path / "t" / "unit" / "tasks").mkdir(parents=True)
+    (tmp_path / "t" / "unit" / "tasks" / "test_tasks.py").write_text("")
+    test_id = "t.unit.tasks.test_tasks.test_task_retries::test_retry[x]"
+    assert harness.node_id(test_id, tmp_path) == (
+        "t/unit/tasks/test_tasks.py::test_task_retries::test_retry[x]"
+    )
+    assert harness.node_id("t.unit.tasks.test_tasks::test_f", tmp_path) == (
+        "t/unit/tasks/test_tasks.py::test_f"
+    )
+
+
+PROBE = """
+import threading
+
+
+def test_instrumented_before_the_tests():
+    from celery import Celery
+    from celery.app.task import Task
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.instrumentation.taskctx import TaskContextInstrumentor
+
+    assert TaskContextInstrumentor().is_instrumented_by_opentelemetry
+    assert CeleryInstrumentor().is_instrumented_by_opentelemetry
+    assert type(trace.get_tracer_provider()).__module__.startswith("opentelemetry.sdk")
+    # the span store's threads, started before the session (Celery's conftest compares)
+    assert any(t.name.startswith("OtelBatch") for t in threading.enumerate())
+    app = Celery("probe", broker="memory://")
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    assert add.apply((1, 2)).get() == 3
+"""
+
+
+def test_celery_plugin_instruments_before_celery_is_imported(harness, tmp_path):
+    """The run with us: the plugin sets up Django with otel_taskctx, both instrumentors and
+    the span store's threads before any test, celery not imported yet; the log says so."""
+    import shutil
+
+    shutil.copytree(HARNESS / "celery_unit", tmp_path, dirs_exist_ok=True)
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    env = harness._env(HOST_SUITE_EXTRAS=str(tmp_path / "no-extras"))
+    env["HOST_SUITE_DB"] = str(tmp_path / "taskctx.sqlite3")
+    proc = subprocess.run(
+        [sys.executable, "host_suite_pytest.py", "test_probe.py", "-p", "no:django"]
+        + ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "host_suite_taskctx"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+    assert "otel_taskctx and opentelemetry-instrumentation-celery instrumented" in proc.stdout
+    assert "(celery imported before: False)" in proc.stdout
+
+
+def test_in_a_suite_without_timing_tests_passing_alone_is_still_a_regression(
+    harness, tmp_path, monkeypatch
+):
+    """Celery's unit tests have no timing: a test that fails with us in the whole run and
+    passes alone failed on state an earlier test left with us on."""
+    runs = {
+        (False, None): {"a": "passed", "b": "passed", "c": "passed"},
+        (True, None): {"a": "passed", "b": "failed", "c": "failed"},
+        (True, ("b", "c")): {"b": "failed", "c": "passed"},
+    }
+
+    def runner(variant, with_us, work, logs, only=None):
+        return harness.Run(runs[(with_us, tuple(only) if only else None)], 1.0, 0, logs / "x.log")
+
+    assert "celery" in harness.ORDER_STRICT
+    monkeypatch.setitem(harness.SUITES, ("celery", "memory"), runner)
+    result = harness.run_suite("celery", "memory", tmp_path)
+    assert result.regressions == ["b", "c"] and result.flaky == []
+    table = harness.table([result])
+    assert "REGRESSION celery [memory] b: failed\n" in table + "\n"
+    assert "REGRESSION celery [memory] c: failed (passed alone: order-dependent)" in table

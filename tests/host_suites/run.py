@@ -5,7 +5,7 @@ Usage (from the project's root, ``make host-suites`` does this)::
     .venv/bin/python tests/host_suites/run.py [--only SUITE[:VARIANT] ...] [--json FILE]
 
 For each suite (django-tasks-db on SQLite and PostgreSQL, django-q2 on its ORM broker and on
-Redis) the released sdist of the version installed here is taken from PyPI (cached, its
+Redis, Celery's task and worker unit tests) the released sdist of the version installed here is taken from PyPI (cached, its
 sha256 checked), unpacked afresh for every run and its tests run twice with the suite's own
 runner: once as released, once with ``"otel_taskctx"`` appended to ``INSTALLED_APPS`` and
 nothing else changed. A test that passes plain and does not pass with ``otel_taskctx`` is run
@@ -21,13 +21,16 @@ lists them and the exit status is 1), if it passes it is listed as flaky.
   extras that this environment lacks (croniter, psutil, blessed, setproctitle) are installed
   by uv into the cache, after the environment on ``sys.path``. Its MongoDB, SQS and IronMQ
   tests need services this machine does not have: deselected in both runs.
+* Celery: pytest on ``t/unit/tasks`` and ``t/unit/worker`` (no service), against the
+  installed ``celery``, its test extras in the cache as above; "with ``otel_taskctx``" is the
+  pytest plugin of ``celery_unit/`` (a Django project, both instrumentors; see its README).
+  Its tests have no timing: one that fails with us and passes alone is order-dependent
+  (state an earlier test left with us on), a regression too.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -35,18 +38,14 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tarfile
 import tempfile
 import time
-import urllib.request
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent.parent
-INDEX = os.environ.get("HOST_SUITES_INDEX", "https://pypi.org/simple")
-CACHE = Path(os.environ.get("HOST_SUITES_CACHE", REPO_ROOT / ".tools" / "host-suites"))
+from junit import junit_outcomes, node_id
+from sources import CACHE, HERE, REPO_ROOT, extras, sdist, unpack
+
 WITH_US = "HOST_SUITE_WITH_OTEL_TASKCTX"
 #: django-q2's test extras (its ``testing`` extra) missing from the project's environment
 Q_EXTRAS = ("croniter==7.0.0", "psutil==7.2.2", "blessed==1.52.0", "setproctitle==1.3.8")
@@ -83,72 +82,8 @@ class Result:
     regressions: list[str] = field(default_factory=list)
     #: passed plain, failed with us, passed with us when run again alone
     flaky: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- the sdists
-def sdist(package: str) -> Path:
-    """The released sdist of the installed version of ``package`` (downloaded once)."""
-    version = importlib.metadata.version(package)
-    target = CACHE / "sdists"
-    target.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(
-        f"{INDEX}/{package}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"}
-    )
-    normalized = package.replace("-", "_").lower()
-    wanted = f"{normalized}-{version}.tar.gz"
-    cached = target / wanted
-    if cached.exists():
-        return cached
-    with urllib.request.urlopen(request, timeout=60) as response:
-        files = json.load(response)["files"]
-    (entry,) = [f for f in files if f["filename"].lower() == wanted]
-    with urllib.request.urlopen(entry["url"], timeout=120) as response:
-        data = response.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["hashes"]["sha256"]:
-        raise RuntimeError(f"{wanted}: sha256 {digest} is not the index's")
-    partial = cached.with_suffix(".part")
-    partial.write_bytes(data)
-    partial.replace(cached)
-    return cached
-
-
-def unpack(archive: Path, into: Path) -> Path:
-    with tarfile.open(archive) as tar:
-        tar.extractall(into, filter="data")
-    (root,) = [p for p in into.iterdir() if p.is_dir()]
-    return root
-
-
-def _uv() -> str | None:
-    """uv as the Makefile found it (``UV``), on PATH, or the project's private copy."""
-    for candidate in (os.environ.get("UV"), "uv", str(REPO_ROOT / ".tools" / "bin" / "uv")):
-        found = shutil.which(candidate) if candidate else None
-        if found:
-            return found
-    return None
-
-
-def q_extras() -> Path:
-    """django-q2's missing test extras, installed once into the cache by uv. Without uv (or
-    when the install fails) the suites run without them: the tests that need them fail in
-    both runs alike, and the reason is printed."""
-    target = CACHE / "q-extras"
-    stamp = target / ".installed"
-    if stamp.exists() and stamp.read_text() == " ".join(Q_EXTRAS):
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    uv = _uv()
-    argv = [uv or "uv", "pip", "install", "--quiet", "--python", sys.executable]
-    try:
-        if uv is None:
-            raise FileNotFoundError("uv not found (UV, PATH, .tools/bin/uv)")
-        subprocess.run([*argv, "--target", str(target), *Q_EXTRAS], check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        print(f"  django-q2's test extras not installed ({exc}): running without them")
-        return target
-    stamp.write_text(" ".join(Q_EXTRAS))
-    return target
+    #: the same in a suite of ORDER_STRICT (also in ``regressions``)
+    order_dependent: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- running
@@ -253,7 +188,7 @@ def run_django_q(
 ) -> Run:
     root = unpack(sdist("django-q2"), work)
     (root / "host_suite_settings.py").write_text(
-        Q_SETTINGS.format(extras=str(q_extras()), with_us=WITH_US)
+        Q_SETTINGS.format(extras=str(extras("django-q2", Q_EXTRAS)), with_us=WITH_US)
     )
     name = f"django-q2-{variant}-{'with' if with_us else 'plain'}{'-rerun' if only else ''}"
     junit = logs / f"{name}.xml"
@@ -263,7 +198,7 @@ def run_django_q(
         HOST_SUITE_Q_BROKER=variant,
         **({WITH_US: "1"} if with_us else {}),
     )
-    targets = [_node_id(t) for t in only] if only else ["django_q/tests"]
+    targets = [node_id(t) for t in only] if only else ["django_q/tests"]
     argv = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider"]
     argv += ["--ds", "host_suite_settings", "-o", "addopts=", f"--junitxml={junit}", "-q"]
     argv += ["-o", f"faulthandler_timeout={Q_TEST_STACK_DUMP}"]
@@ -273,28 +208,43 @@ def run_django_q(
     return Run(junit_outcomes(junit), seconds, rc, log)
 
 
-def _node_id(test_id: str) -> str:
-    """pytest's node id of a junit test id (``django_q.tests.test_x::test_y[p]``)."""
-    module, name = test_id.split("::", 1)
-    return f"{module.replace('.', '/')}.py::{name}"
+#: Celery's test extras (requirements/test.txt) its task and worker tests use and the
+#: environment lacks. Not needed by this slice: pytest-celery[all] (Docker containers),
+#: moto/boto3 (S3 backend), pytest-click (CLI tests), mypy and the backends' extras.
+CELERY_EXTRAS = (
+    "freezegun==1.5.5",
+    "pytest-timeout==2.4.0",
+    "pytest-subtests==0.15.0",
+    "pytest-rerunfailures==16.7",
+    "pytest-order==1.5.0",
+)
+#: its unit tests of tasks and of the worker: memory transport and cache backend, no service
+CELERY_TESTS = ("t/unit/tasks", "t/unit/worker")
+#: suites with no timing tests: a test failing with us only in the whole run is a regression
+ORDER_STRICT = {"celery"}
 
 
-def junit_outcomes(path: Path) -> dict[str, str]:
-    if not path.exists():
-        return {}
-    outcomes = {}
-    for case in ET.parse(path).getroot().iter("testcase"):
-        test_id = f"{case.get('classname')}::{case.get('name')}"
-        tags = {child.tag for child in case}
-        if "failure" in tags:
-            outcomes[test_id] = "failed"
-        elif "error" in tags:
-            outcomes[test_id] = "error"
-        elif "skipped" in tags:
-            outcomes[test_id] = "skipped"
-        else:
-            outcomes[test_id] = "passed"
-    return outcomes
+def run_celery(
+    variant: str, with_us: bool, work: Path, logs: Path, only: list[str] | None = None
+) -> Run:
+    root = unpack(sdist("celery"), work)
+    shutil.rmtree(root / "celery")  # the tests import the installed celery, the one we patch
+    shutil.copytree(HERE / "celery_unit", root, dirs_exist_ok=True)
+    name = f"celery-{variant}-{'with' if with_us else 'plain'}{'-rerun' if only else ''}"
+    junit = logs / f"{name}.xml"
+    junit.unlink(missing_ok=True)
+    env = _env(
+        HOST_SUITE_EXTRAS=str(extras("celery", CELERY_EXTRAS)),
+        HOST_SUITE_DB=str(work / "taskctx.sqlite3"),
+    )
+    targets = [node_id(t, root) for t in only] if only else list(CELERY_TESTS)
+    argv = [sys.executable, "host_suite_pytest.py", *targets, "-p", "no:cacheprovider"]
+    argv += ["-p", "no:django", f"--junitxml={junit}", "-q"]
+    argv += ["-o", f"faulthandler_timeout={Q_TEST_STACK_DUMP}"]
+    argv += ["-p", "host_suite_taskctx"] if with_us else []
+    log = logs / f"{name}.log"
+    rc, seconds = _run(argv, root, env, log)
+    return Run(junit_outcomes(junit), seconds, rc, log)
 
 
 SUITES = {
@@ -302,13 +252,15 @@ SUITES = {
     ("django-tasks-db", "postgres"): run_tasks_db,
     ("django-q2", "orm"): run_django_q,
     ("django-q2", "redis"): run_django_q,
+    ("celery", "memory"): run_celery,
 }
 
 
 def run_suite(suite: str, variant: str, logs: Path) -> Result:
     """Both runs; then each test that passed plain only is run again, alone, with
     ``otel_taskctx``: one that passes then is reported as flaky, not as a regression
-    (timing tests of a loaded machine fail now and then in the plain run too)."""
+    (timing tests of a loaded machine fail now and then in the plain run too), except in a
+    suite of ``ORDER_STRICT``: there it is an order-dependent regression."""
     runner = SUITES[(suite, variant)]
 
     def run(with_us: bool, only: list[str] | None = None) -> Run:
@@ -330,7 +282,10 @@ def run_suite(suite: str, variant: str, logs: Path) -> Result:
         flaky = [t for t in failing if rerun.outcomes.get(t) == "passed"]
         with_us.seconds += rerun.seconds
     result = Result(suite, variant, plain, with_us, [t for t in failing if t not in flaky])
-    result.flaky = flaky
+    if suite in ORDER_STRICT:
+        result.regressions, result.order_dependent = failing, flaky
+    else:
+        result.flaky = flaky
     return result
 
 
@@ -366,7 +321,8 @@ def table(results: list[Result]) -> str:
     for r in results:
         for test in r.regressions:
             outcome = r.with_us.outcomes.get(test, "did not run")
-            lines.append(f"REGRESSION {r.suite} [{r.variant}] {test}: {outcome}")
+            alone = " (passed alone: order-dependent)" if test in r.order_dependent else ""
+            lines.append(f"REGRESSION {r.suite} [{r.variant}] {test}: {outcome}{alone}")
         for test in r.flaky:
             lines.append(f"flaky     {r.suite} [{r.variant}] {test}: passed when run again")
     return "\n".join(lines)

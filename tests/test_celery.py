@@ -171,3 +171,19 @@ def test_spans_compose_with_opentelemetry_instrumentation_celery(celery_worker, 
     )
     assert inline[0]["parent_id"] == consumer[0]["context"]["span_id"]
     assert inline[0]["attributes"]["taskctx.nested.mode"] == "inline"
+
+
+@pytest.mark.parametrize("refresh", [0.4, 0])
+def test_a_job_that_runs_past_the_lock_ttl_keeps_its_locks_to_the_end(
+    celery_worker, tmp_path, refresh
+):
+    """Its locks are refreshed while it runs; the control (refreshing off) shows the test can
+    fail: a 2 s TTL lapses under a 4.5 s job."""
+    ttl = {"OTEL_TASKCTX": {"LOCK_TTL": 2, "LOCK_REFRESH_INTERVAL": refresh}}
+    worker = celery_worker(settings=ttl)
+    result = jobs.hold.delay("long", [16, 17], str(tmp_path), seconds=4.5)
+    key = f"celery-{result.id}"
+    long = wait_seen(worker, tmp_path, "long")
+    assert long["registered"]
+    assert long["held"] == ({"16": key, "17": key} if refresh else {})  # after 2 TTLs
+    wait_until(lambda: holders([16, 17]) == {}, "the locks' release", worker=worker)

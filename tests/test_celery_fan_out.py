@@ -21,8 +21,9 @@ from tests.testapp.celery_tasks import holders
 pytestmark = [pytest.mark.celery, pytest.mark.stack, pytest.mark.django_db(transaction=True)]
 
 
-def start(celery_worker, tmp_path, backend: bool = True, **options):
+def start(celery_worker, tmp_path, backend: bool = True, settings_extra=None, **options):
     settings = {"CELERY_RESULT_BACKEND": result_backend(tmp_path / "results")} if backend else {}
+    settings.update(settings_extra or {})
     env = {"TASKCTX_CELERY_MARKERS": str(tmp_path)}
     return celery_worker(concurrency=3, settings=settings, env=env, **options)
 
@@ -78,6 +79,8 @@ def test_a_failed_child_fails_the_job(celery_worker, tmp_path, backend):
     done = wait_until(lambda: completed(tmp_path, job.id), "the job's completion", worker=worker)
     assert "fan-out child tests.testapp.celery_tasks.part" in done["error"]
     assert "bad-1 failed on purpose" in done["error"]
+    ended = f"Celery job {job.id} (tests.testapp.celery_tasks.fan) ended after its fanned-out"
+    assert f"{ended} children: fan-out child" in worker.log_text()  # visibly, in the log
     result = AsyncResult(job.id, app=backend)
     wait_until(lambda: result.ready(), "the job's final state", worker=worker)
     assert result.state == "FAILURE" and isinstance(result.result, FanOutChildFailed)
@@ -121,3 +124,40 @@ def test_a_child_killed_with_its_process_fails_the_job_and_leaves_no_lock(
     result = AsyncResult(job.id, app=backend)
     wait_until(lambda: result.ready(), "the job's final state", worker=worker)
     assert result.state == "FAILURE" and isinstance(result.result, FanOutChildFailed)
+
+
+def test_a_child_lost_with_acks_late_is_delivered_again_and_the_job_ends(
+    celery_worker, tmp_path, backend
+):
+    acks_late = {"CELERY_TASK_ACKS_LATE": True, "CELERY_TASK_REJECT_ON_WORKER_LOST": True}
+    worker = start(celery_worker, tmp_path, settings_extra=acks_late)
+    job = jobs.fan.delay("again", [[50], [51]], str(tmp_path), pause_part=0)
+    key = f"celery-{job.id}"
+    reached = tmp_path / "again-0-pause.reached"
+    wait_until(reached.exists, "child 0's pause", worker=worker)
+    wait_seen(worker, tmp_path, "again-1")
+    os.kill(int(reached.read_text()), signal.SIGKILL)  # redelivered: it runs again, unpaused
+    done = wait_until(lambda: completed(tmp_path, job.id), "the job's completion", worker=worker)
+    assert done["error"] == "" and done["task_key"] == key
+    assert seen(tmp_path, "again-0")["task_key"] == key  # the second delivery, same job
+    assert holders([50, 51]) == {}
+    result = AsyncResult(job.id, app=backend)
+    wait_until(lambda: result.ready(), "the job's final state", worker=worker)
+    assert result.state == "SUCCESS" and result.get(timeout=5) == "again"
+
+
+def test_a_job_whose_whole_worker_died_is_failed_by_the_sweep(celery_worker, tmp_path):
+    sweep = {"OTEL_TASKCTX": {"FAN_OUT_TIMEOUT": 3, "FAN_OUT_SWEEP_INTERVAL": 0.2}}
+    worker = start(celery_worker, tmp_path, backend=False, settings_extra=sweep)
+    job = jobs.fan.delay("gone", [[52], [53]], str(tmp_path), pause_part=0)
+    key = f"celery-{job.id}"
+    wait_until((tmp_path / "gone-0-pause.reached").exists, "child 0's pause", worker=worker)
+    wait_seen(worker, tmp_path, "gone-1")
+    assert holders([52, 53]) == {"52": key, "53": key}
+    os.killpg(worker.pid, signal.SIGKILL)  # the whole worker: no process reports the child
+    worker.proc.wait(10)
+    assert completed(tmp_path, job.id) is None
+    second = start(celery_worker, tmp_path, backend=False, settings_extra=sweep)
+    done = wait_until(lambda: completed(tmp_path, job.id), "the sweep", worker=second)
+    assert "no result within FAN_OUT_TIMEOUT" in done["error"]
+    assert holders([52, 53]) == {}

@@ -26,7 +26,8 @@ def state():
     from celery.app.task import Task
     names = sorted(
         str(key[0]) for signal in (signals.before_task_publish, signals.task_prerun,
-                                   signals.task_postrun, signals.task_failure, signals.task_revoked)
+                                   signals.task_postrun, signals.task_failure, signals.task_revoked,
+                                   signals.worker_ready)
         for key, *_ in signal.receivers if "otel_taskctx.instrumentation" in str(key[0])
     )
     return {
@@ -64,7 +65,7 @@ def test_celery_is_patched_when_imported_and_unpatched_on_uninstrument():
     result = json.loads(lines[-1][len("RESULT ") :])
     receivers = [
         f"otel_taskctx.instrumentation.celery_{name}"
-        for name in ("failure", "postrun", "prerun", "publish", "revoked")
+        for name in ("failure", "postrun", "prerun", "publish", "ready", "revoked")
     ]
     assert result["imported_by_us"] is False
     assert result["patched"] == {"apply_async": True, "send_task": True, "receivers": receivers}

@@ -54,10 +54,18 @@ def observe(label: str, marker_dir: str) -> str:
 
 @app.task
 def hold(
-    label: str, ids: list[int], marker_dir: str, fail: bool = False, pause: bool = False
+    label: str,
+    ids: list[int],
+    marker_dir: str,
+    fail: bool = False,
+    pause: bool = False,
+    seconds: float = 0.0,
 ) -> int:
     """Lock ``ids`` under the task's key, report progress, say what it saw (``pause``: stop
-    at the marker ``<label>-pause`` first; ``fail``: raise at the end)."""
+    at the marker ``<label>-pause`` first; ``seconds``: work that long; ``fail``: raise at
+    the end)."""
+    import time
+
     from otel_taskctx import register_descendants, report_progress
     from tests.testapp.reliability import pause as stop_at
 
@@ -65,6 +73,7 @@ def hold(
     report_progress(f"{label}: {len(ids)} children", done=1, total=2)
     if pause:
         stop_at(marker_dir, f"{label}-pause")
+    time.sleep(seconds)  # the task's own work, while its locks must stay
     write(marker_dir, label, {**seen(), "registered": bool(registered), "held": holders(ids)})
     if fail:
         raise ValueError(f"{label} failed on purpose")

@@ -84,7 +84,10 @@ def end(
         if barrier.job_ended(key, task.name, task_id, error):
             log.info("Celery task %s (%s) returned: its job ends after its children", task_id, key)
             return
-    _finish(key, task_id, task.name, error, held, None)
+    from otel_taskctx.conflicts.base import reserved_here
+
+    # a job that reserved nothing here (and fanned out nothing) has no lock to release
+    _finish(key, task_id, task.name, error, held, None, release=lost or key in reserved_here)
 
 
 def _keep_waiting(task: Any, task_id: str, retval: Any, exception: Any) -> None:
@@ -98,7 +101,15 @@ def _keep_waiting(task: Any, task_id: str, retval: Any, exception: Any) -> None:
         log.warning("could not keep the result of Celery job %s", task_id, exc_info=True)
 
 
-def _finish(key: str, task_id: str, name: str, error: str, held: bool, failed: str | None) -> None:
+def _finish(
+    key: str,
+    task_id: str,
+    name: str,
+    error: str,
+    held: bool,
+    failed: str | None,
+    release: bool = True,
+) -> None:
     """Release the job's locks, store its held result, send ``job_completed``."""
     from otel_taskctx.conflicts import release_locks
     from otel_taskctx.conflicts.base import reserved_here
@@ -107,12 +118,22 @@ def _finish(key: str, task_id: str, name: str, error: str, held: bool, failed: s
 
     reserved_here.discard(key)
     try:
-        release_locks(key, resolve_manager(TaskIdentity(key, _manager_path())))
+        if release or held:
+            release_locks(key, resolve_manager(TaskIdentity(key, _manager_path())))
     except Exception:
         log.warning("could not release the locks of Celery job %s", key, exc_info=True)
     if held:
         _store_final(task_id, failed)
     error = error or failed or ""
+    if held:  # it ended after its fanned-out children: say so, as Celery did for its function
+        level = logging.ERROR if error else logging.INFO
+        log.log(
+            level,
+            "Celery job %s (%s) ended after its fanned-out children%s",
+            task_id,
+            name,
+            f": {error}" if error else "",
+        )
     try:
         job_completed.send(sender=name, task_key=key, task_id=task_id, error=error)
     except Exception:

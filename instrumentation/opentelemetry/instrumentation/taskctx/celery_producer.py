@@ -68,7 +68,7 @@ def theirs_active() -> bool:
         return False
 
 
-def _eager(task: Any) -> bool:
+def always_eager(task: Any) -> bool:
     app = getattr(task, "app", None) or getattr(task, "_app", None)
     try:
         return bool(app.conf.task_always_eager)
@@ -104,7 +104,7 @@ def traced_apply_async(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -
     identity = current_task()
     how = policy.nested_launch(identity, instance)
     if how == policy.ENQUEUE or _celery_dispatch(instance, options):
-        if _eager(instance):
+        if always_eager(instance):
             return wrapped(*args, **kwargs)  # runs now: the prerun receiver starts the job
         return _publish(
             runs.Plan(_start_send(instance.name), task=instance.name), wrapped, args, kwargs
@@ -187,7 +187,7 @@ def fan_out(identity: TaskIdentity, task: Any, publish: Any) -> Any:
     """Publish ``task`` as a fanned-out child of ``identity``'s job (its barrier record
     first); the job's own result is held until its last child ends."""
     label = task if isinstance(task, str) else task.name
-    if not isinstance(task, str) and _eager(task):
+    if not isinstance(task, str) and always_eager(task):
         _refuse_eager(identity, label)
     from opentelemetry.instrumentation.taskctx import celery_jobs
 

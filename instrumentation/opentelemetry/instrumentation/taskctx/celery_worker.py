@@ -15,6 +15,7 @@ from opentelemetry.instrumentation.taskctx.celery_producer import (
     FAN_OUT_FIELD,
     HEADER,
     MESSAGING_SYSTEM_VALUE,
+    always_eager,
     job_key,
     root_identity,
     their_span,
@@ -123,8 +124,12 @@ def on_task_prerun(sender: Any = None, task_id: Any = None, task: Any = None, **
 
 def _eager_prerun(task: Any, task_id: str) -> None:
     """``task_always_eager`` or ``Task.apply``: a run in the caller. Inside a job it is part
-    of the job (inline); outside one, or under ``allow_nested_async()``, a job of its own."""
+    of the job (inline); outside one, or under ``allow_nested_async()``, a launch under
+    ``task_always_eager`` is a job of its own, and an explicit ``Task.apply()`` a plain run
+    (Celery's "run it here": its nested launches are published as Celery would)."""
     if current_task() is not None and not nested_async_allowed():
+        return
+    if not always_eager(task):
         return
     identity = root_identity(task_id)
     span = trace.get_current_span()
@@ -138,6 +143,7 @@ def on_task_failure(
 ) -> None:
     run = runs.RUNS.get(task_id) if isinstance(task_id, str) else None
     if run is not None:
+        run.detach()
         run.exception = exception
         if run.own_span and exception is not None:
             runs.record_error(run.span, exception)
@@ -148,6 +154,17 @@ def on_task_failure(
 
     if isinstance(exception, WorkerLostError | Terminated | TimeLimitExceeded):
         _lost(sender, str(task_id), sender.request, f"{type(exception).__name__}: {exception}")
+
+
+def on_task_left(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+    """``task_success`` / ``task_retry`` (sent before ``task_postrun``): leave the run's
+    context now. opentelemetry-instrumentation-celery enters its context before ours
+    (``task_prerun`` receivers are kept in that order) and leaves it at ``task_postrun``: ours
+    must be left first, whichever of the two ``task_postrun`` receivers runs first."""
+    request = request if request is not None else getattr(sender, "request", None)
+    run = runs.RUNS.get(getattr(request, "id", None))
+    if run is not None:
+        run.detach()
 
 
 def on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> None:
@@ -161,6 +178,18 @@ def on_task_revoked(sender: Any = None, request: Any = None, **kwargs: Any) -> N
         run.finish()
         run.close()
     _lost(sender, task_id, request, "the task was revoked")
+
+
+def on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    """``worker_ready`` (a worker's main process): fanned-out children still pending (their
+    worker may have died whole) are swept from here after ``FAN_OUT_TIMEOUT``."""
+    if not STATE.active:
+        return
+    try:
+        if barrier.store().any_pending():
+            barrier.ensure_sweeper()
+    except Exception:
+        log.warning("could not look for pending fan-out children", exc_info=True)
 
 
 def _lost(task: Any, task_id: str, request: Any, error: str) -> None:

@@ -17,6 +17,8 @@ from opentelemetry.instrumentation.utils import unwrap
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 _DISPATCH_PREFIX = "otel_taskctx.instrumentation"
+#: opentelemetry-instrumentation-celery's module, whose receivers ours nest inside
+CELERY_OTEL = "opentelemetry.instrumentation.celery"
 
 #: imported when patching, so the workers django-q2 forks inherit them
 _WORKER_MODULES = (
@@ -161,8 +163,8 @@ class Patches:
         self.celery_hook = hook = [self]
 
         def imported(module: Any) -> None:
-            patches = hook[0]
-            if patches is not None and patches.applied and patches is hook[0]:
+            patches = hook[0]  # None once these patches were removed
+            if patches is not None and patches.applied:
                 try:
                     patches._patch_celery()
                 except Exception:
@@ -186,8 +188,30 @@ class Patches:
             (c_signals.task_failure, celery_worker.on_task_failure, "failure"),
             (c_signals.task_postrun, celery_worker.on_task_postrun, "postrun"),
             (c_signals.task_revoked, celery_worker.on_task_revoked, "revoked"),
+            (c_signals.worker_ready, celery_worker.on_worker_ready, "ready"),
+            (c_signals.task_success, celery_worker.on_task_left, "success"),
+            (c_signals.task_retry, celery_worker.on_task_left, "retry"),
         ):
             self.connect(signal, receiver, f"celery_{name}")
+        self._after_celery_otel(c_signals.task_prerun, celery_worker.on_task_prerun)
+
+    def _after_celery_otel(self, prerun: Any, receiver: Any) -> None:
+        """Keep our ``task_prerun`` receiver after opentelemetry-instrumentation-celery's
+        (Celery runs receivers in the order they were connected): its context is entered
+        first and ours nests inside it. Instrumented after us, it gets ours connected again
+        behind its own (``BaseInstrumentor.instrument`` wrapped, docs/index.md)."""
+        from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+        uid = f"{_DISPATCH_PREFIX}.celery_prerun"
+
+        def instrumented(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+            result = wrapped(*args, **kwargs)
+            if type(instance).__module__ == CELERY_OTEL and self.applied:
+                prerun.disconnect(dispatch_uid=uid)
+                prerun.connect(receiver, weak=False, dispatch_uid=uid)
+            return result
+
+        self.wrap(BaseInstrumentor, "instrument", instrumented)
 
     def defer(self, ready: Any) -> None:
         """Wrap ``django.setup`` so that ``ready()`` runs once the app registry is ready."""

@@ -122,12 +122,19 @@ class Run:
             self.lock_keeper.stop()
             self.lock_keeper = None
 
+    def detach(self) -> None:
+        """Leave the run's context now (Celery: before another instrumentation leaves its
+        own, which it entered first)."""
+        token, self.token = self.token, None
+        if token is not None:
+            context.detach(token)
+
     def close(self) -> None:
         """Leave the run's contexts (powercrud's, then ours) and end its span."""
         try:
             if self.powercrud_cm is not None:
                 self.powercrud_cm.__exit__(None, None, None)
-            context.detach(self.token)
+            self.detach()
         except Exception:  # detached elsewhere (a run that never got its end signal)
             log.debug("could not leave the context of a run", exc_info=True)
         finally:

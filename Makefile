@@ -1,5 +1,5 @@
 # Commands that do all set-up on a fresh machine:
-#   make demo   - run the nested bulk-edit demo
+#   make demo   - run the nested bulk-edit demo (django-q2, django.tasks, Celery)
 #   make serve  - the sample project in the browser (runserver + qcluster)
 #   make test   - run the whole test suite
 #   make wheel-check - build the wheel, install it outside the checkout, one project per queue
@@ -35,6 +35,7 @@ demo: env
 	$(UV) run --frozen python sample/manage.py taskctx_demo $(DEMO_ARGS)
 	$(UV) run --frozen python sample/manage.py taskctx_tasks_demo
 	$(UV) run --frozen python sample/manage.py taskctx_fan_out_demo
+	$(UV) run --frozen python sample/manage.py taskctx_celery_demo
 
 # the sample in the browser: runserver + qcluster (http://127.0.0.1:8000/, Ctrl-C stops both)
 serve: env

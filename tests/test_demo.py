@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,3 +241,112 @@ def test_fan_out_demo_runs_both_policies_correctly(tmp_path):
     assert re.search(r"inline\s+success\s+[\d.]+s\s+6/6\s+0", out), out[-2000:]
     assert re.search(r"fan-out\s+success\s+[\d.]+s\s+6/6\s+0", out), out[-2000:]
     assert "speed-up with fan-out:" in out
+
+
+def celery_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A sample process on this run's Celery broker (``TASKCTX_CELERY_BROKER``): kombu's
+    filesystem transport in the sample's folder (embedded), Redis DB ``TASKCTX_REDIS_DB``+1
+    (the default of the production stack) or RabbitMQ; the queue is named for this instance."""
+    env = sample_env(tmp_path, **extra)
+    env.pop("SAMPLE_CELERY_BROKER_URL", None)
+    default = "redis" if STACK == "redis-postgres" else "filesystem"
+    broker = os.environ.get("TASKCTX_CELERY_BROKER") or default
+    if broker == "redis":
+        redis_url = os.environ.get("TASKCTX_REDIS_URL", "redis://127.0.0.1:6379")
+        db = int(os.environ.get("TASKCTX_REDIS_DB", "1")) + 1
+        env["SAMPLE_CELERY_BROKER_URL"] = f"{redis_url}/{db}"
+    elif broker == "amqp":
+        env["SAMPLE_CELERY_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:5672//"
+    return env
+
+
+@pytest.mark.celery
+@pytest.mark.stack
+def test_celery_demo_runs_the_nested_bulk_edit_inline_and_fanned_out(tmp_path):
+    """``make demo``'s Celery command: a real worker (prefork, 4 processes), the job inline and
+    fanned out, checked and timed; the worker stopped at the end."""
+    proc, out = run_command(
+        tmp_path,
+        "taskctx_celery_demo",
+        *("--books", "4", "--chapters", "3", "--delay", "0.1", "--timeout", "120"),
+        env=celery_env(tmp_path),
+        timeout=300,
+    )
+    assert proc.returncode == 0, out[-5000:]
+    assert "Celery demo passed" in out
+    nodename = f"taskctx-sample-{INSTANCE}@"
+    assert re.search(rf"celery worker {re.escape(nodename)}\S+ running \(pid \d+, 4 prefork", out)
+    assert "celery worker stopped (exit code 0)" in out
+    inline, fanned = out.split("fan-out job celery-")
+    for part in (inline, fanned):
+        assert "books published 4/4" in part and "chapters updated inside the job 12/12" in part
+        assert "✓ the job ended after its last descendant" in part
+        assert re.search(r"chapters seen locked under the job's key: [1-9]", part)
+        assert "locks after the job: 0" in part
+    assert "✓ nested tasks that reached the queue: 0" in inline
+    # the job trees: the job's run and each fanned-out child's badged with the worker's name
+    # (a long row wraps: the badge then goes on under the tree's guides)
+    badge = (
+        rf"process sample\.library\.celery_tasks\.publish_book(s|_in_parallel) consumer "
+        rf"[^\n]*worker[\s│]+{re.escape(nodename)}"
+    )
+    assert re.search(badge, inline)
+    assert len(re.findall(badge, fanned)) >= 2
+    assert re.search(rf"✓ child tasks 4, run by [234] of {re.escape(nodename)}\S+'s 4 pool", fanned)
+    assert re.search(r"inline\s+SUCCESS\s+[\d.]+s\s+12/12\s+0", out), out[-2000:]
+    assert re.search(r"fan-out\s+SUCCESS\s+[\d.]+s\s+12/12\s+0", out), out[-2000:]
+    assert "speed-up of the Celery job with fan-out:" in out
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (whose parent, if it is gone, may never reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.celery
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_celery_demo_stops_its_worker_when_it_is_stopped(tmp_path, how):
+    """The demo killed mid-job: on SIGTERM (twice) its own ``finally`` stops the worker (warm
+    shutdown); on SIGKILL the kernel's parent-death signal does. No worker process is left."""
+    log = tmp_path / "demo.out"
+    with log.open("w") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "sample/manage.py", "taskctx_celery_demo", "--no-fan-out"]
+            + ["--books", "4", "--chapters", "5", "--delay", "0.3"],  # a job of 6 s or more
+            cwd=REPO_ROOT,
+            env=celery_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(lambda: "running (pid" in log.read_text(), 120, "the worker to be ready")
+        pid = int(re.search(r"running \(pid (\d+)", log.read_text()).group(1))
+        pool = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        assert len(pool) == 4
+        demo.send_signal(getattr(signal, how))
+        if how == "SIGTERM":  # a second one while the demo stops its worker is ignored
+            demo.send_signal(signal.SIGTERM)
+        demo.wait(120)
+        _wait_for(lambda: not any(map(_running, [pid, *pool])), 120, "the worker to stop")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    text = log.read_text()
+    assert demo.returncode != 0
+    if how == "SIGTERM":
+        assert "interrupted by SIGTERM" in text, text[-3000:]
+        assert "celery worker stopped (exit code 0)" in text, text[-3000:]
+    worker_log = (tmp_path / "var" / "celery-worker.log").read_text()
+    assert "Warm shutdown" in worker_log, worker_log[-3000:]

@@ -234,6 +234,40 @@ def test_fanned_out_children_show_their_worker_run_in_parallel_and_mark_the_crit
     assert "fan-out" in lines["a"] and not lines["a"].endswith("*")
 
 
+def test_celery_runs_are_badged_with_the_celery_worker_that_ran_them():
+    """A Celery job: the worker badge of a run is Celery's name of its worker
+    (``celery.hostname``), for the job's run and each fanned-out child; an inline nested
+    run in the job's process has none; a publisher's anonymous name (``gen<pid>@host``,
+    which opentelemetry-instrumentation-celery copies from the message's ``origin``) is no
+    worker's: the badge then names the process."""
+    fan = {"taskctx.nested.mode": "fan_out"}
+    key = "celery-5d0c"
+    rows = [
+        row("send", "", 0, 1, kind="PRODUCER", task=key, root=key, process="web:1"),
+        row("run", "send", 2, 90, kind="CONSUMER", task=key, root=key, process="box:11")
+        | {"attributes": {"celery.hostname": "demo@box", "taskctx.task_key": key}},
+        row("inline", "run", 3, 9, kind="CONSUMER", task=key, root=key, process="box:11")
+        | {"attributes": {"celery.hostname": "box", "taskctx.nested.mode": "inline"}},
+        row("send-a", "run", 10, 11, kind="PRODUCER", task=key, root=key, process="box:11"),
+        row("a", "send-a", 12, 60, kind="CONSUMER", task=key, root=key, process="box:12")
+        | {"attributes": {"celery.hostname": "demo@box", **fan}},
+        row("send-b", "run", 12, 13, kind="PRODUCER", task=key, root=key, process="box:11"),
+        row("b", "send-b", 14, 80, kind="CONSUMER", task=key, root=key, process="box:13")
+        | {"attributes": {"celery.hostname": "gen11@box", **fan}},
+    ]
+    tree = build_tree(rows, now_ns=100 * MS)
+    nodes = {n["span_id"]: n for n in tree.to_dict()["nodes"]}
+    assert [nodes[s]["worker"] for s in ("run", "inline", "a", "b")] == [
+        "demo@box",
+        "",
+        "demo@box",
+        "box:13",
+    ]
+    assert nodes["a"]["process"] == "box:12"  # the pool process stays in the JSON
+    assert nodes["send-a"]["worker"] == ""  # a publish is no run
+    assert tree.status == "ok" and tree.summary()["tasks"] == 1
+
+
 def test_target_is_the_deepest_failure_and_expand_path_leads_there():
     rows = job_rows()
     rows[3] = {**rows[3], "status": "error", "status_message": "ValueError: bad"}  # save1

@@ -414,3 +414,53 @@ def test_a_fanned_out_job_opens_on_its_children_counted_with_their_progress(clie
     ]
     html = client.get("/taskctx/job/fan/").content.decode()
     assert '<span id="tc-steps">3</span>' in html and "taskctx.label" in html
+
+
+def celery_job(root="celery-0f1e", user_id=None):
+    """A Celery job's stored spans: published by a request's process, run by a worker's pool
+    process, one nested task inline and two fanned out to other pool processes; by name."""
+    fan = {"taskctx.nested.mode": "fan_out"}
+    send = span(root, "apply_async/sample.publish_books", None, 0, 1, "PRODUCER", user_id=user_id)
+    run = span(root, "run/sample.publish_books", send, 2, 90, "CONSUMER")
+    run.attributes["celery.hostname"] = "demo@box"
+    run.process = "box:11"
+    inline = span(root, "run/sample.publish_book", run, 3, 9, "CONSUMER")
+    inline.attributes.update({"celery.hostname": "box", "taskctx.nested.mode": "inline"})
+    inline.process = "box:11"
+    spans = {"send": send, "run": run, "inline": inline}
+    for n, pid in ((1, 12), (2, 13)):
+        child_send = span(root, "apply_async/sample.publish_book", run, 10 + n, 11 + n, "PRODUCER")
+        child = span(root, "run/sample.publish_book", child_send, 12 + n, 60 + n, "CONSUMER")
+        child.attributes.update({"celery.hostname": "demo@box", **fan})
+        child.process = f"box:{pid}"
+        spans[f"child{n}"] = child
+        child_send.process = "box:11"
+        child_send.save()
+    for item in spans.values():
+        item.save()
+    return spans
+
+
+def test_a_celery_job_is_one_tree_whose_runs_name_their_celery_worker(client, users):
+    """The job's runs are badged with Celery's name of their worker (``celery.hostname``):
+    the job's own run and each fanned-out child, not the nested task run inline."""
+    spans = celery_job(user_id=str(users["root"].pk))
+    client_for(client, users["root"])
+    rows = {t["root_task_key"]: t for t in client.get(LIST).context["trees"]}
+    assert rows["celery-0f1e"]["steps"] == 3 and rows["celery-0f1e"]["status"] == "ok"
+    data = json.loads(client.get("/taskctx/api/job/celery-0f1e").content)
+    nodes = {n["span_id"]: n for n in data["nodes"]}
+    workers = {name: nodes[s.span_id]["worker"] for name, s in spans.items()}
+    assert workers == {
+        "send": "",
+        "run": "demo@box",
+        "inline": "",
+        "child1": "demo@box",
+        "child2": "demo@box",
+    }
+    assert [nodes[spans[c].span_id]["process"] for c in ("child1", "child2")] == [
+        "box:12",
+        "box:13",
+    ]
+    html = client.get("/taskctx/job/celery-0f1e/").content.decode()
+    assert "run/sample.publish_books" in html  # the text version, for pages without JavaScript

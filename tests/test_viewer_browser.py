@@ -291,3 +291,35 @@ def test_fanned_out_children_in_the_browser(cluster_factory, cache, live_server,
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "viewer-fan-out.png"), full_page=True)
         assert errors == []
+
+
+def test_celery_worker_badges_in_the_browser(live_server):
+    """A Celery job's runs show Celery's name of their worker in the badge (its pool process
+    in the tooltip and the details); the nested task run inline has no badge."""
+    from tests.test_viewer import celery_job
+
+    celery_job()
+    cookies = session_cookie(live_server)
+    with chromium() as browser:
+        page, errors = signed_in_page(browser, cookies)
+        page.goto(f"{live_server.url}/taskctx/job/celery-0f1e/")
+        page.wait_for_selector('#taskctx-job[data-ready="1"]')
+        for _ in range(6):  # open every row
+            closed = page.locator('.tc-row[aria-expanded="false"] .tc-toggle')
+            if not closed.count():
+                break
+            closed.first.click()
+        badges = page.locator(".tc-worker")
+        assert badges.all_inner_texts() == ["worker demo@box"] * 3
+        titles = sorted(badges.nth(i).get_attribute("title") for i in range(3))
+        assert titles == [
+            f"ran on Celery worker demo@box, process box:{pid}" for pid in (11, 12, 13)
+        ]
+        runs = page.locator(
+            ".tc-row", has=page.locator('.tc-name:text-is("run/sample.publish_book")')
+        )
+        assert runs.count() == 3 and runs.locator(".tc-worker").count() == 2  # not the inline one
+        page.locator('.tc-name:text-is("run/sample.publish_books")').click()
+        details = page.locator(".tc-details").inner_text()
+        assert "Celery worker" in details and "demo@box" in details and "box:11" in details
+        assert errors == []

@@ -7,11 +7,19 @@ A :class:`Node` is one stored span (or a placeholder for a parent that was not r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from otel_taskctx import semconv
+
+#: the span attribute with the Celery worker's name (``name@host``) on a task's run: the
+#: attribute opentelemetry-instrumentation-celery sets, and otel_taskctx where it is absent
+CELERY_HOSTNAME = "celery.hostname"
+#: how Celery names a process that is no worker (``gen<pid>@host``): the publisher's name that
+#: opentelemetry-instrumentation-celery copies from a message's ``origin`` header
+ANONYMOUS_NODE = re.compile(r"gen\d+@")
 
 STATE_OK = "ok"
 STATE_UNSET = "unset"
@@ -63,13 +71,15 @@ class Node:
 
     @property
     def worker(self) -> str:
-        """The process (``host:pid``) of a job's run in another process than its parent span,
-        or of any fanned-out child's run; else ""."""
+        """Who ran a job's run in another process than its parent span's, or any fanned-out
+        child's run: Celery's name of the worker (:data:`CELERY_HOSTNAME`), else the process
+        (``host:pid``); else ""."""
         if self.kind != "CONSUMER" or not self.process:
             return ""
         parent = self.parent
-        away = parent is None or parent.process != self.process
-        return self.process if away or self.mode == "fan_out" else ""
+        if not (parent is None or parent.process != self.process or self.mode == "fan_out"):
+            return ""
+        return celery_worker(self.attributes) or self.process
 
     @property
     def state(self) -> str:
@@ -144,6 +154,14 @@ def node_from(row: Mapping[str, Any] | Any) -> Node:
     kwargs = {name: get(name) for name in SPAN_FIELDS}
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k == "end_ns"}
     return Node(**{"parent_span_id": "", "name": "", **kwargs})
+
+
+def celery_worker(attributes: Mapping[str, Any]) -> str:
+    """The Celery worker's name (``name@host``) in a run's attributes, or ""."""
+    name = attributes.get(CELERY_HOSTNAME)
+    if not isinstance(name, str) or "@" not in name or ANONYMOUS_NODE.match(name):
+        return ""
+    return name
 
 
 def request_label(node: Node) -> str:

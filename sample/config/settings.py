@@ -20,6 +20,9 @@ Environment variables (all optional):
                            powercrud does without it (the demo then fails, and says why)
 ``SAMPLE_DEBUG``           ``0`` turns Django's DEBUG off (on by default: it is a sample)
 ``SAMPLE_SECRET_KEY``      Django's SECRET_KEY (also signs the task identities)
+``SAMPLE_CELERY_BROKER_URL`` Celery's broker (``redis://...``, ``amqp://...``) instead of kombu's
+                           filesystem transport under the run directory
+``SAMPLE_CELERY_QUEUE``    Celery's queue (the cluster name)
 =========================  ===================================================================
 """
 
@@ -201,6 +204,34 @@ if os.environ.get("SAMPLE_FAN_OUT", "0").lower() in {"1", "true", "yes", "on"}:
         "sample.library.tasks.reprice_album_tracks",
         "sample.library.django_tasks.publish_book",
     ]
+
+# Celery (the app: sample/config/celery.py; manage.py taskctx_celery_demo; docs/celery.md).
+# The embedded default needs no server: kombu's filesystem transport and Celery's file://
+# result backend, in folders under the run directory. SAMPLE_CELERY_BROKER_URL picks a real
+# broker instead (redis://..., amqp://...). The queue's name is the cluster's: several
+# checkouts can share one broker.
+CELERY_DIR = VAR_DIR / "celery"
+CELERY_BROKER_URL = os.environ.get("SAMPLE_CELERY_BROKER_URL", "").strip() or None
+if CELERY_BROKER_URL is None:
+    # kombu's filesystem transport, each message renamed into place once written
+    CELERY_BROKER_TRANSPORT = "sample.config.celery_transport:Transport"
+    for _folder in ("queue", "control"):
+        (CELERY_DIR / _folder).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(CELERY_DIR / "queue"),
+        "data_folder_out": str(CELERY_DIR / "queue"),
+        "control_folder": str(CELERY_DIR / "control"),
+        "polling_interval": 0.1,  # seconds between looks at an empty queue folder
+    }
+(CELERY_DIR / "results").mkdir(parents=True, exist_ok=True)
+CELERY_RESULT_BACKEND = f"file://{CELERY_DIR / 'results'}"
+CELERY_RESULT_EXTENDED = True  # a result names its task and worker (the demo checks them)
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("SAMPLE_CELERY_QUEUE") or Q_CLUSTER["name"]
+# remote control and events on exchanges of the same name (a shared broker)
+CELERY_CONTROL_EXCHANGE = CELERY_TASK_DEFAULT_QUEUE
+CELERY_EVENT_EXCHANGE = f"{CELERY_TASK_DEFAULT_QUEUE}.events"
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # a pool process takes one task at a time
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 
 #: seconds each descendant update sleeps (so that progress is visible in the demo and the UI)
 SAMPLE_SAVE_DELAY = float(os.environ.get("SAMPLE_SAVE_DELAY", "0.05"))

@@ -182,6 +182,8 @@ def _node_label(node: Any, now_ns: int) -> str:
         format_duration(end - node.start_ns),
         f"[{_STATE_STYLE.get(node.state, 'white')}]{node.state}[/]",
     ]
+    if node.worker:  # a run in a process of its own: Celery's worker name, else host:pid
+        parts.append(f"[cyan]worker {escape(node.worker)}[/]")
     locked = sum(d.get("count") or 0 for d in node.descendants())
     if locked:
         models = ", ".join(sorted({d["model"] for d in node.descendants()}))

@@ -152,7 +152,10 @@ CELERY_QUEUE = f"taskctx-{INSTANCE}"
 if CELERY_BROKER == "filesystem":
     _celery_dir = _run_dir / "celery-broker"
     _celery_dir.mkdir(exist_ok=True)
-    CELERY_BROKER_URL = "filesystem://"
+    # kombu's filesystem transport, each message written whole before a worker can take it
+    # (the sample's: kombu's own can hand a worker an empty file, celery/kombu#1551)
+    CELERY_BROKER_URL = None
+    CELERY_BROKER_TRANSPORT = "sample.config.celery_transport:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_celery_dir),
         "data_folder_out": str(_celery_dir),

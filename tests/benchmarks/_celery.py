@@ -43,14 +43,11 @@ def variant_env(
 
 
 def overrides() -> dict[str, Any]:
-    """Settings of the producer and the worker: the benchmark's tasks, and kombu's filesystem
-    transport written atomically (see ``celery_bench_tasks.AtomicChannel``)."""
+    """Settings of the producer and the worker: the benchmark's tasks (on the test settings'
+    broker, whose filesystem transport writes each message whole)."""
     from django.conf import settings
 
-    values: dict[str, Any] = {"CELERY_IMPORTS": [*settings.CELERY_IMPORTS, TASKS]}
-    if settings.CELERY_BROKER == "filesystem":
-        values.update(CELERY_BROKER_URL=None, CELERY_BROKER_TRANSPORT=f"{TASKS}:AtomicTransport")
-    return values
+    return {"CELERY_IMPORTS": [*settings.CELERY_IMPORTS, TASKS]}
 
 
 def setup_producer() -> dict[str, Any]:

@@ -1,38 +1,14 @@
-"""The Celery benchmarks' tasks, on the test suite's app (:mod:`tests.celery_app`), and the
-filesystem transport they run on (``_celery.py`` adds this module to ``CELERY_IMPORTS``)."""
+"""The Celery benchmarks' tasks, on the test suite's app (:mod:`tests.celery_app`;
+``_celery.py`` adds this module to ``CELERY_IMPORTS``)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
-from kombu.transport import filesystem
-from kombu.utils.json import dumps
-
 from tests.celery_app import app
-
-
-class AtomicChannel(filesystem.Channel):
-    """kombu's filesystem channel, each message written aside and renamed into the folder.
-
-    kombu writes a message file in place, and a consumer polling the folder can move it away
-    (and read it empty: a ``JSONDecodeError`` that stops the worker's consumer) before the
-    write; a name that does not end in ``.<queue>.msg`` is not taken, and a rename is atomic.
-    """
-
-    def _put(self, queue, payload, **kwargs):
-        name = f"{int(round(time.monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
-        partial = os.path.join(self.data_folder_out, f".{name}.part")
-        with open(partial, "wb") as out:
-            out.write(dumps(payload).encode())
-        os.replace(partial, os.path.join(self.data_folder_out, name))
-
-
-class AtomicTransport(filesystem.Transport):
-    Channel = AtomicChannel
 
 
 @app.task(name="bench.noop")

@@ -31,6 +31,9 @@ FORWARDED = "taskctx.forwarded"
 # set by the instrumentation; messaging conventions as strings (no incubating module)
 MESSAGING_SYSTEM_VALUE = "django_q2"
 MESSAGING_SYSTEM = "messaging.system"
+#: the Celery worker's name (``name@host``) on a task's run: opentelemetry-instrumentation-
+#: celery's attribute, set by otel_taskctx where that instrumentation is absent
+CELERY_HOSTNAME = "celery.hostname"
 MESSAGING_OPERATION_TYPE = "messaging.operation.type"
 MESSAGING_OPERATION_NAME = "messaging.operation.name"
 MESSAGING_DESTINATION_NAME = "messaging.destination.name"

@@ -14,9 +14,6 @@ from typing import Any
 
 from otel_taskctx import semconv
 
-#: the span attribute with the Celery worker's name (``name@host``) on a task's run: the
-#: attribute opentelemetry-instrumentation-celery sets, and otel_taskctx where it is absent
-CELERY_HOSTNAME = "celery.hostname"
 #: how Celery names a process that is no worker (``gen<pid>@host``): the publisher's name that
 #: opentelemetry-instrumentation-celery copies from a message's ``origin`` header
 ANONYMOUS_NODE = re.compile(r"gen\d+@")
@@ -72,7 +69,7 @@ class Node:
     @property
     def worker(self) -> str:
         """Who ran a job's run in another process than its parent span's, or any fanned-out
-        child's run: Celery's name of the worker (:data:`CELERY_HOSTNAME`), else the process
+        child's run: Celery's name of the worker (``celery.hostname``), else the process
         (``host:pid``); else ""."""
         if self.kind != "CONSUMER" or not self.process:
             return ""
@@ -158,7 +155,7 @@ def node_from(row: Mapping[str, Any] | Any) -> Node:
 
 def celery_worker(attributes: Mapping[str, Any]) -> str:
     """The Celery worker's name (``name@host``) in a run's attributes, or ""."""
-    name = attributes.get(CELERY_HOSTNAME)
+    name = attributes.get(semconv.CELERY_HOSTNAME)
     if not isinstance(name, str) or "@" not in name or ANONYMOUS_NODE.match(name):
         return ""
     return name

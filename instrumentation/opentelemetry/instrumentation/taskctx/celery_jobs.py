@@ -11,16 +11,22 @@ from typing import Any
 from opentelemetry.instrumentation.taskctx import barrier
 
 from otel_taskctx.identity import TaskIdentity
+from otel_taskctx.task_manager import TASK_MANAGER_PATH
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
 #: the state of a job whose function ended while fanned-out children run (not ready)
 WAITING = "FAN_OUT_WAITING"
-_PREFIX = "celery-"
+#: a root job's key: ``celery-<task id>``
+KEY_PREFIX = "celery-"
 
 
-def is_celery_job(job_key: str, task_id: str) -> bool:
-    return bool(task_id) and job_key == f"{_PREFIX}{task_id}"
+def job_key(task_id: str) -> str:
+    return f"{KEY_PREFIX}{task_id}"
+
+
+def is_celery_job(key: str, task_id: str) -> bool:
+    return bool(task_id) and key == job_key(task_id)
 
 
 def _worker_request(identity: TaskIdentity) -> Any:
@@ -29,7 +35,7 @@ def _worker_request(identity: TaskIdentity) -> Any:
 
     task = current_app.current_worker_task
     request = getattr(task, "request", None)
-    if request is None or identity.task_key != f"{_PREFIX}{request.id}":
+    if request is None or identity.task_key != job_key(request.id):
         return None
     return request
 
@@ -119,7 +125,7 @@ def _finish(
     reserved_here.discard(key)
     try:
         if release or held:
-            release_locks(key, resolve_manager(TaskIdentity(key, _manager_path())))
+            release_locks(key, resolve_manager(TaskIdentity(key, TASK_MANAGER_PATH)))
     except Exception:
         log.warning("could not release the locks of Celery job %s", key, exc_info=True)
     if held:
@@ -138,12 +144,6 @@ def _finish(
         job_completed.send(sender=name, task_key=key, task_id=task_id, error=error)
     except Exception:
         log.exception("a job_completed receiver failed for Celery job %s", key)
-
-
-def _manager_path() -> str:
-    from otel_taskctx.task_manager import TASK_MANAGER_PATH
-
-    return TASK_MANAGER_PATH
 
 
 def _store_final(task_id: str, children_failure: str | None) -> None:

@@ -11,7 +11,8 @@ from dataclasses import replace
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.taskctx import barrier, runs
+from opentelemetry.instrumentation.taskctx import barrier, celery_jobs, runs
+from opentelemetry.instrumentation.taskctx.celery_jobs import job_key
 from opentelemetry.instrumentation.taskctx.tracing import STATE
 
 from otel_taskctx import policy, semconv
@@ -28,15 +29,9 @@ HEADER = "otel_taskctx"
 #: the carrier's entry naming a fanned-out child's barrier record
 FAN_OUT_FIELD = "fan_out"
 MESSAGING_SYSTEM_VALUE = "celery"
-#: a root job's key: ``celery-<task id>``
-KEY_PREFIX = "celery-"
 #: the options of a launch that make it part of a canvas
 CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id")
 _APPLY_ASYNC_ARGS = ("args", "kwargs", "task_id", "producer", "link", "link_error", "shadow")
-
-
-def job_key(task_id: str) -> str:
-    return f"{KEY_PREFIX}{task_id}"
 
 
 def root_identity(task_id: str) -> TaskIdentity:
@@ -189,8 +184,6 @@ def fan_out(identity: TaskIdentity, task: Any, publish: Any) -> Any:
     label = task if isinstance(task, str) else task.name
     if not isinstance(task, str) and always_eager(task):
         _refuse_eager(identity, label)
-    from opentelemetry.instrumentation.taskctx import celery_jobs
-
     celery_jobs.hold_result(identity)
     with barrier.new_child(identity, label) as (name, child):
         plan = runs.Plan(_start_send(label, child), child, name, task=label)

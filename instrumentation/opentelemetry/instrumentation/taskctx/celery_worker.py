@@ -35,9 +35,6 @@ from otel_taskctx.propagation import extract_bound
 
 log = logging.getLogger("otel_taskctx.instrumentation")
 
-#: the attribute opentelemetry-instrumentation-celery gives the worker's hostname
-HOSTNAME_ATTRIBUTE = "celery.hostname"
-
 
 def _header(request: Any) -> Any:
     getter = getattr(request, "get", None)
@@ -98,7 +95,7 @@ def _attributes(task: Any, task_id: str, request: Any) -> dict[str, Any]:
     attributes[semconv.MESSAGING_DESTINATION_NAME] = str(destination or "")
     hostname = getattr(request, "hostname", None)
     if hostname:
-        attributes[HOSTNAME_ATTRIBUTE] = str(hostname)
+        attributes[semconv.CELERY_HOSTNAME] = str(hostname)
     return attributes
 
 

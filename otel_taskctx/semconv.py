@@ -25,6 +25,9 @@ PROGRESS_MESSAGE = "taskctx.progress"
 PROGRESS_DONE = "taskctx.progress.done"
 PROGRESS_TOTAL = "taskctx.progress.total"
 
+#: what a span worked on, shown beside its name in the viewer ("Book #2 'The Crimson River'")
+LABEL = "taskctx.label"
+
 #: set (True) on events the helpers already forwarded; the span processor skips them
 FORWARDED = "taskctx.forwarded"
 

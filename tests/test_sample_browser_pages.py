@@ -152,6 +152,9 @@ def fan_out_trace(page, base: str, key: str, children: int) -> None:
         expect(runs.nth(i).locator(".tc-worker")).to_have_text(re.compile(r"^worker \d+$"))
     expect(page.locator("#tc-steps")).to_have_text(str(children))
     expect(page.locator("#tc-progress li", has_text="repriced").first).to_be_visible()
+    # each progress line links to the run it came from, named with its album
+    link = page.locator("#tc-progress li a", has_text=re.compile(r"\u00b7 Album #\d+ '"))
+    expect(link.first).to_be_visible()
     page.screenshot(path=str(ARTIFACTS / "sample-fan-out-trace.png"), full_page=True)
 
 

@@ -374,10 +374,12 @@ def test_progress_in_time_order_and_descendants_per_step():
 def test_render_text_one_line_per_span_indented_with_duration_and_status():
     rows = job_rows()
     rows[6] = {**rows[6], "status": "error", "status_message": "RuntimeError: nope"}
+    rows[5] = {**rows[5], "attributes": {**rows[5]["attributes"], "taskctx.label": "Book #2 'X'"}}
     lines = render_text(build_tree(rows, now_ns=200 * MS))
     assert len(lines) == 7
     assert lines[0].startswith("POST /bulk [server] 5.0ms OK")
     assert lines[4].startswith("        recompute [internal] 20.0ms OK")
+    assert lines[5].startswith("""      Parent.save "Book #2 'X'" [internal] 50.0ms OK""")
     assert lines[6].startswith("        recompute [internal] 40.0ms ERROR")
     assert lines[6].endswith("-- RuntimeError: nope")
     assert "task=T" in lines[1] and "worker=worker:7" in lines[2]

@@ -403,6 +403,7 @@ def test_a_fanned_out_job_opens_on_its_children_counted_with_their_progress(clie
     assert [p["message"] for p in data["progress"]] == [
         f"Album #{n}: track 1/1 repriced" for n in range(3)
     ]
+    assert [p["label"] for p in data["progress"]] == [f"Album #{n} 'Blue {n}'" for n in range(3)]
     nodes = {n["span_id"]: n for n in data["nodes"]}
     children = [nodes[r.span_id] for r in runs]
     assert set(data["expand"]) == {nodes[send.span_id]["id"], nodes[run.span_id]["id"]} | {

@@ -23,7 +23,7 @@ def format_duration(ns: int | None) -> str:
 
 
 def render_text(tree: SpanTree, show_events: bool = False, max_indent: int = 40) -> list[str]:
-    """One line per span: indented by depth, with duration, status and task key."""
+    """One line per span: indented by depth, with its label, duration, status and task key."""
     lines = []
     for node in tree.nodes:
         depth = node.depth
@@ -32,6 +32,7 @@ def render_text(tree: SpanTree, show_events: bool = False, max_indent: int = 40)
         duration = "" if node.placeholder else format_duration(end - node.start_ns)
         parts = [
             f"{indent}{node.name}",
+            f'"{node.label}"' if node.label else "",
             f"[{node.kind.lower()}]" if not node.placeholder else "",
             duration,
             node.state.upper(),

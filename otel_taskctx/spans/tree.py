@@ -67,6 +67,11 @@ class Node:
         return str(self.attributes.get(semconv.NESTED_MODE) or "")
 
     @property
+    def label(self) -> str:
+        """What the span worked on (its ``taskctx.label``), or ""."""
+        return str(self.attributes.get(semconv.LABEL) or "")
+
+    @property
     def worker(self) -> str:
         """Who ran a job's run in another process than its parent span's, or any fanned-out
         child's run: Celery's name of the worker (``celery.hostname``), else the process
@@ -259,7 +264,7 @@ class SpanTree:
 
     def progress(self) -> list[dict[str, Any]]:
         out = [
-            {**item, "node": n.id, "span": n.name, "task_key": n.task_key}
+            {**item, "node": n.id, "span": n.name, "label": n.label, "task_key": n.task_key}
             for n in self.nodes
             for item in n.progress()
         ]

@@ -9,6 +9,8 @@
 #   django-q2  [django-q2,postgres]     django-q2 without powercrud, on PostgreSQL
 #                                       (127.0.0.1:5432, a database of its own, dropped after)
 #   tasks      [tasks]                  django.tasks + django-tasks-db, a real db_worker, SQLite
+#   celery     [celery,redis]           a Celery worker (solo pool), its broker on Redis; Celery
+#                                       5.4, the lowest the range allows (the lock has the newest)
 #   django52   [powercrud,redis]        Django 5.2 LTS (no django.tasks), django-q2 1.10 (the
 #                                       lowest the ranges allow), the cache on Redis
 # WHEEL_SCENARIOS="powercrud tasks" runs a subset; WHEEL_KEEP=1 keeps the work directory.
@@ -22,17 +24,19 @@ PYTHON=${WHEEL_PYTHON:-}
 if [ -z "$PYTHON" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=3.12; fi
 fi
-SCENARIOS=${WHEEL_SCENARIOS:-"powercrud django-q2 tasks django52"}
+SCENARIOS=${WHEEL_SCENARIOS:-"powercrud django-q2 tasks celery django52"}
 
 REDIS_URL=${WHEEL_REDIS_URL:-redis://127.0.0.1:6379/15}
 PG_DB=otel_taskctx_wheel_$$
 WORK=$(mktemp -d /tmp/otel-taskctx-wheel.XXXXXX)
-# the cache keys of this run (locks, progress) are its own, and deleted at the end
+# the Redis keys of this run (locks, progress, Celery's queue) are its own, deleted at the end
 export WHEEL_CACHE_PREFIX=${WORK##*/}
 cleanup() {
     dropdb --if-exists -h 127.0.0.1 -U postgres "$PG_DB" 2>/dev/null || true
-    redis-cli -u "$REDIS_URL" --scan --pattern "$WHEEL_CACHE_PREFIX:*" 2>/dev/null |
-        xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
+    for pattern in "$WHEEL_CACHE_PREFIX:*" "_kombu.binding*.$WHEEL_CACHE_PREFIX:*"; do
+        redis-cli -u "$REDIS_URL" --scan --pattern "$pattern" 2>/dev/null |
+            xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
+    done
     if [ -z "${WHEEL_KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
 }
 trap cleanup EXIT
@@ -86,6 +90,7 @@ run() {  # one scenario, errexit intact (a function called in a condition would 
             scenario django-q2 django-q2 django-q2,postgres WHEEL_PG_DB="$PG_DB"
             ;;
         tasks) scenario tasks tasks tasks ;;
+        celery) scenario celery celery celery,redis WHEEL_REDIS_URL="$REDIS_URL" "celery==5.4.*" ;;
         django52)
             scenario django52 powercrud powercrud,redis WHEEL_REDIS_URL="$REDIS_URL" \
                 "django>=5.2,<6" "django-q2==1.10.*"

@@ -1,8 +1,9 @@
 """Settings of the wheel check's minimal project: one queue per run (``WHEEL_QUEUE``).
 
 ``powercrud``: powercrud's AsyncManager on django-q2; ``django-q2``: django-q2 alone;
-``tasks``: Django's task framework with django-tasks-db. django-q2 runs as a sync cluster
-(jobs run in the launching process, through django-q2's own worker code).
+``tasks``: Django's task framework with django-tasks-db; ``celery``: a Celery worker, its broker
+on Redis (``WHEEL_REDIS_URL``). django-q2 runs as a sync cluster (jobs run in the launching
+process, through django-q2's own worker code).
 ``WHEEL_REDIS_URL``: the cache on Redis (django-redis, key prefix ``WHEEL_CACHE_PREFIX``)
 instead of the DatabaseCache; ``WHEEL_PG_DB``: PostgreSQL (127.0.0.1:5432, user postgres) instead of
 SQLite.
@@ -21,6 +22,7 @@ QUEUE_APPS = {
     "powercrud": ["django_q", "powercrud"],
     "django-q2": ["django_q"],
     "tasks": ["django_tasks_db"],
+    "celery": [],
 }[QUEUE]
 INSTALLED_APPS = [
     "django.contrib.auth",
@@ -61,3 +63,11 @@ if "django_q" in QUEUE_APPS:
     Q_CLUSTER = {"name": "wheel", "orm": "default", "sync": True, "timeout": 60, "retry": 120}
 if QUEUE == "tasks":
     TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+if QUEUE == "celery":
+    # the queue's keys carry the run's prefix (deleted with the cache's at the end)
+    CELERY_BROKER_URL = os.environ["WHEEL_REDIS_URL"]
+    CELERY_TASK_DEFAULT_QUEUE = f"{os.environ.get('WHEEL_CACHE_PREFIX', 'wheel-check')}:celery"
+    (BASE_DIR / "celery-results").mkdir(exist_ok=True)
+    CELERY_RESULT_BACKEND = f"file://{BASE_DIR / 'celery-results'}"
+    CELERY_WORKER_ENABLE_REMOTE_CONTROL = False
+    CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

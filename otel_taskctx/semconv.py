@@ -37,6 +37,9 @@ MESSAGING_SYSTEM = "messaging.system"
 #: the Celery worker's name (``name@host``) on a task's run: opentelemetry-instrumentation-
 #: celery's attribute, set by otel_taskctx where that instrumentation is absent
 CELERY_HOSTNAME = "celery.hostname"
+#: the same name on every Celery run otel_taskctx sees, that instrumentation's spans included
+#: (which end with the message's origin copied over ``celery.hostname``)
+WORKER = "taskctx.worker"
 MESSAGING_OPERATION_TYPE = "messaging.operation.type"
 MESSAGING_OPERATION_NAME = "messaging.operation.name"
 MESSAGING_DESTINATION_NAME = "messaging.destination.name"

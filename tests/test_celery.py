@@ -161,6 +161,7 @@ def test_spans_compose_with_opentelemetry_instrumentation_celery(celery_worker, 
     assert attributes["taskctx.task_key"] == key
     # ours: the worker's node name; theirs maps the message's origin onto it at the end
     assert attributes["celery.hostname"].startswith("taskctx-" if not otel else "")
+    assert attributes["taskctx.worker"].startswith("taskctx-")  # the worker badge's, either way
     assert consumer[0]["kind"] == "SpanKind.CONSUMER"
     others = {"process tests.testapp.celery_tasks.parent", "run/tests.testapp.celery_tasks.parent"}
     assert not spans_named(worker, (others - {name}).pop())  # no second set

@@ -433,6 +433,8 @@ def celery_job(root="celery-0f1e", user_id=None):
         child_send = span(root, "apply_async/sample.publish_book", run, 10 + n, 11 + n, "PRODUCER")
         child = span(root, "run/sample.publish_book", child_send, 12 + n, 60 + n, "CONSUMER")
         child.attributes.update({"celery.hostname": "demo@box", **fan})
+        if n == 2:  # opentelemetry-instrumentation-celery's span: the message's origin at the end
+            child.attributes.update({"celery.hostname": "gen7@web", "taskctx.worker": "demo@box"})
         child.process = f"box:{pid}"
         spans[f"child{n}"] = child
         child_send.process = "box:11"
@@ -443,8 +445,9 @@ def celery_job(root="celery-0f1e", user_id=None):
 
 
 def test_a_celery_job_is_one_tree_whose_runs_name_their_celery_worker(client, users):
-    """The job's runs are badged with Celery's name of their worker (``celery.hostname``):
-    the job's own run and each fanned-out child, not the nested task run inline."""
+    """The job's runs are badged with Celery's name of their worker (``taskctx.worker``, else
+    ``celery.hostname``): the job's own run and each fanned-out child, not the nested task run
+    inline."""
     spans = celery_job(user_id=str(users["root"].pk))
     client_for(client, users["root"])
     rows = {t["root_task_key"]: t for t in client.get(LIST).context["trees"]}

@@ -74,7 +74,7 @@ class Node:
     @property
     def worker(self) -> str:
         """Who ran a job's run in another process than its parent span's, or any fanned-out
-        child's run: Celery's name of the worker (``celery.hostname``), else the process
+        child's run: Celery's name of the worker (``taskctx.worker``), else the process
         (``host:pid``); else ""."""
         if self.kind != "CONSUMER" or not self.process:
             return ""
@@ -160,7 +160,7 @@ def node_from(row: Mapping[str, Any] | Any) -> Node:
 
 def celery_worker(attributes: Mapping[str, Any]) -> str:
     """The Celery worker's name (``name@host``) in a run's attributes, or ""."""
-    name = attributes.get(semconv.CELERY_HOSTNAME)
+    name = attributes.get(semconv.WORKER) or attributes.get(semconv.CELERY_HOSTNAME)
     if not isinstance(name, str) or "@" not in name or ANONYMOUS_NODE.match(name):
         return ""
     return name

@@ -95,7 +95,7 @@ def _attributes(task: Any, task_id: str, request: Any) -> dict[str, Any]:
     attributes[semconv.MESSAGING_DESTINATION_NAME] = str(destination or "")
     hostname = getattr(request, "hostname", None)
     if hostname:
-        attributes[semconv.CELERY_HOSTNAME] = str(hostname)
+        attributes[semconv.CELERY_HOSTNAME] = attributes[semconv.WORKER] = str(hostname)
     return attributes
 
 

@@ -145,6 +145,9 @@ class Run:
                     _counters.pop(self.identity.task_key, None)
 
 
+#: the attributes of ours another instrumentation's CONSUMER span gets, besides the lineage
+_ON_THEIR_SPAN = (semconv.NESTED_MODE, semconv.WORKER)
+
 #: the runs in progress in this process, by the key the queue's two signals share
 RUNS: dict[Hashable, Run] = {}
 
@@ -181,7 +184,7 @@ def begin(
         elif span.is_recording():
             lineage = identity.lineage_attributes() if identity is not None else {}
             span.set_attributes(
-                {**lineage, **{k: v for k, v in attributes.items() if k == semconv.NESTED_MODE}}
+                {**lineage, **{k: v for k, v in attributes.items() if k in _ON_THEIR_SPAN}}
             )
     if worker:
         for stale_key, stale in list(RUNS.items()):

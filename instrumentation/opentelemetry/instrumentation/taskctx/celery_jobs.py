@@ -128,10 +128,9 @@ def _finish(
             release_locks(key, resolve_manager(TaskIdentity(key, TASK_MANAGER_PATH)))
     except Exception:
         log.warning("could not release the locks of Celery job %s", key, exc_info=True)
-    if held:
-        _store_final(task_id, failed)
     error = error or failed or ""
     if held:  # it ended after its fanned-out children: say so, as Celery did for its function
+        _store_final(task_id, failed)
         level = logging.ERROR if error else logging.INFO
         log.log(
             level,

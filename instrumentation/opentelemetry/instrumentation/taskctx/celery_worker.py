@@ -209,7 +209,7 @@ def on_task_postrun(
             theirs = their_span(task, task_id)  # started after ours: it is still open
             if theirs is not None and theirs.is_recording() and run.identity is not None:
                 theirs.set_attributes(run.identity.lineage_attributes())
-        exception = getattr(run, "exception", None)
+        exception = run.exception
         error = f"{type(exception).__name__}: {exception}" if exception is not None else ""
         if not error and state not in (None, "SUCCESS", "RETRY", "IGNORED"):
             error = f"the task ended in state {state}"

@@ -106,6 +106,8 @@ class Run:
     stored: bool = False
     #: the CONSUMER span is ours to end (not another instrumentation's)
     own_span: bool = True
+    #: (Celery) what the task raised, from ``task_failure`` for ``task_postrun``
+    exception: BaseException | None = None
 
     def finish(self) -> None:
         """The run's work is over (before the queue reports the outcome): the last progress
